@@ -1,0 +1,991 @@
+#!/usr/bin/env python3
+"""sparkpostSMIME - S/MIME sign and/or encrypt a finished email, then inject it.
+
+Usage:
+    ./sparkpostSMIME.py EMLFILE [EMLFILE ...] [--sign | --sign_detached] [--encrypt]
+                        [--keys DIR] [-o FILE|DIR] [--send_smtp | --send_api] [options]
+
+Reads RFC 5322 messages ("-" is standard input), builds the S/MIME message
+(RFC 8551) and writes it to standard output, or sends it over SMTP (RFC 5321)
+or through the SparkPost transmissions API.  ``--help`` lists every option.
+
+Keys and certificates are found by the addresses in the message, in each
+``--keys DIR``, then each directory of ``$SMIME_KEYS_DIR`` (":"-separated),
+then the current directory:
+    <from>.pem            sender's private key (may also hold its certificate and chain)
+    <from>.crt            sender's certificate (when the .pem holds only the key)
+    <from>.p12 / .pfx     sender's key and certificates in one PKCS#12 file
+    <recipient>.crt       each recipient's certificate (for --encrypt)
+
+Environment:
+    SMIME_KEYS_DIR        extra key directories, ":"-separated
+    SMIME_KEY_PASSWORD    passphrase of encrypted .pem keys and PKCS#12 files
+    SMTP_HOST, SMTP_PORT, SMTP_USER, SMTP_PASSWORD, SMTP_TLS, SMTP_CAFILE,
+    SMTP_TLS_VERIFY, SMTP_TIMEOUT, SMTP_SPARKPOST     (--send_smtp)
+    SPARKPOST_API_KEY, SPARKPOST_HOST                 (--send_api)
+
+Exit codes (sysexits.h):
+    0 ok, 64 usage, 65 unusable message, 66 input missing or unreadable,
+    69 permanent delivery failure, 70 internal error, 75 temporary failure,
+    77 authentication refused, 78 configuration (setting, key or certificate).
+"""
+
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+__version__ = "1.0.0"
+
+
+###############################################################################
+# Constants ###################################################################
+###############################################################################
+
+EX_OK = 0
+EX_USAGE = 64        #: command line usage error
+EX_DATAERR = 65      #: the message cannot be used
+EX_NOINPUT = 66      #: input file missing or unreadable
+EX_UNAVAILABLE = 69  #: permanent delivery failure
+EX_SOFTWARE = 70     #: internal error (a bug)
+EX_TEMPFAIL = 75     #: temporary failure: try again later
+EX_NOPERM = 77       #: authentication refused
+EX_CONFIG = 78       #: missing/bad setting, key or certificate
+
+#: RFC 5322 2.1.1: lines must not exceed 998 octets, CRLF excluded.
+MAX_LINE = 998
+#: RFC 2045 6.8: base64 lines are at most 76 characters.
+BASE64_LINE = 76
+#: Header fields that carry addresses (RFC 5322 3.6.2, 3.6.3).
+ADDRESS_FIELDS = {"from", "sender", "reply-to", "to", "cc", "bcc",
+                  "resent-from", "resent-sender", "resent-to", "resent-cc"}
+#: Recipient fields, in the order recipients are collected.
+RECIPIENT_FIELDS = ("to", "cc", "bcc")
+#: Content ciphers offered by --cipher (RFC 8551 2.7: AES-128 CBC MUST, AES-256 CBC SHOULD).
+CIPHERS = ("aes256", "aes128")
+#: Private key files tried for a sender, in this order, in each key directory.
+KEY_SUFFIXES = (".pem", ".p12", ".pfx")
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+class SmimeToolError(Exception):
+    """Root of every error this tool reports; carries its exit code."""
+    exit_code = EX_SOFTWARE
+
+
+class UsageError(SmimeToolError):
+    """Bad or conflicting command-line options."""
+    exit_code = EX_USAGE
+
+
+class InputError(SmimeToolError):
+    """An input file is missing or unreadable."""
+    exit_code = EX_NOINPUT
+
+
+class MessageError(SmimeToolError):
+    """The message itself cannot be used (not RFC 5322, no From, no recipient)."""
+    exit_code = EX_DATAERR
+
+
+class ConfigError(SmimeToolError):
+    """A setting is missing or malformed."""
+    exit_code = EX_CONFIG
+
+
+class IdentityError(ConfigError):
+    """A key or certificate is missing, unreadable or unfit for its use."""
+
+
+###############################################################################
+# Output helpers ##############################################################
+###############################################################################
+
+def warn(text):
+    """Write one diagnostic line to stderr (never stdout: stdout is the product)."""
+    sys.stderr.write("sparkpostSMIME: %s\n" % text)
+    sys.stderr.flush()
+
+
+###############################################################################
+# Reading the message #########################################################
+###############################################################################
+
+_FIELD_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_UNFOLD = re.compile(rb"\r\n(?=[ \t])")
+_NON_7BIT = re.compile(rb"[\x80-\xff\x00]")
+_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
+_FROM_LINE = re.compile(rb"(?:\A|\n)From ")
+_TRAILING_WS = re.compile(rb"[ \t](?:\r\n|\Z)")
+_MBOX_FROM = re.compile(rb"From [^\r\n:]*\r\n")
+
+
+@dataclass
+class Field:
+    """One header field: its lower-cased name and its raw CRLF-terminated lines."""
+    name: str
+    raw: bytes
+
+    @property
+    def value(self):
+        """The unfolded value, as bytes, without the name and surrounding space."""
+        return _UNFOLD.sub(b"", self.raw.split(b":", 1)[1]).strip()
+
+
+@dataclass
+class Message:
+    """An RFC 5322 message split into outer header and MIME entity."""
+    source: str
+    outer: list            #: non-Content-* fields, original order, MIME-Version dropped
+    entity_fields: list    #: Content-* fields, original order
+    body: bytes            #: CRLF body of the entity
+    sender: str = ""       #: From address, lower-cased
+    to: list = field(default_factory=list)
+    cc: list = field(default_factory=list)
+    bcc: list = field(default_factory=list)
+
+    @property
+    def recipients(self):
+        """Every To, Cc and Bcc address, in that order, without repeats."""
+        return list(dict.fromkeys(self.to + self.cc + self.bcc))
+
+    def header(self, name):
+        """Return the unfolded value of the first outer field *name* as text, or ''."""
+        for f in self.outer:
+            if f.name == name:
+                return f.value.decode("utf-8", "replace")
+        return ""
+
+
+def read_input(path):
+    """Return the bytes of *path* ("-" = stdin).  Raises InputError."""
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read()
+        with open(path, "rb") as fh:
+            return fh.read()
+    except IsADirectoryError:
+        raise InputError("%s: is a directory, expected a message file" % path)
+    except OSError as exc:
+        raise InputError("%s: cannot read: %s" % (path, exc.strerror or exc))
+
+
+def to_crlf(data):
+    """Return *data* with every line ending (LF, CR or CRLF) made CRLF."""
+    if b"\r" not in data:
+        return data.replace(b"\n", b"\r\n")
+    return _LINE_END.sub(b"\r\n", data)
+
+
+def split_header(data):
+    """Split CRLF *data* into ([Field, ...], body).
+
+    The header ends at the first empty line or, as in Python's email parser,
+    at the first line that is neither a field nor a continuation.
+    """
+    fields, pos, size = [], 0, len(data)
+    while pos < size:
+        end = data.find(b"\r\n", pos)
+        end = size if end < 0 else end
+        line = data[pos:end]
+        if not line:
+            return fields, data[end + 2:]
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1].raw += line + b"\r\n"
+        else:
+            match = _FIELD_NAME.match(line)
+            if not match:
+                break
+            fields.append(Field(match.group(1).decode("ascii").lower(), line + b"\r\n"))
+        pos = end + 2
+    return fields, data[pos:]
+
+
+def parse_message(data, source="-"):
+    """Parse raw bytes into a Message with its addresses.  Raises MessageError."""
+    if not data.strip():
+        raise MessageError("%s: empty input, expected an RFC 5322 message" % source)
+    data = to_crlf(data)
+    mbox = _MBOX_FROM.match(data)
+    if mbox:
+        data = data[mbox.end():]
+    fields, body = split_header(data)
+    if not fields or b"\x00" in data[:len(data) - len(body)]:
+        raise MessageError("%s: not an RFC 5322 message (no header fields)" % source)
+    outer = [f for f in fields if not f.name.startswith("content-") and f.name != "mime-version"]
+    entity = [f for f in fields if f.name.startswith("content-")]
+    msg = Message(source, outer, entity, body)
+    find_addresses(msg)
+    return msg
+
+
+def find_addresses(msg):
+    """Fill msg.sender/to/cc/bcc from the header.  Raises MessageError."""
+    from_ = addresses_of(msg, "from")
+    if not from_:
+        raise MessageError("%s: no From address; the sender's address selects the signing key" % msg.source)
+    msg.sender = from_[0]
+    msg.to, msg.cc, msg.bcc = (addresses_of(msg, name) for name in RECIPIENT_FIELDS)
+    if not msg.recipients:
+        raise MessageError("%s: no recipient: add a To, Cc or Bcc address" % msg.source)
+
+
+def addresses_of(msg, name):
+    """Return the lower-cased addresses of every *name* field.  Raises MessageError."""
+    from email.utils import getaddresses
+    values = [f.value.decode("utf-8", "replace") for f in msg.outer if f.name == name]
+    found = []
+    for display, address in getaddresses(values):
+        if not address and not display:
+            continue  # empty group such as "undisclosed-recipients:;"
+        if "@" not in address or any(c.isspace() for c in address):
+            raise MessageError("%s: %s address %r is not a valid e-mail address"
+                               % (msg.source, name.capitalize(), address or display))
+        found.append(address.lower())
+    return list(dict.fromkeys(found))
+
+
+def display_names(msg, name):
+    """Return {address: display name} for the *name* fields, RFC 2047 words decoded."""
+    from email.header import decode_header, make_header
+    from email.utils import getaddresses
+    values = [f.value.decode("utf-8", "replace") for f in msg.outer if f.name == name]
+    names = {}
+    for display, address in getaddresses(values):
+        if display and address:
+            try:
+                display = str(make_header(decode_header(display)))
+            except (ValueError, LookupError):
+                pass
+            names[address.lower()] = display
+    return names
+
+
+###############################################################################
+# Canonical MIME (RFC 8551 3.1) ###############################################
+###############################################################################
+# Signed bytes must survive every relay unchanged: 7-bit only, CRLF, lines of
+# at most 998 octets, no line starting with "From " (mbox quoting) and no
+# trailing white space (stripped by some relays).  Content that breaks one of
+# these rules is re-encoded; content that does not is left byte for byte.
+
+_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+
+
+def parse_content_type(value):
+    """Return (lower-cased 'type/subtype', {param: value}) of a Content-* value."""
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    main = text.split(";", 1)[0].strip().lower()
+    params = {}
+    for name, raw in _PARAM.findall(text):
+        raw = raw.strip()
+        if raw.startswith('"') and raw.endswith('"') and len(raw) > 1:
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        params.setdefault(name.lower(), raw)
+    return main, params
+
+
+def is_transport_safe(data):
+    """True when *data* (CRLF) is 7-bit, short-lined and free of From/space traps."""
+    return not (_NON_7BIT.search(data) or _LONG_LINE.search(data)
+                or _FROM_LINE.search(data) or _TRAILING_WS.search(data))
+
+
+def canonical_entity(fields, body):
+    """Return the canonical bytes (header, empty line, body) of one MIME entity.
+
+    *fields* are the entity's Field objects; *body* is CRLF.  Raises MessageError.
+    """
+    ctype, params = parse_content_type(field_value(fields, "content-type") or b"text/plain")
+    if ctype.startswith("multipart/"):
+        boundary = params.get("boundary")
+        if not boundary:
+            raise MessageError("a %s part has no boundary parameter" % ctype)
+        body = canonical_multipart(body, boundary.encode("ascii", "replace"))
+    elif ctype == "message/rfc822" and not is_transport_safe(body):
+        body = canonical_embedded(fields, body)
+        fields = replace_field(fields, "content-transfer-encoding", None)
+    elif not is_transport_safe(body):
+        fields, body = reencode_leaf(fields, body, ctype)
+    return b"".join(safe_field(f) for f in fields) + b"\r\n" + body
+
+
+def field_value(fields, name):
+    """Return the unfolded bytes value of the first field *name*, or None."""
+    for f in fields:
+        if f.name == name:
+            return f.value
+    return None
+
+
+def replace_field(fields, name, raw_value):
+    """Return *fields* with field *name* set to *raw_value* (None removes it)."""
+    kept = [f for f in fields if f.name != name]
+    if raw_value is not None:
+        label = "-".join(w.capitalize() for w in name.split("-"))
+        kept.append(Field(name, b"%s: %s\r\n" % (label.encode(), raw_value)))
+    return kept
+
+
+def canonical_multipart(body, boundary):
+    """Return a multipart body with every part made canonical (RFC 2046 5.1.1)."""
+    delimiter = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r\n|\Z)")
+    marks = list(delimiter.finditer(body))
+    if not marks:
+        return safe_text_block(body)
+    out = [safe_text_block(body[:marks[0].start()])]
+    for here, after in zip(marks, marks[1:] + [None]):
+        if here.group(1):
+            break
+        end = after.start() if after else len(body)
+        fields, part_body = split_header(body[here.end():end])
+        prefix = b"\r\n" if out[0] or len(out) > 1 else b""
+        out.append(prefix + b"--" + boundary + b"\r\n" + canonical_entity(fields, part_body))
+    epilogue = body[marks[-1].end():] if marks[-1].group(1) else b""
+    out.append(b"\r\n--" + boundary + b"--\r\n" + safe_text_block(epilogue))
+    return b"".join(out)
+
+
+def safe_text_block(data):
+    """Return a preamble or epilogue as is when transport-safe, else a neutral one."""
+    if is_transport_safe(data):
+        return data
+    return b"This is a multi-part message in MIME format.\r\n" if data.strip() else b""
+
+
+def canonical_embedded(fields, body):
+    """Return an embedded message/rfc822 body made canonical (RFC 2046 5.2.1)."""
+    cte = (field_value(fields, "content-transfer-encoding") or b"").strip().lower()
+    body = to_crlf(decode_body(body, cte))
+    inner_fields, inner_body = split_header(body)
+    outer = [f for f in inner_fields if not f.name.startswith("content-")]
+    entity = [f for f in inner_fields if f.name.startswith("content-")]
+    canonical = canonical_entity(entity, inner_body)
+    return b"".join(safe_field(f) for f in outer) + canonical
+
+
+def decode_body(body, cte):
+    """Return *body* decoded from Content-Transfer-Encoding *cte* (bytes)."""
+    import binascii
+    if cte == b"base64":
+        return binascii.a2b_base64(re.sub(rb"[^A-Za-z0-9+/=]", b"", body))
+    if cte == b"quoted-printable":
+        return binascii.a2b_qp(body)
+    return body
+
+
+def reencode_leaf(fields, body, ctype):
+    """Re-encode a leaf body: quoted-printable for text, base64 otherwise.
+
+    Returns (fields, body) with Content-Transfer-Encoding updated.
+    """
+    cte = (field_value(fields, "content-transfer-encoding") or b"").strip().lower()
+    data = decode_body(body, cte)
+    if ctype.startswith("text/") or not ctype:
+        encoded, cte = encode_qp(to_crlf(data)), b"quoted-printable"
+    else:
+        encoded, cte = encode_base64(data), b"base64"
+    return replace_field(fields, "content-transfer-encoding", cte), encoded
+
+
+def encode_qp(data):
+    """Return CRLF text *data* as quoted-printable (RFC 2045 6.7), "From " quoted."""
+    import binascii
+    encoded = binascii.b2a_qp(data, istext=True)
+    return re.sub(rb"(?m)^From ", b"=46rom ", encoded)
+
+
+def encode_base64(data):
+    """Return *data* as base64 in CRLF lines of 76 characters (RFC 2045 6.8)."""
+    import binascii
+    text = binascii.b2a_base64(data, newline=False)
+    lines = [text[i:i + BASE64_LINE] for i in range(0, len(text), BASE64_LINE)]
+    return b"\r\n".join(lines) + b"\r\n"
+
+
+###############################################################################
+# Header encoding (RFC 2047, RFC 2231) ########################################
+###############################################################################
+
+def safe_field(f):
+    """Return the raw bytes of a field, made 7-bit and folded when it must be."""
+    raw = f.raw
+    if _NON_7BIT.search(raw):
+        raw = encode_field(f)
+    elif _LONG_LINE.search(raw) or _TRAILING_WS.search(raw):
+        raw = fold_field(f.raw)
+    return raw
+
+
+def encode_field(f):
+    """Return field *f* with its non-ASCII text encoded for a 7-bit header."""
+    name = f.raw.split(b":", 1)[0].decode("ascii")
+    value = decode_text(f.value)
+    if f.name in ADDRESS_FIELDS:
+        text = encode_addresses(value)
+    elif f.name in ("content-type", "content-disposition"):
+        text = encode_params(value)
+    else:
+        from email.header import Header
+        text = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+    return fold_field(("%s: %s\r\n" % (name, text)).encode("ascii"))
+
+
+def decode_text(raw):
+    """Decode raw header bytes as UTF-8, falling back to Windows-1252."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", "replace")
+
+
+def encode_addresses(value):
+    """Return an address list with non-ASCII display names RFC 2047-encoded."""
+    from email.utils import formataddr, getaddresses
+    pairs = getaddresses([value])
+    return ", ".join(formataddr(pair, charset="utf-8") for pair in pairs if pair[1])
+
+
+def encode_params(value):
+    """Return a Content-Type/-Disposition value with non-ASCII params in RFC 2231 form."""
+    main, params = parse_content_type(value)
+    out = [value.split(";", 1)[0].strip()]
+    for name, text in params.items():
+        if text.isascii():
+            out.append('%s="%s"' % (name, text.replace("\\", "\\\\").replace('"', '\\"')))
+        else:
+            quoted = "".join(chr(b) if chr(b).isalnum() or chr(b) in "-._~" else "%%%02X" % b
+                             for b in text.encode("utf-8"))
+            out.append("%s*=utf-8''%s" % (name, quoted))
+    return "; ".join(out)
+
+
+def fold_field(raw):
+    """Return a field whose physical lines are at most 998 octets, folded at spaces.
+
+    Trailing white space is dropped from each line (RFC 5322 3.2.2 allows it).
+    """
+    words = re.split(rb"[ \t]+", _UNFOLD.sub(b"", raw.rstrip(b"\r\n")).rstrip())
+    lines, line = [], words[0]
+    for word in words[1:]:
+        if len(line) + 1 + len(word) > 78:
+            lines.append(line)
+            line = b" " + word
+        else:
+            line += b" " + word
+    lines.append(line)
+    if any(len(x) > MAX_LINE for x in lines):
+        raise MessageError("a header line is longer than %d octets and cannot be folded: %s"
+                           % (MAX_LINE, raw[:40].decode("ascii", "replace")))
+    return b"\r\n".join(lines) + b"\r\n"
+
+
+###############################################################################
+# Identities: keys and certificates ###########################################
+###############################################################################
+
+_SAFE_ADDRESS = re.compile(r"[a-z0-9!#$%&'*+=?^_`{|}~.-]+@[a-z0-9.-]+\.?[a-z0-9-]*\Z")
+
+
+@dataclass
+class Identity:
+    """A certificate (and for the sender, its private key) found for an address."""
+    address: str
+    cert: object
+    path: str
+    key: object = None
+    chain: list = field(default_factory=list)  #: intermediates, leaf and root excluded
+
+
+def key_dirs(option_dirs=()):
+    """Return the key directories in search order: --keys, $SMIME_KEYS_DIR, '.'."""
+    env = [d for d in os.environ.get("SMIME_KEYS_DIR", "").split(":") if d]
+    return list(option_dirs) + env + ["."]
+
+
+def safe_address(address):
+    """Return *address* lower-cased if it is safe as a file name.  Raises MessageError.
+
+    The address comes from an untrusted message: no path separators, no "..",
+    no leading dot, nothing but the characters of an ordinary addr-spec.
+    """
+    addr = address.lower()
+    if (not _SAFE_ADDRESS.match(addr) or ".." in addr or addr.startswith(".")
+            or len(addr) > 254):
+        raise MessageError("address %r cannot name a key file (unexpected characters)" % address)
+    return addr
+
+
+def find_file(address, suffixes, dirs):
+    """Return the first existing '<dir>/<address><suffix>', or None."""
+    name = safe_address(address)
+    for directory in dirs:
+        base = os.path.realpath(directory)
+        for suffix in suffixes:
+            path = os.path.join(directory, name + suffix)
+            if os.path.realpath(path).startswith(base + os.sep) and os.path.isfile(path):
+                return path
+    return None
+
+
+def read_key_file(path):
+    """Return the bytes of a key or certificate file.  Raises IdentityError."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise IdentityError("%s: cannot read: %s" % (path, exc.strerror or exc))
+
+
+def load_certificates(data, path):
+    """Return the certificates in PEM or DER *data*.  Raises IdentityError."""
+    from cryptography import x509
+    try:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            return x509.load_pem_x509_certificates(data)
+        if b"-----BEGIN" in data:
+            return []
+        return [x509.load_der_x509_certificate(data)]
+    except ValueError:
+        raise IdentityError("%s: not a readable PEM or DER certificate" % path)
+
+
+def password():
+    """Return $SMIME_KEY_PASSWORD as bytes, or None."""
+    value = os.environ.get("SMIME_KEY_PASSWORD")
+    return value.encode("utf-8") if value else None
+
+
+def load_private_key(data, path):
+    """Return the private key in PEM *data*.  Raises IdentityError."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    if b"PRIVATE KEY-----" not in data:
+        raise IdentityError("%s: holds no PEM private key" % path)
+    try:
+        return load_pem_private_key(data, password())
+    except TypeError:
+        if password() is None:
+            raise IdentityError("%s: the private key is encrypted: set SMIME_KEY_PASSWORD" % path)
+        raise IdentityError("%s: the private key is not encrypted but SMIME_KEY_PASSWORD is set; "
+                            "unset it" % path)
+    except ValueError:
+        if password() is not None and b"ENCRYPTED" in data:
+            raise IdentityError("%s: wrong SMIME_KEY_PASSWORD for this private key" % path)
+        raise IdentityError("%s: the private key cannot be read (corrupt or unsupported)" % path)
+    except Exception as exc:  # UnsupportedAlgorithm and friends
+        raise IdentityError("%s: the private key cannot be used: %s" % (path, exc))
+
+
+def load_pkcs12(path):
+    """Return (key, cert, extra certs) from a PKCS#12 file.  Raises IdentityError."""
+    from cryptography.hazmat.primitives.serialization import pkcs12
+    data = read_key_file(path)
+    try:
+        key, cert, extra = pkcs12.load_key_and_certificates(data, password())
+    except ValueError:
+        hint = "set SMIME_KEY_PASSWORD" if password() is None else "check SMIME_KEY_PASSWORD"
+        raise IdentityError("%s: cannot open the PKCS#12 file (wrong password or corrupt): %s"
+                            % (path, hint))
+    if key is None or cert is None:
+        raise IdentityError("%s: the PKCS#12 file lacks a private key or certificate" % path)
+    return key, cert, list(extra)
+
+
+def load_signer(address, dirs):
+    """Return the sender's Identity with key, certificate and chain.
+
+    Raises IdentityError when no usable key or certificate is found.
+    """
+    path = find_file(address, KEY_SUFFIXES, dirs)
+    if path is None:
+        raise IdentityError("no private key for %s: put %s.pem (or .p12) in one of: %s"
+                            % (address, safe_address(address), ", ".join(dirs)))
+    if path.endswith(".pem"):
+        data = read_key_file(path)
+        key, certs = load_private_key(data, path), load_certificates(data, path)
+        cert_path = path
+        if not any(same_key(c, key) for c in certs):
+            cert_path = find_file(address, (".crt",), dirs)
+            if cert_path is None:
+                raise IdentityError("no certificate for %s: %s holds only the key; add %s.crt"
+                                    % (address, path, safe_address(address)))
+            certs += load_certificates(read_key_file(cert_path), cert_path)
+    else:
+        key, cert, extra = load_pkcs12(path)
+        certs, cert_path = [cert] + extra, path
+    return make_identity(address, key, certs, cert_path)
+
+
+def make_identity(address, key, certs, path):
+    """Pick the certificate of *key* among *certs*, check it, return the Identity."""
+    leaf = next((c for c in certs if same_key(c, key)), None)
+    if leaf is None:
+        raise IdentityError("%s: the certificate does not match the private key for %s"
+                            % (path, address))
+    check_certificate(leaf, address, path, "sign")
+    chain = [c for c in certs if c is not leaf and not is_self_signed(c)]
+    return Identity(address, leaf, path, key, unique_certs(chain))
+
+
+def unique_certs(certs):
+    """Return *certs* without duplicates, order kept."""
+    seen, out = set(), []
+    for cert in certs:
+        digest = cert_digest(cert)
+        if digest not in seen:
+            seen.add(digest)
+            out.append(cert)
+    return out
+
+
+def cert_digest(cert):
+    """Return the SHA-256 fingerprint of *cert*."""
+    from cryptography.hazmat.primitives import hashes
+    return cert.fingerprint(hashes.SHA256())
+
+
+def same_key(cert, key):
+    """True when *cert* carries the public half of private *key*."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+
+
+def is_self_signed(cert):
+    """True when *cert* is a root: issuer equals subject and it signed itself."""
+    if cert.issuer != cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+        return True
+    except Exception:
+        return False
+
+
+def load_recipient(address, dirs):
+    """Return the Identity (certificate only) of a recipient.  Raises IdentityError."""
+    path = find_file(address, (".crt",), dirs)
+    if path is None:
+        raise IdentityError("no certificate for recipient %s: put %s.crt in one of: %s"
+                            % (address, safe_address(address), ", ".join(dirs)))
+    return recipient_from_file(address, path)
+
+
+def recipient_from_file(address, path):
+    """Return the checked recipient Identity in certificate file *path*."""
+    certs = load_certificates(read_key_file(path), path)
+    if not certs:
+        raise IdentityError("%s: holds no certificate" % path)
+    mine = [c for c in certs if address in cert_emails(c)] or certs[:1]
+    check_certificate(mine[0], address, path, "encrypt")
+    return Identity(address, mine[0], path)
+
+
+def cert_emails(cert):
+    """Return the lower-cased e-mail addresses of *cert*: SAN rfc822Name, else subject."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        emails = san.get_values_for_type(x509.RFC822Name)
+    except x509.ExtensionNotFound:
+        emails = []
+    if not emails:
+        emails = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)]
+    return [str(e).lower() for e in emails]
+
+
+def check_certificate(cert, address, path, purpose):
+    """Refuse a certificate unfit to *purpose* ('sign' or 'encrypt') for *address*.
+
+    Checks validity dates, the e-mail address (RFC 8550 3), key usage and
+    extended key usage (RFC 8550 4.4).  Raises IdentityError naming the reason.
+    """
+    reason = certificate_problem(cert, address, purpose)
+    if reason:
+        raise IdentityError("%s: certificate for %s %s" % (path, address, reason))
+
+
+def certificate_problem(cert, address, purpose, now=None):
+    """Return why *cert* cannot serve *address* for *purpose*, or '' when it can."""
+    from datetime import datetime, timezone
+    now = now or datetime.now(timezone.utc)
+    if now < cert.not_valid_before_utc:
+        return "is not valid yet (valid from %s)" % cert.not_valid_before_utc.date()
+    if now > cert.not_valid_after_utc:
+        return "has expired (on %s)" % cert.not_valid_after_utc.date()
+    emails = cert_emails(cert)
+    if address.lower() not in emails:
+        return "is issued to %s, not to this address" % (", ".join(emails) or "no e-mail address")
+    return usage_problem(cert, purpose)
+
+
+def usage_problem(cert, purpose):
+    """Return why key usage / extended key usage forbid *purpose*, or ''."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    exts = cert.extensions
+    try:
+        ku = exts.get_extension_for_class(x509.KeyUsage).value
+        if purpose == "sign" and not (ku.digital_signature or ku.content_commitment):
+            return "does not allow digital signatures (key usage)"
+        if purpose == "encrypt" and not ku.key_encipherment:
+            return "does not allow key encipherment (key usage)"
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        eku = exts.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if not {ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE} & set(eku):
+            return "is not for e-mail protection (extended key usage)"
+    except x509.ExtensionNotFound:
+        pass
+    if purpose == "encrypt" and not isinstance(cert.public_key(), rsa.RSAPublicKey):
+        return "has a non-RSA key; only RSA recipients can be encrypted to"
+    return ""
+
+
+def find_identities(msg, opts):
+    """Return (signer or None, [recipient Identity]) needed to build *msg*."""
+    dirs = key_dirs(opts.keys)
+    signer = load_signer(msg.sender, dirs) if opts.sign_mode else None
+    recipients = []
+    if opts.encrypt:
+        recipients = [load_recipient(a, dirs) for a in msg.recipients]
+        if signer is not None:
+            recipients.append(signer)
+        elif find_file(msg.sender, (".crt",), dirs):
+            recipients.append(load_recipient(msg.sender, dirs))
+    return signer, recipients
+
+
+###############################################################################
+# S/MIME (RFC 8551) ###########################################################
+###############################################################################
+
+SIGNED_DATA_HEADER = (b'Content-Type: application/pkcs7-mime; smime-type=signed-data;\r\n'
+                      b' name="smime.p7m"\r\n'
+                      b'Content-Transfer-Encoding: base64\r\n'
+                      b'Content-Disposition: attachment; filename="smime.p7m"\r\n')
+ENVELOPED_DATA_HEADER = (b'Content-Type: application/pkcs7-mime; smime-type=enveloped-data;\r\n'
+                         b' name="smime.p7m"\r\n'
+                         b'Content-Transfer-Encoding: base64\r\n'
+                         b'Content-Disposition: attachment; filename="smime.p7m"\r\n')
+SIGNATURE_PART_HEADER = (b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
+                         b'Content-Transfer-Encoding: base64\r\n'
+                         b'Content-Disposition: attachment; filename="smime.p7s"\r\n')
+
+
+def canonical_content(msg):
+    """Return the canonical MIME entity of *msg*: the bytes that get signed.
+
+    A message without Content-Type gets an explicit text/plain one.
+    """
+    fields = msg.entity_fields
+    if field_value(fields, "content-type") is None:
+        charset = b"us-ascii"
+        if not msg.body.isascii():
+            try:
+                msg.body.decode("utf-8")
+                charset = b"utf-8"
+            except UnicodeDecodeError:
+                pass
+        fields = [Field("content-type", b"Content-Type: text/plain; charset=%s\r\n" % charset)] + fields
+    entity = canonical_entity(fields, msg.body)
+    return entity if entity.endswith(b"\r\n") else entity + b"\r\n"
+
+
+def signed_der(content, signer, detached):
+    """Return the DER SignedData (SHA-256) over *content*, certificates included."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.serialization import pkcs7
+    options = [pkcs7.PKCS7Options.Binary]
+    if detached:
+        options.append(pkcs7.PKCS7Options.DetachedSignature)
+    builder = pkcs7.PKCS7SignatureBuilder().set_data(content)
+    builder = builder.add_signer(signer.cert, signer.key, hashes.SHA256())
+    for cert in signer.chain:  # after add_signer, or they are dropped
+        builder = builder.add_certificate(cert)
+    return builder.sign(serialization.Encoding.DER, options)
+
+
+def sign_opaque(content, signer):
+    """Return an application/pkcs7-mime signed-data entity embedding *content*."""
+    return SIGNED_DATA_HEADER + b"\r\n" + encode_base64(signed_der(content, signer, False))
+
+
+def sign_detached(content, signer):
+    """Return a multipart/signed entity (RFC 8551 3.5.3, RFC 1847) over *content*."""
+    import secrets
+    boundary = b"----=_smime_" + secrets.token_hex(12).encode()
+    while boundary in content:
+        boundary = b"----=_smime_" + secrets.token_hex(12).encode()
+    signature = encode_base64(signed_der(content, signer, True))
+    return (b'Content-Type: multipart/signed; protocol="application/pkcs7-signature";\r\n'
+            b' micalg=sha-256; boundary="' + boundary + b'"\r\n\r\n'
+            b"This is an S/MIME signed message\r\n\r\n"
+            b"--" + boundary + b"\r\n" + content +
+            b"\r\n--" + boundary + b"\r\n" + SIGNATURE_PART_HEADER + b"\r\n" + signature +
+            b"\r\n--" + boundary + b"--\r\n")
+
+
+def encrypt(content, recipients, cipher="aes256"):
+    """Return an application/pkcs7-mime enveloped-data entity of *content*."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.ciphers import algorithms
+    from cryptography.hazmat.primitives.serialization import pkcs7
+    builder = pkcs7.PKCS7EnvelopeBuilder().set_data(content)
+    builder = builder.set_content_encryption_algorithm(
+        algorithms.AES256 if cipher == "aes256" else algorithms.AES128)
+    seen = set()
+    for ident in recipients:
+        digest = cert_digest(ident.cert)
+        if digest not in seen:
+            seen.add(digest)
+            builder = builder.add_recipient(ident.cert)
+    der = builder.encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
+    return ENVELOPED_DATA_HEADER + b"\r\n" + encode_base64(der)
+
+
+def build_smime(msg, opts, signer=None, recipients=()):
+    """Return the final message bytes: outer header, MIME-Version, S/MIME entity.
+
+    The outer fields keep their order; Bcc never appears in the output.
+    """
+    entity = canonical_content(msg)
+    if opts.sign_mode == "opaque":
+        entity = sign_opaque(entity, signer)
+    elif opts.sign_mode == "detached":
+        entity = sign_detached(entity, signer)
+    if opts.encrypt:
+        entity = encrypt(entity, recipients, opts.cipher)
+    outer = b"".join(safe_field(f) for f in msg.outer if f.name != "bcc")
+    return outer + b"MIME-Version: 1.0\r\n" + entity
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+@dataclass(frozen=True)
+class Options:
+    """What the command line asked for, checked and frozen."""
+    inputs: tuple
+    sign_mode: str = ""          #: "", "opaque" or "detached"
+    encrypt: bool = False
+    cipher: str = "aes256"
+    keys: tuple = ()
+    output: str = ""
+    debug: bool = False
+
+
+class _Parser:
+    """argparse, with errors raised as UsageError (exit 64, never argparse's 2)."""
+
+    @staticmethod
+    def build():
+        import argparse
+
+        class Parser(argparse.ArgumentParser):
+            def error(self, message):
+                raise UsageError("%s (see --help)" % message)
+
+        p = Parser(prog="sparkpostSMIME.py",
+                   description="S/MIME sign and/or encrypt an email, then inject it.",
+                   epilog="Exit codes: 0 ok, 64 usage, 65 unusable message, 66 no input, "
+                          "69 permanent failure, 70 internal, 75 temporary failure, "
+                          "77 authentication refused, 78 configuration.")
+        p.add_argument("inputs", nargs="+", metavar="EMLFILE",
+                       help="RFC 5322 message file; - reads standard input")
+        mode = p.add_mutually_exclusive_group()
+        mode.add_argument("--sign", action="store_true",
+                          help="sign, opaque application/pkcs7-mime (survives body-rewriting relays)")
+        mode.add_argument("--sign_detached", "--sign-detached", action="store_true",
+                          help="sign, multipart/signed (readable without S/MIME)")
+        p.add_argument("--encrypt", action="store_true",
+                       help="encrypt to every To/Cc/Bcc recipient and the sender")
+        p.add_argument("--cipher", choices=CIPHERS, default="aes256",
+                       help="content cipher for --encrypt (default aes256)")
+        p.add_argument("--keys", action="append", default=[], metavar="DIR",
+                       help="directory of <address>.pem/.crt/.p12 files (repeatable)")
+        p.add_argument("-o", "--output", default="", metavar="FILE",
+                       help="write the message to FILE instead of standard output")
+        p.add_argument("--debug", action="store_true",
+                       help="show a Python traceback on internal errors")
+        p.add_argument("--version", action="version", version="%(prog)s " + __version__)
+        return p
+
+
+def parse_args(argv):
+    """Return frozen Options from *argv*.  Raises UsageError."""
+    ns = _Parser.build().parse_args(argv)
+    sign_mode = "opaque" if ns.sign else "detached" if ns.sign_detached else ""
+    if len(ns.inputs) > 1 and not (ns.output and os.path.isdir(ns.output)):
+        raise UsageError("several inputs need -o DIR (an existing directory) for the outputs")
+    return Options(inputs=tuple(ns.inputs), sign_mode=sign_mode, encrypt=ns.encrypt,
+                   cipher=ns.cipher, keys=tuple(ns.keys), output=ns.output, debug=ns.debug)
+
+
+def process(path, opts):
+    """Read, check and build one message; return its final bytes."""
+    msg = parse_message(read_input(path), path)
+    signer, recipients = find_identities(msg, opts)
+    return build_smime(msg, opts, signer, recipients)
+
+
+def output_path(opts, path):
+    """Return where the message built from *path* goes ('' = stdout)."""
+    if opts.output and os.path.isdir(opts.output):
+        name = "stdin.eml" if path == "-" else os.path.basename(path)
+        return os.path.join(opts.output, name)
+    return opts.output
+
+
+def write_output(data, target):
+    """Write *data* to file *target*, or to stdout when it is ''."""
+    if not target:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        with open(target, "wb") as fh:
+            fh.write(data)
+    except OSError as exc:
+        raise ConfigError("%s: cannot write output: %s" % (target, exc.strerror or exc))
+
+
+def run(opts):
+    """Build every input and write it; return the exit code."""
+    for path in opts.inputs:
+        write_output(process(path, opts), output_path(opts, path))
+    return EX_OK
+
+
+def main(argv=None):
+    """Run the command line; return the exit code (errors are one line on stderr)."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        return run(parse_args(sys.argv[1:] if argv is None else argv))
+    except SmimeToolError as exc:
+        warn(str(exc))
+        return exc.exit_code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_OK
+    except KeyboardInterrupt:
+        warn("interrupted")
+        return 130
+    except Exception as exc:  # a bug: say so in one line unless --debug
+        if debug:
+            raise
+        warn("internal error: %s: %s (run with --debug for details)" % (type(exc).__name__, exc))
+        return EX_SOFTWARE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
