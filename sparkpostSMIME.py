@@ -64,6 +64,8 @@ ADDRESS_FIELDS = {"from", "sender", "reply-to", "to", "cc", "bcc",
 RECIPIENT_FIELDS = ("to", "cc", "bcc")
 #: Content ciphers offered by --cipher (RFC 8551 2.7: AES-128 CBC MUST, AES-256 CBC SHOULD).
 CIPHERS = ("aes256", "aes128")
+#: Characters left as they are in RFC 2231 extended parameter values.
+RFC2231_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 #: Private key files tried for a sender, in this order, in each key directory.
 KEY_SUFFIXES = (".pem", ".p12", ".pfx")
 
@@ -122,7 +124,7 @@ _NON_7BIT = re.compile(rb"[\x80-\xff\x00]")
 _LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
 _FROM_LINE = re.compile(rb"(?:\A|\n)From ")
 _TRAILING_WS = re.compile(rb"[ \t](?:\r\n|\Z)")
-_MBOX_FROM = re.compile(rb"From [^\r\n:]*\r\n")
+_MBOX_FROM = re.compile(rb"From [^\r\n]*\r\n")
 
 
 @dataclass
@@ -334,7 +336,7 @@ def replace_field(fields, name, raw_value):
 
 def canonical_multipart(body, boundary):
     """Return a multipart body with every part made canonical (RFC 2046 5.1.1)."""
-    delimiter = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r\n|\Z)")
+    delimiter = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)")
     marks = list(delimiter.finditer(body))
     if not marks:
         return safe_text_block(body)
@@ -343,10 +345,10 @@ def canonical_multipart(body, boundary):
         if here.group(1):
             break
         end = after.start() if after else len(body)
-        fields, part_body = split_header(body[here.end():end])
+        fields, part_body = split_header(body[here.end() + 2:end])
         prefix = b"\r\n" if out[0] or len(out) > 1 else b""
         out.append(prefix + b"--" + boundary + b"\r\n" + canonical_entity(fields, part_body))
-    epilogue = body[marks[-1].end():] if marks[-1].group(1) else b""
+    epilogue = body[marks[-1].end() + 2:] if marks[-1].group(1) else b""
     out.append(b"\r\n--" + boundary + b"--\r\n" + safe_text_block(epilogue))
     return b"".join(out)
 
@@ -386,7 +388,7 @@ def reencode_leaf(fields, body, ctype):
     """
     cte = (field_value(fields, "content-transfer-encoding") or b"").strip().lower()
     data = decode_body(body, cte)
-    if ctype.startswith("text/") or not ctype:
+    if ctype.startswith("text/") and cte != b"base64":
         encoded, cte = encode_qp(to_crlf(data)), b"quoted-printable"
     else:
         encoded, cte = encode_base64(data), b"base64"
@@ -459,7 +461,7 @@ def encode_params(value):
         if text.isascii():
             out.append('%s="%s"' % (name, text.replace("\\", "\\\\").replace('"', '\\"')))
         else:
-            quoted = "".join(chr(b) if chr(b).isalnum() or chr(b) in "-._~" else "%%%02X" % b
+            quoted = "".join(chr(b) if chr(b) in RFC2231_SAFE else "%%%02X" % b
                              for b in text.encode("utf-8"))
             out.append("%s*=utf-8''%s" % (name, quoted))
     return "; ".join(out)
@@ -730,6 +732,8 @@ def usage_problem(cert, purpose):
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import ExtendedKeyUsageOID
+    if purpose == "encrypt" and not isinstance(cert.public_key(), rsa.RSAPublicKey):
+        return "has a non-RSA key; this tool can only encrypt to RSA certificates"
     exts = cert.extensions
     try:
         ku = exts.get_extension_for_class(x509.KeyUsage).value
@@ -745,8 +749,6 @@ def usage_problem(cert, purpose):
             return "is not for e-mail protection (extended key usage)"
     except x509.ExtensionNotFound:
         pass
-    if purpose == "encrypt" and not isinstance(cert.public_key(), rsa.RSAPublicKey):
-        return "has a non-RSA key; only RSA recipients can be encrypted to"
     return ""
 
 
@@ -796,8 +798,7 @@ def canonical_content(msg):
             except UnicodeDecodeError:
                 pass
         fields = [Field("content-type", b"Content-Type: text/plain; charset=%s\r\n" % charset)] + fields
-    entity = canonical_entity(fields, msg.body)
-    return entity if entity.endswith(b"\r\n") else entity + b"\r\n"
+    return canonical_entity(fields, msg.body)
 
 
 def signed_der(content, signer, detached):
@@ -842,12 +843,8 @@ def encrypt(content, recipients, cipher="aes256"):
     builder = pkcs7.PKCS7EnvelopeBuilder().set_data(content)
     builder = builder.set_content_encryption_algorithm(
         algorithms.AES256 if cipher == "aes256" else algorithms.AES128)
-    seen = set()
-    for ident in recipients:
-        digest = cert_digest(ident.cert)
-        if digest not in seen:
-            seen.add(digest)
-            builder = builder.add_recipient(ident.cert)
+    for cert in unique_certs([ident.cert for ident in recipients]):
+        builder = builder.add_recipient(cert)
     der = builder.encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
     return ENVELOPED_DATA_HEADER + b"\r\n" + encode_base64(der)
 
@@ -865,7 +862,8 @@ def build_smime(msg, opts, signer=None, recipients=()):
     if opts.encrypt:
         entity = encrypt(entity, recipients, opts.cipher)
     outer = b"".join(safe_field(f) for f in msg.outer if f.name != "bcc")
-    return outer + b"MIME-Version: 1.0\r\n" + entity
+    ending = b"" if entity.endswith(b"\r\n") else b"\r\n"  # SMTP DATA ends with CRLF
+    return outer + b"MIME-Version: 1.0\r\n" + entity + ending
 
 
 ###############################################################################
