@@ -103,14 +103,250 @@ class IdentityError(ConfigError):
     """A key or certificate is missing, unreadable or unfit for its use."""
 
 
+class DeliveryError(SmimeToolError):
+    """Sending failed.  *session* errors (connect, TLS, auth) end the whole run."""
+
+    def __init__(self, text, exit_code=EX_TEMPFAIL, session=False, hint=""):
+        super().__init__(text)
+        self.exit_code, self.session, self.hint = exit_code, session, hint
+
+
+class RecipientsRefused(DeliveryError):
+    """Some or all recipients were refused; *refused* maps address -> (code, text)."""
+
+    def __init__(self, refused, accepted=(), hint=""):
+        self.refused, self.accepted = refused, list(accepted)
+        worst = min(smtp_exit_code(code) for code, _ in refused.values())  # any 5xx: 69
+        what = "some recipients were refused" if accepted else "every recipient was refused"
+        super().__init__(what, worst, hint=hint)
+
+
+def smtp_exit_code(code):
+    """Map an SMTP reply code to an exit code (RFC 5321 4.2.1, RFC 4954 6).
+
+    530/534/535 (authentication) -> 77; 4xx (transient) -> 75; anything else -> 69.
+    """
+    if code in (530, 534, 535):
+        return EX_NOPERM
+    return EX_TEMPFAIL if 400 <= code < 500 else EX_UNAVAILABLE
+
+
+###############################################################################
+# Settings ####################################################################
+###############################################################################
+# Defaults < env files (--env, ./.env) < the real environment < command line.
+# Secrets come only from the environment and are registered for redaction.
+
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+TLS_MODES = ("auto", "starttls", "tls", "none")
+SPARKPOST_SMTP_HOSTS = ("smtp.sparkpostmail.com", "smtp.eu.sparkpostmail.com")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def load_env_files(paths):
+    """Load KEY=value files (python-dotenv syntax, "export" allowed) into os.environ.
+
+    Variables already in the environment win.  ./.env is loaded when present.
+    Raises ConfigError for an unreadable file.
+    """
+    files = list(paths) + ([".env"] if os.path.isfile(".env") else [])
+    if not files:
+        return
+    from dotenv import dotenv_values
+    for path in files:
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise ConfigError("--env %s: cannot read this file" % path)
+        warn_if_exposed(path, "env file")
+        for key, value in dotenv_values(path).items():
+            if value is not None and key not in os.environ:
+                os.environ[key] = value
+
+
+def warn_if_exposed(path, what):
+    """Warn when a file holding secrets is readable by group or others."""
+    try:
+        if os.stat(path).st_mode & 0o077:
+            warn("%s %s is readable by group or others: chmod 0600 %s" % (what, path, path))
+    except OSError:
+        pass
+
+
+def env_text(name, default=""):
+    """Return the environment variable *name*, stripped, or *default*."""
+    return os.environ.get(name, default).strip() or default
+
+
+def env_bool(name, default):
+    """Return an on/off environment variable.  Raises ConfigError."""
+    value = env_text(name).lower()
+    if not value:
+        return default
+    if value in TRUE_WORDS or value in FALSE_WORDS:
+        return value in TRUE_WORDS
+    raise ConfigError("%s=%r: use 1 or 0" % (name, value))
+
+
+def env_number(name, default, kind=int, low=1, high=None):
+    """Return a numeric environment variable within [low, high].  Raises ConfigError."""
+    value = env_text(name)
+    if not value:
+        return default
+    try:
+        number = kind(value)
+        if number < low or (high is not None and number > high):
+            raise ValueError
+    except ValueError:
+        span = "%s-%s" % (low, high) if high else "at least %s" % low
+        raise ConfigError("%s=%r is not a valid number (%s)" % (name, value, span))
+    return number
+
+
+def env_secret(name):
+    """Return a secret environment variable and register it for redaction."""
+    value = os.environ.get(name, "")
+    register_secret(value)
+    return value
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    """SMTP injection settings (RFC 5321, RFC 3207 STARTTLS, RFC 8314 implicit TLS)."""
+    host: str
+    port: int
+    user: str = ""
+    password: str = field(default="", repr=False)
+    tls: str = "auto"
+    cafile: str = ""
+    verify: bool = True
+    timeout: float = 60.0
+    sparkpost: bool = False
+    helo: str = ""
+
+    @classmethod
+    def from_env(cls):
+        """Build and check the settings from SMTP_* variables.  Raises ConfigError."""
+        host = env_text("SMTP_HOST")
+        if not host:
+            raise ConfigError("SMTP_HOST is not set: export SMTP_HOST=<your MTA or "
+                              "smtp.sparkpostmail.com> (see my_envs.sh.example)")
+        tls = env_text("SMTP_TLS", "auto").lower()
+        if tls not in TLS_MODES:
+            raise ConfigError("SMTP_TLS=%r: use one of %s" % (tls, ", ".join(TLS_MODES)))
+        user, password = env_text("SMTP_USER"), env_secret("SMTP_PASSWORD")
+        if bool(user) != bool(password):
+            missing = "SMTP_PASSWORD" if user else "SMTP_USER"
+            raise ConfigError("%s is not set: SMTP authentication needs both SMTP_USER and "
+                              "SMTP_PASSWORD (or neither, for an internal MTA)" % missing)
+        register_secret("\0%s\0%s" % (user, password) if password else "")
+        cafile = env_text("SMTP_CAFILE")
+        if cafile and not os.access(cafile, os.R_OK):
+            raise ConfigError("SMTP_CAFILE=%s: cannot read this file" % cafile)
+        return cls(host=host, port=env_number("SMTP_PORT", 465 if tls == "tls" else 25,
+                                               high=65535),
+                   user=user, password=password, tls=tls, cafile=cafile,
+                   verify=env_bool("SMTP_TLS_VERIFY", True),
+                   timeout=env_number("SMTP_TIMEOUT", 60.0, float, low=0.1),
+                   sparkpost=env_bool("SMTP_SPARKPOST", host.lower() in SPARKPOST_SMTP_HOSTS),
+                   helo=env_text("SMTP_HELO"))
+
+    def describe(self):
+        """Return 'host, port N, user="u", password="***"' (never the password)."""
+        creds = ', user="%s", password="***"' % self.user if self.user else ""
+        return "%s, port %d%s" % (self.host, self.port, creds)
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """SparkPost transmissions API settings."""
+    key: str = field(repr=False)
+    base_url: str = "https://api.sparkpost.com/api/v1"
+    timeout: float = 60.0
+
+    @classmethod
+    def from_env(cls):
+        """Build and check the settings from SPARKPOST_* variables.  Raises ConfigError."""
+        key = env_secret("SPARKPOST_API_KEY").strip()
+        if not key:
+            raise ConfigError("SPARKPOST_API_KEY is not set: export SPARKPOST_API_KEY=<an API key "
+                              "with Transmissions: Read/Write>")
+        return cls(key=key, base_url=api_base_url(env_text("SPARKPOST_HOST",
+                                                            "https://api.sparkpost.com")),
+                   timeout=env_number("SPARKPOST_TIMEOUT", 60.0, float, low=0.1))
+
+
+def api_base_url(host):
+    """Return '<scheme>://<host>/api/v1' from SPARKPOST_HOST.  Raises ConfigError.
+
+    A bare host gets https://; a trailing '/' or '/api/v1' is tolerated;
+    http:// is accepted only for loopback, so the API key never travels in clear.
+    """
+    from urllib.parse import urlsplit
+    url = host if "://" in host else "https://" + host
+    url = url.rstrip("/")
+    if url.endswith("/api/v1"):
+        url = url[:-len("/api/v1")].rstrip("/")
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:
+        hostname = None
+    if parts.scheme not in ("https", "http") or not hostname:
+        raise ConfigError("SPARKPOST_HOST=%r is not an https:// URL or host name" % host)
+    if parts.scheme == "http" and not is_loopback(hostname):
+        raise ConfigError("SPARKPOST_HOST=%r: http:// would send the API key in clear; use "
+                          "https:// (http:// is allowed only for loopback test servers)" % host)
+    return url + "/api/v1"
+
+
+def is_loopback(host):
+    """True for localhost, 127.0.0.0/8 and ::1."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
 ###############################################################################
 # Output helpers ##############################################################
 ###############################################################################
 
+_SECRETS = []
+
+
+def register_secret(value):
+    """Remember a secret and its base64 forms (at every alignment) for redact()."""
+    if not value or len(value) < 3:
+        return
+    import base64
+    raw = value.encode("utf-8")
+    forms = {value}
+    for pad in range(3):  # the secret's base64 at each of the three byte alignments
+        text = base64.b64encode(b"\0" * pad + raw).decode()
+        skip = (pad * 4 + 2) // 3 if pad else 0
+        forms.add(text[skip:len(text) - 4].rstrip("=") if len(raw) > 6 else text[skip:])
+    _SECRETS.extend(sorted((f for f in forms if len(f) >= 3), key=len, reverse=True))
+
+
+def redact(text):
+    """Return *text* with every registered secret replaced by ***."""
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
 def warn(text):
     """Write one diagnostic line to stderr (never stdout: stdout is the product)."""
-    sys.stderr.write("sparkpostSMIME: %s\n" % text)
+    sys.stderr.write("sparkpostSMIME: %s\n" % redact(text))
     sys.stderr.flush()
+
+
+def say(text):
+    """Write one report line to stdout (the product when sending)."""
+    sys.stdout.write(redact(text) + "\n")
+    sys.stdout.flush()
+
+
+def transcript(line):
+    """Write one verbose transcript line (swaks-style glyphs) to stderr."""
+    sys.stderr.write(redact(line) + "\n")
 
 
 ###############################################################################
@@ -304,7 +540,7 @@ def canonical_entity(fields, body):
     *fields* are the entity's Field objects; *body* is CRLF.  Raises MessageError.
     """
     ctype, params = parse_content_type(field_value(fields, "content-type") or b"text/plain")
-    if ctype.startswith("multipart/"):
+    if ctype.startswith("multipart/") and not is_transport_safe(body):
         boundary = params.get("boundary")
         if not boundary:
             raise MessageError("a %s part has no boundary parameter" % ctype)
@@ -849,10 +1085,11 @@ def encrypt(content, recipients, cipher="aes256"):
     return ENVELOPED_DATA_HEADER + b"\r\n" + encode_base64(der)
 
 
-def build_smime(msg, opts, signer=None, recipients=()):
+def build_smime(msg, opts, signer=None, recipients=(), extra=b""):
     """Return the final message bytes: outer header, MIME-Version, S/MIME entity.
 
-    The outer fields keep their order; Bcc never appears in the output.
+    The outer fields keep their order, *extra* header lines follow them (outside
+    anything signed); Bcc never appears in the output.
     """
     entity = canonical_content(msg)
     if opts.sign_mode == "opaque":
@@ -863,7 +1100,459 @@ def build_smime(msg, opts, signer=None, recipients=()):
         entity = encrypt(entity, recipients, opts.cipher)
     outer = b"".join(safe_field(f) for f in msg.outer if f.name != "bcc")
     ending = b"" if entity.endswith(b"\r\n") else b"\r\n"  # SMTP DATA ends with CRLF
-    return outer + b"MIME-Version: 1.0\r\n" + entity + ending
+    return outer + extra + b"MIME-Version: 1.0\r\n" + entity + ending
+
+
+###############################################################################
+# Delivery ####################################################################
+###############################################################################
+# Back ends share one interface: open() -> report line, send(job) -> report
+# detail, close(); they raise DeliveryError and never print (transcripts go
+# through the *log* callable, which redacts).
+
+@dataclass
+class Job:
+    """One message ready to go: its source, final bytes and envelope."""
+    source: str
+    data: bytes
+    mail_from: str
+    recipients: list
+    msg: object = None  #: the parsed Message (names, visible To)
+
+    def describe(self):
+        """Return the seed's 'Sending FILE<TAB>From: a<TAB>To: b, c' line."""
+        return "Sending %s\tFrom: %s\tTo: %s" % (self.source, self.mail_from,
+                                                  ", ".join(self.recipients))
+
+
+def tls_context(cafile="", verify=True):
+    """Return an ssl.SSLContext verifying certificate and host name (unless *verify* is off)."""
+    import ssl
+    ctx = ssl.create_default_context(cafile=cafile or None)
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _smtp_classes():
+    """Return (SMTP, SMTP_SSL) subclasses that write a redacted transcript.
+
+    The transcript is redacted by construction: an AUTH command is logged as
+    'AUTH <mechanism> ***', every reply to a 334 challenge as '***', and the
+    message data as its size only.  smtplib's set_debuglevel() is never used
+    (it prints the base64 credentials).
+    """
+    import smtplib
+    import ssl
+
+    class Transcript:
+        log = None
+        _challenged = False
+        _in_data = False
+
+        def _glyph(self, outgoing):
+            tls = isinstance(getattr(self, "sock", None), ssl.SSLSocket)
+            return ("~>" if tls else "->") if outgoing else ("<~" if tls else "<-")
+
+        def send(self, s):
+            if self.log:
+                self.log("%s %s" % (self._glyph(True), self._shown(s)))
+            super().send(s)
+
+        def _shown(self, s):
+            if isinstance(s, bytes) and self._in_data:
+                return "<%d octets of message data>\n%s ." % (len(s) - 5, self._glyph(True))
+            line = s.decode("ascii", "replace") if isinstance(s, bytes) else s
+            line = line.rstrip("\r\n")
+            if self._challenged:
+                return "***"
+            if line[:5].upper() == "AUTH ":
+                return " ".join(line.split()[:2]) + (" ***" if len(line.split()) > 2 else "")
+            return line
+
+        def getreply(self):
+            code, text = super().getreply()
+            self._challenged = code == 334
+            if self.log:
+                for line in text.decode("utf-8", "replace").split("\n"):
+                    self.log("%s %d %s" % (self._glyph(False), code, line))
+            return code, text
+
+        def data(self, msg):
+            self._in_data = True
+            try:
+                return super().data(msg)
+            finally:
+                self._in_data = False
+
+    class SMTP(Transcript, smtplib.SMTP):
+        pass
+
+    class SMTPS(Transcript, smtplib.SMTP_SSL):
+        pass
+
+    return SMTP, SMTPS
+
+
+class SmtpDelivery:
+    """Inject over SMTP: connect, EHLO, STARTTLS, EHLO, AUTH; then MAIL/RCPT/DATA."""
+
+    name = "smtp"
+
+    def __init__(self, settings, log=None):
+        self.settings, self.log, self.smtp, self.mode = settings, log, None, "plain"
+
+    def describe(self):
+        """Return what open() would do, for --dry_run."""
+        s = self.settings
+        how = {"auto": "STARTTLS if offered", "starttls": "STARTTLS", "tls": "TLS",
+               "none": "plain"}[s.tls]
+        return "Would open SMTP connection (%s) to %s" % (how, s.describe())
+
+    def open(self):
+        """Connect and authenticate; return the 'Opened SMTP connection' line.
+
+        Raises DeliveryError (connect/timeout 75, TLS 78, auth 77) or ConfigError.
+        """
+        s = self.settings
+        try:
+            self.smtp = self._connect()
+            self._secure()
+            self._login()
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, (SmimeToolError, KeyboardInterrupt)):
+                raise
+            raise smtp_failure(exc, s, session=True)
+        return "Opened SMTP connection (%s) to %s" % (self.mode, s.describe())
+
+    def _connect(self):
+        import socket
+        s = self.settings
+        plain, secure = _smtp_classes()
+        helo = s.helo or socket.gethostname()  # getfqdn() can stall on reverse DNS
+        if s.tls == "tls":
+            self.mode = "TLS"
+            smtp = secure(s.host, s.port, local_hostname=helo, timeout=s.timeout,
+                          context=tls_context(s.cafile, s.verify))
+        else:
+            smtp = plain(local_hostname=helo, timeout=s.timeout)
+            smtp.log = self.log
+            smtp.connect(s.host, s.port)
+        smtp.log = self.log
+        smtp.ehlo()
+        return smtp
+
+    def _secure(self):
+        """STARTTLS (RFC 3207) when asked, or offered in auto mode."""
+        s, smtp = self.settings, self.smtp
+        if s.tls not in ("auto", "starttls"):
+            return
+        if smtp.has_extn("starttls"):
+            smtp.starttls(context=tls_context(s.cafile, s.verify))
+            smtp.ehlo()
+            self.mode = "STARTTLS"
+        elif s.tls == "starttls":
+            raise ConfigError("%s:%d does not offer STARTTLS but SMTP_TLS=starttls requires it"
+                              % (s.host, s.port))
+
+    def _login(self):
+        """AUTH (RFC 4954), only over TLS: credentials never travel in clear."""
+        s, smtp = self.settings, self.smtp
+        if not s.user:
+            return
+        if self.mode == "plain":
+            raise ConfigError("refusing to send SMTP_USER/SMTP_PASSWORD over an unencrypted "
+                              "connection to %s:%d (no TLS): use SMTP_TLS=starttls or tls, or "
+                              "unset the credentials for an internal MTA" % (s.host, s.port))
+        if not smtp.has_extn("auth"):
+            raise ConfigError("%s:%d does not offer AUTH: unset SMTP_USER/SMTP_PASSWORD or use "
+                              "the submission port (587)" % (s.host, s.port))
+        smtp.login(s.user, s.password)
+
+    def send(self, job):
+        """Send *job*'s exact bytes to every recipient; return a detail string.
+
+        Raises RecipientsRefused (with the accepted ones, if any) or DeliveryError.
+        """
+        if self.smtp is None:
+            self.open()
+        try:
+            refused = self.smtp.sendmail(job.mail_from, job.recipients, job.data)
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise smtp_failure(exc, self.settings)
+        if refused:
+            accepted = [r for r in job.recipients if r not in refused]
+            raise RecipientsRefused(smtp_refusals(refused), accepted,
+                                    refusal_hint(refused, self.settings))
+        return ""
+
+    def close(self):
+        """QUIT politely; ignore a connection that is already gone."""
+        smtp, self.smtp = self.smtp, None
+        if smtp is None:
+            return
+        try:
+            smtp.quit()
+        except Exception:
+            try:
+                smtp.close()
+            except Exception:
+                pass
+
+
+def smtp_refusals(refused):
+    """Return {address: (code, text)} from smtplib's {address: (code, bytes)}."""
+    return {a: (code, text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text))
+            for a, (code, text) in refused.items()}
+
+
+def refusal_hint(refused, settings):
+    """Return a one-line hint for the classic causes of a refusal, or ''."""
+    for code, text in refused.values():
+        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+        if code in (530, 535):
+            return "check SMTP_USER and SMTP_PASSWORD"
+        if code >= 550 and "relay" in text.lower():
+            if settings.port == 25 and not settings.user:
+                return ("the server does not relay for you on port 25: set SMTP_PORT=587 and "
+                        "SMTP_USER/SMTP_PASSWORD")
+            return "the server does not relay for this sender or these recipients"
+    return ""
+
+
+def smtp_failure(exc, settings, session=False):
+    """Translate an smtplib/socket/ssl exception into a DeliveryError or ConfigError."""
+    import smtplib
+    import socket
+    import ssl
+    where = "%s:%d" % (settings.host, settings.port)
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        refused = smtp_refusals(exc.recipients)
+        return RecipientsRefused(refused, (), refusal_hint(exc.recipients, settings))
+    if isinstance(exc, smtplib.SMTPResponseException):
+        text = exc.smtp_error.decode("utf-8", "replace") if isinstance(
+            exc.smtp_error, bytes) else str(exc.smtp_error)
+        code = exc.smtp_code
+        stage = {smtplib.SMTPAuthenticationError: "authentication refused",
+                 smtplib.SMTPSenderRefused: "sender refused",
+                 smtplib.SMTPDataError: "message refused",
+                 smtplib.SMTPConnectError: "connection refused"}.get(type(exc), "refused")
+        hint = refusal_hint({"": (code, text)}, settings)
+        return DeliveryError("%s by %s: %d %s" % (stage, where, code, text),
+                             smtp_exit_code(code), session or code in (421, 530, 535), hint)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return DeliveryError("TLS certificate of %s not trusted: %s; set SMTP_CAFILE to your "
+                             "MTA's CA bundle" % (where, exc.verify_message or exc.reason),
+                             EX_CONFIG, True)
+    if isinstance(exc, ssl.SSLError):
+        return DeliveryError("TLS with %s failed: %s" % (where, exc.reason or exc), EX_CONFIG, True)
+    if isinstance(exc, smtplib.SMTPNotSupportedError):
+        return ConfigError("%s: %s" % (where, exc))
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return DeliveryError("no answer from %s within %g seconds (SMTP_TIMEOUT)"
+                             % (where, settings.timeout), EX_TEMPFAIL, True)
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return DeliveryError("%s closed the connection: %s" % (where, exc or "unexpectedly"),
+                             EX_TEMPFAIL, True)
+    if isinstance(exc, OSError):
+        return DeliveryError("cannot connect to %s: %s" % (where, exc.strerror or exc),
+                             EX_TEMPFAIL, True)
+    return DeliveryError("SMTP with %s failed: %s" % (where, exc), EX_TEMPFAIL, True)
+
+
+def sparkpost_smtp_header(opts, signed):
+    """Return the X-MSYS-API header for SparkPost SMTP: tracking off for signed mail.
+
+    SparkPost rewrites links and adds an open pixel when tracking is on, which
+    would break a signature; the header sits in the outer, unsigned header.
+    """
+    import json
+    track = bool(opts.track and not signed)
+    value = json.dumps({"options": {"open_tracking": track, "click_tracking": track,
+                                    "transactional": not track},
+                        "campaign_id": opts.campaign}, separators=(",", ":"))
+    return b"X-MSYS-API: " + value.encode("ascii") + b"\r\n"
+
+
+class ApiDelivery:
+    """Send through the SparkPost transmissions API (POST /api/v1/transmissions)."""
+
+    name = "api"
+    #: Seconds to wait before retry n (n = 0, 1, ...); Retry-After wins when larger.
+    BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0)
+    #: Upper bound on all waits for one message.
+    MAX_WAIT = 45.0
+
+    def __init__(self, settings, opts, log=None):
+        self.settings, self.opts, self.log, self.session = settings, opts, log, None
+
+    def describe(self):
+        return "Would open connection to %s (API key ***)" % self.settings.base_url
+
+    def open(self):
+        """Create the keep-alive HTTP session; return the 'Opened connection' line."""
+        import requests
+        self.session = requests.Session()
+        self.session.headers.update({"Authorization": self.settings.key,
+                                     "Content-Type": "application/json",
+                                     "User-Agent": "sparkpostSMIME/" + __version__})
+        return "Opened connection to %s" % self.settings.base_url
+
+    def send(self, job):
+        """POST one transmission, retrying 429/5xx/network errors; return the detail.
+
+        Raises DeliveryError: 401/403 -> 77, other 4xx -> 69, exhausted retries -> 75.
+        """
+        if self.session is None:
+            self.open()
+        body = transmission_body(job, self.opts)
+        waited, attempt = 0.0, 0
+        while True:
+            outcome = self._post(body)
+            if not isinstance(outcome, DeliveryError):
+                return outcome
+            delay = self._delay(outcome, attempt)
+            if delay is None or waited + delay > self.MAX_WAIT:
+                raise outcome
+            warn("%s; retrying in %g s" % (outcome, delay))
+            time.sleep(delay)
+            waited, attempt = waited + delay, attempt + 1
+
+    def _delay(self, error, attempt):
+        """Return the wait before the next attempt, or None when not retryable."""
+        if error.exit_code != EX_TEMPFAIL or attempt >= self.opts.retries:
+            return None
+        backoff = self.BACKOFF[min(attempt, len(self.BACKOFF) - 1)]
+        return max(backoff, min(getattr(error, "retry_after", 0.0), self.MAX_WAIT))
+
+    def _post(self, body):
+        """One POST; return the report detail, or a DeliveryError (not raised)."""
+        import requests
+        url = self.settings.base_url + "/transmissions"
+        if self.log:
+            self.log("-> POST %s (%d octets, Authorization: ***)" % (url, len(body)))
+        try:
+            resp = self.session.post(url, data=body, timeout=self.settings.timeout)
+        except requests.exceptions.SSLError as exc:
+            return DeliveryError("TLS with %s failed: %s" % (url, first_line(exc)), EX_CONFIG, True)
+        except requests.exceptions.RequestException as exc:
+            return DeliveryError("cannot reach %s: %s" % (url, first_line(exc)), EX_TEMPFAIL)
+        if self.log:
+            self.log("<- %d %s %s" % (resp.status_code, resp.reason, resp.text[:500]))
+        return api_outcome(resp)
+
+
+def first_line(exc):
+    """Return the first line of an exception's text (requests' are long)."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def transmission_body(job, opts):
+    """Return the JSON request body (bytes) of a transmission for *job*."""
+    import json
+    msg = job.msg
+    names = {}
+    for header in RECIPIENT_FIELDS:
+        names.update(display_names(msg, header))
+    header_to = visible_to(msg)
+    recipients = []
+    for address in job.recipients:
+        entry = {"email": address, "header_to": header_to}
+        if names.get(address):
+            entry["name"] = names[address]
+        recipients.append({"address": entry})
+    track = bool(opts.track)
+    body = {"options": {"open_tracking": track, "click_tracking": track,
+                        "transactional": not track},
+            "campaign_id": opts.campaign,
+            "recipients": recipients,
+            "content": {"email_rfc822": job.data.decode("ascii")}}
+    return json.dumps(body).encode("ascii")
+
+
+def visible_to(msg):
+    """Return the message's To header as it appears in the output (7-bit, unfolded)."""
+    for f in msg.outer:
+        if f.name == "to":
+            return Field("to", safe_field(f)).value.decode("ascii")
+    return ""
+
+
+def api_outcome(resp):
+    """Return the report detail of a 2xx answer, or the DeliveryError of another."""
+    try:
+        data = resp.json()
+    except ValueError:
+        data = {}
+    if 200 <= resp.status_code < 300:
+        results = data.get("results", {}) if isinstance(data, dict) else {}
+        return "id %s, accepted %s, rejected %s" % (
+            results.get("id", "?"), results.get("total_accepted_recipients", "?"),
+            results.get("total_rejected_recipients", "?"))
+    text = "SparkPost API answered %d %s%s" % (resp.status_code, resp.reason or "",
+                                               api_errors(data))
+    code = resp.status_code
+    if code in (401, 403):
+        err = DeliveryError(text, EX_NOPERM, True, "check SPARKPOST_API_KEY and its permissions "
+                                                   "(Transmissions: Read/Write)")
+    elif code == 429 or code >= 500:
+        err = DeliveryError(text, EX_TEMPFAIL)
+        err.retry_after = retry_after(resp.headers.get("Retry-After", ""))
+    else:
+        err = DeliveryError(text, EX_UNAVAILABLE)
+    return err
+
+
+def api_errors(data):
+    """Return ': message (description) [code]; ...' from SparkPost's errors array."""
+    errors = data.get("errors") if isinstance(data, dict) else None
+    if not isinstance(errors, list) or not errors:
+        return ""
+    parts = []
+    for e in errors[:5]:
+        if isinstance(e, dict):
+            text = str(e.get("message", ""))
+            if e.get("description"):
+                text += " (%s)" % e["description"]
+            if e.get("code"):
+                text += " [%s]" % e["code"]
+            parts.append(text)
+    return ": " + "; ".join(parts)
+
+
+def retry_after(value):
+    """Return seconds from a Retry-After header (seconds form only; RFC 9110 10.2.3)."""
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return 0.0
+
+
+class DryRun:
+    """Build everything, then describe what would be sent instead of connecting."""
+
+    name = "dry_run"
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def open(self):
+        return "Dry run, nothing is sent. " + self.backend.describe()
+
+    def send(self, job):
+        head = job.data.split(b"\r\n\r\n", 1)[0].decode("ascii", "replace")
+        lines = ["  MAIL FROM:<%s>" % job.mail_from]
+        lines += ["  RCPT TO:<%s>" % r for r in job.recipients]
+        lines.append("  size %d octets; outer header:" % len(job.data))
+        lines += ["    " + line for line in head.split("\r\n")]
+        return "would send\n" + "\n".join(lines)
+
+    def close(self):
+        pass
 
 
 ###############################################################################
@@ -879,61 +1568,135 @@ class Options:
     cipher: str = "aes256"
     keys: tuple = ()
     output: str = ""
+    send: str = ""               #: "", "smtp" or "api"
+    track: bool = False
+    campaign: str = "sparkpost-SMIME"
+    mail_from: str = ""
+    headers: tuple = ()          #: extra outer header lines, CRLF-terminated bytes
+    env_files: tuple = ()
+    dry_run: bool = False
+    verbose: bool = False
+    retries: int = 3
     debug: bool = False
 
 
-class _Parser:
-    """argparse, with errors raised as UsageError (exit 64, never argparse's 2)."""
+def build_parser():
+    """Return the argparse parser; its errors raise UsageError (exit 64, never 2)."""
+    import argparse
 
-    @staticmethod
-    def build():
-        import argparse
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError("%s (see --help)" % message)
 
-        class Parser(argparse.ArgumentParser):
-            def error(self, message):
-                raise UsageError("%s (see --help)" % message)
-
-        p = Parser(prog="sparkpostSMIME.py",
-                   description="S/MIME sign and/or encrypt an email, then inject it.",
-                   epilog="Exit codes: 0 ok, 64 usage, 65 unusable message, 66 no input, "
-                          "69 permanent failure, 70 internal, 75 temporary failure, "
-                          "77 authentication refused, 78 configuration.")
-        p.add_argument("inputs", nargs="+", metavar="EMLFILE",
-                       help="RFC 5322 message file; - reads standard input")
-        mode = p.add_mutually_exclusive_group()
-        mode.add_argument("--sign", action="store_true",
-                          help="sign, opaque application/pkcs7-mime (survives body-rewriting relays)")
-        mode.add_argument("--sign_detached", "--sign-detached", action="store_true",
-                          help="sign, multipart/signed (readable without S/MIME)")
-        p.add_argument("--encrypt", action="store_true",
+    p = Parser(prog="sparkpostSMIME.py",
+               description="S/MIME sign and/or encrypt an email, then write or inject it.",
+               epilog="Exit codes: 0 ok, 64 usage, 65 unusable message, 66 no input, "
+                      "69 permanent failure, 70 internal, 75 temporary failure, "
+                      "77 authentication refused, 78 configuration.  See README.md.")
+    p.add_argument("inputs", nargs="+", metavar="EMLFILE",
+                   help="RFC 5322 message file; - reads standard input")
+    smime = p.add_argument_group("S/MIME")
+    mode = smime.add_mutually_exclusive_group()
+    mode.add_argument("--sign", action="store_true",
+                      help="sign, opaque application/pkcs7-mime (survives body-rewriting relays)")
+    mode.add_argument("--sign_detached", "--sign-detached", action="store_true",
+                      help="sign, multipart/signed (readable without S/MIME)")
+    smime.add_argument("--encrypt", action="store_true",
                        help="encrypt to every To/Cc/Bcc recipient and the sender")
-        p.add_argument("--cipher", choices=CIPHERS, default="aes256",
+    smime.add_argument("--cipher", choices=CIPHERS, default="aes256",
                        help="content cipher for --encrypt (default aes256)")
-        p.add_argument("--keys", action="append", default=[], metavar="DIR",
+    smime.add_argument("--keys", action="append", default=[], metavar="DIR",
                        help="directory of <address>.pem/.crt/.p12 files (repeatable)")
-        p.add_argument("-o", "--output", default="", metavar="FILE",
-                       help="write the message to FILE instead of standard output")
-        p.add_argument("--debug", action="store_true",
-                       help="show a Python traceback on internal errors")
-        p.add_argument("--version", action="version", version="%(prog)s " + __version__)
-        return p
+    out = p.add_argument_group("output and delivery")
+    out.add_argument("-o", "--output", default="", metavar="FILE|DIR",
+                     help="write the message to FILE (or one file per input into DIR)")
+    send = out.add_mutually_exclusive_group()
+    send.add_argument("--send_smtp", "--send-smtp", action="store_true",
+                      help="inject over SMTP (SMTP_* variables)")
+    send.add_argument("--send_api", "--send-api", action="store_true",
+                      help="send through the SparkPost transmissions API (SPARKPOST_* variables)")
+    out.add_argument("--track", action="store_true",
+                     help="SparkPost open/click tracking (unsigned mail only)")
+    out.add_argument("--campaign", default="sparkpost-SMIME", help="SparkPost campaign id")
+    out.add_argument("--mail_from", "--mail-from", default="", metavar="ADDR",
+                     help="envelope sender (MAIL FROM), e.g. a bounce domain (default: From)")
+    out.add_argument("--header", action="append", default=[], metavar='"NAME: VALUE"',
+                     help="add an outer header, e.g. X-Virtual-MTA or X-Binding (repeatable)")
+    out.add_argument("--env", action="append", default=[], metavar="FILE",
+                     help="load settings from FILE (KEY=value; 'export' allowed)")
+    out.add_argument("--dry_run", "--dry-run", action="store_true",
+                     help="build everything, show what would be sent, do not connect")
+    out.add_argument("--retries", type=int, default=3, metavar="N",
+                     help="retries of temporary API failures (default 3)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="transcript of the SMTP/HTTP dialogue on stderr (secrets hidden)")
+    p.add_argument("--debug", action="store_true",
+                   help="show a Python traceback on internal errors")
+    p.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return p
+
+
+_HEADER_NAME = re.compile(r"[!-9;-~]+\Z")
+
+
+def parse_header_option(text):
+    """Return a CRLF header line from --header "Name: value".  Raises UsageError."""
+    name, sep, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if (not sep or not _HEADER_NAME.match(name) or not value or not value.isascii()
+            or any(c in value for c in "\r\n\0")):
+        raise UsageError('--header %r: expected "Name: value" in ASCII on one line' % text)
+    if name.lower().startswith("content-") or name.lower() in ("mime-version", "bcc"):
+        raise UsageError("--header %s: this header is set by the tool" % name)
+    return ("%s: %s\r\n" % (name, value)).encode("ascii")
 
 
 def parse_args(argv):
     """Return frozen Options from *argv*.  Raises UsageError."""
-    ns = _Parser.build().parse_args(argv)
+    ns = build_parser().parse_args(argv)
     sign_mode = "opaque" if ns.sign else "detached" if ns.sign_detached else ""
-    if len(ns.inputs) > 1 and not (ns.output and os.path.isdir(ns.output)):
+    send = "smtp" if ns.send_smtp else "api" if ns.send_api else ""
+    if not send and len(ns.inputs) > 1 and not (ns.output and os.path.isdir(ns.output)):
         raise UsageError("several inputs need -o DIR (an existing directory) for the outputs")
+    if send and ns.output:
+        raise UsageError("-o and --send_%s do not go together: the message is sent" % send)
+    if ns.track and sign_mode:
+        raise UsageError("--track rewrites links and adds an open pixel, which breaks "
+                         "signatures: drop --track or the sign option")
+    if ns.mail_from and ("@" not in ns.mail_from or re.search(r"[\s<>]", ns.mail_from)):
+        raise UsageError("--mail_from %r is not an e-mail address" % ns.mail_from)
+    if ns.retries < 0:
+        raise UsageError("--retries must be 0 or more")
     return Options(inputs=tuple(ns.inputs), sign_mode=sign_mode, encrypt=ns.encrypt,
-                   cipher=ns.cipher, keys=tuple(ns.keys), output=ns.output, debug=ns.debug)
+                   cipher=ns.cipher, keys=tuple(ns.keys), output=ns.output, send=send,
+                   track=ns.track, campaign=ns.campaign, mail_from=ns.mail_from,
+                   headers=tuple(parse_header_option(h) for h in ns.header),
+                   env_files=tuple(ns.env), dry_run=ns.dry_run, verbose=ns.verbose,
+                   retries=ns.retries, debug=ns.debug)
 
 
-def process(path, opts):
-    """Read, check and build one message; return its final bytes."""
+def make_backend(opts):
+    """Return the delivery back end the options ask for, or None (write files)."""
+    if not opts.send:
+        return None
+    log = transcript if opts.verbose else None
+    if opts.send == "smtp":
+        backend = SmtpDelivery(SmtpSettings.from_env(), log)
+    else:
+        backend = ApiDelivery(ApiSettings.from_env(), opts, log)
+    return DryRun(backend) if opts.dry_run else backend
+
+
+def make_job(path, opts, backend=None):
+    """Read, check and build one message; return its Job."""
     msg = parse_message(read_input(path), path)
     signer, recipients = find_identities(msg, opts)
-    return build_smime(msg, opts, signer, recipients)
+    extra = b"".join(opts.headers)
+    smtp = getattr(backend, "backend", backend)
+    if isinstance(smtp, SmtpDelivery) and smtp.settings.sparkpost:
+        extra += sparkpost_smtp_header(opts, bool(opts.sign_mode))
+    data = build_smime(msg, opts, signer, recipients, extra)
+    return Job(path, data, opts.mail_from or msg.sender, msg.recipients, msg)
 
 
 def output_path(opts, path):
@@ -957,18 +1720,115 @@ def write_output(data, target):
         raise ConfigError("%s: cannot write output: %s" % (target, exc.strerror or exc))
 
 
-def run(opts):
-    """Build every input and write it; return the exit code."""
+class Tally:
+    """Counts outcomes; the exit code is the first failure's."""
+
+    def __init__(self):
+        self.sent, self.failed, self.code = 0, 0, EX_OK
+
+    def fail(self, code):
+        self.failed += 1
+        self.code = self.code or code
+
+
+def write_all(opts):
+    """Build every input and write it (stdout, -o FILE or -o DIR); return the exit code."""
+    tally = Tally()
     for path in opts.inputs:
-        write_output(process(path, opts), output_path(opts, path))
-    return EX_OK
+        try:
+            write_output(make_job(path, opts).data, output_path(opts, path))
+            tally.sent += 1
+        except (MessageError, InputError, IdentityError) as exc:
+            if len(opts.inputs) == 1:
+                raise
+            warn(str(exc))
+            tally.fail(exc.exit_code)
+    return tally.code
+
+
+def send_all(opts, backend):
+    """Build and send every input through *backend*; print the report; return the exit code."""
+    tally, opened = Tally(), False
+    try:
+        for number, path in enumerate(opts.inputs):
+            try:
+                job = make_job(path, opts, backend)
+                if not opened:
+                    say(backend.open())
+                    opened = True
+            except (MessageError, InputError, IdentityError) as exc:
+                warn(str(exc))
+                tally.fail(exc.exit_code)
+                continue
+            if not send_one(backend, job, tally):
+                left = len(opts.inputs) - number - 1
+                if left:
+                    warn("%d message(s) not sent: the session failed" % left)
+                    tally.failed += left
+                break
+    except DeliveryError as exc:  # open() failed: nothing was sent
+        report_failure(exc)
+        tally.fail(exc.exit_code)
+        tally.failed += len(opts.inputs) - tally.sent - tally.failed
+    finally:
+        backend.close()
+    if len(opts.inputs) > 1:
+        say("%d sent, %d failed" % (tally.sent, tally.failed))
+    return tally.code
+
+
+def send_one(backend, job, tally):
+    """Send one job and print its report; return False when the session is lost."""
+    say(job.describe())
+    start = time.perf_counter()
+    try:
+        detail = backend.send(job)
+    except RecipientsRefused as exc:
+        elapsed = time.perf_counter() - start
+        for address, (code, text) in exc.refused.items():
+            warn("refused %s: %d %s" % (address or "(all)", code, text))
+        if exc.hint:
+            warn("hint: " + exc.hint)
+        if exc.accepted:
+            say("PARTIAL - in %.3f seconds: accepted %s; refused %s"
+                % (elapsed, ", ".join(exc.accepted), ", ".join(exc.refused)))
+        else:
+            say("FAILED - in %.3f seconds: every recipient was refused" % elapsed)
+        tally.fail(exc.exit_code)
+        return True
+    except DeliveryError as exc:
+        say("FAILED - in %.3f seconds" % (time.perf_counter() - start))
+        report_failure(exc)
+        tally.fail(exc.exit_code)
+        return not exc.session
+    tally.sent += 1
+    say("OK - in %.3f seconds%s" % (time.perf_counter() - start,
+                                    (", " + detail) if detail and "\n" not in detail
+                                    else ("\n" + detail if detail else "")))
+    return True
+
+
+def report_failure(exc):
+    """Print a delivery error and its hint on stderr."""
+    warn(str(exc))
+    if getattr(exc, "hint", ""):
+        warn("hint: " + exc.hint)
+
+
+def run(opts):
+    """Load settings, then write or send every input; return the exit code."""
+    load_env_files(opts.env_files)
+    backend = make_backend(opts)
+    if backend is None:
+        return write_all(opts)
+    return send_all(opts, backend)
 
 
 def main(argv=None):
     """Run the command line; return the exit code (errors are one line on stderr)."""
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return run(parse_args(sys.argv[1:] if argv is None else argv))
+        return run(parse_args(argv))
     except SmimeToolError as exc:
         warn(str(exc))
         return exc.exit_code
@@ -979,7 +1839,7 @@ def main(argv=None):
         warn("interrupted")
         return 130
     except Exception as exc:  # a bug: say so in one line unless --debug
-        if debug:
+        if "--debug" in argv:
             raise
         warn("internal error: %s: %s (run with --debug for details)" % (type(exc).__name__, exc))
         return EX_SOFTWARE
