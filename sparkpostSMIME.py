@@ -1147,9 +1147,12 @@ def _smtp_classes():
     import ssl
 
     class Transcript:
-        log = None
         _challenged = False
         _in_data = False
+
+        def __init__(self, *args, log=None, **kwargs):
+            self.log = log  # set before connecting, so the banner is logged too
+            super().__init__(*args, **kwargs)
 
         def _glyph(self, outgoing):
             tls = isinstance(getattr(self, "sock", None), ssl.SSLSocket)
@@ -1235,12 +1238,9 @@ class SmtpDelivery:
         if s.tls == "tls":
             self.mode = "TLS"
             smtp = secure(s.host, s.port, local_hostname=helo, timeout=s.timeout,
-                          context=tls_context(s.cafile, s.verify))
+                          context=tls_context(s.cafile, s.verify), log=self.log)
         else:
-            smtp = plain(local_hostname=helo, timeout=s.timeout)
-            smtp.log = self.log
-            smtp.connect(s.host, s.port)
-        smtp.log = self.log
+            smtp = plain(s.host, s.port, local_hostname=helo, timeout=s.timeout, log=self.log)
         smtp.ehlo()
         return smtp
 
@@ -1352,7 +1352,9 @@ def smtp_failure(exc, settings, session=False):
         return DeliveryError("TLS with %s failed: %s" % (where, exc.reason or exc), EX_CONFIG, True)
     if isinstance(exc, smtplib.SMTPNotSupportedError):
         return ConfigError("%s: %s" % (where, exc))
-    if isinstance(exc, (socket.timeout, TimeoutError)):
+    if isinstance(exc, (socket.timeout, TimeoutError)) or (
+            isinstance(exc, smtplib.SMTPServerDisconnected)
+            and isinstance(exc.__context__, (socket.timeout, TimeoutError))):
         return DeliveryError("no answer from %s within %g seconds (SMTP_TIMEOUT)"
                              % (where, settings.timeout), EX_TEMPFAIL, True)
     if isinstance(exc, smtplib.SMTPServerDisconnected):
@@ -1444,6 +1446,13 @@ class ApiDelivery:
         if self.log:
             self.log("<- %d %s %s" % (resp.status_code, resp.reason, resp.text[:500]))
         return api_outcome(resp)
+
+
+    def close(self):
+        """Close the keep-alive connection."""
+        session, self.session = self.session, None
+        if session is not None:
+            session.close()
 
 
 def first_line(exc):
@@ -1681,7 +1690,11 @@ def make_backend(opts):
         return None
     log = transcript if opts.verbose else None
     if opts.send == "smtp":
-        backend = SmtpDelivery(SmtpSettings.from_env(), log)
+        settings = SmtpSettings.from_env()
+        if not settings.verify:
+            warn("TLS certificate verification is OFF (SMTP_TLS_VERIFY=0): anyone on the path "
+                 "can intercept the connection and the credentials")
+        backend = SmtpDelivery(settings, log)
     else:
         backend = ApiDelivery(ApiSettings.from_env(), opts, log)
     return DryRun(backend) if opts.dry_run else backend

@@ -85,6 +85,13 @@ def gpgsm(pki, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tls_ctx(pki, tmp_path_factory):
+    """Server TLS context: a localhost/127.0.0.1 certificate issued by the test CA."""
+    import servers
+    return servers.server_context(pki.inter, str(tmp_path_factory.mktemp("tls")))
+
+
+@pytest.fixture(scope="session")
 def openssl():
     need("openssl")
     return engines.OpenSSL()

@@ -1,0 +1,175 @@
+"""Real test servers on loopback: aiosmtpd (STARTTLS, implicit TLS, AUTH) and an HTTP API.
+
+They record what they receive and can be told to refuse, so tests check the tool's
+behaviour against real protocol peers, never against mocks.
+"""
+
+import json
+import socket
+import ssl
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from pki import pem_cert, pem_key, write
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_context(ca, base, name="localhost"):
+    """Return an SSLContext with a certificate for localhost/127.0.0.1 issued by *ca*."""
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from pki import DAY, NOW, new_key
+    key = new_key()
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([
+        x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - DAY).not_valid_after(NOW + 30 * DAY)
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .sign(ca.key, hashes.SHA256()))
+    certfile = write(base + "/server.crt", pem_cert(cert, *ca.chain))
+    keyfile = write(base + "/server.key", pem_key(key))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(certfile, keyfile)
+    return ctx
+
+
+class Recorder:
+    """aiosmtpd handler: records envelopes; refuses recipients listed in *refuse*."""
+
+    def __init__(self):
+        self.messages = []      # (mail_from, [rcpt], data bytes)
+        self.refuse = {}        # address -> "550 5.7.1 relaying denied"
+        self.auth_seen = []     # (mechanism, login)
+        self.commands = []
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.lower() in self.refuse:
+            return self.refuse[address.lower()]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
+                              envelope.original_content))
+        return "250 2.0.0 Message accepted for delivery"
+
+
+class SmtpServer:
+    """A running aiosmtpd on 127.0.0.1 with optional STARTTLS, implicit TLS and AUTH."""
+
+    def __init__(self, ctx=None, implicit_tls=False, users=None, auth_require_tls=True,
+                 exclude_mechanisms=()):
+        self.handler = Recorder()
+        self.users = users or {}
+        self.port = free_port()
+        kwargs = dict(auth_require_tls=auth_require_tls,
+                      auth_exclude_mechanism=list(exclude_mechanisms))
+        if self.users:
+            kwargs["authenticator"] = self.authenticate
+        if ctx is not None and implicit_tls:
+            kwargs["ssl_context"] = ctx
+        elif ctx is not None:
+            kwargs["tls_context"] = ctx
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
+                                     server_hostname="localhost", **kwargs)
+        self.controller.start()
+
+    @property
+    def messages(self):
+        return self.handler.messages
+
+    def authenticate(self, server, session, envelope, mechanism, auth_data):
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        login, password = auth_data.login.decode(), auth_data.password.decode()
+        self.handler.auth_seen.append((mechanism, login))
+        return AuthResult(success=self.users.get(login) == password, handled=False)
+
+    def stop(self):
+        self.controller.stop()
+
+
+class SilentServer:
+    """Accepts TCP connections and never says a word (for timeouts)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(5)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def stop(self):
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+class ApiServer:
+    """A local HTTP server standing in for SparkPost's transmissions API.
+
+    Records every request; answers from *responses* (status, headers, body dict) in
+    order, then with 200 and a transmission id.
+    """
+
+    def __init__(self):
+        self.requests = []
+        self.responses = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                body = self.rfile.read(length)
+                outer.requests.append({"path": self.path, "headers": dict(self.headers),
+                                       "body": body})
+                if outer.responses:
+                    status, headers, data = outer.responses.pop(0)
+                else:
+                    status, headers, data = 200, {}, {"results": {
+                        "total_rejected_recipients": 0,
+                        "total_accepted_recipients": len(json.loads(body)["recipients"]),
+                        "id": "7013%04d" % len(outer.requests)}}
+                payload = json.dumps(data).encode()
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

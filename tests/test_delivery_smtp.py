@@ -1,0 +1,298 @@
+"""--send_smtp against real aiosmtpd servers on loopback: TLS, AUTH, refusals, reports."""
+
+import json
+import os
+import re
+
+import pytest
+
+import engines
+from conftest import run_tool
+from corpus import CORPUS
+from servers import SilentServer, SmtpServer, free_port
+
+USER = "SMTP_Injection"
+PASSWORD = engines.plant_secret("s3cret-SMTP-pw-TEST-only")
+MSG = CORPUS["many-recipients"]  # alice -> bob, carol; Cc erin; Bcc dave
+RCPTS = ["bob@example.org", "carol@example.net", "erin@example.org", "dave@example.com"]
+
+
+@pytest.fixture
+def server(tls_ctx):
+    srv = SmtpServer(tls_ctx, users={USER: PASSWORD})
+    yield srv
+    srv.stop()
+
+
+def env_for(srv, pki, **extra):
+    env = {"SMTP_HOST": "localhost", "SMTP_PORT": str(srv.port), "SMTP_USER": USER,
+           "SMTP_PASSWORD": PASSWORD, "SMTP_CAFILE": pki.cafile, "SMTP_TIMEOUT": "10"}
+    env.update(extra)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def send(tmp_path, pki, env, flags=("--sign", "--encrypt"), msg=MSG):
+    path = tmp_path / "msg.eml"
+    path.write_bytes(msg)
+    return run_tool([str(path), "--keys", pki.keys, "--send_smtp"] + list(flags), env=env)
+
+
+def lines(proc):
+    return proc.stdout.decode().splitlines()
+
+
+def test_starttls_auth_send_report_and_envelope(server, pki, tmp_path, openssl):
+    proc = send(tmp_path, pki, env_for(server, pki))
+    assert proc.returncode == 0, proc.stderr
+    out = lines(proc)
+    assert out[0] == ('Opened SMTP connection (STARTTLS) to localhost, port %d, '
+                      'user="SMTP_Injection", password="***"' % server.port)
+    assert out[1] == "Sending %s\tFrom: alice@example.com\tTo: %s" % (tmp_path / "msg.eml",
+                                                                      ", ".join(RCPTS))
+    assert re.fullmatch(r"OK - in \d+\.\d{3} seconds", out[2])
+    assert len(out) == 3 and proc.stderr == b""
+    (mail_from, rcpts, data), = server.messages
+    assert mail_from == "alice@example.com" and sorted(rcpts) == sorted(RCPTS)
+    assert server.handler.auth_seen and server.handler.auth_seen[0][1] == USER
+    engines.check_transport_safe(data)
+    assert not re.search(rb"(?im)^bcc:", data)
+    for who in RCPTS + ["alice@example.com"]:
+        signed = openssl.decrypt(data, pki.cert_path(who), pki.key_path(who))
+        assert b"Hi all." in openssl.verify(signed, pki.cafile)
+
+
+@pytest.mark.parametrize("mechanism", ["LOGIN", "PLAIN"])
+def test_auth_mechanisms_and_redacted_transcript(tls_ctx, pki, tmp_path, mechanism):
+    other = {"LOGIN": ["PLAIN"], "PLAIN": ["LOGIN"]}[mechanism]
+    srv = SmtpServer(tls_ctx, users={USER: PASSWORD}, exclude_mechanisms=other)
+    try:
+        proc = send(tmp_path, pki, env_for(srv, pki), ["--sign_detached", "-v"])
+    finally:
+        srv.stop()
+    assert proc.returncode == 0, proc.stderr
+    assert srv.handler.auth_seen == [(mechanism, USER)]
+    err = proc.stderr.decode()
+    assert "-> ehlo" in err.lower() and "~> STARTTLS" not in err  # STARTTLS is sent in clear
+    assert "-> STARTTLS" in err and "<~ 250" in err
+    assert "~> AUTH %s" % mechanism in err
+    assert "<~ 235" in err and "octets of message data" in err
+    assert PASSWORD not in err  # the session-wide scan also checks base64 forms
+    assert proc.stdout.decode().startswith("Opened SMTP connection (STARTTLS)")
+
+
+def test_implicit_tls(tls_ctx, pki, tmp_path):
+    # aiosmtpd only counts STARTTLS as TLS for AUTH; this connection is TLS from the start
+    srv = SmtpServer(tls_ctx, implicit_tls=True, users={USER: PASSWORD}, auth_require_tls=False)
+    try:
+        proc = send(tmp_path, pki, env_for(srv, pki, SMTP_TLS="tls"), ["--encrypt"])
+    finally:
+        srv.stop()
+    assert proc.returncode == 0, proc.stderr
+    assert "Opened SMTP connection (TLS) to localhost" in proc.stdout.decode()
+    assert len(srv.messages) == 1
+
+
+def test_plain_internal_mta_without_credentials(pki, tmp_path):
+    srv = SmtpServer()
+    try:
+        proc = send(tmp_path, pki, env_for(srv, pki, SMTP_USER=None, SMTP_PASSWORD=None,
+                                           SMTP_HOST="127.0.0.1"))
+    finally:
+        srv.stop()
+    assert proc.returncode == 0, proc.stderr
+    assert lines(proc)[0] == "Opened SMTP connection (plain) to 127.0.0.1, port %d" % srv.port
+    assert len(srv.messages) == 1
+
+
+def test_credentials_never_sent_in_clear(pki, tmp_path):
+    srv = SmtpServer(users={USER: PASSWORD}, auth_require_tls=False)  # offers AUTH in clear
+    try:
+        proc = send(tmp_path, pki, env_for(srv, pki))
+    finally:
+        srv.stop()
+    assert proc.returncode == 78
+    assert "refusing to send SMTP_USER/SMTP_PASSWORD over an unencrypted" in proc.stderr.decode()
+    assert srv.handler.auth_seen == [] and srv.messages == []
+
+
+def test_untrusted_certificate_refused_then_verify_off(server, pki, tmp_path):
+    proc = send(tmp_path, pki, env_for(server, pki, SMTP_CAFILE=None))
+    assert proc.returncode == 78
+    assert "TLS certificate of localhost:%d not trusted" % server.port in proc.stderr.decode()
+    assert server.messages == [] and server.handler.auth_seen == []
+    proc = send(tmp_path, pki, env_for(server, pki, SMTP_CAFILE=None, SMTP_TLS_VERIFY="0"))
+    assert proc.returncode == 0
+    assert "verification is OFF" in proc.stderr.decode()
+
+
+def test_wrong_host_name_refused(server, pki, tmp_path):
+    proc = send(tmp_path, pki, env_for(server, pki, SMTP_HOST="127.0.0.2"))
+    assert proc.returncode in (75, 78)  # 127.0.0.2 is not in the certificate / not listening
+    assert server.messages == []
+
+
+def test_partial_refusal_names_each_side(server, pki, tmp_path):
+    server.handler.refuse = {"carol@example.net": "550 5.7.1 relaying denied"}
+    proc = send(tmp_path, pki, env_for(server, pki))
+    assert proc.returncode == 69
+    err = proc.stderr.decode()
+    assert "refused carol@example.net: 550 5.7.1 relaying denied" in err
+    assert "hint: " in err
+    out = lines(proc)[-1]
+    assert out.startswith("PARTIAL - in ")
+    assert "accepted bob@example.org, erin@example.org, dave@example.com" in out
+    assert out.endswith("refused carol@example.net")
+    assert len(server.messages) == 1
+
+
+def test_all_refused_temporary_and_permanent(server, pki, tmp_path):
+    server.handler.refuse = {a: "451 4.3.0 try again later" for a in RCPTS}
+    proc = send(tmp_path, pki, env_for(server, pki))
+    assert proc.returncode == 75
+    assert proc.stderr.decode().count("451 4.3.0 try again later") == 4
+    assert lines(proc)[-1].startswith("FAILED - in ")
+    server.handler.refuse = {a: "550 5.7.1 relaying denied" for a in RCPTS}
+    proc = send(tmp_path, pki, env_for(server, pki))
+    assert proc.returncode == 69 and server.messages == []
+
+
+def test_bad_password_exit_77(server, pki, tmp_path):
+    engines.plant_secret("wrong-password-TEST")
+    proc = send(tmp_path, pki, env_for(server, pki, SMTP_PASSWORD="wrong-password-TEST"))
+    assert proc.returncode == 77
+    err = proc.stderr.decode()
+    assert "authentication refused by localhost:%d: 535" % server.port in err
+    assert "hint: check SMTP_USER and SMTP_PASSWORD" in err
+    assert server.messages == []
+
+
+def test_starttls_required_but_not_offered(pki, tmp_path):
+    srv = SmtpServer()
+    try:
+        proc = send(tmp_path, pki, env_for(srv, pki, SMTP_USER=None, SMTP_PASSWORD=None,
+                                           SMTP_TLS="starttls"))
+    finally:
+        srv.stop()
+    assert proc.returncode == 78 and "does not offer STARTTLS" in proc.stderr.decode()
+
+
+def test_connection_refused_and_silent_server(pki, tmp_path):
+    proc = send(tmp_path, pki, {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(free_port())})
+    assert proc.returncode == 75 and "cannot connect to 127.0.0.1" in proc.stderr.decode()
+    silent = SilentServer()
+    try:
+        proc = send(tmp_path, pki, {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(silent.port),
+                                    "SMTP_TIMEOUT": "1"})
+    finally:
+        silent.stop()
+    assert proc.returncode == 75
+    assert "no answer from 127.0.0.1:%d within 1 seconds" % silent.port in proc.stderr.decode()
+
+
+@pytest.mark.parametrize("env,words", [
+    ({"SMTP_HOST": None}, "SMTP_HOST is not set"),
+    ({"SMTP_PORT": "abc"}, "SMTP_PORT='abc' is not a valid number"),
+    ({"SMTP_PORT": "70000"}, "SMTP_PORT='70000'"),
+    ({"SMTP_TLS": "maybe"}, "SMTP_TLS='maybe'"),
+    ({"SMTP_PASSWORD": None}, "SMTP_PASSWORD is not set"),
+    ({"SMTP_TLS_VERIFY": "perhaps"}, "SMTP_TLS_VERIFY"),
+    ({"SMTP_TIMEOUT": "-1"}, "SMTP_TIMEOUT"),
+    ({"SMTP_CAFILE": "/nonexistent/ca.pem"}, "SMTP_CAFILE=/nonexistent/ca.pem"),
+])
+def test_bad_settings_exit_78(server, pki, tmp_path, env, words):
+    proc = send(tmp_path, pki, env_for(server, pki, **env))
+    assert proc.returncode == 78, proc.stderr
+    assert words in proc.stderr.decode() and proc.stderr.decode().count("\n") == 1
+    assert server.messages == []
+
+
+def test_sparkpost_header_outside_the_signature(server, pki, tmp_path, openssl):
+    env = env_for(server, pki, SMTP_SPARKPOST="1")
+    proc = send(tmp_path, pki, env, ["--sign_detached", "--campaign", "spring"])
+    assert proc.returncode == 0, proc.stderr
+    data = server.messages[-1][2]
+    head, _ = data.split(b"\r\n\r\n", 1)
+    value = re.search(rb"(?m)^X-MSYS-API: (.*)\r$", head).group(1)
+    assert json.loads(value) == {"options": {"open_tracking": False, "click_tracking": False,
+                                             "transactional": True}, "campaign_id": "spring"}
+    content = openssl.verify(data, pki.cafile)
+    assert b"X-MSYS-API" not in content
+    proc = send(tmp_path, pki, env, ["--track"])
+    assert proc.returncode == 0
+    head = server.messages[-1][2].split(b"\r\n\r\n", 1)[0]
+    assert b'"open_tracking":true,"click_tracking":true,"transactional":false' in head
+    proc = send(tmp_path, pki, env_for(server, pki), ["--sign"])  # not a SparkPost host
+    assert b"X-MSYS-API" not in server.messages[-1][2]
+
+
+def test_track_with_signing_is_a_usage_error(server, pki, tmp_path):
+    proc = send(tmp_path, pki, env_for(server, pki), ["--sign", "--track"])
+    assert proc.returncode == 64 and "breaks signatures" in proc.stderr.decode()
+
+
+def test_extra_headers_and_mail_from(server, pki, tmp_path, openssl):
+    proc = send(tmp_path, pki, env_for(server, pki),
+                ["--sign", "--header", "X-Virtual-MTA: vmta-pool-1",
+                 "--header", "X-Binding: bulk", "--mail_from", "bounces@bounce.example.com"])
+    assert proc.returncode == 0, proc.stderr
+    mail_from, _, data = server.messages[-1]
+    assert mail_from == "bounces@bounce.example.com"
+    head = data.split(b"\r\n\r\n", 1)[0]
+    assert b"\r\nX-Virtual-MTA: vmta-pool-1\r\nX-Binding: bulk\r\nMIME-Version: 1.0\r\n" in head
+    assert b"X-Virtual-MTA" not in openssl.verify(data, pki.cafile)
+    bad = send(tmp_path, pki, env_for(server, pki), ["--header", "no colon here"])
+    assert bad.returncode == 64
+
+
+def test_dry_run_connects_to_nothing(server, pki, tmp_path):
+    proc = send(tmp_path, pki, env_for(server, pki), ["--sign", "--encrypt", "--dry_run"])
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.decode()
+    assert "Dry run, nothing is sent" in out
+    assert 'user="SMTP_Injection", password="***"' in out
+    for rcpt in RCPTS:
+        assert "RCPT TO:<%s>" % rcpt in out
+    assert "MAIL FROM:<alice@example.com>" in out and "octets" in out
+    assert server.messages == [] and server.handler.auth_seen == []
+
+
+def test_env_file_and_real_environment_wins(server, pki, tmp_path):
+    envfile = tmp_path / "my_envs.sh"
+    envfile.write_text("# settings\nexport SMTP_HOST=localhost\nexport SMTP_PORT=%d\n"
+                       "export SMTP_USER=%s\nexport SMTP_PASSWORD='%s'\nSMTP_CAFILE=%s\n"
+                       % (server.port, USER, PASSWORD, pki.cafile))
+    os.chmod(envfile, 0o644)
+    path = tmp_path / "msg.eml"
+    path.write_bytes(MSG)
+    args = [str(path), "--keys", pki.keys, "--send_smtp", "--env", str(envfile)]
+    proc = run_tool(args)
+    assert proc.returncode == 0, proc.stderr
+    assert "readable by group or others: chmod 0600" in proc.stderr.decode()
+    os.chmod(envfile, 0o600)
+    proc = run_tool(args, env={"SMTP_PORT": str(free_port())})  # the environment wins
+    assert proc.returncode == 75 and proc.stderr.decode().count("readable") == 0
+    proc = run_tool(args[:-1] + [str(tmp_path / "missing.sh")])
+    assert proc.returncode == 78 and "missing.sh" in proc.stderr.decode()
+    proc = run_tool([str(path), "--keys", pki.keys, "--send_smtp"], cwd=str(tmp_path),
+                    env={"SMTP_PORT": str(server.port)})
+    assert proc.returncode == 78  # no .env there yet
+    (tmp_path / ".env").write_bytes(envfile.read_bytes())
+    os.chmod(tmp_path / ".env", 0o600)
+    proc = run_tool([str(path), "--keys", pki.keys, "--send_smtp"], cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_several_messages_one_connection(server, pki, tmp_path):
+    paths = []
+    for i in range(3):
+        p = tmp_path / ("m%d.eml" % i)
+        p.write_bytes(MSG)
+        paths.append(str(p))
+    proc = run_tool(paths + ["--keys", pki.keys, "--send_smtp", "--sign"],
+                    env=env_for(server, pki))
+    assert proc.returncode == 0, proc.stderr
+    out = lines(proc)
+    assert sum(line.startswith("Opened SMTP connection") for line in out) == 1
+    assert sum(line.startswith("OK - in") for line in out) == 3
+    assert out[-1] == "3 sent, 0 failed"
+    assert len(server.messages) == 3 and len(server.handler.auth_seen) == 1
