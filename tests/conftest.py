@@ -18,7 +18,7 @@ from pki import CA, pem_cert, pem_key, write  # noqa: E402
 
 #: Everyone in the test PKI; the first is the usual sender.
 PEOPLE = ("alice@example.com", "bob@example.org", "carol@example.net", "dave@example.com",
-          "erin@example.org")
+          "erin@example.org", "steve@thetucks.com", "steve.tuck@sparkpost.com")
 #: Secrets planted in tests; no output of the tool may ever contain them.
 KEY_PASSWORD = "k3y-Pa55phrase-TEST"
 

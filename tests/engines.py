@@ -216,12 +216,23 @@ class GpgSM:
         self._conf("gpgsm.conf", "disable-crl-checks\ndisable-policy-checks\n")
         self.env = dict(os.environ, GNUPGHOME=self.home)
         for address in pki.ids:
-            p12 = legacy_p12(pki, address, os.path.join(base, address + ".p12"))
-            self.gpgsm(["--import", p12])
+            self.import_identity(pki, address, base)
         self.gpgsm(["--import", pki.cafile])
         fpr = pki.root.cert.fingerprint(__import__("cryptography.hazmat.primitives.hashes",
                                                    fromlist=["SHA1"]).SHA1()).hex().upper()
         self._conf("trustlist.txt", "%s S relax\n" % fpr)
+
+    def import_identity(self, pki, address, base, attempts=6):
+        """Import *address*'s key and certificate from a fresh legacy PKCS#12.
+
+        gpgsm 2.2 rejects about one legacy PKCS#12 file in thirty ("decryption failed"),
+        depending on the random salt; a new export of the same key imports fine.
+        """
+        for attempt in range(attempts):
+            p12 = legacy_p12(pki, address, os.path.join(base, "%s-%d.p12" % (address, attempt)))
+            if self.gpgsm(["--import", p12], ok=(0, 2)).returncode == 0:
+                return
+        raise AssertionError("gpgsm could not import %s" % address)
 
     def _conf(self, name, text):
         with open(os.path.join(self.home, name), "w") as fh:
