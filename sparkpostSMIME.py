@@ -1565,6 +1565,180 @@ class DryRun:
 
 
 ###############################################################################
+# Harvest: recipients' certificates from the signed mail they send ###########
+###############################################################################
+# To encrypt to someone you need their certificate; the usual way to get it is
+# a signed message from them.  --harvest finds the signature (also inside an
+# encrypted message addressed to one of our identities), picks the sender's
+# certificate, checks it and its chain, and saves it as <address>.crt.
+
+SIGNATURE_TYPES = ("application/pkcs7-signature", "application/x-pkcs7-signature")
+SMIME_TYPES = ("application/pkcs7-mime", "application/x-pkcs7-mime")
+
+
+@dataclass
+class Harvested:
+    """What --harvest found in one input."""
+    address: str
+    cert: object
+    chain: list
+    path: str = ""
+    note: str = ""
+
+
+def expand_inputs(paths):
+    """Return *paths* with each directory replaced by its *.eml files (sorted)."""
+    out = []
+    for path in paths:
+        if path != "-" and os.path.isdir(path):
+            found = sorted(os.path.join(path, n) for n in os.listdir(path)
+                           if n.lower().endswith(".eml") and os.path.isfile(os.path.join(path, n)))
+            if not found:
+                raise InputError("%s: directory holds no .eml files" % path)
+            out.extend(found)
+        else:
+            out.append(path)
+    return out
+
+
+def trust_store(cafile):
+    """Return the trusted roots: --ca / $SMIME_CA_FILE, else the system bundle."""
+    import ssl
+    from cryptography import x509
+    paths = ssl.get_default_verify_paths()
+    path = cafile or paths.cafile or paths.openssl_cafile
+    if not path or not os.path.isfile(path):
+        raise ConfigError("no trusted CA bundle: pass --ca FILE or set SMIME_CA_FILE")
+    try:
+        with open(path, "rb") as fh:
+            roots = x509.load_pem_x509_certificates(fh.read())
+    except (OSError, ValueError) as exc:
+        raise ConfigError("%s: cannot read the CA bundle: %s" % (path, exc))
+    return roots
+
+
+def harvest(path, dirs, roots):
+    """Return the Harvested certificate of the sender of message *path*.
+
+    Raises MessageError (65) naming why no usable certificate was found.
+    """
+    import email
+    import email.policy
+    data = read_input(path)
+    fields, _ = split_header(to_crlf(data))
+    sender = addresses_of(Message(path, fields, [], b""), "from")
+    if not sender:
+        raise MessageError("%s: no From address" % path)
+    address = safe_address(sender[0])
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    recipients = [a for name in RECIPIENT_FIELDS
+                  for a in addresses_of(Message(path, fields, [], b""), name)]
+    signatures = list(find_signatures(msg, dirs, recipients))
+    if not signatures:
+        raise MessageError("%s: no S/MIME signature found (unsigned, or encrypted to an identity "
+                           "whose key is not in the key directories)" % path)
+    reasons = []
+    for certs in signatures:
+        mine = [c for c in certs if address in cert_emails(c)]
+        if not mine:
+            found = sorted({e for c in certs for e in cert_emails(c)})
+            reasons.append("the signature carries no certificate for %s (found: %s)"
+                           % (address, ", ".join(found) or "none with an e-mail address"))
+            continue
+        problem = certificate_problem(mine[0], address, "encrypt") or \
+            chain_problem(mine[0], certs, roots)
+        if not problem:
+            chain = [c for c in certs if c is not mine[0] and not is_self_signed(c)]
+            return Harvested(address, mine[0], unique_certs(chain))
+        reasons.append("the certificate for %s %s" % (address, problem))
+    raise MessageError("%s: %s" % (path, reasons[0]))
+
+
+def find_signatures(msg, dirs, recipients, depth=0):
+    """Yield the certificate list of every SignedData in *msg*, decrypting where we can."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.serialization import pkcs7
+    for part in msg.walk():
+        ctype, name = part.get_content_type(), (part.get_filename() or "").lower()
+        if ctype not in SIGNATURE_TYPES + SMIME_TYPES and not name.endswith((".p7s", ".p7m")):
+            continue
+        der = part.get_payload(decode=True) or b""
+        try:
+            certs = pkcs7.load_der_pkcs7_certificates(der)
+            if certs:
+                yield certs
+            continue
+        except (ValueError, UnsupportedAlgorithm):
+            pass  # not SignedData: perhaps EnvelopedData
+        plain = decrypt_for_us(der, dirs, recipients) if depth < 3 else None
+        if plain is not None:
+            import email
+            import email.policy
+            yield from find_signatures(email.message_from_bytes(plain, policy=email.policy.compat32),
+                                       dirs, recipients, depth + 1)
+
+
+def decrypt_for_us(der, dirs, recipients):
+    """Return the plaintext of EnvelopedData *der* for one of our identities, or None."""
+    from cryptography.hazmat.primitives.serialization import pkcs7
+    for address in recipients:
+        try:
+            if not find_file(address, KEY_SUFFIXES, dirs):
+                continue
+            ident = load_signer(address, dirs)
+            return pkcs7.pkcs7_decrypt_der(der, ident.cert, ident.key, [])
+        except (ValueError, TypeError, SmimeToolError):
+            continue
+    return None
+
+
+def chain_problem(cert, certs, roots):
+    """Return why *cert* does not chain to a trusted root (intermediates from *certs*), or ''."""
+    from datetime import datetime, timezone
+    from cryptography.x509 import verification as v
+    builder = (v.PolicyBuilder().store(v.Store(roots)).time(datetime.now(timezone.utc))
+               .extension_policies(ca_policy=v.ExtensionPolicy.webpki_defaults_ca(),
+                                   ee_policy=v.ExtensionPolicy.permit_all()))
+    try:
+        builder.build_client_verifier().verify(cert, [c for c in certs if c is not cert])
+    except v.VerificationError as exc:
+        return "does not chain to a trusted root (%s); pass the issuing CA with --ca" % exc
+    return ""
+
+
+def save_harvested(found, directory):
+    """Write found.cert (and its chain) to '<dir>/<address>.crt' unless a better one is there.
+
+    A different certificate already saved is kept when it is valid and expires
+    later; returns found with .path and .note set.
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding
+    path = os.path.join(directory, found.address + ".crt")
+    found.path, found.note = path, "saved"
+    if os.path.isfile(path):
+        old = [c for c in load_certificates(read_key_file(path), path)
+               if found.address in cert_emails(c)]
+        if old and cert_digest(old[0]) == cert_digest(found.cert):
+            found.note = "unchanged (already saved)"
+            return found
+        if old and not certificate_problem(old[0], found.address, "encrypt") and \
+                old[0].not_valid_after_utc >= found.cert.not_valid_after_utc:
+            found.cert, found.note = old[0], "kept the existing certificate (valid, expires later)"
+            return found
+        found.note = "replaced an older certificate" if old else "replaced %s" % path
+    pem = b"".join(c.public_bytes(Encoding.PEM) for c in [found.cert] + found.chain)
+    tmp = path + ".tmp%d" % os.getpid()
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(pem)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError("%s: cannot save the certificate: %s" % (path, exc.strerror or exc))
+    return found
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -1586,6 +1760,8 @@ class Options:
     dry_run: bool = False
     verbose: bool = False
     retries: int = 3
+    harvest: bool = False
+    ca: str = ""
     debug: bool = False
 
 
@@ -1616,6 +1792,12 @@ def build_parser():
                        help="content cipher for --encrypt (default aes256)")
     smime.add_argument("--keys", action="append", default=[], metavar="DIR",
                        help="directory of <address>.pem/.crt/.p12 files (repeatable)")
+    smime.add_argument("--harvest", action="store_true",
+                       help="save the sender's certificate from signed messages as <address>.crt "
+                            "in the first key directory")
+    smime.add_argument("--ca", default="", metavar="FILE",
+                       help="trusted roots (PEM) for --harvest (default $SMIME_CA_FILE, "
+                            "else the system store)")
     out = p.add_argument_group("output and delivery")
     out.add_argument("-o", "--output", default="", metavar="FILE|DIR",
                      help="write the message to FILE (or one file per input into DIR)")
@@ -1665,7 +1847,13 @@ def parse_args(argv):
     ns = build_parser().parse_args(argv)
     sign_mode = "opaque" if ns.sign else "detached" if ns.sign_detached else ""
     send = "smtp" if ns.send_smtp else "api" if ns.send_api else ""
-    if not send and len(ns.inputs) > 1 and not (ns.output and os.path.isdir(ns.output)):
+    if ns.harvest and (sign_mode or ns.encrypt or send or ns.output):
+        raise UsageError("--harvest only reads messages: it does not go with sign, encrypt, "
+                         "send or -o options")
+    if ns.ca and not ns.harvest:
+        raise UsageError("--ca is for --harvest")
+    if not (send or ns.harvest) and len(ns.inputs) > 1 and not (
+            ns.output and os.path.isdir(ns.output)):
         raise UsageError("several inputs need -o DIR (an existing directory) for the outputs")
     if send and ns.output:
         raise UsageError("-o and --send_%s do not go together: the message is sent" % send)
@@ -1681,7 +1869,7 @@ def parse_args(argv):
                    track=ns.track, campaign=ns.campaign, mail_from=ns.mail_from,
                    headers=tuple(parse_header_option(h) for h in ns.header),
                    env_files=tuple(ns.env), dry_run=ns.dry_run, verbose=ns.verbose,
-                   retries=ns.retries, debug=ns.debug)
+                   retries=ns.retries, harvest=ns.harvest, ca=ns.ca, debug=ns.debug)
 
 
 def make_backend(opts):
@@ -1828,9 +2016,32 @@ def report_failure(exc):
         warn("hint: " + exc.hint)
 
 
+def harvest_all(opts):
+    """Run --harvest over every input; print one line each; return the exit code."""
+    dirs = key_dirs(opts.keys)
+    os.makedirs(dirs[0], exist_ok=True)
+    roots = trust_store(opts.ca or env_text("SMIME_CA_FILE"))
+    tally = Tally()
+    for path in expand_inputs(opts.inputs):
+        try:
+            found = save_harvested(harvest(path, dirs, roots), dirs[0])
+        except (MessageError, InputError) as exc:
+            say("refused %s: %s" % (path, str(exc).split(": ", 1)[-1]))
+            warn(str(exc))
+            tally.fail(EX_DATAERR if isinstance(exc, MessageError) else exc.exit_code)
+            continue
+        tally.sent += 1
+        say("%s %s: issuer %s, valid until %s -> %s" % (
+            found.note, found.address, found.cert.issuer.rfc4514_string(),
+            found.cert.not_valid_after_utc.strftime("%Y-%m-%d"), found.path))
+    return tally.code
+
+
 def run(opts):
     """Load settings, then write or send every input; return the exit code."""
     load_env_files(opts.env_files)
+    if opts.harvest:
+        return harvest_all(opts)
     backend = make_backend(opts)
     if backend is None:
         return write_all(opts)
