@@ -19,6 +19,8 @@ from pki import CA, pem_cert, pem_key, write  # noqa: E402
 #: Everyone in the test PKI; the first is the usual sender.
 PEOPLE = ("alice@example.com", "bob@example.org", "carol@example.net", "dave@example.com",
           "erin@example.org", "steve@thetucks.com", "steve.tuck@sparkpost.com")
+#: Cache directory of the tool during the tests (validated-key list).
+CACHE = os.path.join(__import__("tempfile").mkdtemp(prefix="smime-cache-"), "cache")
 #: Secrets planted in tests; no output of the tool may ever contain them.
 KEY_PASSWORD = "k3y-Pa55phrase-TEST"
 
@@ -101,6 +103,7 @@ def run_tool(args, stdin=None, env=None, cwd=None, timeout=120):
     """Run the tool; return CompletedProcess (bytes).  Never a Traceback on stderr."""
     full_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("SMTP_", "SPARKPOST_", "SMIME_"))}
+    full_env["XDG_CACHE_HOME"] = CACHE  # the validated-key list of the test session
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, TOOL] + list(args), input=stdin, env=full_env,
                           cwd=cwd or ROOT, capture_output=True, timeout=timeout)
