@@ -72,6 +72,12 @@ RECIPIENT_FIELDS = ("to", "cc", "bcc")
 CIPHERS = ("aes256", "aes128")
 #: Characters left as they are in RFC 2231 extended parameter values.
 RFC2231_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+#: Messages sent on one SMTP connection before a new one (SparkPost's guidance).
+MESSAGES_PER_CONNECTION = 100
+#: Longest wait between two attempts at one message, in seconds.
+MAX_RETRY_WAIT = 30.0
+#: Messages from which a progress bar replaces per-message lines on a terminal.
+PROGRESS_MIN = 50
 #: Private key files tried for a sender, in this order, in each key directory.
 KEY_SUFFIXES = (".pem", ".p12", ".pfx")
 
@@ -115,13 +121,14 @@ class DeliveryError(SmimeToolError):
     def __init__(self, text, exit_code=EX_TEMPFAIL, session=False, hint=""):
         super().__init__(text)
         self.exit_code, self.session, self.hint = exit_code, session, hint
+        self.retry_after = 0.0  #: seconds the server asked us to wait (HTTP Retry-After)
 
 
 class RecipientsRefused(DeliveryError):
     """Some or all recipients were refused; *refused* maps address -> (code, text)."""
 
-    def __init__(self, refused, accepted=(), hint=""):
-        self.refused, self.accepted = refused, list(accepted)
+    def __init__(self, refused, accepted=(), hint="", reply=""):
+        self.refused, self.accepted, self.reply = refused, list(accepted), reply
         worst = min(smtp_exit_code(code) for code, _ in refused.values())  # any 5xx: 69
         what = "some recipients were refused" if accepted else "every recipient was refused"
         super().__init__(what, worst, hint=hint)
@@ -1192,9 +1199,9 @@ def build_smime(msg, opts, signer=None, recipients=(), extra=b""):
 class Job:
     """One message ready to go: its source, final bytes, envelope and parsed Message."""
 
-    def __init__(self, source, data, mail_from, recipients, msg=None):
+    def __init__(self, source, data, mail_from, recipients, msg=None, copy=0):
         self.source, self.data, self.mail_from = source, data, mail_from
-        self.recipients, self.msg = recipients, msg
+        self.recipients, self.msg, self.copy = recipients, msg, copy
 
     def describe(self):
         """Return the seed's 'Sending FILE<TAB>From: a<TAB>To: b, c' line."""
@@ -1282,6 +1289,7 @@ class SmtpDelivery:
 
     def __init__(self, settings, log=None):
         self.settings, self.log, self.smtp, self.mode = settings, log, None, "plain"
+        self.count = 0  #: messages on the current connection
 
     def describe(self):
         """Return what open() would do, for --dry_run."""
@@ -1310,6 +1318,7 @@ class SmtpDelivery:
     def _connect(self):
         import socket
         s = self.settings
+        self.count = 0
         plain, secure = _smtp_classes()
         helo = s.helo or socket.gethostname()  # getfqdn() can stall on reverse DNS
         if s.tls == "tls":
@@ -1349,23 +1358,52 @@ class SmtpDelivery:
         smtp.login(s.user, s.password)
 
     def send(self, job):
-        """Send *job*'s exact bytes to every recipient; return a detail string.
+        """Send *job*'s exact bytes to every recipient; return the server's final reply.
 
+        MAIL, RCPT for each recipient, DATA (RFC 5321 3.3), as smtplib.sendmail()
+        does, but keeping the end-of-DATA reply ("250 2.0.0 Ok: queued as ...").
+        The connection is renewed after MESSAGES_PER_CONNECTION messages.
         Raises RecipientsRefused (with the accepted ones, if any) or DeliveryError.
         """
+        if self.smtp is not None and self.count >= MESSAGES_PER_CONNECTION:
+            self.close()
         if self.smtp is None:
             self.open()
+        self.count += 1
         try:
-            refused = self.smtp.sendmail(job.mail_from, job.recipients, job.data)
+            return self._transaction(job)
         except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
+            if isinstance(exc, (KeyboardInterrupt, SmimeToolError)):
                 raise
+            self.close()  # the session is in an unknown state: start afresh next time
             raise smtp_failure(exc, self.settings)
+
+    def _transaction(self, job):
+        import smtplib
+        smtp = self.smtp
+        options = ["SIZE=%d" % len(job.data)] if smtp.has_extn("size") else []
+        code, text = smtp.mail(job.mail_from, options)
+        if code != 250:
+            smtp.rset()
+            raise smtplib.SMTPSenderRefused(code, text, job.mail_from)
+        refused = {}
+        for rcpt in job.recipients:
+            code, text = smtp.rcpt(rcpt)
+            if code not in (250, 251):
+                refused[rcpt] = (code, text)
+        if len(refused) == len(job.recipients):
+            smtp.rset()
+            raise RecipientsRefused(smtp_refusals(refused), (), refusal_hint(refused, self.settings))
+        code, text = smtp.data(job.data)
+        if code != 250:
+            smtp.rset()
+            raise smtplib.SMTPDataError(code, text)
+        reply = "%d %s" % (code, text.decode("utf-8", "replace"))
         if refused:
             accepted = [r for r in job.recipients if r not in refused]
             raise RecipientsRefused(smtp_refusals(refused), accepted,
-                                    refusal_hint(refused, self.settings))
-        return ""
+                                    refusal_hint(refused, self.settings), reply)
+        return reply
 
     def close(self):
         """QUIT politely; ignore a connection that is already gone."""
@@ -1461,10 +1499,6 @@ class ApiDelivery:
     """Send through the SparkPost transmissions API (POST /api/v1/transmissions)."""
 
     name = "api"
-    #: Seconds to wait before retry n (n = 0, 1, ...); Retry-After wins when larger.
-    BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0)
-    #: Upper bound on all waits for one message.
-    MAX_WAIT = 45.0
 
     def __init__(self, settings, opts, log=None):
         self.settings, self.opts, self.log, self.session = settings, opts, log, None
@@ -1482,31 +1516,17 @@ class ApiDelivery:
         return "Opened connection to %s" % self.settings.base_url
 
     def send(self, job):
-        """POST one transmission, retrying 429/5xx/network errors; return the detail.
+        """POST one transmission; return the report detail (id, accepted, rejected).
 
-        Raises DeliveryError: 401/403 -> 77, other 4xx -> 69, exhausted retries -> 75.
+        Raises DeliveryError: 401/403 -> 77, other 4xx -> 69, 429/5xx/network -> 75
+        (with .retry_after from the Retry-After header); the batch layer retries.
         """
         if self.session is None:
             self.open()
-        body = transmission_body(job, self.opts)
-        waited, attempt = 0.0, 0
-        while True:
-            outcome = self._post(body)
-            if not isinstance(outcome, DeliveryError):
-                return outcome
-            delay = self._delay(outcome, attempt)
-            if delay is None or waited + delay > self.MAX_WAIT:
-                raise outcome
-            warn("%s; retrying in %g s" % (outcome, delay))
-            time.sleep(delay)
-            waited, attempt = waited + delay, attempt + 1
-
-    def _delay(self, error, attempt):
-        """Return the wait before the next attempt, or None when not retryable."""
-        if error.exit_code != EX_TEMPFAIL or attempt >= self.opts.retries:
-            return None
-        backoff = self.BACKOFF[min(attempt, len(self.BACKOFF) - 1)]
-        return max(backoff, min(getattr(error, "retry_after", 0.0), self.MAX_WAIT))
+        outcome = self._post(transmission_body(job, self.opts))
+        if isinstance(outcome, DeliveryError):
+            raise outcome
+        return outcome
 
     def _post(self, body):
         """One POST; return the report detail, or a DeliveryError (not raised)."""
@@ -1635,7 +1655,7 @@ class DryRun:
         lines += ["  RCPT TO:<%s>" % r for r in job.recipients]
         lines.append("  size %d octets; outer header:" % len(job.data))
         lines += ["    " + line for line in head.split("\r\n")]
-        return "would send\n" + "\n".join(lines)
+        return "\n".join(lines)
 
     def close(self):
         pass
@@ -1814,6 +1834,426 @@ def save_harvested(found, directory):
 
 
 ###############################################################################
+# Batch: many messages, several sessions, nothing lost ########################
+###############################################################################
+# A Worker owns one delivery session and turns work items into Results; it never
+# prints.  With --jobs N, N worker processes run side by side (cryptography holds
+# the GIL while it signs and encrypts, so threads would not use a second core);
+# only the main process prints, writes the journal and counts.
+
+class Result:
+    """The outcome of one work item, as printed, journaled and counted."""
+
+    def __init__(self, index, source, copy):
+        self.index, self.source, self.copy = index, source, copy
+        self.status, self.code, self.attempts, self.duration = "failed", EX_SOFTWARE, 0, 0.0
+        self.recipients, self.reply, self.abort = [], "", False
+        self.report, self.errors = [], []  #: stdout lines, stderr lines
+
+    def record(self):
+        """Return the journal entry (a JSON-ready dict)."""
+        entry = {"input": self.source, "status": self.status, "exit_code": self.code,
+                 "recipients": self.recipients, "reply": self.reply,
+                 "attempts": self.attempts, "duration": round(self.duration, 4),
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if self.copy:
+            entry["copy"] = self.copy
+        return entry
+
+
+def work_items(opts):
+    """Return [(index, path, copy)]: every input (directories expanded), --repeat times."""
+    paths = expand_inputs(opts.inputs)
+    return [(i * opts.repeat + copy, path, copy) for i, path in enumerate(paths)
+            for copy in range(opts.repeat)]
+
+
+class FileOutput:
+    """The 'back end' without a send option: stdout, -o FILE or one file per input in -o DIR."""
+
+    name = "file"
+
+    def __init__(self, opts):
+        self.opts = opts
+
+    def open(self):
+        return ""
+
+    def send(self, job):
+        write_output(job.data, output_path(self.opts, job.source, job.copy))
+        return ""
+
+    def close(self):
+        pass
+
+
+class Archive:
+    """A Maildir (tmp/, new/, cur/) keeping the exact bytes of every message sent."""
+
+    def __init__(self, directory):
+        self.directory, self.count = directory, 0
+        try:
+            for sub in ("tmp", "new", "cur"):
+                os.makedirs(os.path.join(directory, sub), mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError("--archive %s: cannot create the Maildir: %s"
+                              % (directory, exc.strerror or exc))
+
+    def store(self, data):
+        """Write *data* to tmp/, then rename it into new/ (the Maildir protocol)."""
+        import socket
+        self.count += 1
+        name = "%d.P%dQ%d.%s" % (time.time(), os.getpid(), self.count,
+                                 socket.gethostname().replace("/", "_"))
+        tmp = os.path.join(self.directory, "tmp", name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, os.path.join(self.directory, "new", name))
+
+
+class Worker:
+    """Owns one delivery session; turns work items into Results (never prints)."""
+
+    def __init__(self, opts):
+        self.opts = opts
+        self.backend = make_backend(opts) or FileOutput(opts)
+        self.archive = Archive(opts.archive) if opts.archive else None
+        self.is_open = False
+
+    def handle(self, item):
+        """Build and deliver one work item, retrying temporary failures; return its Result."""
+        index, path, copy = item
+        res, start = Result(index, path, copy), time.perf_counter()
+        try:
+            job = make_job(path, self.opts, self.backend)
+            job.copy = copy
+        except (MessageError, InputError, IdentityError) as exc:
+            res.code, res.errors = exc.exit_code, [str(exc)]
+            res.duration = time.perf_counter() - start
+            return res
+        res.recipients = list(job.recipients)
+        if self.opts.send:
+            res.report.append(job.describe())
+        self.deliver(job, res)
+        res.duration = time.perf_counter() - start
+        return res
+
+    def deliver(self, job, res):
+        """Send with up to --retries retries of temporary failures (exponential backoff).
+
+        A message the server accepted is never sent again: only a failure before
+        the end-of-DATA reply (or an API error/timeout) is retried, and after a
+        partial refusal only the recipients refused with 4xx are tried again.
+        """
+        accepted, refused, pending, error, hint = [], {}, list(job.recipients), None, ""
+        for attempt in range(self.opts.retries + 1):
+            res.attempts, job.recipients, error = attempt + 1, pending, None
+            try:
+                self.open_session(res)
+                res.reply = self.backend.send(job)
+                accepted += pending
+            except RecipientsRefused as exc:
+                accepted += exc.accepted
+                res.reply, hint = exc.reply or res.reply, exc.hint or hint
+                refused.update(exc.refused)
+                error = exc
+            except DeliveryError as exc:
+                error, hint = exc, exc.hint or hint
+            pending = [a for a in pending
+                       if a not in accepted and refused.get(a, (400, ""))[0] < 500]
+            if not pending or error.exit_code != EX_TEMPFAIL or attempt == self.opts.retries:
+                break
+            delay = min(max(self.opts.retry_delay * 2 ** attempt, error.retry_after),
+                        MAX_RETRY_WAIT)
+            res.errors.append("%s; retrying in %g s (attempt %d of %d)"
+                              % (error, delay, attempt + 2, self.opts.retries + 1))
+            if error.session:
+                self.close()
+            time.sleep(delay)
+        job.recipients = res.recipients
+        failed = [a for a in res.recipients if a not in accepted]
+        if accepted and self.archive is not None:
+            self.archive.store(job.data)
+        if failed:
+            self.report_failure(res, accepted, failed, refused, error, hint)
+        else:
+            self.report_success(res)
+
+    def open_session(self, res):
+        if not self.is_open:
+            line = self.backend.open()
+            self.is_open = True
+            if line:
+                res.report.insert(0, line)
+
+    def report_success(self, res):
+        res.status, res.code = "sent", EX_OK
+        if self.opts.dry_run:
+            res.report += ["OK - in {elapsed} seconds (dry run: nothing was sent)"]
+            res.report += res.reply.splitlines()
+        else:
+            api = self.opts.send == "api"
+            res.report.append("OK - in {elapsed} seconds" + (", " + res.reply if api else ""))
+
+    def report_failure(self, res, accepted, failed, refused, error, hint):
+        """Fill the Result of a message some or all recipients did not get."""
+        res.errors += ["refused %s: %d %s" % (a, refused[a][0], refused[a][1])
+                       for a in failed if a in refused]
+        if error is not None and not isinstance(error, RecipientsRefused):
+            res.errors.append(str(error))
+            res.code = error.exit_code
+            res.abort = error.session and error.exit_code in (EX_CONFIG, EX_NOPERM)
+        else:
+            res.code = min(smtp_exit_code(refused[a][0]) for a in failed if a in refused)
+        if hint:
+            res.errors.append("hint: " + hint)
+        if accepted:
+            res.status = "partial"
+            res.report.append("PARTIAL - in {elapsed} seconds: accepted %s; refused %s"
+                              % (", ".join(accepted), ", ".join(failed)))
+        elif error is None or isinstance(error, RecipientsRefused):
+            res.report.append("FAILED - in {elapsed} seconds: every recipient was refused")
+        else:
+            res.report.append("FAILED - in {elapsed} seconds")
+
+    def close(self):
+        self.is_open = False
+        self.backend.close()
+
+
+class Journal:
+    """--results FILE: one JSON object per message, appended as each one finishes."""
+
+    def __init__(self, path):
+        self.path, self.fh = path, None
+        if path:
+            try:
+                self.fh = open(path, "a", encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError("--results %s: cannot open: %s" % (path, exc.strerror or exc))
+
+    def write(self, res):
+        if self.fh is not None:
+            import json
+            self.fh.write(json.dumps(res.record(), sort_keys=True) + "\n")
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+
+    def close(self):
+        if self.fh is not None:
+            self.fh.close()
+
+
+def already_sent(path):
+    """Return {(input, copy)} recorded as sent in journal *path* (for --resume)."""
+    import json
+    done = set()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a crash
+                if isinstance(entry, dict) and entry.get("status") == "sent":
+                    done.add((entry.get("input"), entry.get("copy", 0)))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError("--results %s: cannot read: %s" % (path, exc.strerror or exc))
+    return done
+
+
+class Stats:
+    """Counts and latencies for the summary line."""
+
+    def __init__(self, total):
+        self.total, self.sent, self.failed, self.code = total, 0, 0, EX_OK
+        self.latencies, self.start = [], time.perf_counter()
+
+    def add(self, res):
+        if res.status == "sent":
+            self.sent += 1
+            self.latencies.append(res.duration)
+        else:
+            self.failed += 1
+            self.code = self.code or res.code
+
+    def summary(self):
+        """Return 'N sent, M failed[, K not sent] in S seconds (R msg/s); latency ...'."""
+        wall = time.perf_counter() - self.start
+        text = "Summary: %d sent, %d failed" % (self.sent, self.failed)
+        left = self.total - self.sent - self.failed
+        if left:
+            text += ", %d not sent" % left
+        text += " in %.3f seconds (%.1f msg/s)" % (wall, self.sent / wall if wall else 0.0)
+        if self.latencies:
+            lat = sorted(self.latencies)
+            pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
+            text += "; latency min %.1f ms, median %.1f ms, p95 %.1f ms, max %.1f ms" % (
+                lat[0] * 1000, pick(0.5) * 1000, pick(0.95) * 1000, lat[-1] * 1000)
+        return text
+
+
+class Stop:
+    """Ctrl-C: the first one stops new work (in-flight messages finish), the second aborts."""
+
+    def __init__(self, event=None):
+        self.event, self.requested = event, False
+
+    def __enter__(self):
+        import signal
+        self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.event is not None:
+            self.event.set()
+        warn("interrupted: finishing the messages in flight (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        import signal
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def run_sequential(opts, items, emit, stop):
+    """Handle every item in this process with one Worker."""
+    worker = Worker(opts)
+    try:
+        for item in items:
+            if stop.requested:
+                break
+            res = worker.handle(item)
+            emit(res)
+            if res.abort:
+                break
+    finally:
+        worker.close()
+
+
+def run_parallel(opts, items, emit, stop, jobs):
+    """Handle the items in *jobs* worker processes; results come back to this process."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    tasks, results, halt = ctx.Queue(), ctx.Queue(), ctx.Event()
+    stop.event = halt
+    for item in items:
+        tasks.put(item)
+    procs = [ctx.Process(target=worker_main, args=(opts, tasks, results, halt), daemon=True)
+             for _ in range(jobs)]
+    for _ in procs:
+        tasks.put(None)
+    for proc in procs:
+        proc.start()
+    import queue
+    running = len(procs)
+    while running:
+        try:
+            res = results.get(timeout=1.0)
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                warn("internal error: a worker process ended without reporting")
+                break
+            continue
+        if res is None:
+            running -= 1
+            continue
+        emit(res)
+        if res.abort:
+            halt.set()
+    for proc in procs:
+        proc.join()
+
+
+def worker_main(opts, tasks, results, halt):
+    """A worker process: its own session; takes items until the queue ends or *halt* is set."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; in-flight work finishes
+    worker = None
+    try:
+        worker = Worker(opts)
+        while not halt.is_set():
+            item = tasks.get()
+            if item is None:
+                break
+            results.put(worker.handle(item))
+    except SmimeToolError as exc:  # the session could not be set up at all
+        res = Result(-1, "", 0)
+        res.code, res.errors, res.abort = exc.exit_code, [str(exc)], True
+        results.put(res)
+    finally:
+        if worker is not None:
+            worker.close()
+        results.put(None)
+
+
+class Printer:
+    """Prints Results as they arrive: report lines (or a progress bar), errors, journal."""
+
+    def __init__(self, opts, total, journal, stats):
+        self.opts, self.total, self.journal, self.stats = opts, total, journal, stats
+        self.progress = sys.stderr.isatty() and total >= PROGRESS_MIN and not opts.verbose
+        self.lines = bool(opts.send) and not (self.progress and sys.stdout.isatty())
+
+    def __call__(self, res):
+        self.stats.add(res)
+        self.journal.write(res)
+        if self.lines or (res.status != "sent" and self.opts.send):
+            for line in res.report:
+                say(line.replace("{elapsed}", "%.3f" % res.duration))
+        for line in res.errors:
+            warn(line)
+        if self.progress:
+            self.bar()
+
+    def bar(self):
+        done = self.stats.sent + self.stats.failed
+        width = 30
+        filled = int(width * done / self.total) if self.total else width
+        sys.stderr.write("\r[%s%s] %d/%d, %d failed " % ("#" * filled, "." * (width - filled),
+                                                          done, self.total, self.stats.failed))
+        if done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def run_batch(opts):
+    """Build (and send) every work item; print the report and summary; return the exit code."""
+    items = work_items(opts)
+    if opts.resume:
+        done = already_sent(opts.results)
+        skipped = [i for i in items if (i[1], i[2]) in done]
+        items = [i for i in items if (i[1], i[2]) not in done]
+        if skipped:
+            warn("--resume: %d message(s) already sent according to %s, skipped"
+                 % (len(skipped), opts.results))
+    journal, stats = Journal(opts.results), Stats(len(items))
+    emit = Printer(opts, len(items), journal, stats)
+    single = len(items) == 1 and not opts.results
+    try:
+        with Stop() as stop:
+            if opts.jobs > 1 and len(items) > 1:
+                run_parallel(opts, items, emit, stop, opts.jobs)
+            else:
+                run_sequential(opts, items, emit, stop)
+    finally:
+        journal.close()
+    if not single:
+        (say if opts.send else warn)(stats.summary())
+    if stop.requested:
+        return 130
+    if stats.sent + stats.failed < stats.total and not stats.code:
+        return EX_TEMPFAIL
+    return stats.code
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -1836,6 +2276,12 @@ class Options(NamedTuple):
     retries: int = 3
     harvest: bool = False
     ca: str = ""
+    jobs: int = 1
+    repeat: int = 1
+    results: str = ""
+    resume: bool = False
+    archive: str = ""
+    retry_delay: float = 1.0
     debug: bool = False
 
 
@@ -1892,8 +2338,21 @@ def build_parser():
                      help="load settings from FILE (KEY=value; 'export' allowed)")
     out.add_argument("--dry_run", "--dry-run", action="store_true",
                      help="build everything, show what would be sent, do not connect")
-    out.add_argument("--retries", type=int, default=3, metavar="N",
-                     help="retries of temporary API failures (default 3)")
+    batch = p.add_argument_group("batch and safety")
+    batch.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="N sessions in N processes at once (default 1)")
+    batch.add_argument("--repeat", type=int, default=1, metavar="N",
+                       help="handle each input N times (timing runs)")
+    batch.add_argument("--retries", type=int, default=3, metavar="N",
+                       help="retries of temporary failures, exponential backoff (default 3)")
+    batch.add_argument("--retry_delay", "--retry-delay", type=float, default=1.0, metavar="S",
+                       help="first retry wait in seconds, doubled each time (default 1)")
+    batch.add_argument("--results", default="", metavar="FILE",
+                       help="append one JSON line per message to FILE")
+    batch.add_argument("--resume", action="store_true",
+                       help="with --results: skip inputs already recorded as sent")
+    batch.add_argument("--archive", default="", metavar="DIR",
+                       help="keep the exact bytes of every sent message in Maildir DIR")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="transcript of the SMTP/HTTP dialogue on stderr (secrets hidden)")
     p.add_argument("--debug", action="store_true",
@@ -1935,8 +2394,8 @@ def parse_args(argv):
                          "send or -o options")
     if ns.ca and not ns.harvest:
         raise UsageError("--ca is for --harvest")
-    if not (send or ns.harvest) and len(ns.inputs) > 1 and not (
-            ns.output and os.path.isdir(ns.output)):
+    if not (send or ns.harvest) and (len(ns.inputs) > 1 or ns.repeat > 1 or os.path.isdir(
+            ns.inputs[0])) and not (ns.output and os.path.isdir(ns.output)):
         raise UsageError("several inputs need -o DIR (an existing directory) for the outputs")
     if send and ns.output:
         raise UsageError("-o and --send_%s do not go together: the message is sent" % send)
@@ -1945,14 +2404,23 @@ def parse_args(argv):
                          "signatures: drop --track or the sign option")
     if ns.mail_from and ("@" not in ns.mail_from or re.search(r"[\s<>]", ns.mail_from)):
         raise UsageError("--mail_from %r is not an e-mail address" % ns.mail_from)
-    if ns.retries < 0:
-        raise UsageError("--retries must be 0 or more")
+    if ns.retries < 0 or ns.jobs < 1 or ns.repeat < 1 or not 0 <= ns.retry_delay <= 60:
+        raise UsageError("--retries must be 0 or more, --jobs and --repeat 1 or more, "
+                         "--retry_delay 0 to 60 seconds")
+    if ns.resume and not ns.results:
+        raise UsageError("--resume needs --results FILE (the journal of the earlier run)")
+    if ns.archive and not send:
+        raise UsageError("--archive keeps sent messages: use it with --send_smtp or --send_api")
+    if ns.dry_run and (ns.results or ns.archive or not send):
+        raise UsageError("--dry_run goes with a send option, without --results or --archive")
     return Options(inputs=tuple(ns.inputs), sign_mode=sign_mode, encrypt=ns.encrypt,
                    cipher=ns.cipher, keys=tuple(ns.keys), output=ns.output, send=send,
                    track=ns.track, campaign=ns.campaign, mail_from=ns.mail_from,
                    headers=tuple(parse_header_option(h) for h in ns.header),
                    env_files=tuple(ns.env), dry_run=ns.dry_run, verbose=ns.verbose,
-                   retries=ns.retries, harvest=ns.harvest, ca=ns.ca, debug=ns.debug)
+                   retries=ns.retries, harvest=ns.harvest, ca=ns.ca, jobs=ns.jobs,
+                   repeat=ns.repeat, results=ns.results, resume=ns.resume, archive=ns.archive,
+                   retry_delay=ns.retry_delay, debug=ns.debug)
 
 
 def make_backend(opts):
@@ -1983,10 +2451,15 @@ def make_job(path, opts, backend=None):
     return Job(path, data, opts.mail_from or msg.sender, msg.recipients, msg)
 
 
-def output_path(opts, path):
-    """Return where the message built from *path* goes ('' = stdout)."""
+def output_path(opts, path, copy=0):
+    """Return where the message built from *path* goes ('' = stdout).
+
+    With -o DIR: DIR/<input name>, or DIR/<name>.<copy>.eml for --repeat copies.
+    """
     if opts.output and os.path.isdir(opts.output):
         name = "stdin.eml" if path == "-" else os.path.basename(path)
+        if opts.repeat > 1:
+            name = "%s.%d.eml" % (name[:-4] if name.endswith(".eml") else name, copy)
         return os.path.join(opts.output, name)
     return opts.output
 
@@ -2004,120 +2477,24 @@ def write_output(data, target):
         raise ConfigError("%s: cannot write output: %s" % (target, exc.strerror or exc))
 
 
-class Tally:
-    """Counts outcomes; the exit code is the first failure's."""
-
-    def __init__(self):
-        self.sent, self.failed, self.code = 0, 0, EX_OK
-
-    def fail(self, code):
-        self.failed += 1
-        self.code = self.code or code
-
-
-def write_all(opts):
-    """Build every input and write it (stdout, -o FILE or -o DIR); return the exit code."""
-    tally = Tally()
-    for path in opts.inputs:
-        try:
-            write_output(make_job(path, opts).data, output_path(opts, path))
-            tally.sent += 1
-        except (MessageError, InputError, IdentityError) as exc:
-            if len(opts.inputs) == 1:
-                raise
-            warn(str(exc))
-            tally.fail(exc.exit_code)
-    return tally.code
-
-
-def send_all(opts, backend):
-    """Build and send every input through *backend*; print the report; return the exit code."""
-    tally, opened = Tally(), False
-    try:
-        for number, path in enumerate(opts.inputs):
-            try:
-                job = make_job(path, opts, backend)
-                if not opened:
-                    say(backend.open())
-                    opened = True
-            except (MessageError, InputError, IdentityError) as exc:
-                warn(str(exc))
-                tally.fail(exc.exit_code)
-                continue
-            if not send_one(backend, job, tally):
-                left = len(opts.inputs) - number - 1
-                if left:
-                    warn("%d message(s) not sent: the session failed" % left)
-                    tally.failed += left
-                break
-    except DeliveryError as exc:  # open() failed: nothing was sent
-        report_failure(exc)
-        tally.fail(exc.exit_code)
-        tally.failed += len(opts.inputs) - tally.sent - tally.failed
-    finally:
-        backend.close()
-    if len(opts.inputs) > 1:
-        say("%d sent, %d failed" % (tally.sent, tally.failed))
-    return tally.code
-
-
-def send_one(backend, job, tally):
-    """Send one job and print its report; return False when the session is lost."""
-    say(job.describe())
-    start = time.perf_counter()
-    try:
-        detail = backend.send(job)
-    except RecipientsRefused as exc:
-        elapsed = time.perf_counter() - start
-        for address, (code, text) in exc.refused.items():
-            warn("refused %s: %d %s" % (address or "(all)", code, text))
-        if exc.hint:
-            warn("hint: " + exc.hint)
-        if exc.accepted:
-            say("PARTIAL - in %.3f seconds: accepted %s; refused %s"
-                % (elapsed, ", ".join(exc.accepted), ", ".join(exc.refused)))
-        else:
-            say("FAILED - in %.3f seconds: every recipient was refused" % elapsed)
-        tally.fail(exc.exit_code)
-        return True
-    except DeliveryError as exc:
-        say("FAILED - in %.3f seconds" % (time.perf_counter() - start))
-        report_failure(exc)
-        tally.fail(exc.exit_code)
-        return not exc.session
-    tally.sent += 1
-    say("OK - in %.3f seconds%s" % (time.perf_counter() - start,
-                                    (", " + detail) if detail and "\n" not in detail
-                                    else ("\n" + detail if detail else "")))
-    return True
-
-
-def report_failure(exc):
-    """Print a delivery error and its hint on stderr."""
-    warn(str(exc))
-    if getattr(exc, "hint", ""):
-        warn("hint: " + exc.hint)
-
-
 def harvest_all(opts):
     """Run --harvest over every input; print one line each; return the exit code."""
     dirs = key_dirs(opts.keys)
     os.makedirs(dirs[0], exist_ok=True)
     roots = trust_store(opts.ca or env_text("SMIME_CA_FILE"))
-    tally = Tally()
+    code = EX_OK
     for path in expand_inputs(opts.inputs):
         try:
             found = save_harvested(harvest(path, dirs, roots), dirs[0])
         except (MessageError, InputError) as exc:
             say("refused %s: %s" % (path, str(exc).split(": ", 1)[-1]))
             warn(str(exc))
-            tally.fail(EX_DATAERR if isinstance(exc, MessageError) else exc.exit_code)
+            code = code or exc.exit_code
             continue
-        tally.sent += 1
         say("%s %s: issuer %s, valid until %s -> %s" % (
             found.note, found.address, found.cert.issuer.rfc4514_string(),
             found.cert.not_valid_after_utc.strftime("%Y-%m-%d"), found.path))
-    return tally.code
+    return code
 
 
 def run(opts):
@@ -2125,10 +2502,7 @@ def run(opts):
     load_env_files(opts.env_files)
     if opts.harvest:
         return harvest_all(opts)
-    backend = make_backend(opts)
-    if backend is None:
-        return write_all(opts)
-    return send_all(opts, backend)
+    return run_batch(opts)
 
 
 def main(argv=None):

@@ -294,5 +294,5 @@ def test_several_messages_one_connection(server, pki, tmp_path):
     out = lines(proc)
     assert sum(line.startswith("Opened SMTP connection") for line in out) == 1
     assert sum(line.startswith("OK - in") for line in out) == 3
-    assert out[-1] == "3 sent, 0 failed"
+    assert out[-1].startswith("Summary: 3 sent, 0 failed in ")
     assert len(server.messages) == 3 and len(server.handler.auth_seen) == 1

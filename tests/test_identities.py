@@ -220,7 +220,11 @@ def test_usage_errors_exit_64(argv, words):
 
 def test_input_errors(tmp_path, keys):
     refused(run_tool([str(tmp_path / "missing.eml")]), "missing.eml", "cannot read", code=66)
-    refused(run_tool([str(tmp_path)]), "is a directory", code=66)
+    refused(run_tool([str(tmp_path)]), "need -o DIR", code=64)  # a directory is a batch
+    (tmp_path / "unreadable.eml").write_bytes(b"From: a@example.com\nTo: b@example.com\n\nx\n")
+    os.chmod(tmp_path / "unreadable.eml", 0)
+    if os.geteuid() != 0:  # root reads everything
+        refused(run_tool([str(tmp_path / "unreadable.eml")]), "cannot read", code=66)
     (tmp_path / "empty.eml").write_bytes(b"")
     refused(run_tool([str(tmp_path / "empty.eml")]), "empty", code=65)
     (tmp_path / "bin.eml").write_bytes(b"\x00\x01\x02binary\xff")
