@@ -490,12 +490,30 @@ def find_addresses(msg):
         raise MessageError("%s: no recipient: add a To, Cc or Bcc address" % msg.source)
 
 
+_ATOM = r'[^\s<>()\[\]@,;:\\"]+'
+#: One plain address, or one "Name <address>" with a plain name: most headers.
+_ONE_ADDRESS = re.compile(r'\s*(?:([\w .\'-]*?)\s*<(%s@%s)>|(%s@%s))\s*\Z' % ((_ATOM,) * 4))
+
+
+def parse_addresses(values):
+    """Return [(display, address)] of header *values* (RFC 5322 3.4).
+
+    A lone simple address skips the full parser (email.utils.getaddresses),
+    which handles everything else: groups, quoted names, comments, lists.
+    """
+    if len(values) == 1:
+        match = _ONE_ADDRESS.match(values[0])
+        if match:
+            return [((match.group(1) or "").strip(), match.group(2) or match.group(3))]
+    from email.utils import getaddresses
+    return getaddresses(values)
+
+
 def addresses_of(msg, name):
     """Return the lower-cased addresses of every *name* field.  Raises MessageError."""
-    from email.utils import getaddresses
     values = [f.value.decode("utf-8", "replace") for f in msg.outer if f.name == name]
     found = []
-    for display, address in getaddresses(values):
+    for display, address in parse_addresses(values):
         if not address and not display:
             continue  # empty group such as "undisclosed-recipients:;"
         if "@" not in address or any(c.isspace() for c in address):
@@ -558,16 +576,7 @@ def is_transport_safe(data):
 
 def has_long_line(data):
     """True when a line of CRLF *data* exceeds 998 octets (RFC 5322 2.1.1)."""
-    if len(data) <= MAX_LINE:
-        return False
-    start = 0
-    while True:
-        end = data.find(b"\r\n", start)
-        if end < 0:
-            return len(data) - start > MAX_LINE
-        if end - start > MAX_LINE:
-            return True
-        start = end + 2
+    return len(data) > MAX_LINE and max(map(len, data.split(b"\r\n"))) > MAX_LINE
 
 
 def canonical_entity(fields, body):
@@ -575,18 +584,23 @@ def canonical_entity(fields, body):
 
     *fields* are the entity's Field objects; *body* is CRLF.  Raises MessageError.
     """
+    if not is_transport_safe(body):
+        fields, body = canonical_parts(fields, body)
+    return b"".join(safe_field(f) for f in fields) + b"\r\n" + body
+
+
+def canonical_parts(fields, body):
+    """Return (fields, body) of an entity whose body needs work, made canonical."""
     ctype, params = parse_content_type(field_value(fields, "content-type") or b"text/plain")
-    if ctype.startswith("multipart/") and not is_transport_safe(body):
+    if ctype.startswith("multipart/"):
         boundary = params.get("boundary")
         if not boundary:
             raise MessageError("a %s part has no boundary parameter" % ctype)
-        body = canonical_multipart(body, boundary.encode("ascii", "replace"))
-    elif ctype == "message/rfc822" and not is_transport_safe(body):
-        body = canonical_embedded(fields, body)
-        fields = replace_field(fields, "content-transfer-encoding", None)
-    elif not is_transport_safe(body):
-        fields, body = reencode_leaf(fields, body, ctype)
-    return b"".join(safe_field(f) for f in fields) + b"\r\n" + body
+        return fields, canonical_multipart(body, boundary.encode("ascii", "replace"))
+    if ctype == "message/rfc822":
+        return (replace_field(fields, "content-transfer-encoding", None),
+                canonical_embedded(fields, body))
+    return reencode_leaf(fields, body, ctype)
 
 
 def field_value(fields, name):
@@ -675,11 +689,27 @@ def encode_qp(data):
 
 
 def encode_base64(data):
-    """Return *data* as base64 in CRLF lines of 76 characters (RFC 2045 6.8)."""
+    """Return *data* as base64 in CRLF lines of 76 characters (RFC 2045 6.8).
+
+    The lines are cut by one struct.unpack call (C speed) instead of a slice per
+    line: this runs on every message, twice when signing and encrypting.
+    """
     import binascii
+    import struct
     text = binascii.b2a_base64(data, newline=False)
-    lines = [text[i:i + BASE64_LINE] for i in range(0, len(text), BASE64_LINE)]
+    full = len(text) // BASE64_LINE
+    if full > 4096:  # big attachments: a format string per size would be wasteful
+        return b"\r\n".join([text[i:i + BASE64_LINE]
+                              for i in range(0, len(text), BASE64_LINE)]) + b"\r\n"
+    if full not in _LINE_SPLITTERS:
+        _LINE_SPLITTERS[full] = struct.Struct("%ds" % BASE64_LINE * full)
+    lines = list(_LINE_SPLITTERS[full].unpack_from(text))
+    if len(text) % BASE64_LINE:
+        lines.append(text[full * BASE64_LINE:])
     return b"\r\n".join(lines) + b"\r\n"
+
+
+_LINE_SPLITTERS = {}
 
 
 ###############################################################################
@@ -958,13 +988,7 @@ def make_identity(address, key, certs, path):
 
 def unique_certs(certs):
     """Return *certs* without duplicates, order kept."""
-    seen, out = set(), []
-    for cert in certs:
-        digest = cert_digest(cert)
-        if digest not in seen:
-            seen.add(digest)
-            out.append(cert)
-    return out
+    return list(dict.fromkeys(certs))  # certificates compare and hash by their DER
 
 
 def cert_digest(cert):
@@ -1074,17 +1098,37 @@ def usage_problem(cert, purpose):
     return ""
 
 
+_IDENTITIES = {}
+
+
+def cached(loader, address, dirs):
+    """Return loader(address, dirs), loading each identity once per process.
+
+    Batches send many messages from one sender to few recipients; keys and
+    certificates are read, parsed and checked the first time only.  (A refusal
+    is not cached: the error is raised again for every message that needs it.)
+    """
+    key = (loader.__name__, address, tuple(dirs))
+    if key not in _IDENTITIES:
+        _IDENTITIES[key] = loader(address, dirs)
+    return _IDENTITIES[key]
+
+
+def sender_certificate(address, dirs):
+    """Return the sender's own Identity for --encrypt without signing, or None."""
+    return load_recipient(address, dirs) if find_file(address, (".crt",), dirs) else None
+
+
 def find_identities(msg, opts):
     """Return (signer or None, [recipient Identity]) needed to build *msg*."""
     dirs = key_dirs(opts.keys)
-    signer = load_signer(msg.sender, dirs) if opts.sign_mode else None
+    signer = cached(load_signer, msg.sender, dirs) if opts.sign_mode else None
     recipients = []
     if opts.encrypt:
-        recipients = [load_recipient(a, dirs) for a in msg.recipients]
-        if signer is not None:
-            recipients.append(signer)
-        elif find_file(msg.sender, (".crt",), dirs):
-            recipients.append(load_recipient(msg.sender, dirs))
+        recipients = [cached(load_recipient, a, dirs) for a in msg.recipients]
+        own = signer or cached(sender_certificate, msg.sender, dirs)
+        if own is not None:
+            recipients.append(own)
     return signer, recipients
 
 
@@ -1232,7 +1276,6 @@ def _smtp_classes():
 
     class Transcript:
         _challenged = False
-        _in_data = False
 
         def __init__(self, *args, log=None, **kwargs):
             self.log = log  # set before connecting, so the banner is logged too
@@ -1248,15 +1291,15 @@ def _smtp_classes():
             super().send(s)
 
         def _shown(self, s):
-            if isinstance(s, bytes) and self._in_data:
+            if isinstance(s, bytes) and len(s) > 5:  # the message itself
                 return "<%d octets of message data>\n%s ." % (len(s) - 5, self._glyph(True))
-            line = s.decode("ascii", "replace") if isinstance(s, bytes) else s
-            line = line.rstrip("\r\n")
+            lines = (s.decode("ascii", "replace") if isinstance(s, bytes) else s).splitlines()
             if self._challenged:
                 return "***"
-            if line[:5].upper() == "AUTH ":
-                return " ".join(line.split()[:2]) + (" ***" if len(line.split()) > 2 else "")
-            return line
+            if lines and lines[0][:5].upper() == "AUTH ":
+                words = lines[0].split()
+                return " ".join(words[:2]) + (" ***" if len(words) > 2 else "")
+            return ("\n%s " % self._glyph(True)).join(lines)
 
         def getreply(self):
             code, text = super().getreply()
@@ -1266,12 +1309,6 @@ def _smtp_classes():
                     self.log("%s %d %s" % (self._glyph(False), code, line))
             return code, text
 
-        def data(self, msg):
-            self._in_data = True
-            try:
-                return super().data(msg)
-            finally:
-                self._in_data = False
 
     class SMTP(Transcript, smtplib.SMTP):
         pass
@@ -1379,22 +1416,45 @@ class SmtpDelivery:
             raise smtp_failure(exc, self.settings)
 
     def _transaction(self, job):
+        """MAIL, RCPT..., DATA, the message: pipelined when offered (RFC 2920).
+
+        Returns the end-of-DATA reply; raises smtplib exceptions for the session
+        or RecipientsRefused.  The message is dot-stuffed only where a line starts
+        with "." (RFC 5321 4.5.2); base64 bodies never do.
+        """
         import smtplib
         smtp = self.smtp
-        options = ["SIZE=%d" % len(job.data)] if smtp.has_extn("size") else []
-        code, text = smtp.mail(job.mail_from, options)
+        size = " SIZE=%d" % len(job.data) if smtp.has_extn("size") else ""
+        commands = ["MAIL FROM:<%s>%s" % (job.mail_from, size)]
+        commands += ["RCPT TO:<%s>" % rcpt for rcpt in job.recipients] + ["DATA"]
+        if smtp.has_extn("pipelining"):
+            smtp.send("".join(c + "\r\n" for c in commands))
+            replies = [smtp.getreply() for _ in commands]
+        else:
+            replies = []
+            for command in commands:
+                smtp.send(command + "\r\n")
+                replies.append(smtp.getreply())
+                if replies[-1][0] >= 400 and command.startswith(("MAIL", "DATA")):
+                    break
+        (code, text), rcpt_replies = replies[0], replies[1:1 + len(job.recipients)]
+        refused = {r: reply for r, reply in zip(job.recipients, rcpt_replies)
+                   if reply[0] not in (250, 251)}
+        data_code, data_text = replies[-1] if len(replies) == len(commands) else (503, b"")
         if code != 250:
-            smtp.rset()
+            self._abort_data(data_code)
             raise smtplib.SMTPSenderRefused(code, text, job.mail_from)
-        refused = {}
-        for rcpt in job.recipients:
-            code, text = smtp.rcpt(rcpt)
-            if code not in (250, 251):
-                refused[rcpt] = (code, text)
         if len(refused) == len(job.recipients):
-            smtp.rset()
+            self._abort_data(data_code)
             raise RecipientsRefused(smtp_refusals(refused), (), refusal_hint(refused, self.settings))
-        code, text = smtp.data(job.data)
+        if data_code != 354:
+            smtp.rset()
+            raise smtplib.SMTPDataError(data_code, data_text)
+        data = job.data
+        if data.startswith(b".") or b"\n." in data:
+            data = re.sub(rb"(?m)^\.", b"..", data)
+        smtp.send(data + (b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"))
+        code, text = smtp.getreply()
         if code != 250:
             smtp.rset()
             raise smtplib.SMTPDataError(code, text)
@@ -1404,6 +1464,13 @@ class SmtpDelivery:
             raise RecipientsRefused(smtp_refusals(refused), accepted,
                                     refusal_hint(refused, self.settings), reply)
         return reply
+
+    def _abort_data(self, data_code):
+        """After a refused MAIL or RCPT: end a DATA the server accepted anyway, then RSET."""
+        if data_code == 354:
+            self.smtp.send(b".\r\n")
+            self.smtp.getreply()
+        self.smtp.rset()
 
     def close(self):
         """QUIT politely; ignore a connection that is already gone."""
@@ -1925,6 +1992,10 @@ class Worker:
 
     def handle(self, item):
         """Build and deliver one work item, retrying temporary failures; return its Result."""
+        return self.finish(*self.build(item))
+
+    def build(self, item):
+        """Return (Result, Job or None when the message cannot be built, start time)."""
         index, path, copy = item
         res, start = Result(index, path, copy), time.perf_counter()
         try:
@@ -1932,14 +2003,60 @@ class Worker:
             job.copy = copy
         except (MessageError, InputError, IdentityError) as exc:
             res.code, res.errors = exc.exit_code, [str(exc)]
-            res.duration = time.perf_counter() - start
-            return res
+            return res, None, start
         res.recipients = list(job.recipients)
-        if self.opts.send:
-            res.report.append(job.describe())
-        self.deliver(job, res)
+        return res, job, start
+
+    def finish(self, res, job, start):
+        """Deliver a built job (if any); return its completed Result."""
+        if job is not None:
+            if self.opts.send:
+                res.report.append(job.describe())
+            self.deliver(job, res)
         res.duration = time.perf_counter() - start
         return res
+
+    def run(self, items, emit, stopped):
+        """Handle *items* in order, building the next message while this one is sent.
+
+        Signing and encrypting hold the GIL while sending mostly waits on the socket,
+        so a builder thread overlaps the two.  Stops when the items end, stopped()
+        is true or a Result asks to abort; returns the number of items handled.
+        """
+        import queue
+        import threading
+        built, halt = queue.Queue(maxsize=2), threading.Event()
+
+        def builder():
+            try:
+                for item in items:
+                    if halt.is_set():
+                        break
+                    built.put(self.build(item))
+            except BaseException as exc:  # hand any bug to the consumer, never hang it
+                built.put(exc)
+            built.put(None)
+
+        thread = threading.Thread(target=builder, daemon=True)
+        thread.start()
+        try:
+            while True:
+                entry = built.get()
+                if entry is None:
+                    break
+                if isinstance(entry, BaseException):
+                    raise entry
+                res = self.finish(*entry)
+                emit(res)
+                if res.abort or stopped():
+                    break
+        finally:
+            halt.set()
+            while thread.is_alive():  # let a blocked builder put its last entry and end
+                try:
+                    built.get(timeout=0.05)
+                except queue.Empty:
+                    pass
 
     def deliver(self, job, res):
         """Send with up to --retries retries of temporary failures (exponential backoff).
@@ -2126,13 +2243,7 @@ def run_sequential(opts, items, emit, stop):
     """Handle every item in this process with one Worker."""
     worker = Worker(opts)
     try:
-        for item in items:
-            if stop.requested:
-                break
-            res = worker.handle(item)
-            emit(res)
-            if res.abort:
-                break
+        worker.run(items, emit, lambda: stop.requested)
     finally:
         worker.close()
 
@@ -2178,11 +2289,7 @@ def worker_main(opts, tasks, results, halt):
     worker = None
     try:
         worker = Worker(opts)
-        while not halt.is_set():
-            item = tasks.get()
-            if item is None:
-                break
-            results.put(worker.handle(item))
+        worker.run(iter(tasks.get, None), results.put, halt.is_set)
     except SmimeToolError as exc:  # the session could not be set up at all
         res = Result(-1, "", 0)
         res.code, res.errors, res.abort = exc.exit_code, [str(exc)], True

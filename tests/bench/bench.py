@@ -120,6 +120,125 @@ class Sink:
         self.proc.wait(10)
 
 
+CRYPTO_FLOOR = r"""
+import sys, time, multiprocessing
+sys.path.insert(0, %(root)r)
+import sparkpostSMIME as s
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
+signer = s.load_signer("steve@thetucks.com", [%(keys)r])
+rcpt = s.load_recipient("steve.tuck@sparkpost.com", [%(keys)r])
+data = open(%(msg)r, "rb").read()
+N = %(n)d
+
+opts = s.parse_args([%(msg)r, "--sign_detached", "--encrypt", "--keys", %(keys)r])
+s.make_job(%(msg)r, opts)  # load the keys once, as a batch worker does
+
+
+def build(_):
+    # the tool's own sign + encrypt path: parse, canonicalise, sign, encrypt, MIME
+    for _ in range(N // 2):
+        s.make_job(%(msg)r, opts)
+
+
+def work(_):
+    # cryptography's PKCS#7 calls alone
+    for _ in range(N // 2):
+        sig = (pkcs7.PKCS7SignatureBuilder().set_data(data)
+               .add_signer(signer.cert, signer.key, hashes.SHA256())
+               .sign(Encoding.DER, [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary]))
+        (pkcs7.PKCS7EnvelopeBuilder().set_data(data + sig)
+         .set_content_encryption_algorithm(algorithms.AES256)
+         .add_recipient(rcpt.cert).add_recipient(signer.cert)
+         .encrypt(Encoding.DER, [pkcs7.PKCS7Options.Binary]))
+
+rates = []
+for func in (work, build):
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pool.map(abs, range(2))  # workers up
+        start = time.perf_counter()
+        pool.map(func, range(2))
+        rates.append(N / (time.perf_counter() - start))
+print(rates[0], rates[1])
+"""
+
+
+def crypto_floor(n):
+    """Return (raw, build) messages per second in two processes, keys preloaded.
+
+    raw: cryptography's PKCS#7 sign + encrypt calls alone on the 19 KB message;
+    build: the tool's whole sign + encrypt path (make_job) without delivery.
+    """
+    code = CRYPTO_FLOOR % {"root": ROOT, "keys": KEYS, "msg": SMALL, "n": n}
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True)
+    raw, build = out.stdout.split()
+    return float(raw), float(build)
+
+
+def batch_rate(sink, n, jobs=2):
+    """Messages per second of the tool: n x 19 KB, --sign_detached --encrypt --send_smtp."""
+    env = clean_env(SMTP_HOST="127.0.0.1", SMTP_PORT=str(sink.port))
+    cmd = [TOOL, SMALL, "--sign_detached", "--encrypt", "--keys", KEYS, "--send_smtp",
+           "--repeat", str(n), "--jobs", str(jobs)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0 or ("Summary: %d sent, 0 failed" % n) not in proc.stdout:
+        raise SystemExit("batch run failed:\n" + proc.stdout[-2000:] + proc.stderr[-2000:])
+    return n / wall, proc.stdout.strip().splitlines()[-1]
+
+
+def shell_loop(sink, n):
+    """Seconds per message of `openssl smime -sign | openssl smime -encrypt | swaks`."""
+    swaks = shutil.which("swaks")
+    if not swaks:
+        return None
+    key, cert = os.path.join(KEYS, "steve@thetucks.com.pem"), os.path.join(KEYS,
+                                                                       "steve@thetucks.com.crt")
+    rcpt = os.path.join(KEYS, "steve.tuck@sparkpost.com.crt")
+    script = ("openssl smime -sign -in %s -signer %s -inkey %s -certfile %s | "
+              "openssl smime -encrypt -aes256 %s %s | "
+              "swaks --silent 2 --server 127.0.0.1:%d --from steve@thetucks.com "
+              "--to steve.tuck@sparkpost.com --data - >/dev/null"
+              % (SMALL, cert, key, cert, rcpt, cert, sink.port))
+    start = time.perf_counter()
+    for _ in range(n):
+        subprocess.run(["sh", "-c", script], check=True)
+    return (time.perf_counter() - start) / n
+
+
+PEAK_RSS = r"""
+import resource, subprocess, sys
+subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def peak_rss_mib(path):
+    """Peak RSS (MiB) of one --sign_detached --encrypt run on *path*."""
+    out = subprocess.run([PY, "-c", PEAK_RSS, TOOL, path, "--sign_detached", "--encrypt",
+                          "--keys", KEYS], capture_output=True, text=True, check=True,
+                         env=clean_env())
+    return int(out.stdout) / 1024.0
+
+
+def big_message(directory, megabytes=20):
+    """Write a ~20 MB message (text + a random attachment) and return its path."""
+    import base64
+    payload = base64.encodebytes(os.urandom(int(megabytes * 1024 * 1024 * 3 / 4)))
+    path = os.path.join(directory, "big.eml")
+    with open(path, "wb") as fh:
+        fh.write(b"From: Steve Tuck <steve@thetucks.com>\r\nTo: steve.tuck@sparkpost.com\r\n"
+                 b"Subject: 20 MB\r\nMIME-Version: 1.0\r\n"
+                 b"Content-Type: multipart/mixed; boundary=b20\r\n\r\n--b20\r\n"
+                 b"Content-Type: text/plain\r\n\r\nA big attachment follows.\r\n--b20\r\n"
+                 b"Content-Type: application/octet-stream; name=big.bin\r\n"
+                 b"Content-Transfer-Encoding: base64\r\n\r\n"
+                 + payload.replace(b"\n", b"\r\n") + b"--b20--\r\n")
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -127,9 +246,46 @@ def main():
     print("sparkpostSMIME benchmark on %d cores, Python %s, %s"
           % (os.cpu_count(), sys.version.split()[0], time.strftime("%Y-%m-%d")))
     ratios = oneshot(9 if args.quick else 25)
-    print("\n== Summary ==")
+    n = 300 if args.quick else 1000
+    sink = Sink()
+    try:
+        print("\n== Batch: %d x 19 KB, --sign_detached --encrypt --send_smtp --jobs 2, into "
+              "smtp-sink on 127.0.0.1 ==" % n)
+        raw, floor = crypto_floor(n)
+        rate, summary = batch_rate(sink, n)
+        print("  crypto floor, 2 processes, keys preloaded:")
+        print("    the tool's sign + encrypt build alone (no delivery): %.0f msg/s" % floor)
+        print("    cryptography's PKCS#7 calls alone (no MIME at all): %.0f msg/s" % raw)
+        print("  sparkpostSMIME --jobs 2: %.0f msg/s (wall, start-up included)" % rate)
+        print("  its report: %s" % summary)
+        loops = 10 if args.quick else 30
+        per_shell = shell_loop(sink, loops)
+        if per_shell is None:
+            print("  shell loop: swaks is not installed (apt-get install swaks), skipped")
+        else:
+            print("  shell loop openssl smime -sign | openssl smime -encrypt | swaks: "
+                  "%.1f ms per message (%d runs)" % (per_shell * 1000, loops))
+    finally:
+        sink.stop()
+    print("\n== Memory (peak RSS, --sign_detached --encrypt) ==")
+    rss_large = peak_rss_mib(LARGE)
+    with tempfile.TemporaryDirectory() as tmp:
+        big = big_message(tmp)
+        rss_big = peak_rss_mib(big)
+        big_size = os.path.getsize(big) / 1024.0 / 1024.0
+    print("  577 KB fixture: %.0f MiB" % rss_large)
+    print("  %.1f MB message: %.0f MiB" % (big_size, rss_big))
+    print("\n== Summary (%d cores) ==" % os.cpu_count())
     for name, ratio in ratios.items():
         print("  one-shot %s: %.2f x the import floor" % (name, ratio))
+    print("  batch: %.2f x the crypto floor (%.0f / %.0f msg/s: sign + encrypt build alone)"
+          % (rate / floor, rate, floor))
+    print("  batch: %.2f x cryptography's raw PKCS#7 calls (%.0f / %.0f msg/s)"
+          % (rate / raw, rate, raw))
+    if per_shell is not None:
+        print("  batch vs shell loop: %.0f x faster per message (%.2f ms vs %.1f ms)"
+              % (per_shell * rate, 1000 / rate, per_shell * 1000))
+    print("  peak RSS: %.0f MiB (577 KB), %.0f MiB (%.0f MB)" % (rss_large, rss_big, big_size))
 
 
 if __name__ == "__main__":
