@@ -586,7 +586,7 @@ def canonical_entity(fields, body):
     """
     if not is_transport_safe(body):
         fields, body = canonical_parts(fields, body)
-    return b"".join(safe_field(f) for f in fields) + b"\r\n" + body
+    return b"".join([b"".join(safe_field(f) for f in fields), b"\r\n", body])
 
 
 def canonical_parts(fields, body):
@@ -699,14 +699,17 @@ def encode_base64(data):
     text = binascii.b2a_base64(data, newline=False)
     full = len(text) // BASE64_LINE
     if full > 4096:  # big attachments: a format string per size would be wasteful
-        return b"\r\n".join([text[i:i + BASE64_LINE]
-                              for i in range(0, len(text), BASE64_LINE)]) + b"\r\n"
+        lines = [text[i:i + BASE64_LINE] for i in range(0, len(text), BASE64_LINE)]
+        del text
+        lines.append(b"")  # the final CRLF, without copying the whole result again
+        return b"\r\n".join(lines)
     if full not in _LINE_SPLITTERS:
         _LINE_SPLITTERS[full] = struct.Struct("%ds" % BASE64_LINE * full)
     lines = list(_LINE_SPLITTERS[full].unpack_from(text))
     if len(text) % BASE64_LINE:
         lines.append(text[full * BASE64_LINE:])
-    return b"\r\n".join(lines) + b"\r\n"
+    lines.append(b"")
+    return b"\r\n".join(lines)
 
 
 _LINE_SPLITTERS = {}
@@ -1183,7 +1186,8 @@ def signed_der(content, signer, detached):
 
 def sign_opaque(content, signer):
     """Return an application/pkcs7-mime signed-data entity embedding *content*."""
-    return SIGNED_DATA_HEADER + b"\r\n" + encode_base64(signed_der(content, signer, False))
+    return b"".join([SIGNED_DATA_HEADER, b"\r\n",
+                     encode_base64(signed_der(content, signer, False))])
 
 
 def sign_detached(content, signer):
@@ -1193,12 +1197,12 @@ def sign_detached(content, signer):
     while boundary in content:
         boundary = b"----=_smime_" + secrets.token_hex(12).encode()
     signature = encode_base64(signed_der(content, signer, True))
-    return (b'Content-Type: multipart/signed; protocol="application/pkcs7-signature";\r\n'
-            b' micalg=sha-256; boundary="' + boundary + b'"\r\n\r\n'
-            b"This is an S/MIME signed message\r\n\r\n"
-            b"--" + boundary + b"\r\n" + content +
-            b"\r\n--" + boundary + b"\r\n" + SIGNATURE_PART_HEADER + b"\r\n" + signature +
-            b"\r\n--" + boundary + b"--\r\n")
+    return b"".join([  # one copy of the (possibly large) content, not one per "+"
+        b'Content-Type: multipart/signed; protocol="application/pkcs7-signature";\r\n'
+        b' micalg=sha-256; boundary="', boundary, b'"\r\n\r\n'
+        b"This is an S/MIME signed message\r\n\r\n--", boundary, b"\r\n", content,
+        b"\r\n--", boundary, b"\r\n", SIGNATURE_PART_HEADER, b"\r\n", signature,
+        b"\r\n--", boundary, b"--\r\n"])
 
 
 def encrypt(content, recipients, cipher="aes256"):
@@ -1212,7 +1216,7 @@ def encrypt(content, recipients, cipher="aes256"):
     for cert in unique_certs([ident.cert for ident in recipients]):
         builder = builder.add_recipient(cert)
     der = builder.encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
-    return ENVELOPED_DATA_HEADER + b"\r\n" + encode_base64(der)
+    return b"".join([ENVELOPED_DATA_HEADER, b"\r\n", encode_base64(der)])
 
 
 def build_smime(msg, opts, signer=None, recipients=(), extra=b""):
@@ -1230,7 +1234,7 @@ def build_smime(msg, opts, signer=None, recipients=(), extra=b""):
         entity = encrypt(entity, recipients, opts.cipher)
     outer = b"".join(safe_field(f) for f in msg.outer if f.name != "bcc")
     ending = b"" if entity.endswith(b"\r\n") else b"\r\n"  # SMTP DATA ends with CRLF
-    return outer + extra + b"MIME-Version: 1.0\r\n" + entity + ending
+    return b"".join([outer, extra, b"MIME-Version: 1.0\r\n", entity, ending])
 
 
 ###############################################################################

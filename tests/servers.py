@@ -46,13 +46,36 @@ def server_context(ca, base, name="localhost"):
 
 
 class Recorder:
-    """aiosmtpd handler: records envelopes; refuses recipients listed in *refuse*."""
+    """aiosmtpd handler: records envelopes; can refuse, fail, stall or drop on purpose.
+
+    refuse: address -> reply for RCPT; drop_every: N drops the connection at the end
+    of every Nth DATA (no reply, message not kept); tempfail_data: that many DATA
+    commands get "451 4.3.0"; delay: seconds to wait before answering DATA.
+    """
 
     def __init__(self):
         self.messages = []      # (mail_from, [rcpt], data bytes)
         self.refuse = {}        # address -> "550 5.7.1 relaying denied"
         self.auth_seen = []     # (mechanism, login)
-        self.commands = []
+        self.connections = 0    # connections that sent MAIL so far
+        self.drop_every = 0
+        self.tempfail_data = 0
+        self.delay = 0.0
+        self.dropped = 0
+        self.data_commands = 0
+
+    def connection(self, session):
+        """Return the number of *session*'s connection (1, 2, ...)."""
+        if not hasattr(session, "test_number"):
+            self.connections += 1
+            session.test_number = self.connections
+        return session.test_number
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        self.connection(session)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if address.lower() in self.refuse:
@@ -61,9 +84,20 @@ class Recorder:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        import asyncio
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        self.data_commands += 1
+        if self.drop_every and self.data_commands % self.drop_every == 0:
+            self.dropped += 1
+            server.transport.close()  # gone before the end-of-DATA reply
+            return "421 4.4.2 (never seen: the connection is closed)"
+        if self.tempfail_data > 0:
+            self.tempfail_data -= 1
+            return "451 4.3.0 Temporary failure, try again"
         self.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
                               envelope.original_content))
-        return "250 2.0.0 Message accepted for delivery"
+        return "250 2.0.0 Ok: queued as Q%05d" % len(self.messages)
 
 
 class SmtpServer:

@@ -1,0 +1,223 @@
+"""Batch mode and "nothing lost": --jobs, --repeat, reuse, retries, journal, resume, archive, Ctrl-C."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import engines
+from conftest import TOOL, run_tool
+from corpus import CORPUS
+from servers import ApiServer, SmtpServer
+
+SUMMARY = re.compile(r"Summary: (\d+) sent, (\d+) failed(?:, (\d+) not sent)? in [\d.]+ seconds "
+                     r"\([\d.]+ msg/s\)(?:; latency min [\d.]+ ms, median [\d.]+ ms, "
+                     r"p95 [\d.]+ ms, max [\d.]+ ms)?$")
+
+
+@pytest.fixture
+def smtp():
+    srv = SmtpServer()
+    yield srv
+    srv.stop()
+
+
+def inbox(tmp_path, count, raw=CORPUS["plain-ascii"]):
+    """A directory of *count* messages (alice -> bob)."""
+    d = tmp_path / "inbox"
+    d.mkdir(exist_ok=True)
+    for i in range(count):
+        (d / ("m%03d.eml" % i)).write_bytes(raw.replace(b"Just text.", b"Message %d." % i))
+    return d
+
+
+def smtp_env(srv):
+    return {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(srv.port), "SMTP_TIMEOUT": "10"}
+
+
+def summary(proc):
+    last = proc.stdout.decode().strip().splitlines()[-1]
+    match = SUMMARY.match(last)
+    assert match, last
+    return [int(g or 0) for g in match.groups()]
+
+
+def journal(path):
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_jobs_repeat_and_directories(smtp, pki, tmp_path):
+    d = inbox(tmp_path, 5)
+    extra = tmp_path / "extra.eml"
+    extra.write_bytes(CORPUS["many-recipients"])
+    proc = run_tool([str(d), str(extra), "--keys", pki.keys, "--sign", "--encrypt",
+                     "--send_smtp", "--jobs", "2", "--repeat", "3"], env=smtp_env(smtp))
+    assert proc.returncode == 0, proc.stderr
+    assert summary(proc) == [18, 0, 0]
+    out = proc.stdout.decode()
+    assert out.count("\nOK - in ") + out.startswith("OK - in ") == 18
+    assert out.count("Opened SMTP connection (plain)") == 2  # one session per worker
+    assert len(smtp.messages) == 18
+    sources = [line.split("\t")[0] for line in out.splitlines() if line.startswith("Sending ")]
+    assert sorted(set(sources)) == sorted(["Sending " + str(d / ("m%03d.eml" % i))
+                                           for i in range(5)] + ["Sending " + str(extra)])
+
+
+def test_connection_reused_for_100_messages(smtp, pki, tmp_path):
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(CORPUS["plain-ascii"])
+    proc = run_tool([str(msg), "--keys", pki.keys, "--send_smtp", "--repeat", "150"],
+                    env=smtp_env(smtp))
+    assert proc.returncode == 0, proc.stderr
+    assert summary(proc)[:2] == [150, 0]
+    assert len(smtp.messages) == 150
+    assert smtp.handler.connections == 2  # 100 on the first connection, 50 on the second
+
+
+def test_api_batch_keeps_one_session_per_worker(pki, tmp_path):
+    api = ApiServer()
+    try:
+        d = inbox(tmp_path, 4)
+        proc = run_tool([str(d), "--keys", pki.keys, "--sign", "--send_api", "--jobs", "2",
+                         "--repeat", "2"],
+                        env={"SPARKPOST_API_KEY": engines.plant_secret("batch-api-key-TEST-0001"),
+                             "SPARKPOST_HOST": api.url})
+    finally:
+        api.stop()
+    assert proc.returncode == 0, proc.stderr
+    assert summary(proc)[:2] == [8, 0]
+    assert len(api.requests) == 8
+    assert proc.stdout.decode().count("Opened connection to %s/api/v1" % api.url) == 2
+
+
+def test_output_directory_with_repeat(pki, tmp_path, openssl):
+    out = tmp_path / "out"
+    out.mkdir()
+    d = inbox(tmp_path, 2)
+    proc = run_tool([str(d), "--keys", pki.keys, "--sign", "--repeat", "2", "-o", str(out),
+                     "--jobs", "2"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b""  # files, not stdout
+    assert sorted(os.listdir(out)) == ["m000.0.eml", "m000.1.eml", "m001.0.eml", "m001.1.eml"]
+    assert b"Message 1." in openssl.verify((out / "m001.1.eml").read_bytes(), pki.cafile)
+    assert "Summary: 4 sent, 0 failed" in proc.stderr.decode()
+
+
+def test_every_message_accounted_for(smtp, pki, tmp_path):
+    d = inbox(tmp_path, 3)
+    (d / "m001.eml").write_bytes(b"To: bob@example.org\r\n\r\nno sender\r\n")
+    results = tmp_path / "results.jsonl"
+    proc = run_tool([str(d), "--keys", pki.keys, "--send_smtp", "--results", str(results)],
+                    env=smtp_env(smtp))
+    assert proc.returncode == 65
+    assert summary(proc)[:2] == [2, 1]
+    rows = journal(results)
+    assert [(r["input"].endswith(n), r["status"]) for r, n in zip(
+        rows, ("m000.eml", "m001.eml", "m002.eml"))] == [(True, "sent"), (True, "failed"),
+                                                         (True, "sent")]
+    assert rows[1]["exit_code"] == 65 and rows[0]["exit_code"] == 0
+    assert rows[0]["recipients"] == ["bob@example.org"] and rows[0]["attempts"] == 1
+    assert rows[0]["reply"].startswith("250 2.0.0 Ok: queued as Q")
+    assert "no From address" in proc.stderr.decode()
+
+
+def test_drops_at_end_of_data_are_retried_without_duplicates(smtp, pki, tmp_path):
+    """40 messages through a server that drops the connection at the end of every 4th DATA
+    (before its reply): exactly 40 delivered, once each, and 40 journal rows."""
+    smtp.handler.drop_every = 4
+    d = inbox(tmp_path, 40)
+    results = tmp_path / "results.jsonl"
+    archive = tmp_path / "archive"
+    proc = run_tool([str(d), "--keys", pki.keys, "--send_smtp", "--results",
+                     str(results), "--archive", str(archive), "--retry_delay", "0.05"],
+                    env=smtp_env(smtp))
+    assert proc.returncode == 0, proc.stderr
+    assert smtp.handler.dropped >= 10  # every 4th of 40 + retries
+    assert len(smtp.messages) == 40
+    bodies = [m[2] for m in smtp.messages]
+    numbers = sorted(int(re.search(rb"Message (\d+)\.", b).group(1)) for b in bodies)
+    assert numbers == list(range(40))  # each message exactly once
+    rows = journal(results)
+    assert len(rows) == 40 and all(r["status"] == "sent" for r in rows)
+    assert sum(r["attempts"] > 1 for r in rows) == smtp.handler.dropped
+    assert "retrying in" in proc.stderr.decode()
+    assert summary(proc)[:2] == [40, 0]
+    kept = sorted(os.listdir(archive / "new"))
+    assert len(kept) == 40 and os.listdir(archive / "tmp") == []
+    received = sorted(bodies)
+    archived = sorted((archive / "new" / name).read_bytes() for name in kept)
+    assert archived == received  # the exact bytes that were sent, once each
+
+
+def test_temporary_data_failure_retried(smtp, pki, tmp_path):
+    smtp.handler.tempfail_data = 2
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(CORPUS["plain-ascii"])
+    results = tmp_path / "r.jsonl"
+    proc = run_tool([str(msg), "--keys", pki.keys, "--send_smtp", "--retry_delay", "0.05",
+                     "--results", str(results)], env=smtp_env(smtp))
+    assert proc.returncode == 0, proc.stderr
+    assert len(smtp.messages) == 1
+    assert journal(results)[0]["attempts"] == 3
+    smtp.handler.tempfail_data = 5
+    proc = run_tool([str(msg), "--keys", pki.keys, "--send_smtp", "--retry_delay", "0.05",
+                     "--retries", "2"], env=smtp_env(smtp))
+    assert proc.returncode == 75
+    assert "451 4.3.0" in proc.stderr.decode() and len(smtp.messages) == 1
+
+
+def test_resume_skips_what_was_sent(smtp, pki, tmp_path):
+    d = inbox(tmp_path, 4)
+    results = tmp_path / "results.jsonl"
+    run_tool([str(d / "m000.eml"), str(d / "m001.eml"), "--keys", pki.keys, "--send_smtp",
+              "--results", str(results)], env=smtp_env(smtp))
+    assert len(smtp.messages) == 2
+    with open(results, "a") as fh:
+        fh.write('{"input": "cut short by a cr')  # a crash mid-line loses nothing else
+    proc = run_tool([str(d), "--keys", pki.keys, "--send_smtp", "--results", str(results),
+                     "--resume"], env=smtp_env(smtp))
+    assert proc.returncode == 0, proc.stderr
+    assert len(smtp.messages) == 4
+    assert "2 message(s) already sent" in proc.stderr.decode()
+    assert summary(proc)[:2] == [2, 0]
+
+
+def test_ctrl_c_finishes_in_flight_and_prints_summary(smtp, pki, tmp_path):
+    smtp.handler.delay = 0.3
+    d = inbox(tmp_path, 30)
+    results = tmp_path / "results.jsonl"
+    env = dict(os.environ, **smtp_env(smtp))
+    proc = subprocess.Popen([sys.executable, TOOL, str(d), "--keys", pki.keys, "--send_smtp",
+                             "--results", str(results)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 20
+    while time.time() < deadline and len(smtp.messages) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    engines.OUTPUTS.append(out + err)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err and b"interrupted" in err
+    sent, failed, left = [int(g or 0) for g in SUMMARY.match(
+        out.decode().strip().splitlines()[-1]).groups()]
+    assert sent == len(smtp.messages) and failed == 0 and sent + left == 30 and left > 0
+    assert len(journal(results)) == sent
+
+
+def test_config_failure_stops_the_batch(pki, tmp_path):
+    srv = SmtpServer(users={"u": "p-TEST-pw"}, auth_require_tls=False)
+    engines.plant_secret("p-TEST-pw")
+    try:
+        d = inbox(tmp_path, 5)
+        proc = run_tool([str(d), "--keys", pki.keys, "--send_smtp"],
+                        env=dict(smtp_env(srv), SMTP_USER="u", SMTP_PASSWORD="p-TEST-pw"))
+    finally:
+        srv.stop()
+    assert proc.returncode == 78
+    assert srv.messages == [] and proc.stderr.decode().count("refusing to send") == 1
