@@ -519,6 +519,10 @@ def addresses_of(msg, name):
         if "@" not in address or any(c.isspace() for c in address):
             raise MessageError("%s: %s address %r is not a valid e-mail address"
                                % (msg.source, name.capitalize(), address or display))
+        if not address.isascii():
+            raise MessageError("%s: %s address %r is not ASCII (internationalised addresses, "
+                               "SMTPUTF8, are not supported)" % (msg.source, name.capitalize(),
+                                                                 address))
         found.append(address.lower())
     return list(dict.fromkeys(found))
 
@@ -661,7 +665,9 @@ def decode_body(body, cte):
     """Return *body* decoded from Content-Transfer-Encoding *cte* (bytes)."""
     import binascii
     if cte == b"base64":
-        return binascii.a2b_base64(re.sub(rb"[^A-Za-z0-9+/=]", b"", body))
+        text = re.sub(rb"[^A-Za-z0-9+/]", b"", body)  # lenient, like mail clients
+        text = text[:len(text) - len(text) % 4 if len(text) % 4 == 1 else len(text)]
+        return binascii.a2b_base64(text + b"=" * (-len(text) % 4))
     if cte == b"quoted-printable":
         return binascii.a2b_qp(body)
     return body
@@ -731,16 +737,21 @@ def safe_field(f):
 
 def encode_field(f):
     """Return field *f* with its non-ASCII text encoded for a 7-bit header."""
+    from email.header import Header
     name = f.raw.split(b":", 1)[0].decode("ascii")
-    value = decode_text(f.value)
-    if f.name in ADDRESS_FIELDS:
-        text = encode_addresses(value)
-    elif f.name in ("content-type", "content-disposition"):
-        text = encode_params(value)
-    else:
-        from email.header import Header
-        text = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
-    return fold_field(("%s: %s\r\n" % (name, text)).encode("ascii"))
+    value = re.sub(r"[\x00-\x08\x0a-\x1f\x7f]", "", decode_text(f.value))  # no controls
+    try:
+        if f.name in ADDRESS_FIELDS:
+            text = encode_addresses(value)
+        elif f.name in ("content-type", "content-disposition"):
+            text = encode_params(value)
+        else:
+            text = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+        raw = ("%s: %s\r\n" % (name, text)).encode("ascii")
+    except (UnicodeError, ValueError):  # e.g. a non-ASCII address: keep it readable, 7-bit
+        raw = ("%s: %s\r\n" % (name, Header(value, "utf-8", header_name=name).encode(
+            linesep="\r\n"))).encode("ascii")
+    return fold_field(raw)
 
 
 def decode_text(raw):
@@ -761,8 +772,9 @@ def encode_addresses(value):
 def encode_params(value):
     """Return a Content-Type/-Disposition value with non-ASCII params in RFC 2231 form."""
     main, params = parse_content_type(value)
-    out = [value.split(";", 1)[0].strip()]
+    out = [value.split(";", 1)[0].strip().encode("ascii", "ignore").decode()]
     for name, text in params.items():
+        name = name.encode("ascii", "ignore").decode() or "x-param"
         if text.isascii():
             out.append('%s="%s"' % (name, text.replace("\\", "\\\\").replace('"', '\\"')))
         else:
@@ -962,6 +974,7 @@ def load_signer(address, dirs):
     if path is None:
         raise IdentityError("no private key for %s: put %s.pem (or .p12) in one of: %s"
                             % (address, safe_address(address), ", ".join(dirs)))
+    warn_if_exposed(path, "private key file")
     if path.endswith(".pem"):
         data = read_key_file(path)
         key, certs = load_private_key(data, path), load_certificates(data, path)

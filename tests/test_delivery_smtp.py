@@ -34,7 +34,8 @@ def env_for(srv, pki, **extra):
 def send(tmp_path, pki, env, flags=("--sign", "--encrypt"), msg=MSG):
     path = tmp_path / "msg.eml"
     path.write_bytes(msg)
-    return run_tool([str(path), "--keys", pki.keys, "--send_smtp"] + list(flags), env=env)
+    return run_tool([str(path), "--keys", pki.keys, "--send_smtp", "--retry_delay", "0.01"]
+                    + list(flags), env=env)
 
 
 def lines(proc):
@@ -264,7 +265,7 @@ def test_env_file_and_real_environment_wins(server, pki, tmp_path):
     os.chmod(envfile, 0o644)
     path = tmp_path / "msg.eml"
     path.write_bytes(MSG)
-    args = [str(path), "--keys", pki.keys, "--send_smtp", "--env", str(envfile)]
+    args = [str(path), "--keys", pki.keys, "--send_smtp", "--retries", "0", "--env", str(envfile)]
     proc = run_tool(args)
     assert proc.returncode == 0, proc.stderr
     assert "readable by group or others: chmod 0600" in proc.stderr.decode()
@@ -296,3 +297,35 @@ def test_several_messages_one_connection(server, pki, tmp_path):
     assert sum(line.startswith("OK - in") for line in out) == 3
     assert out[-1].startswith("Summary: 3 sent, 0 failed in ")
     assert len(server.messages) == 3 and len(server.handler.auth_seen) == 1
+
+
+def test_no_secret_in_output_journal_or_archive(server, pki, tmp_path):
+    """Password, its base64 forms and the AUTH PLAIN blob appear nowhere we write."""
+    import base64
+    blob = base64.b64encode(("\0%s\0%s" % (USER, PASSWORD)).encode()).decode()
+    engines.plant_secret(blob)
+    results, archive = tmp_path / "results.jsonl", tmp_path / "archive"
+    proc = send(tmp_path, pki, env_for(server, pki),
+                ["--sign", "-v", "--results", str(results), "--archive", str(archive)])
+    assert proc.returncode == 0, proc.stderr
+    written = [proc.stdout, proc.stderr, results.read_bytes()]
+    written += [(archive / "new" / n).read_bytes() for n in os.listdir(archive / "new")]
+    assert len(written) == 4
+    for data in written:
+        for secret in engines.SECRETS:
+            assert secret not in data
+
+
+def test_exposed_private_key_warns(server, pki, tmp_path):
+    import shutil
+    keys = tmp_path / "keys"
+    shutil.copytree(pki.keys, keys)
+    os.chmod(keys / "alice@example.com.pem", 0o644)
+    path = tmp_path / "m.eml"
+    path.write_bytes(MSG)
+    proc = run_tool([str(path), "--keys", str(keys), "--sign"])
+    assert proc.returncode == 0
+    assert b"private key file" in proc.stderr and b"chmod 0600" in proc.stderr
+    os.chmod(keys / "alice@example.com.pem", 0o600)
+    proc = run_tool([str(path), "--keys", str(keys), "--sign"])
+    assert proc.stderr == b""

@@ -1,0 +1,114 @@
+"""Hostile input: arbitrary, truncated and mutated messages, odd headers, addresses as paths.
+
+Property-based (hypothesis): whatever comes in, the tool either builds a transport-safe
+message or raises one of its own errors (a clear line and an exit code), never a crash.
+"""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import engines
+import sparkpostSMIME as tool
+from conftest import run_tool
+from corpus import CORPUS
+
+PASSTHROUGH = tool.parse_args(["x.eml"])
+FAST = settings(max_examples=300, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+
+
+def build_or_refuse(data, opts=PASSTHROUGH, pki=None):
+    """Build *data*; return the output, or None when the tool refuses it properly."""
+    try:
+        msg = tool.parse_message(data, "fuzz.eml")
+        signer, recipients = (None, [])
+        if pki is not None:
+            signer, recipients = tool.find_identities(msg, opts)
+        out = tool.build_smime(msg, opts, signer, recipients)
+    except tool.SmimeToolError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return None
+    engines.check_transport_safe(out)
+    return out
+
+
+@FAST
+@given(st.binary(max_size=3000))
+def test_arbitrary_bytes(data):
+    build_or_refuse(data)
+
+
+@st.composite
+def mutated(draw):
+    """A real message, truncated or with bytes inserted, replaced or deleted."""
+    data = bytearray(CORPUS[draw(st.sampled_from(sorted(CORPUS)))])
+    for _ in range(draw(st.integers(1, 6))):
+        kind = draw(st.sampled_from(["truncate", "insert", "replace", "delete"]))
+        pos = draw(st.integers(0, len(data)))
+        if kind == "truncate":
+            del data[pos:]
+        elif kind == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=40))
+        elif kind == "replace" and pos < len(data):
+            data[pos] = draw(st.integers(0, 255))
+        elif pos < len(data):
+            del data[pos:pos + draw(st.integers(1, 50))]
+    return bytes(data)
+
+
+@FAST
+@given(mutated())
+def test_mutated_real_messages(data):
+    build_or_refuse(data)
+
+
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=mutated())
+def test_mutated_messages_signed_and_encrypted(pki, data):
+    opts = tool.parse_args(["x.eml", "--sign_detached", "--encrypt", "--keys", pki.keys])
+    build_or_refuse(data, opts, pki)
+
+
+HEADER_NAME = st.text(st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters=":"),
+                      min_size=1, max_size=30)
+HEADER_VALUE = st.text(st.characters(blacklist_categories=["Cs"]), max_size=1200)
+
+
+@FAST
+@given(st.lists(st.tuples(HEADER_NAME, HEADER_VALUE), max_size=8),
+       st.sampled_from([b"\n", b"\r\n", b"\r"]))
+def test_odd_headers(fields, eol):
+    head = b"From: a@example.com" + eol + b"To: b@example.org" + eol
+    for name, value in fields:
+        head += ("%s: %s" % (name, value)).encode("utf-8", "surrogateescape") + eol
+    build_or_refuse(head + eol + b"body" + eol)
+
+
+@FAST
+@given(st.text(max_size=80))
+def test_addresses_never_escape_key_directories(tmp_path_factory, address):
+    try:
+        name = tool.safe_address(address)
+    except tool.MessageError:
+        return
+    assert "/" not in name and "\\" not in name and "\0" not in name
+    assert ".." not in name and not name.startswith(".")
+    base = str(tmp_path_factory.getbasetemp())
+    found = tool.find_file(address, (".crt",), [base])
+    assert found is None or os.path.realpath(found).startswith(os.path.realpath(base) + os.sep)
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00" * 100, os.urandom(2000), b"From: \n\n",
+                                  b"Content-Type: multipart/mixed\n\n--x\n",
+                                  CORPUS["nested"][:300]])
+def test_cli_never_tracebacks(tmp_path, data):
+    path = tmp_path / "in.eml"
+    path.write_bytes(data)
+    proc = run_tool([str(path), "--sign", "--encrypt", "--keys", str(tmp_path)])
+    assert proc.returncode in (65, 78), proc.stderr
+    assert proc.stderr.count(b"\n") == 1
