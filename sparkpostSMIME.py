@@ -690,8 +690,8 @@ def reencode_leaf(fields, body, ctype):
 def encode_qp(data):
     """Return CRLF text *data* as quoted-printable (RFC 2045 6.7), "From " quoted."""
     import binascii
-    encoded = binascii.b2a_qp(data, istext=True)
-    return re.sub(rb"(?m)^From ", b"=46rom ", encoded)
+    encoded = binascii.b2a_qp(data, istext=True)  # soft breaks are LF when data has no CRLF
+    return to_crlf(re.sub(rb"(?m)^From ", b"=46rom ", encoded))
 
 
 def encode_base64(data):
