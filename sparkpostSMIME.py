@@ -8,12 +8,14 @@
 __doc__ = """sparkpostSMIME - S/MIME sign and/or encrypt a finished email, then inject it.
 
 Usage:
-    ./sparkpostSMIME.py EMLFILE [EMLFILE ...] [--sign | --sign_detached] [--encrypt]
+    ./sparkpostSMIME.py EMLFILE|DIR [...] [--sign | --sign_detached] [--encrypt]
                         [--keys DIR] [-o FILE|DIR] [--send_smtp | --send_api] [options]
+    ./sparkpostSMIME.py --harvest EMLFILE|DIR [...] [--keys DIR] [--ca FILE]
 
 Reads RFC 5322 messages ("-" is standard input), builds the S/MIME message
 (RFC 8551) and writes it to standard output, or sends it over SMTP (RFC 5321)
-or through the SparkPost transmissions API.  ``--help`` lists every option.
+or through the SparkPost transmissions API, one message or a batch (--jobs,
+--repeat, --results, --resume, --archive).  ``--help`` lists every option.
 
 Keys and certificates are found by the addresses in the message, in each
 ``--keys DIR``, then each directory of ``$SMIME_KEYS_DIR`` (":"-separated),
@@ -26,14 +28,16 @@ then the current directory:
 Environment:
     SMIME_KEYS_DIR        extra key directories, ":"-separated
     SMIME_KEY_PASSWORD    passphrase of encrypted .pem keys and PKCS#12 files
+    SMIME_CA_FILE         trusted roots for --harvest
     SMTP_HOST, SMTP_PORT, SMTP_USER, SMTP_PASSWORD, SMTP_TLS, SMTP_CAFILE,
-    SMTP_TLS_VERIFY, SMTP_TIMEOUT, SMTP_SPARKPOST     (--send_smtp)
-    SPARKPOST_API_KEY, SPARKPOST_HOST                 (--send_api)
+    SMTP_TLS_VERIFY, SMTP_TIMEOUT, SMTP_SPARKPOST, SMTP_HELO     (--send_smtp)
+    SPARKPOST_API_KEY, SPARKPOST_HOST, SPARKPOST_TIMEOUT          (--send_api)
 
 Exit codes (sysexits.h):
     0 ok, 64 usage, 65 unusable message, 66 input missing or unreadable,
     69 permanent delivery failure, 70 internal error, 75 temporary failure,
-    77 authentication refused, 78 configuration (setting, key or certificate).
+    77 authentication refused, 78 configuration (setting, key or certificate),
+    130 interrupted.
 """
 
 import os

@@ -138,3 +138,23 @@ def test_postfix_is_hardened_and_private(postfix):
     assert "inet_interfaces = 127.0.0.1" in main
     if postfix.forbids_bare_newline:
         assert "smtpd_forbid_bare_newline = yes" in main
+
+
+def test_pipelined_partial_refusal_through_postfix(postfix, pki, tmp_path):
+    """Postfix offers PIPELINING: a refused recipient among accepted ones is still named."""
+    raw = (b"From: steve@thetucks.com\r\nTo: bob@example.org, nobody@example.org\r\n"
+           b"Subject: partial\r\n\r\nhello\r\n")
+    path = tmp_path / "partial.eml"
+    path.write_bytes(raw)
+    postfix.clear()
+    env = {"SMTP_HOST": "localhost", "SMTP_PORT": str(postfix.port), "SMTP_CAFILE": pki.cafile,
+           "SMTP_TIMEOUT": "30"}
+    proc = run_tool([str(path), "--keys", pki.keys, "--sign", "--send_smtp", "-v"], env=env)
+    assert proc.returncode == 69, proc.stderr.decode() + postfix.log()
+    err = proc.stderr.decode()
+    assert "PIPELINING" in err  # offered, so MAIL/RCPT/DATA went in one group
+    assert re.search(r"refused nobody@example\.org: 550 5\.1\.1 ", err)
+    last = proc.stdout.decode().splitlines()[-1]
+    assert last.startswith("PARTIAL - in ") and "accepted bob@example.org" in last
+    delivered, = postfix.wait_for("bob@example.org", 1)
+    assert b"Subject: partial" in delivered
