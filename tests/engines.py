@@ -105,6 +105,25 @@ def inner_content_safe(content):
     assert not re.search(rb"[ \t]\r\n", content), "trailing white space in signed content"
 
 
+def verify_signed(engine, signed):
+    """Verify a signed message or entity with NSS or gpgsm; return the signed content.
+
+    Both engines check the signature and the chain to the test root: NSS reports its
+    verdict in a status line checked here, gpgsm.verify() checks its own status lines.
+    """
+    detached = parse(signed).get_content_type() == "multipart/signed"
+    if detached:
+        content, sig = split_signed(signed)
+        args = (sig, content)
+    else:
+        args = (der_of(signed),)
+    if isinstance(engine, NSS):
+        status, out = engine.verify(*args)
+        assert "signer0.status=GoodSignature" in status, status
+        return content if detached else out
+    return engine.verify(*args)
+
+
 # -- OpenSSL -------------------------------------------------------------------
 
 class OpenSSL:
