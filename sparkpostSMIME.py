@@ -487,7 +487,8 @@ def find_addresses(msg):
     """Fill msg.sender/to/cc/bcc from the header.  Raises MessageError."""
     from_ = addresses_of(msg, "from")
     if not from_:
-        raise MessageError("%s: no From address; the sender's address selects the signing key" % msg.source)
+        raise MessageError("%s: no From address; the sender's address selects the signing key"
+                           % msg.source)
     msg.sender = from_[0]
     msg.to, msg.cc, msg.bcc = (addresses_of(msg, name) for name in RECIPIENT_FIELDS)
     if not msg.recipients:
@@ -1111,7 +1112,8 @@ def usage_problem(cert, purpose):
         pass
     try:
         eku = exts.get_extension_for_class(x509.ExtendedKeyUsage).value
-        if not {ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE} & set(eku):
+        allowed = {ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
+        if not allowed & set(eku):
             return "is not for e-mail protection (extended key usage)"
     except x509.ExtensionNotFound:
         pass
@@ -1183,7 +1185,8 @@ def canonical_content(msg):
                 charset = b"utf-8"
             except UnicodeDecodeError:
                 pass
-        fields = [Field("content-type", b"Content-Type: text/plain; charset=%s\r\n" % charset)] + fields
+        default = Field("content-type", b"Content-Type: text/plain; charset=%s\r\n" % charset)
+        fields = [default] + fields
     return canonical_entity(fields, msg.body)
 
 
@@ -1467,7 +1470,8 @@ class SmtpDelivery:
             raise smtplib.SMTPSenderRefused(code, text, job.mail_from)
         if len(refused) == len(job.recipients):
             self._abort_data(data_code)
-            raise RecipientsRefused(smtp_refusals(refused), (), refusal_hint(refused, self.settings))
+            raise RecipientsRefused(smtp_refusals(refused), (),
+                                    refusal_hint(refused, self.settings))
         if data_code != 354:
             smtp.rset()
             raise smtplib.SMTPDataError(data_code, data_text)
@@ -1857,8 +1861,8 @@ def find_signatures(msg, dirs, recipients, depth=0):
         if plain is not None:
             import email
             import email.policy
-            yield from find_signatures(email.message_from_bytes(plain, policy=email.policy.compat32),
-                                       dirs, recipients, depth + 1)
+            inner = email.message_from_bytes(plain, policy=email.policy.compat32)
+            yield from find_signatures(inner, dirs, recipients, depth + 1)
 
 
 def decrypt_for_us(der, dirs, recipients):
@@ -2011,10 +2015,6 @@ class Worker:
         self.archive = Archive(opts.archive) if opts.archive else None
         self.is_open = False
 
-    def handle(self, item):
-        """Build and deliver one work item, retrying temporary failures; return its Result."""
-        return self.finish(*self.build(item))
-
     def build(self, item):
         """Return (Result, Job or None when the message cannot be built, start time)."""
         index, path, copy = item
@@ -2041,9 +2041,16 @@ class Worker:
         """Handle *items* in order, building the next message while this one is sent.
 
         Signing and encrypting hold the GIL while sending mostly waits on the socket,
-        so a builder thread overlaps the two.  Stops when the items end, stopped()
-        is true or a Result asks to abort; returns the number of items handled.
+        so a builder thread overlaps the two (when sending).  Stops when the items
+        end, stopped() is true or a Result asks to abort.
         """
+        if not self.opts.send:  # nothing to wait for: a second thread would only contend
+            for item in items:
+                res = self.finish(*self.build(item))
+                emit(res)
+                if res.abort or stopped():
+                    break
+            return
         import queue
         import threading
         built, halt = queue.Queue(maxsize=2), threading.Event()
@@ -2270,55 +2277,54 @@ def run_sequential(opts, items, emit, stop):
 
 
 def run_parallel(opts, items, emit, stop, jobs):
-    """Handle the items in *jobs* worker processes; results come back to this process."""
+    """Handle the items in *jobs* worker processes; results come back to this process.
+
+    Worker k takes items k, k + jobs, k + 2 jobs, ... (no task queue to lock per
+    message) and sends each Result back through its own pipe as soon as it is done.
+    """
     import multiprocessing
+    from multiprocessing.connection import wait
     ctx = multiprocessing.get_context("fork")
-    tasks, results, halt = ctx.Queue(), ctx.Queue(), ctx.Event()
+    halt = ctx.Event()
     stop.event = halt
-    for item in items:
-        tasks.put(item)
-    procs = [ctx.Process(target=worker_main, args=(opts, tasks, results, halt), daemon=True)
-             for _ in range(jobs)]
-    for _ in procs:
-        tasks.put(None)
-    for proc in procs:
-        proc.start()
-    import queue
-    running = len(procs)
-    while running:
-        try:
-            res = results.get(timeout=1.0)
-        except queue.Empty:
-            if not any(p.is_alive() for p in procs):
-                warn("internal error: a worker process ended without reporting")
-                break
-            continue
-        if res is None:
-            running -= 1
-            continue
-        emit(res)
-        if res.abort:
-            halt.set()
+    pipes, procs = [], []
+    for k in range(jobs):
+        reader, writer = ctx.Pipe(duplex=False)
+        procs.append(ctx.Process(target=worker_main, args=(opts, items[k::jobs], writer, halt),
+                                 daemon=True))
+        procs[-1].start()
+        writer.close()  # the child holds its own copy: EOF here means the worker has ended
+        pipes.append(reader)
+    while pipes:
+        for pipe in wait(pipes):
+            try:
+                res = pipe.recv()
+            except EOFError:
+                pipes.remove(pipe)
+                continue
+            emit(res)
+            if res.abort:
+                halt.set()
     for proc in procs:
         proc.join()
 
 
-def worker_main(opts, tasks, results, halt):
-    """A worker process: its own session; takes items until the queue ends or *halt* is set."""
+def worker_main(opts, items, pipe, halt):
+    """A worker process: its own session, its share of the items, results to *pipe*."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; in-flight work finishes
     worker = None
     try:
         worker = Worker(opts)
-        worker.run(iter(tasks.get, None), results.put, halt.is_set)
+        worker.run(items, pipe.send, halt.is_set)
     except SmimeToolError as exc:  # the session could not be set up at all
         res = Result(-1, "", 0)
         res.code, res.errors, res.abort = exc.exit_code, [str(exc)], True
-        results.put(res)
+        pipe.send(res)
     finally:
         if worker is not None:
             worker.close()
-        results.put(None)
+        pipe.close()
 
 
 class Printer:
