@@ -248,3 +248,15 @@ def test_several_inputs_to_directory(pki, keys, tmp_path, openssl):
     assert sorted(os.listdir(out)) == ["a.eml", "b.eml"]
     openssl.verify((out / "b.eml").read_bytes(), pki.cafile)
     refused(run_tool([str(a), str(b)]), "-o DIR", code=64)
+
+
+def test_corrupt_key_and_certificate(pki, keys):
+    good_key = (keys / (ALICE + ".pem")).read_bytes()
+    (keys / (ALICE + ".pem")).write_bytes(good_key[:200] + b"garbage" + good_key[400:])
+    refused(tool(keys, ["--sign"]), ALICE + ".pem", "cannot be read")
+    (keys / (ALICE + ".pem")).write_bytes(good_key)
+    (keys / (BOB + ".crt")).write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n"
+                                        b"-----END CERTIFICATE-----\n")
+    refused(tool(keys, ["--encrypt"]), BOB + ".crt", "not a readable PEM or DER certificate")
+    (keys / (BOB + ".crt")).write_bytes(b"\x30\x03\x02\x01\x00")  # DER, but no certificate
+    refused(tool(keys, ["--encrypt"]), BOB + ".crt", "not a readable PEM or DER certificate")
