@@ -120,7 +120,8 @@ class IdentityError(ConfigError):
 
 
 class DeliveryError(SmimeToolError):
-    """Sending failed.  *session* errors (connect, TLS, auth) end the whole run."""
+    """Sending failed.  *session*: the connection is unusable (reconnect, or for a TLS,
+    configuration or authentication failure, stop the batch)."""
 
     def __init__(self, text, exit_code=EX_TEMPFAIL, session=False, hint=""):
         super().__init__(text)
@@ -2107,6 +2108,8 @@ class Worker:
                 error = exc
             except DeliveryError as exc:
                 error, hint = exc, exc.hint or hint
+            except ConfigError as exc:  # e.g. credentials without TLS: the batch must stop
+                error = DeliveryError(str(exc), exc.exit_code, session=True)
             pending = [a for a in pending
                        if a not in accepted and refused.get(a, (400, ""))[0] < 500]
             if not pending or error.exit_code != EX_TEMPFAIL or attempt == self.opts.retries:
