@@ -2010,9 +2010,8 @@ class Archive:
 class Worker:
     """Owns one delivery session; turns work items into Results (never prints)."""
 
-    def __init__(self, opts):
-        self.opts = opts
-        self.backend = make_backend(opts) or FileOutput(opts)
+    def __init__(self, opts, backend):
+        self.opts, self.backend = opts, backend  # not connected yet: each worker connects
         self.archive = Archive(opts.archive) if opts.archive else None
         self.is_open = False
 
@@ -2270,16 +2269,16 @@ class Stop:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def run_sequential(opts, items, emit, stop):
+def run_sequential(opts, backend, items, emit, stop):
     """Handle every item in this process with one Worker."""
-    worker = Worker(opts)
+    worker = Worker(opts, backend)
     try:
         worker.run(items, emit, lambda: stop.requested)
     finally:
         worker.close()
 
 
-def run_parallel(opts, items, emit, stop, jobs):
+def run_parallel(opts, backend, items, emit, stop, jobs):
     """Handle the items in *jobs* worker processes; results come back to this process.
 
     Worker k takes items k, k + jobs, k + 2 jobs, ... (no task queue to lock per
@@ -2293,8 +2292,8 @@ def run_parallel(opts, items, emit, stop, jobs):
     pipes, procs = [], []
     for k in range(jobs):
         reader, writer = ctx.Pipe(duplex=False)
-        procs.append(ctx.Process(target=worker_main, args=(opts, items[k::jobs], writer, halt),
-                                 daemon=True))
+        procs.append(ctx.Process(target=worker_main, daemon=True,
+                                 args=(opts, backend, items[k::jobs], writer, halt)))
         procs[-1].start()
         writer.close()  # the child holds its own copy: EOF here means the worker has ended
         pipes.append(reader)
@@ -2312,13 +2311,13 @@ def run_parallel(opts, items, emit, stop, jobs):
         proc.join()
 
 
-def worker_main(opts, items, pipe, halt):
+def worker_main(opts, backend, items, pipe, halt):
     """A worker process: its own session, its share of the items, results to *pipe*."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; in-flight work finishes
     worker = None
     try:
-        worker = Worker(opts)
+        worker = Worker(opts, backend)
         worker.run(items, pipe.send, halt.is_set)
     except SmimeToolError as exc:  # the session could not be set up at all
         res = Result(-1, "", 0)
@@ -2370,15 +2369,16 @@ def run_batch(opts):
         if skipped:
             warn("--resume: %d message(s) already sent according to %s, skipped"
                  % (len(skipped), opts.results))
+    backend = make_backend(opts) or FileOutput(opts)  # settings checked once, before forking
     journal, stats = Journal(opts.results), Stats(len(items))
     emit = Printer(opts, len(items), journal, stats)
     single = len(items) == 1 and not opts.results
     try:
         with Stop() as stop:
             if opts.jobs > 1 and len(items) > 1:
-                run_parallel(opts, items, emit, stop, opts.jobs)
+                run_parallel(opts, backend, items, emit, stop, opts.jobs)
             else:
-                run_sequential(opts, items, emit, stop)
+                run_sequential(opts, backend, items, emit, stop)
     finally:
         journal.close()
     if not single:
