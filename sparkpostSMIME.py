@@ -1813,14 +1813,13 @@ def harvest(path, dirs, roots):
     import email
     import email.policy
     data = read_input(path)
-    fields, _ = split_header(to_crlf(data))
-    sender = addresses_of(Message(path, fields, [], b""), "from")
+    header = Message(path, split_header(to_crlf(data))[0], [], b"")
+    sender = addresses_of(header, "from")
     if not sender:
         raise MessageError("%s: no From address" % path)
     address = safe_address(sender[0])
     msg = email.message_from_bytes(data, policy=email.policy.compat32)
-    recipients = [a for name in RECIPIENT_FIELDS
-                  for a in addresses_of(Message(path, fields, [], b""), name)]
+    recipients = [a for name in RECIPIENT_FIELDS for a in addresses_of(header, name)]
     signatures = list(find_signatures(msg, dirs, recipients))
     if not signatures:
         raise MessageError("%s: no S/MIME signature found (unsigned, or encrypted to an identity "
