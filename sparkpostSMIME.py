@@ -1288,14 +1288,19 @@ def tls_context(cafile="", verify=True):
     return ctx
 
 
+_SMTP_CLASSES = []
+
+
 def _smtp_classes():
-    """Return (SMTP, SMTP_SSL) subclasses that write a redacted transcript.
+    """Return (SMTP, SMTP_SSL) subclasses that write a redacted transcript (made once).
 
     The transcript is redacted by construction: an AUTH command is logged as
     'AUTH <mechanism> ***', every reply to a 334 challenge as '***', and the
     message data as its size only.  smtplib's set_debuglevel() is never used
     (it prints the base64 credentials).
     """
+    if _SMTP_CLASSES:
+        return tuple(_SMTP_CLASSES)
     import smtplib
     import ssl
 
@@ -1341,6 +1346,7 @@ def _smtp_classes():
     class SMTPS(Transcript, smtplib.SMTP_SSL):
         pass
 
+    _SMTP_CLASSES[:] = [SMTP, SMTPS]
     return SMTP, SMTPS
 
 
@@ -1380,7 +1386,7 @@ class SmtpDelivery:
     def _connect(self):
         import socket
         s = self.settings
-        self.count = 0
+        self.count, self.mode = 0, "plain"  # a new connection is in clear until TLS says not
         plain, secure = _smtp_classes()
         helo = s.helo or socket.gethostname()  # getfqdn() can stall on reverse DNS
         if s.tls == "tls":

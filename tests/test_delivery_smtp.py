@@ -329,3 +329,21 @@ def test_exposed_private_key_warns(server, pki, tmp_path):
     os.chmod(keys / "alice@example.com.pem", 0o600)
     proc = run_tool([str(path), "--keys", str(keys), "--sign"])
     assert proc.stderr == b""
+
+
+def test_reconnect_never_inherits_tls_state(server, pki):
+    """A session renewed on a connection without STARTTLS must not send credentials."""
+    import sparkpostSMIME as tool
+    plain = SmtpServer(users={USER: PASSWORD}, auth_require_tls=False)
+    try:
+        settings = tool.SmtpSettings("localhost", server.port, USER, PASSWORD,
+                                     cafile=pki.cafile, timeout=10)
+        delivery = tool.SmtpDelivery(settings)
+        assert delivery.open().startswith("Opened SMTP connection (STARTTLS)")
+        delivery.close()
+        delivery.settings = settings._replace(port=plain.port)
+        with pytest.raises(tool.ConfigError, match="unencrypted"):
+            delivery.open()
+        assert plain.handler.auth_seen == []
+    finally:
+        plain.stop()
