@@ -78,8 +78,8 @@ CIPHERS = ("aes256", "aes128")
 RFC2231_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 #: Messages sent on one SMTP connection before a new one (SparkPost's guidance).
 MESSAGES_PER_CONNECTION = 100
-#: Longest wait between two attempts at one message, in seconds.
-MAX_RETRY_WAIT = 30.0
+#: Longest wait between two attempts at one message, and all waits for it, in seconds.
+MAX_RETRY_WAIT, MAX_TOTAL_WAIT = 30.0, 45.0
 #: Messages from which a progress bar replaces per-message lines on a terminal.
 PROGRESS_MIN = 50
 #: Private key files tried for a sender, in this order, in each key directory.
@@ -2099,6 +2099,7 @@ class Worker:
         partial refusal only the recipients refused with 4xx are tried again.
         """
         accepted, refused, pending, error, hint = [], {}, list(job.recipients), None, ""
+        waited = 0.0
         for attempt in range(self.opts.retries + 1):
             res.attempts, job.recipients, error = attempt + 1, pending, None
             try:
@@ -2120,6 +2121,9 @@ class Worker:
                 break
             delay = min(max(self.opts.retry_delay * 2 ** attempt, error.retry_after),
                         MAX_RETRY_WAIT)
+            if waited + delay > MAX_TOTAL_WAIT:
+                break
+            waited += delay
             res.errors.append("%s; retrying in %g s (attempt %d of %d)"
                               % (error, delay, attempt + 2, self.opts.retries + 1))
             if error.session:
