@@ -1395,6 +1395,8 @@ class SmtpDelivery:
                           context=tls_context(s.cafile, s.verify), log=self.log)
         else:
             smtp = plain(s.host, s.port, local_hostname=helo, timeout=s.timeout, log=self.log)
+        # Commands go out in whole groups already: do not let Nagle hold the last segment
+        smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         smtp.ehlo()
         return smtp
 
@@ -2046,10 +2048,12 @@ class Worker:
         """Handle *items* in order, building the next message while this one is sent.
 
         Signing and encrypting hold the GIL while sending mostly waits on the socket,
-        so a builder thread overlaps the two (when sending).  Stops when the items
-        end, stopped() is true or a Result asks to abort.
+        so a builder thread overlaps the two (when sending with one worker; with
+        several, the processes overlap and a thread would only contend for the GIL).
+        Stops when the items end, stopped() is true or a Result asks to abort.
         """
-        if not self.opts.send:  # nothing to wait for: a second thread would only contend
+        if not self.opts.send or self.opts.jobs > 1:  # nothing to overlap with a thread:
+            # no socket to wait on, or other worker processes already fill the cores
             for item in items:
                 res = self.finish(*self.build(item))
                 emit(res)
