@@ -2261,12 +2261,14 @@ class Stats:
 class Stop:
     """Ctrl-C: the first one stops new work (in-flight messages finish), the second aborts."""
 
-    def __init__(self, event=None):
-        self.event, self.requested = event, False
+    def __init__(self, batch=True):
+        self.event, self.requested, self.previous = None, False, None
+        self.batch = batch  #: one message: plain KeyboardInterrupt (and no signal import)
 
     def __enter__(self):
-        import signal
-        self.previous = signal.signal(signal.SIGINT, self._handler)
+        if self.batch:
+            import signal
+            self.previous = signal.signal(signal.SIGINT, self._handler)
         return self
 
     def _handler(self, signum, frame):
@@ -2278,8 +2280,9 @@ class Stop:
         warn("interrupted: finishing the messages in flight (Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
-        import signal
-        signal.signal(signal.SIGINT, self.previous)
+        if self.previous is not None:
+            import signal
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def run_sequential(opts, backend, items, emit, stop):
@@ -2387,7 +2390,7 @@ def run_batch(opts):
     emit = Printer(opts, len(items), journal, stats)
     single = len(items) == 1 and not opts.results
     try:
-        with Stop() as stop:
+        with Stop(batch=len(items) > 1) as stop:
             if opts.jobs > 1 and len(items) > 1:
                 run_parallel(opts, backend, items, emit, stop, opts.jobs)
             else:
@@ -2443,8 +2446,9 @@ def build_parser():
         def error(self, message):
             raise UsageError("%s (see --help)" % message)
 
+    width = help_width()  # once: argparse makes a formatter for every add_argument()
     p = Parser(prog="sparkpostSMIME.py",
-               formatter_class=lambda prog: argparse.HelpFormatter(prog, width=help_width()),
+               formatter_class=lambda prog: argparse.HelpFormatter(prog, width=width),
                description="S/MIME sign and/or encrypt an email, then write or inject it.",
                epilog="Exit codes: 0 ok, 64 usage, 65 unusable message, 66 no input, "
                       "69 permanent failure, 70 internal, 75 temporary failure, "
