@@ -411,13 +411,6 @@ class Message:
         """Every To, Cc and Bcc address, in that order, without repeats."""
         return list(dict.fromkeys(self.to + self.cc + self.bcc))
 
-    def header(self, name):
-        """Return the unfolded value of the first outer field *name* as text, or ''."""
-        for f in self.outer:
-            if f.name == name:
-                return f.value.decode("utf-8", "replace")
-        return ""
-
 
 def read_input(path):
     """Return the bytes of *path* ("-" = stdin).  Raises InputError."""
