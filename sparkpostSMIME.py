@@ -1937,8 +1937,8 @@ def save_harvested(found, directory):
 class Result:
     """The outcome of one work item, as printed, journaled and counted."""
 
-    def __init__(self, index, source, copy):
-        self.index, self.source, self.copy = index, source, copy
+    def __init__(self, source, copy):
+        self.source, self.copy = source, copy
         self.status, self.code, self.attempts, self.duration = "failed", EX_SOFTWARE, 0, 0.0
         self.recipients, self.reply, self.abort = [], "", False
         self.report, self.errors = [], []  #: stdout lines, stderr lines
@@ -1955,10 +1955,9 @@ class Result:
 
 
 def work_items(opts):
-    """Return [(index, path, copy)]: every input (directories expanded), --repeat times."""
+    """Return [(path, copy)]: every input (directories expanded), --repeat times."""
     paths = expand_inputs(opts.inputs)
-    return [(i * opts.repeat + copy, path, copy) for i, path in enumerate(paths)
-            for copy in range(opts.repeat)]
+    return [(path, copy) for path in paths for copy in range(opts.repeat)]
 
 
 class FileOutput:
@@ -2017,8 +2016,8 @@ class Worker:
 
     def build(self, item):
         """Return (Result, Job or None when the message cannot be built, start time)."""
-        index, path, copy = item
-        res, start = Result(index, path, copy), time.perf_counter()
+        path, copy = item
+        res, start = Result(path, copy), time.perf_counter()
         try:
             job = make_job(path, self.opts, self.backend)
             job.copy = copy
@@ -2329,7 +2328,7 @@ def worker_main(opts, backend, items, pipe, halt):
         worker = Worker(opts, backend)
         worker.run(items, pipe.send, halt.is_set)
     except SmimeToolError as exc:  # the session could not be set up at all
-        res = Result(-1, "", 0)
+        res = Result("", 0)
         res.code, res.errors, res.abort = exc.exit_code, [str(exc)], True
         pipe.send(res)
     finally:
@@ -2373,8 +2372,8 @@ def run_batch(opts):
     items = work_items(opts)
     if opts.resume:
         done = already_sent(opts.results)
-        skipped = [i for i in items if (i[1], i[2]) in done]
-        items = [i for i in items if (i[1], i[2]) not in done]
+        skipped = [i for i in items if i in done]
+        items = [i for i in items if i not in done]
         if skipped:
             warn("--resume: %d message(s) already sent according to %s, skipped"
                  % (len(skipped), opts.results))
