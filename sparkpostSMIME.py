@@ -1271,14 +1271,23 @@ class Job:
                                                   ", ".join(self.recipients))
 
 
+_TLS_CONTEXTS = {}
+
+
 def tls_context(cafile="", verify=True):
-    """Return an ssl.SSLContext verifying certificate and host name (unless *verify* is off)."""
+    """Return an ssl.SSLContext verifying certificate and host name (unless *verify* is off).
+
+    One per process and setting: loading the CA store costs milliseconds, and a
+    batch reconnects every MESSAGES_PER_CONNECTION messages.
+    """
     import ssl
-    ctx = ssl.create_default_context(cafile=cafile or None)
-    if not verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+    if (cafile, verify) not in _TLS_CONTEXTS:
+        ctx = ssl.create_default_context(cafile=cafile or None)
+        if not verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        _TLS_CONTEXTS[cafile, verify] = ctx
+    return _TLS_CONTEXTS[cafile, verify]
 
 
 _SMTP_CLASSES = []
@@ -1314,8 +1323,11 @@ def _smtp_classes():
             super().send(s)
 
         def _shown(self, s):
-            if isinstance(s, bytes) and len(s) > 5:  # the message itself
-                return "<%d octets of message data>\n%s ." % (len(s) - 5, self._glyph(True))
+            if isinstance(s, bytes) and len(s) > 5:  # the message, maybe the next envelope
+                end = s.rfind(b"\r\n.\r\n") + 2
+                then = s[end + 3:].decode("ascii", "replace").splitlines()
+                return ("\n%s " % self._glyph(True)).join(
+                    ["<%d octets of message data>" % end, "."] + then)
             lines = (s.decode("ascii", "replace") if isinstance(s, bytes) else s).splitlines()
             if self._challenged:
                 return "***"
@@ -1341,6 +1353,23 @@ def _smtp_classes():
 
     _SMTP_CLASSES[:] = [SMTP, SMTPS]
     return SMTP, SMTPS
+
+
+def starts_a_line(data, char, probes=16):
+    """Return True if a line of *data* starts with the byte *char*.
+
+    Finds *char* with memchr and looks behind it: base64 bodies hold no "." at
+    all, so an encrypted message is scanned in ~1 us instead of ~30 us for
+    b"\\n." in data; text full of dots falls back to that search after *probes*.
+    """
+    at = data.find(char)
+    for _ in range(probes):
+        if at < 0:
+            return False
+        if at == 0 or data[at - 1] == 10:  # after b"\n"
+            return True
+        at = data.find(char, at + 1)
+    return at == 0 or at > 0 and b"\n" + char in data[at - 1:]
 
 
 class SmtpDelivery:
@@ -1428,33 +1457,129 @@ class SmtpDelivery:
         The connection is renewed after MESSAGES_PER_CONNECTION messages.
         Raises RecipientsRefused (with the accepted ones, if any) or DeliveryError.
         """
+        try:
+            self._renew()
+            self._send_envelope(job)
+            refused = self._envelope_replies(job)
+            self.smtp.send(self._content(job))
+            return self._data_reply(job, refused, reset=True)
+        except BaseException as exc:
+            raise self._failed(exc) from None
+
+    def stream(self, entries, halted):
+        """Send a worker's messages back to back; yield (entry, outcome) in order.
+
+        *entries* yields (Result, Job or None, start) and builds each message as it
+        is pulled; outcome is the end-of-DATA reply, the SmimeToolError of a failed
+        attempt, or None for an entry without a Job.  With PIPELINING, RFC 2920 3.1
+        lets a message's content open a command group: its final dot goes out with
+        the next message's MAIL, RCPT and DATA, and the message after that is built
+        while the server answers, so the worker seldom waits.  A failure is yielded
+        only when nothing is in flight, so that the caller may retry it with send().
+        Stops pulling entries once halted() is true.
+        """
+        held, built = [], []  # (entry, outcome) to yield; entries built, not sent
+
+        def prefetch():
+            """Pull (and so build) entries until one is ready to send."""
+            while not built and not halted():
+                entry = next(entries, None)
+                if entry is None:
+                    return
+                if entry[1] is None:  # could not be built: nothing to send
+                    held.append((entry, None))
+                else:
+                    built.append(entry)
+
+        def take():
+            prefetch()
+            return built.pop(0) if built and not halted() else None
+
+        current, ahead = take(), False  # ahead: its envelope went out behind the last dot
+        while current is not None or held:
+            failing = any(isinstance(outcome, BaseException) for _, outcome in held)
+            while held and not (ahead and failing):
+                yield held.pop(0)
+            if current is None:
+                break
+            job, follow = current[1], None
+            try:
+                if not ahead:
+                    self._renew()
+                    self._send_envelope(job)
+                refused = self._envelope_replies(job)
+            except BaseException as exc:
+                held.append((current, self._failed(exc)))
+                current, ahead = take(), False
+                continue
+            if (not failing and self.count < MESSAGES_PER_CONNECTION
+                    and self.smtp.has_extn("pipelining")):
+                follow = take()
+            payload = self._content(job)
+            if follow is not None:
+                payload += self._envelope(follow[1]).encode()
+            try:
+                self.count += follow is not None
+                self.smtp.send(payload)
+                error = None
+            except BaseException as exc:
+                error = self._failed(exc)
+            if error is None:
+                prefetch()  # build the next message while the server answers
+                try:
+                    held.append((current, self._data_reply(job, refused, reset=False)))
+                except BaseException as exc:
+                    error = self._failed(exc)
+            if error is not None:
+                held.append((current, error))
+                if follow is not None and self.smtp is None:  # gone with the session
+                    held.append((follow, error))
+                    follow = None
+            current, ahead = (follow, True) if follow is not None else (take(), False)
+
+    def _failed(self, exc):
+        """Return the SmimeToolError for *exc* (re-raising KeyboardInterrupt).
+
+        The session is kept after a server's reply that leaves it usable (the
+        transaction was reset or ended), closed otherwise: its state is unknown.
+        """
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc
+        error = exc if isinstance(exc, SmimeToolError) else smtp_failure(exc, self.settings)
+        if getattr(error, "session", True) and not isinstance(error, RecipientsRefused):
+            self.close()
+        return error
+
+    def _renew(self):
+        """Open the connection if needed, a new one after MESSAGES_PER_CONNECTION."""
         if self.smtp is not None and self.count >= MESSAGES_PER_CONNECTION:
             self.close()
         if self.smtp is None:
             self.open()
+
+    def _envelope(self, job):
+        """Return MAIL FROM, one RCPT TO per recipient and DATA as one string."""
+        size = " SIZE=%d" % len(job.data) if self.smtp.has_extn("size") else ""
+        return "MAIL FROM:<%s>%s\r\n%sDATA\r\n" % (
+            job.mail_from, size, "".join("RCPT TO:<%s>\r\n" % r for r in job.recipients))
+
+    def _send_envelope(self, job):
+        """Send the envelope: in one group with PIPELINING (RFC 2920), else line by line."""
         self.count += 1
-        try:
-            return self._transaction(job)
-        except BaseException as exc:
-            if isinstance(exc, (KeyboardInterrupt, SmimeToolError)):
-                raise
-            self.close()  # the session is in an unknown state: start afresh next time
-            raise smtp_failure(exc, self.settings)
+        if self.smtp.has_extn("pipelining"):
+            self.smtp.send(self._envelope(job))
 
-    def _transaction(self, job):
-        """MAIL, RCPT..., DATA, the message: pipelined when offered (RFC 2920).
+    def _envelope_replies(self, job):
+        """Read the replies to MAIL, RCPT... and DATA; return {refused recipient: reply}.
 
-        Returns the end-of-DATA reply; raises smtplib exceptions for the session
-        or RecipientsRefused.  The message is dot-stuffed only where a line starts
-        with "." (RFC 5321 4.5.2); base64 bodies never do.
+        Without PIPELINING the commands are sent here, one at a time.  Raises
+        SMTPSenderRefused, SMTPDataError or RecipientsRefused (every recipient
+        refused), leaving the session ready for the next transaction.
         """
         import smtplib
         smtp = self.smtp
-        size = " SIZE=%d" % len(job.data) if smtp.has_extn("size") else ""
-        commands = ["MAIL FROM:<%s>%s" % (job.mail_from, size)]
-        commands += ["RCPT TO:<%s>" % rcpt for rcpt in job.recipients] + ["DATA"]
+        commands = self._envelope(job).split("\r\n")[:-1]
         if smtp.has_extn("pipelining"):
-            smtp.send("".join(c + "\r\n" for c in commands))
             replies = [smtp.getreply() for _ in commands]
         else:
             replies = []
@@ -1477,13 +1602,28 @@ class SmtpDelivery:
         if data_code != 354:
             smtp.rset()
             raise smtplib.SMTPDataError(data_code, data_text)
+        return refused
+
+    @staticmethod
+    def _content(job):
+        """Return the message dot-stuffed where a line starts with "." (RFC 5321 4.5.2),
+        with its final <CRLF>.<CRLF> (base64 bodies never need stuffing)."""
         data = job.data
-        if data.startswith(b".") or b"\n." in data:
+        if starts_a_line(data, b"."):
             data = re.sub(rb"(?m)^\.", b"..", data)
-        smtp.send(data + (b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"))
-        code, text = smtp.getreply()
+        return data + (b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n")
+
+    def _data_reply(self, job, refused, reset):
+        """Read the end-of-DATA reply; return it as text.
+
+        Raises SMTPDataError (after RSET when *reset*: a pipelined next
+        transaction must not be reset) or RecipientsRefused for a partial refusal.
+        """
+        import smtplib
+        code, text = self.smtp.getreply()
         if code != 250:
-            smtp.rset()
+            if reset:
+                self.smtp.rset()
             raise smtplib.SMTPDataError(code, text)
         reply = "%d %s" % (code, text.decode("utf-8", "replace"))
         if refused:
@@ -2027,30 +2167,36 @@ class Worker:
         res.recipients = list(job.recipients)
         return res, job, start
 
-    def finish(self, res, job, start):
-        """Deliver a built job (if any); return its completed Result."""
+    def finish(self, res, job, start, outcome=None):
+        """Deliver a built job (if any); return its completed Result.
+
+        *outcome*: the first attempt's outcome when it was already sent (stream()).
+        """
         if job is not None:
             if self.opts.send:
                 res.report.append(job.describe())
-            self.deliver(job, res)
+            self.deliver(job, res, outcome)
         res.duration = time.perf_counter() - start
         return res
 
     def run(self, items, emit, stopped):
         """Handle *items* in order, building the next message while this one is sent.
 
-        Signing and encrypting hold the GIL while sending mostly waits on the socket,
-        so a builder thread overlaps the two (when sending with one worker; with
-        several, the processes overlap and a thread would only contend for the GIL).
+        Over SMTP with PIPELINING, SmtpDelivery.stream() overlaps the two itself.
+        Otherwise a builder thread does when sending with one worker: signing and
+        encrypting hold the GIL while sending mostly waits on the socket (with
+        several workers, the processes overlap and a thread would only contend).
         Stops when the items end, stopped() is true or a Result asks to abort.
         """
+        items = iter(items)
+        if isinstance(self.backend, SmtpDelivery):
+            if not self.run_each(items, emit, stopped, lambda: self.backend.smtp is not None):
+                return
+            if self.backend.smtp is not None and self.backend.smtp.has_extn("pipelining"):
+                self.run_stream(items, emit, stopped)
+                return
         if not self.opts.send or self.opts.jobs > 1:  # nothing to overlap with a thread:
-            # no socket to wait on, or other worker processes already fill the cores
-            for item in items:
-                res = self.finish(*self.build(item))
-                emit(res)
-                if res.abort or stopped():
-                    break
+            self.run_each(items, emit, stopped)  # or other workers already fill the cores
             return
         import queue
         import threading
@@ -2087,7 +2233,31 @@ class Worker:
                 except queue.Empty:
                     pass
 
-    def deliver(self, job, res):
+    def run_each(self, items, emit, stopped, until=lambda: False):
+        """Build and deliver *items* one at a time, or until until() is true after one.
+
+        Returns False when stopped() or a Result asked to abort, else True.
+        """
+        for item in items:
+            res = self.finish(*self.build(item))
+            emit(res)
+            if res.abort or stopped():
+                return False
+            if until():
+                break
+        return True
+
+    def run_stream(self, items, emit, stopped):
+        """run() over SmtpDelivery.stream(): one command group per message."""
+        aborted = []
+        entries = (self.build(item) for item in items)
+        for entry, outcome in self.backend.stream(entries, lambda: aborted or stopped()):
+            res = self.finish(*entry, outcome)
+            emit(res)
+            if res.abort:
+                aborted.append(res)
+
+    def deliver(self, job, res, first=None):
         """Send with up to --retries retries of temporary failures (exponential backoff).
 
         A message the server accepted is never sent again: only a failure before
@@ -2099,8 +2269,14 @@ class Worker:
         for attempt in range(self.opts.retries + 1):
             res.attempts, job.recipients, error = attempt + 1, pending, None
             try:
-                self.open_session(res)
-                res.reply = self.backend.send(job)
+                if first is not None:  # the first attempt already went out: its outcome
+                    outcome, first = first, None
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    res.reply = outcome
+                else:
+                    self.open_session(res)
+                    res.reply = self.backend.send(job)
                 accepted += pending
             except RecipientsRefused as exc:
                 accepted += exc.accepted
@@ -2224,6 +2400,7 @@ class Stats:
 
     def __init__(self, total):
         self.total, self.sent, self.failed, self.code = total, 0, 0, EX_OK
+        self.failed_at = 0.0  #: time.monotonic() of the first failure (sets the exit code)
         self.latencies, self.start = [], time.perf_counter()
 
     def add(self, res):
@@ -2232,7 +2409,15 @@ class Stats:
             self.latencies.append(res.duration)
         else:
             self.failed += 1
-            self.code = self.code or res.code
+            if not self.code:
+                self.code, self.failed_at = res.code, time.monotonic()
+
+    def merge(self, sent, failed, code, failed_at, latencies):
+        """Add a worker process's counts; the exit code is the earliest failure's."""
+        self.sent, self.failed = self.sent + sent, self.failed + failed
+        self.latencies += latencies
+        if code and (not self.code or failed_at < self.failed_at):
+            self.code, self.failed_at = code, failed_at
 
     def summary(self):
         """Return 'N sent, M failed[, K not sent] in S seconds (R msg/s); latency ...'."""
@@ -2254,7 +2439,7 @@ class Stop:
     """Ctrl-C: the first one stops new work (in-flight messages finish), the second aborts."""
 
     def __init__(self, batch=True):
-        self.event, self.requested, self.previous = None, False, None
+        self.halt, self.requested, self.previous = None, False, None
         self.batch = batch  #: one message: plain KeyboardInterrupt (and no signal import)
 
     def __enter__(self):
@@ -2267,8 +2452,8 @@ class Stop:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        if self.event is not None:
-            self.event.set()
+        if self.halt is not None:  # the workers' shared flag
+            self.halt[0] = 1
         warn("interrupted: finishing the messages in flight (Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
@@ -2286,55 +2471,171 @@ def run_sequential(opts, backend, items, emit, stop):
         worker.close()
 
 
-def run_parallel(opts, backend, items, emit, stop, jobs):
-    """Handle the items in *jobs* worker processes; results come back to this process.
+def run_parallel(opts, backend, items, printer, stop, jobs):
+    """Handle the items in *jobs* forked worker processes.
 
     Worker k takes items k, k + jobs, k + 2 jobs, ... (no task queue to lock per
-    message) and sends each Result back through its own pipe as soon as it is done.
+    message).  Each worker prints its own report lines and journal rows as it
+    goes, one write per message so that lines never mix, and at the end sends
+    its counts up a pipe for the summary; only a progress bar (drawn here) needs
+    every Result sent up.  A worker asking to abort sets a shared halt flag.
     """
-    import multiprocessing
-    from multiprocessing.connection import wait
-    ctx = multiprocessing.get_context("fork")
-    halt = ctx.Event()
-    stop.event = halt
-    pipes, procs = [], []
-    for k in range(jobs):
-        reader, writer = ctx.Pipe(duplex=False)
-        procs.append(ctx.Process(target=worker_main, daemon=True,
-                                 args=(opts, backend, items[k::jobs], writer, halt)))
-        procs[-1].start()
-        writer.close()  # the child holds its own copy: EOF here means the worker has ended
-        pipes.append(reader)
-    while pipes:
-        for pipe in wait(pipes):
-            try:
-                res = pipe.recv()
-            except EOFError:
-                pipes.remove(pipe)
-                continue
-            emit(res)
-            if res.abort:
-                halt.set()
-    for proc in procs:
-        proc.join()
+    import gc
+    import mmap
+    import select
+    import signal
+    preload(opts, backend, items[0])
+    halt = mmap.mmap(-1, 1)  # shared with the workers: non-zero = take no new message
+    stop.halt = halt
+    gc.freeze()  # the workers inherit these objects: keep their pages shared, unscanned
+    sys.stdout.flush()
+    sys.stderr.flush()
+    channels = {}  # read end -> Channel
+    try:
+        for k in range(jobs):
+            reader, writer = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(reader)
+                for fd in channels:
+                    os.close(fd)
+                os._exit(worker_process(opts, backend, items[k::jobs], printer, writer, halt))
+            os.close(writer)  # the child holds its own copy: EOF means the worker has ended
+            channels[reader] = Channel(pid)
+        poller = select.poll()
+        for fd in channels:
+            poller.register(fd, select.POLLIN)
+        while channels:
+            for fd, _ in poller.poll():
+                chunk, channel = os.read(fd, 65536), channels[fd]
+                for message in channel.receive(chunk):
+                    channel.counted |= collect(message, printer, halt)
+                if not chunk:
+                    poller.unregister(fd)
+                    os.close(fd)
+                    del channels[fd]
+                    channel.reap()
+    finally:
+        for channel in channels.values():  # a second Ctrl-C: stop the workers too
+            os.kill(channel.pid, signal.SIGTERM)
+            os.waitpid(channel.pid, 0)
 
 
-def worker_main(opts, backend, items, pipe, halt):
-    """A worker process: its own session, its share of the items, results to *pipe*."""
+def preload(opts, backend, item):
+    """Build *item* once here so that forked workers inherit what it loaded.
+
+    The first message of a process pays for lazy imports and for reading and
+    checking the keys (~60 ms), the first SMTP session for smtplib, ssl and the
+    CA store: paid once before forking instead of once per worker.  Any error
+    is left for the worker that meets it to report.
+    """
+    try:
+        make_job(item[0], opts, backend)
+        if isinstance(backend, SmtpDelivery):
+            _smtp_classes()
+            if backend.settings.tls != "none":
+                tls_context(backend.settings.cafile, backend.settings.verify)
+    except Exception:  # noqa: BLE001 - a warm-up only: the worker reports it properly
+        pass
+
+
+class Channel:
+    """The parent's end of one worker's pipe: length-prefixed marshal frames."""
+
+    def __init__(self, pid):
+        self.pid, self.buffer, self.counted = pid, b"", False
+
+    def receive(self, chunk):
+        """Add *chunk*; return the messages now complete (plain data: tuples, str...)."""
+        import marshal
+        buf, messages = self.buffer + chunk, []
+        while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
+            size = int.from_bytes(buf[:4], "big")
+            messages.append(marshal.loads(buf[4:4 + size]))
+            buf = buf[4 + size:]
+        self.buffer = buf
+        return messages
+
+    def reap(self):
+        """Wait for the ended worker; warn if its counts never came."""
+        os.waitpid(self.pid, 0)
+        if not self.counted:
+            warn("a worker process (pid %d) ended without reporting its counts: the summary "
+                 "misses the messages it handled (--results FILE lists them)" % self.pid)
+
+
+def frame(message):
+    """Return *message* (plain data: tuples, lists, str, numbers) as a length-prefixed frame."""
+    import marshal
+    data = marshal.dumps(message)
+    return len(data).to_bytes(4, "big") + data
+
+
+def collect(message, printer, halt):
+    """Act on one message from a worker; return True if it carried the worker's counts."""
+    kind = message[0]
+    if kind == "result":
+        res = Result.__new__(Result)
+        res.__dict__.update(message[1])
+        printer(res)
+        if res.abort:
+            halt[0] = 1
+    elif kind == "abort":
+        halt[0] = 1
+    elif kind == "counts":
+        printer.stats.merge(*message[1:])
+        return True
+    return False
+
+
+def worker_process(opts, backend, items, printer, pipe, halt):
+    """Run a forked worker; return its exit status (never return into the parent's code)."""
+    try:
+        worker_main(opts, backend, items, printer, pipe, halt)
+        return EX_OK
+    except BaseException as exc:  # noqa: BLE001 - a bug: say so, and let the parent count
+        warn("internal error in a worker process: %s: %s" % (type(exc).__name__, exc))
+        return EX_SOFTWARE
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def worker_main(opts, backend, items, printer, pipe, halt):
+    """A worker process: its own session, its share of the items, its counts up *pipe*.
+
+    Prints through *printer* itself unless the parent draws a progress bar: then
+    each Result goes up *pipe* instead.
+    """
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; in-flight work finishes
-    worker = None
+    stats, worker = printer.stats, None
+
+    def send(message):
+        data = frame(message)
+        while data:
+            data = data[os.write(pipe, data):]
+
+    def emit(res):
+        if printer.progress:
+            send(("result", dict(vars(res))))
+            return
+        printer(res)
+        if res.abort:
+            send(("abort",))
+
     try:
         worker = Worker(opts, backend)
-        worker.run(items, pipe.send, halt.is_set)
+        worker.run(items, emit, lambda: halt[0])
     except SmimeToolError as exc:  # the session could not be set up at all
         res = Result("", 0)
         res.code, res.errors, res.abort = exc.exit_code, [str(exc)], True
-        pipe.send(res)
+        emit(res)
     finally:
         if worker is not None:
             worker.close()
-        pipe.close()
+    if not printer.progress:
+        send(("counts", stats.sent, stats.failed, stats.code, stats.failed_at, stats.latencies))
 
 
 class Printer:
@@ -2348,9 +2649,8 @@ class Printer:
     def __call__(self, res):
         self.stats.add(res)
         self.journal.write(res)
-        if self.lines or (res.status != "sent" and self.opts.send):
-            for line in res.report:
-                say(line.replace("{elapsed}", "%.3f" % res.duration))
+        if res.report and (self.lines or (res.status != "sent" and self.opts.send)):
+            say("\n".join(res.report).replace("{elapsed}", "%.3f" % res.duration))
         for line in res.errors:
             warn(line)
         if self.progress:

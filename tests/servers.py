@@ -50,16 +50,21 @@ class Recorder:
 
     refuse: address -> reply for RCPT; drop_every: N drops the connection at the end
     of every Nth DATA (no reply, message not kept); tempfail_data: that many DATA
-    commands get "451 4.3.0"; delay: seconds to wait before answering DATA.
+    commands get "451 4.3.0"; tempfail_once: a DATA whose content holds one of these byte
+    strings gets "451 4.3.0" the first time only; delay: seconds to wait before answering DATA;
+    pipelining: offer PIPELINING (RFC 2920) in the EHLO reply, as production MTAs do
+    (aiosmtpd reads commands in order from its buffer, so it can take them in groups).
     """
 
-    def __init__(self):
+    def __init__(self, pipelining=True):
+        self.pipelining = pipelining
         self.messages = []      # (mail_from, [rcpt], data bytes)
         self.refuse = {}        # address -> "550 5.7.1 relaying denied"
         self.auth_seen = []     # (mechanism, login)
         self.connections = 0    # connections that sent MAIL so far
         self.drop_every = 0
         self.tempfail_data = 0
+        self.tempfail_once = set()
         self.delay = 0.0
         self.dropped = 0
         self.data_commands = 0
@@ -70,6 +75,12 @@ class Recorder:
             self.connections += 1
             session.test_number = self.connections
         return session.test_number
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname  # this hook's duty (aiosmtpd 1.4)
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         self.connection(session)
@@ -92,8 +103,10 @@ class Recorder:
             self.dropped += 1
             server.transport.close()  # gone before the end-of-DATA reply
             return "421 4.4.2 (never seen: the connection is closed)"
-        if self.tempfail_data > 0:
-            self.tempfail_data -= 1
+        marked = [m for m in self.tempfail_once if m in envelope.original_content]
+        if self.tempfail_data > 0 or marked:
+            self.tempfail_data -= not marked
+            self.tempfail_once.difference_update(marked)
             return "451 4.3.0 Temporary failure, try again"
         self.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
                               envelope.original_content))
@@ -104,8 +117,8 @@ class SmtpServer:
     """A running aiosmtpd on 127.0.0.1 with optional STARTTLS, implicit TLS and AUTH."""
 
     def __init__(self, ctx=None, implicit_tls=False, users=None, auth_require_tls=True,
-                 exclude_mechanisms=()):
-        self.handler = Recorder()
+                 exclude_mechanisms=(), pipelining=True):
+        self.handler = Recorder(pipelining)
         self.users = users or {}
         self.port = free_port()
         kwargs = dict(auth_require_tls=auth_require_tls,

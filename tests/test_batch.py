@@ -20,9 +20,10 @@ SUMMARY = re.compile(r"Summary: (\d+) sent, (\d+) failed(?:, (\d+) not sent)? in
                      r"p95 [\d.]+ ms, max [\d.]+ ms)?$")
 
 
-@pytest.fixture
-def smtp():
-    srv = SmtpServer()
+@pytest.fixture(params=[True, False], ids=["pipelining", "no-pipelining"])
+def smtp(request):
+    """aiosmtpd, offering PIPELINING (the tool streams messages back to back) or not."""
+    srv = SmtpServer(pipelining=request.param)
     yield srv
     srv.stop()
 
@@ -145,7 +146,11 @@ def test_drops_at_end_of_data_are_retried_without_duplicates(smtp, pki, tmp_path
     assert numbers == list(range(40))  # each message exactly once
     rows = journal(results)
     assert len(rows) == 40 and all(r["status"] == "sent" for r in rows)
-    assert sum(r["attempts"] > 1 for r in rows) == smtp.handler.dropped
+    retried = sum(r["attempts"] > 1 for r in rows)
+    if smtp.handler.pipelining:  # the next message's envelope was in flight too
+        assert smtp.handler.dropped <= retried <= 2 * smtp.handler.dropped
+    else:
+        assert retried == smtp.handler.dropped
     assert "retrying in" in proc.stderr.decode()
     assert summary(proc)[:2] == [40, 0]
     kept = sorted(os.listdir(archive / "new"))
@@ -221,3 +226,198 @@ def test_config_failure_stops_the_batch(pki, tmp_path):
         srv.stop()
     assert proc.returncode == 78
     assert srv.messages == [] and proc.stderr.decode().count("refusing to send") == 1
+
+
+def mixed_inbox(tmp_path, tos):
+    """One message per To: header in *tos* (m000.eml, m001.eml, ...), alice -> them."""
+    d = tmp_path / "mixed"
+    d.mkdir()
+    for i, to in enumerate(tos):
+        (d / ("m%03d.eml" % i)).write_bytes(CORPUS["plain-ascii"].replace(
+            b"To: Bob <bob@example.org>", b"To: " + to).replace(b"Just text.", b"Message %d." % i))
+    return d
+
+
+def test_messages_stream_behind_each_other(pki, tmp_path):
+    """With PIPELINING, a message's final dot and the next MAIL/RCPT/DATA share one group
+    (RFC 2920 3.1): the transcript shows them sent before the end-of-DATA reply."""
+    for pipelining in (True, False):
+        srv = SmtpServer(pipelining=pipelining)
+        try:
+            proc = run_tool([str(inbox(tmp_path, 3)), "--keys", pki.keys, "--send_smtp", "-v"],
+                            env=smtp_env(srv))
+        finally:
+            srv.stop()
+        assert proc.returncode == 0, proc.stderr
+        assert len(srv.messages) == 3
+        err = proc.stderr.decode()
+        second_dot = err.index("-> .\n", err.index("-> .\n") + 1)  # the first goes alone
+        queued = err.index("<- 250 2.0.0 Ok: queued as Q00002")
+        next_mail = err.index("-> MAIL FROM:<alice@example.com>", second_dot)
+        assert (next_mail < queued) == pipelining, err
+
+
+def test_refusals_inside_a_streamed_batch(smtp, pki, tmp_path):
+    """Partial and total refusals among accepted messages: each message gets its own
+    outcome, in order, and the others are delivered once."""
+    smtp.handler.refuse = {"carol@example.net": "550 5.7.1 relaying denied",
+                           "dave@example.com": "550 5.1.1 no such user"}
+    d = mixed_inbox(tmp_path, [b"bob@example.org", b"bob@example.org, carol@example.net",
+                               b"dave@example.com", b"bob@example.org", b"erin@example.org"])
+    results = tmp_path / "results.jsonl"
+    proc = run_tool([str(d), "--keys", pki.keys, "--send_smtp", "--results", str(results)],
+                    env=smtp_env(smtp))
+    assert proc.returncode == 69, proc.stderr
+    rows = journal(results)
+    assert [os.path.basename(r["input"]) for r in rows] == ["m%03d.eml" % i for i in range(5)]
+    assert [r["status"] for r in rows] == ["sent", "partial", "failed", "sent", "sent"]
+    assert all(r["attempts"] == 1 for r in rows)
+    numbers = [int(re.search(rb"Message (\d+)\.", m[2]).group(1)) for m in smtp.messages]
+    assert numbers == [0, 1, 3, 4]
+    assert smtp.messages[1][1] == ["bob@example.org"]
+    out = proc.stdout.decode()
+    assert out.count("OK - in ") == 3 and out.count("PARTIAL - in ") == 1
+    assert "FAILED - in " in out and summary(proc)[:2] == [3, 2]
+    err = proc.stderr.decode()
+    assert "refused carol@example.net: 550 5.7.1" in err
+    assert "refused dave@example.com: 550 5.1.1" in err
+
+
+def test_end_of_data_tempfail_in_a_streamed_batch(smtp, pki, tmp_path):
+    """451 at the end of DATA for two messages in a row while the next ones are in flight:
+    every message is delivered exactly once; exactly those two took a second attempt."""
+    smtp.handler.tempfail_once = {b"Message 2.", b"Message 3."}
+    results = tmp_path / "results.jsonl"
+    proc = run_tool([str(inbox(tmp_path, 6)), "--keys", pki.keys, "--send_smtp",
+                     "--retry_delay", "0.05", "--results", str(results)], env=smtp_env(smtp))
+    assert proc.returncode == 0, proc.stderr
+    numbers = sorted(int(re.search(rb"Message (\d+)\.", m[2]).group(1)) for m in smtp.messages)
+    assert numbers == list(range(6))
+    rows = journal(results)
+    assert len(rows) == 6 and all(r["status"] == "sent" for r in rows)
+    assert [r["attempts"] for r in rows] == [1, 1, 2, 2, 1, 1]
+    assert proc.stderr.decode().count("451 4.3.0") == 2
+
+
+REPORT_LINE = re.compile(r"(Opened SMTP connection \(plain\) to 127\.0\.0\.1, port \d+|Sending \S+\t"
+                         r"From: \S+\tTo: \S+|OK - in [\d.]+ seconds|FAILED - in [\d.]+ seconds.*"
+                         r"|Summary: .*)$")
+
+
+def test_parallel_workers_print_whole_lines_and_journal(smtp, pki, tmp_path):
+    """--jobs 3: the workers print their own lines (never mixed), journal every message
+    once, and the summary and exit code add up their counts."""
+    d = inbox(tmp_path, 12)
+    (d / "m005.eml").write_bytes(b"To: bob@example.org\r\n\r\nno sender\r\n")
+    results = tmp_path / "results.jsonl"
+    proc = run_tool([str(d), "--keys", pki.keys, "--sign", "--send_smtp", "--jobs", "3",
+                     "--repeat", "5", "--results", str(results)], env=smtp_env(smtp))
+    assert proc.returncode == 65, proc.stderr
+    assert summary(proc)[:2] == [55, 5]
+    lines = proc.stdout.decode().splitlines()
+    assert [line for line in lines if not REPORT_LINE.match(line)] == []
+    assert sum(line.startswith("OK - in") for line in lines) == 55 == len(smtp.messages)
+    assert proc.stderr.decode().count("no From address") == 5
+    rows = journal(results)
+    assert sorted((os.path.basename(r["input"]), r.get("copy", 0)) for r in rows) == sorted(
+        ("m%03d.eml" % i, c) for i in range(12) for c in range(5))
+    assert [r["exit_code"] for r in rows if r["status"] == "failed"] == [65] * 5
+
+
+def test_parallel_config_failure_stops_every_worker(pki, tmp_path):
+    srv = SmtpServer(users={"u": "p-TEST-pw"}, auth_require_tls=False)
+    engines.plant_secret("p-TEST-pw")
+    try:
+        proc = run_tool([str(inbox(tmp_path, 40)), "--keys", pki.keys, "--send_smtp",
+                         "--jobs", "2"],
+                        env=dict(smtp_env(srv), SMTP_USER="u", SMTP_PASSWORD="p-TEST-pw"))
+    finally:
+        srv.stop()
+    assert proc.returncode == 78
+    assert srv.messages == []
+    assert 1 <= proc.stderr.decode().count("refusing to send") <= 2  # at most once per worker
+    sent, failed, left = summary(proc)
+    assert sent == 0 and failed <= 2 and left >= 38
+
+
+def test_parallel_ctrl_c_finishes_in_flight(smtp, pki, tmp_path):
+    smtp.handler.delay = 0.2
+    d = inbox(tmp_path, 40)
+    results = tmp_path / "results.jsonl"
+    env = dict(os.environ, **smtp_env(smtp))
+    proc = subprocess.Popen([sys.executable, TOOL, str(d), "--keys", pki.keys, "--send_smtp",
+                             "--jobs", "2", "--results", str(results)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 20
+    while time.time() < deadline and len(smtp.messages) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    engines.OUTPUTS.append(out + err)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err and b"interrupted" in err
+    sent, failed, left = [int(g or 0) for g in SUMMARY.match(
+        out.decode().strip().splitlines()[-1]).groups()]
+    assert sent == len(smtp.messages) and failed == 0 and sent + left == 40 and left > 0
+    assert len(journal(results)) == sent
+
+
+def worker_pids(pid):
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as fh:
+        return [int(p) for p in fh.read().split()]
+
+
+def test_killed_worker_is_reported_not_hidden(smtp, pki, tmp_path):
+    """A worker killed mid-batch: the parent says so, the other worker finishes, the
+    summary counts what it could not account for as not sent, and the exit code is 75."""
+    smtp.handler.delay = 0.1
+    results = tmp_path / "results.jsonl"
+    env = dict(os.environ, **smtp_env(smtp))
+    proc = subprocess.Popen([sys.executable, TOOL, str(inbox(tmp_path, 20)), "--keys",
+                             pki.keys, "--send_smtp", "--jobs", "2", "--results", str(results)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 20
+    while time.time() < deadline and len(smtp.messages) < 2:
+        time.sleep(0.02)
+    victim = worker_pids(proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    engines.OUTPUTS.append(out + err)
+    assert proc.returncode == 75, err
+    assert ("a worker process (pid %d) ended without reporting its counts" % victim).encode() in err
+    sent, failed, left = summary(subprocess.CompletedProcess([], 0, out, err))
+    assert failed == 0 and left > 0 and sent + left == 20
+    rows = journal(results)
+    assert all(r["status"] == "sent" for r in rows) and len(rows) <= len(smtp.messages)
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_progress_bar_on_a_terminal(smtp, pki, tmp_path, jobs):
+    """stderr on a terminal and many messages: a progress bar there, report lines off
+    stdout only when stdout is the same terminal; the summary as usual."""
+    import pty
+    master, slave = pty.openpty()
+    env = dict(os.environ, **smtp_env(smtp))
+    try:
+        proc = subprocess.run([sys.executable, TOOL, str(inbox(tmp_path, 60)), "--keys",
+                               pki.keys, "--send_smtp", "--jobs", jobs], env=env,
+                              stdout=subprocess.PIPE, stderr=slave, timeout=60)
+        os.close(slave)
+        bar = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal is closed and drained
+                break
+            if not chunk:
+                break
+            bar += chunk
+    finally:
+        os.close(master)
+    engines.OUTPUTS.append(proc.stdout + bar)
+    assert proc.returncode == 0, bar
+    assert b"[##############################] 60/60, 0 failed" in bar
+    assert b"\r[" in bar and bar.count(b"/60, 0 failed") >= 2
+    out = proc.stdout.decode()
+    assert out.count("OK - in ") == 60  # stdout is a pipe: the report still goes there
+    assert summary(proc)[:2] == [60, 0]

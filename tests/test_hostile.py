@@ -112,3 +112,14 @@ def test_cli_never_tracebacks(tmp_path, data):
     proc = run_tool([str(path), "--sign", "--encrypt", "--keys", str(tmp_path)])
     assert proc.returncode in (65, 78), proc.stderr
     assert proc.stderr.count(b"\n") == 1
+
+
+@FAST
+@given(st.lists(st.sampled_from([b".", b"a", b"\r\n", b"\n", b"\r", b"=="]), max_size=200),
+       st.integers(min_value=0, max_value=20))
+def test_dot_stuffing_check_matches_its_definition(pieces, probes):
+    """starts_a_line() (memchr probes, then a fallback) agrees with the plain definition:
+    a line starting with "." anywhere means the message must be dot-stuffed."""
+    data = b"".join(pieces)
+    expected = data.startswith(b".") or b"\n." in data
+    assert tool.starts_a_line(data, b".", probes) == expected

@@ -105,8 +105,8 @@ class Sink:
         if not os.path.exists(binary):
             raise SystemExit("smtp-sink not found: apt-get install postfix")
         self.port = free_port()
-        # -c counts on stdout: send it nowhere (an unread pipe would fill and stall the sink)
-        self.proc = subprocess.Popen([binary, "-c", "-u", "postfix", "127.0.0.1:%d" % self.port,
+        # no -c: a running counter would cost the sink a write per message
+        self.proc = subprocess.Popen([binary, "-u", "postfix", "127.0.0.1:%d" % self.port,
                                       "256"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 10
         while time.time() < deadline:
