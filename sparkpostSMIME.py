@@ -3,7 +3,7 @@
 # shell runs the next line, which starts python3 on this file through importlib, so the
 # compiled copy in __pycache__ is reused and single runs skip recompiling the whole file
 # (~25 ms per run).  "python3 sparkpostSMIME.py" runs it as a plain script.
-''''exec "${SPARKPOST_SMIME_PYTHON:-python3}" -c "import sys; sys.dont_write_bytecode = False; from importlib.util import spec_from_file_location as f, module_from_spec as m; s = f('sparkpostSMIME', sys.argv[1]); t = m(s); sys.modules[s.name] = t; s.loader.exec_module(t); sys.argv = sys.argv[1:]; sys.exit(t.main())" "$0" "$@" # '''
+''''exec "${SPARKPOST_SMIME_PYTHON:-python3}" -c "import sys; sys.dont_write_bytecode = False; from importlib.util import spec_from_file_location as f, module_from_spec as m; s = f('sparkpostSMIME', sys.argv[1]); t = m(s); sys.modules[s.name] = t; s.loader.exec_module(t); sys.argv = sys.argv[1:]; t.exit_now(t.main())" "$0" "$@" # '''
 
 __doc__ = """sparkpostSMIME - S/MIME sign and/or encrypt a finished email, then inject it.
 
@@ -2533,8 +2533,8 @@ def preload(opts, backend, item):
         make_job(item[0], opts, backend)
         if isinstance(backend, SmtpDelivery):
             _smtp_classes()
-            if backend.settings.tls != "none":
-                tls_context(backend.settings.cafile, backend.settings.verify)
+            if backend.settings.tls in ("tls", "starttls"):  # not "auto": maybe unused
+                tls_context(backend.settings.cafile, backend.settings.verify)  # ~35 ms
     except Exception:  # noqa: BLE001 - a warm-up only: the worker reports it properly
         pass
 
@@ -2972,5 +2972,20 @@ def main(argv=None):
         return EX_SOFTWARE
 
 
+def exit_now(code):
+    """Flush stdout and stderr, then end the process with *code* at once.
+
+    Tearing the interpreter down frees some 300 imported modules one by one
+    (~8 ms per run) for nothing: the OS reclaims the process whole.  Every file
+    the tool writes (outputs, --results, --archive) is closed before this.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
