@@ -178,6 +178,48 @@ def crypto_floor(n):
     return float(raw), float(build)
 
 
+FLOOR_ONE_CORE = r"""
+import sys, time
+sys.path.insert(0, %(root)r)
+import sparkpostSMIME as s
+opts = s.parse_args([%(msg)r, "--sign_detached", "--encrypt", "--keys", %(keys)r])
+s.make_job(%(msg)r, opts)  # keys loaded, imports done
+start = time.perf_counter()
+for _ in range(%(n)d):
+    s.make_job(%(msg)r, opts)
+print(%(n)d / (time.perf_counter() - start))
+"""
+
+
+def on_core(core):
+    """Return a preexec_fn pinning the child process to CPU *core*."""
+    return lambda: os.sched_setaffinity(0, {core})
+
+
+def separate_cores(sink, n):
+    """Return (floor, tool) msg/s with the tool on core 0 and smtp-sink alone on core 1.
+
+    floor: the build alone in one process on core 0; tool: --jobs 1 on core 0, start-up
+    included.  Shows what the sink's own CPU costs when it shares the cores.
+    """
+    os.sched_setaffinity(sink.proc.pid, {1})
+    try:
+        code = FLOOR_ONE_CORE % {"root": ROOT, "keys": KEYS, "msg": SMALL, "n": n}
+        out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True,
+                             preexec_fn=on_core(0))
+        env = clean_env(SMTP_HOST="127.0.0.1", SMTP_PORT=str(sink.port))
+        start = time.perf_counter()
+        proc = subprocess.run([TOOL, SMALL, "--sign_detached", "--encrypt", "--keys", KEYS,
+                               "--send_smtp", "--repeat", str(n)], env=env,
+                              capture_output=True, text=True, preexec_fn=on_core(0))
+        wall = time.perf_counter() - start
+        if ("Summary: %d sent, 0 failed" % n) not in proc.stdout:
+            raise SystemExit("pinned run failed:\n" + proc.stdout[-2000:] + proc.stderr[-2000:])
+        return float(out.stdout), n / wall
+    finally:
+        os.sched_setaffinity(sink.proc.pid, set(range(os.cpu_count())))
+
+
 def batch_rate(sink, n, jobs=2):
     """Messages per second of the tool: n x 19 KB, --sign_detached --encrypt --send_smtp."""
     env = clean_env(SMTP_HOST="127.0.0.1", SMTP_PORT=str(sink.port))
@@ -270,6 +312,13 @@ def main():
         print("  its report: %s" % summary)
         print("  each round, tool / build floor: %s" % " ".join(
             "%.0f/%.0f=%.2f" % (r[2], r[1], r[2] / r[1]) for r in rounds))
+        pinned = None
+        if os.cpu_count() >= 2 and hasattr(os, "sched_setaffinity"):
+            pinned = [separate_cores(sink, n) for _ in range(ROUNDS_QUICK if args.quick
+                                                              else ROUNDS)]
+            print("  smtp-sink alone on core 1, the tool --jobs 1 on core 0 (start-up included) "
+                  "vs the build alone on core 0: %s" % " ".join(
+                      "%.0f/%.0f=%.2f" % (t, f, t / f) for f, t in pinned))
         loops = 10 if args.quick else 30
         per_shell = shell_loop(sink, loops)
         if per_shell is None:
@@ -294,6 +343,9 @@ def main():
           % (batch_ratio, rate, floor))
     print("  batch: %.2f x cryptography's raw PKCS#7 calls (%.0f / %.0f msg/s)"
           % (raw_ratio, rate, raw))
+    if pinned:
+        print("  batch, the sink on its own core: %.2f x the one-core build floor "
+              "(--jobs 1 on the other core)" % statistics.median(t / f for f, t in pinned))
     if per_shell is not None:
         print("  batch vs shell loop: %.0f x faster per message (%.2f ms vs %.1f ms)"
               % (per_shell * rate, 1000 / rate, per_shell * 1000))
