@@ -3,7 +3,7 @@
 
 Run from the repository root (after the README's install):
 
-    .venv/bin/python tests/bench/bench.py            # everything (~3 minutes)
+    .venv/bin/python tests/bench/bench.py            # everything (about 30 seconds)
     .venv/bin/python tests/bench/bench.py --quick    # fewer repetitions
 
 Everything is measured side by side in one run on this machine and printed as
