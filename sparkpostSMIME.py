@@ -2634,8 +2634,8 @@ def worker_main(opts, backend, items, printer, pipe, halt):
     finally:
         if worker is not None:
             worker.close()
-    if not printer.progress:
-        send(("counts", stats.sent, stats.failed, stats.code, stats.failed_at, stats.latencies))
+    # the last word, even when Results went up one by one (then these counts are zeros)
+    send(("counts", stats.sent, stats.failed, stats.code, stats.failed_at, stats.latencies))
 
 
 class Printer:
