@@ -2069,10 +2069,11 @@ def save_harvested(found, directory):
 ###############################################################################
 # Batch: many messages, several sessions, nothing lost ########################
 ###############################################################################
-# A Worker owns one delivery session and turns work items into Results; it never
-# prints.  With --jobs N, N worker processes run side by side (cryptography holds
-# the GIL while it signs and encrypts, so threads would not use a second core);
-# only the main process prints, writes the journal and counts.
+# A Worker owns one delivery session and turns work items into Results; a Printer
+# prints, journals and counts them.  With --jobs N, N forked worker processes run
+# side by side (cryptography holds the GIL while it signs and encrypts, so threads
+# would not use a second core), each with its own Printer; the main process adds
+# up their counts for the summary (and draws the progress bar, if any).
 
 class Result:
     """The outcome of one work item, as printed, journaled and counted."""
