@@ -193,24 +193,37 @@ def test_resume_skips_what_was_sent(smtp, pki, tmp_path):
     assert summary(proc)[:2] == [2, 0]
 
 
-def test_ctrl_c_finishes_in_flight_and_prints_summary(smtp, pki, tmp_path):
-    smtp.handler.delay = 0.3
-    d = inbox(tmp_path, 30)
+def batch_in_background(smtp, pki, tmp_path, count, delivered, *options):
+    """Start a batch of *count* messages; return (Popen, journal path) once the server
+    holds *delivered* of them."""
     results = tmp_path / "results.jsonl"
-    env = dict(os.environ, **smtp_env(smtp))
-    proc = subprocess.Popen([sys.executable, TOOL, str(d), "--keys", pki.keys, "--send_smtp",
-                             "--results", str(results)], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, TOOL, str(inbox(tmp_path, count)), "--keys",
+                             pki.keys, "--send_smtp", "--results", str(results)] + list(options),
+                            env=dict(os.environ, **smtp_env(smtp)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     deadline = time.time() + 20
-    while time.time() < deadline and len(smtp.messages) < 2:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    while time.time() < deadline and len(smtp.messages) < delivered:
+        time.sleep(0.02)
+    return proc, results
+
+
+def finished(proc):
+    """Wait for *proc*; return its CompletedProcess, scanned like every output of the tool."""
     out, err = proc.communicate(timeout=30)
     engines.OUTPUTS.append(out + err)
-    assert proc.returncode == 130, err
-    assert b"Traceback" not in err and b"interrupted" in err
-    sent, failed, left = [int(g or 0) for g in SUMMARY.match(
-        out.decode().strip().splitlines()[-1]).groups()]
+    assert b"Traceback" not in err
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_ctrl_c_finishes_in_flight_and_prints_summary(smtp, pki, tmp_path, jobs):
+    smtp.handler.delay = 0.2
+    proc, results = batch_in_background(smtp, pki, tmp_path, 30, 2, "--jobs", jobs)
+    proc.send_signal(signal.SIGINT)
+    done = finished(proc)
+    assert done.returncode == 130, done.stderr
+    assert b"interrupted" in done.stderr
+    sent, failed, left = summary(done)
     assert sent == len(smtp.messages) and failed == 0 and sent + left == 30 and left > 0
     assert len(journal(results)) == sent
 
@@ -340,28 +353,6 @@ def test_parallel_config_failure_stops_every_worker(pki, tmp_path):
     assert sent == 0 and failed <= 2 and left >= 38
 
 
-def test_parallel_ctrl_c_finishes_in_flight(smtp, pki, tmp_path):
-    smtp.handler.delay = 0.2
-    d = inbox(tmp_path, 40)
-    results = tmp_path / "results.jsonl"
-    env = dict(os.environ, **smtp_env(smtp))
-    proc = subprocess.Popen([sys.executable, TOOL, str(d), "--keys", pki.keys, "--send_smtp",
-                             "--jobs", "2", "--results", str(results)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 20
-    while time.time() < deadline and len(smtp.messages) < 3:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
-    engines.OUTPUTS.append(out + err)
-    assert proc.returncode == 130, err
-    assert b"Traceback" not in err and b"interrupted" in err
-    sent, failed, left = [int(g or 0) for g in SUMMARY.match(
-        out.decode().strip().splitlines()[-1]).groups()]
-    assert sent == len(smtp.messages) and failed == 0 and sent + left == 40 and left > 0
-    assert len(journal(results)) == sent
-
-
 def worker_pids(pid):
     with open("/proc/%d/task/%d/children" % (pid, pid)) as fh:
         return [int(p) for p in fh.read().split()]
@@ -371,21 +362,14 @@ def test_killed_worker_is_reported_not_hidden(smtp, pki, tmp_path):
     """A worker killed mid-batch: the parent says so, the other worker finishes, the
     summary counts what it could not account for as not sent, and the exit code is 75."""
     smtp.handler.delay = 0.1
-    results = tmp_path / "results.jsonl"
-    env = dict(os.environ, **smtp_env(smtp))
-    proc = subprocess.Popen([sys.executable, TOOL, str(inbox(tmp_path, 20)), "--keys",
-                             pki.keys, "--send_smtp", "--jobs", "2", "--results", str(results)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 20
-    while time.time() < deadline and len(smtp.messages) < 2:
-        time.sleep(0.02)
+    proc, results = batch_in_background(smtp, pki, tmp_path, 20, 2, "--jobs", "2")
     victim = worker_pids(proc.pid)[0]
     os.kill(victim, signal.SIGKILL)
-    out, err = proc.communicate(timeout=30)
-    engines.OUTPUTS.append(out + err)
-    assert proc.returncode == 75, err
-    assert ("a worker process (pid %d) ended without reporting its counts" % victim).encode() in err
-    sent, failed, left = summary(subprocess.CompletedProcess([], 0, out, err))
+    done = finished(proc)
+    assert done.returncode == 75, done.stderr
+    assert (b"a worker process (pid %d) ended without reporting its counts" % victim
+            in done.stderr)
+    sent, failed, left = summary(done)
     assert failed == 0 and left > 0 and sent + left == 20
     rows = journal(results)
     assert all(r["status"] == "sent" for r in rows) and len(rows) <= len(smtp.messages)
