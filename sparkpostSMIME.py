@@ -5,6 +5,15 @@
 # (~25 ms per run).  "python3 sparkpostSMIME.py" runs it as a plain script.
 ''''exec "${SPARKPOST_SMIME_PYTHON:-python3}" -c "import sys; sys.dont_write_bytecode = False; from importlib.util import spec_from_file_location as f, module_from_spec as m; s = f('sparkpostSMIME', sys.argv[1]); t = m(s); sys.modules[s.name] = t; s.loader.exec_module(t); sys.argv = sys.argv[1:]; t.exit_now(t.main())" "$0" "$@" # '''
 
+# /// script
+# requires-python = ">=3.9"
+# dependencies = [
+#     "cryptography>=45",
+#     "requests>=2.28",
+#     "python-dotenv>=1.0",
+# ]
+# ///
+
 __doc__ = """sparkpostSMIME - S/MIME sign and/or encrypt a finished email, then inject it.
 
 Usage:
@@ -82,6 +91,8 @@ MESSAGES_PER_CONNECTION = 100
 MAX_RETRY_WAIT, MAX_TOTAL_WAIT = 30.0, 45.0
 #: Messages from which a progress bar replaces per-message lines on a terminal.
 PROGRESS_MIN = 50
+#: SparkPost's limits for a transmission (API "Transmissions", RFC 822 content).
+MAX_CAMPAIGN_ID, MAX_RFC822 = 64, 20_000_000
 #: Private key files tried for a sender, in this order, in each key directory.
 KEY_SUFFIXES = (".pem", ".p12", ".pfx")
 
@@ -123,10 +134,11 @@ class DeliveryError(SmimeToolError):
     """Sending failed.  *session*: the connection is unusable (reconnect, or for a TLS,
     configuration or authentication failure, stop the batch)."""
 
-    def __init__(self, text, exit_code=EX_TEMPFAIL, session=False, hint=""):
+    def __init__(self, text, exit_code=EX_TEMPFAIL, session=False, hint="", halt=False):
         super().__init__(text)
         self.exit_code, self.session, self.hint = exit_code, session, hint
         self.retry_after = 0.0  #: seconds the server asked us to wait (HTTP Retry-After)
+        self.halt = halt  #: later messages would meet the same: no retry, stop the batch
 
 
 class RecipientsRefused(DeliveryError):
@@ -360,6 +372,16 @@ def warn(text):
     sys.stderr.flush()
 
 
+_WARNED = set()
+
+
+def warn_once(topic, text):
+    """warn() *text* the first time *topic* comes up in this process."""
+    if topic not in _WARNED:
+        _WARNED.add(topic)
+        warn(text)
+
+
 def say(text):
     """Write one report line to stdout (the product when sending)."""
     sys.stdout.write(redact(text) + "\n")
@@ -378,7 +400,7 @@ def transcript(line):
 _FIELD_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _UNFOLD = re.compile(rb"\r\n(?=[ \t])")
-_MBOX_FROM = re.compile(rb"From [^\r\n]*\r\n")
+_MBOX_FROM = re.compile(rb"From [^\r\n]*(?:\r\n|\n|\r)")
 
 
 class Field:
@@ -435,6 +457,85 @@ def to_crlf(data):
     return _LINE_END.sub(b"\r\n", data)
 
 
+#: A Content-Transfer-Encoding field's value "binary", matched from "ransfer-encoding".
+_BINARY_CTE = re.compile(rb"(?i)ransfer-encoding[ \t]*:[ \t]*binary\b")
+#: One raw line and its ending, whatever that ending is (LF, CR or CRLF).
+_RAW_LINE = re.compile(rb"([^\r\n]*)(\r\n|\n|\r|\Z)")
+
+
+def declares_binary(data):
+    """True when *data* holds a Content-Transfer-Encoding: binary field (RFC 2045 6.2).
+
+    Finds "ransfer-" with C-speed substring searches first (it is rare), so the
+    usual message costs microseconds; a false alarm only costs a closer look.
+    """
+    for marker in (b"ransfer-", b"RANSFER-"):
+        at = data.find(marker)
+        while at >= 0:
+            if _BINARY_CTE.match(data, at):
+                return True
+            at = data.find(marker, at + 1)
+    return False
+
+
+def message_to_crlf(data):
+    """Return a whole message with CRLF line endings, binary part bodies excepted.
+
+    A part declared "binary" (RFC 2045 6.2, RFC 3030) has no line structure:
+    its bytes stay exactly as they are; only the line break before the next
+    boundary delimiter belongs to the delimiter (RFC 2046 5.1.1) and becomes CRLF.
+    """
+    return entity_to_crlf(data) if declares_binary(data) else to_crlf(data)
+
+
+def entity_to_crlf(raw):
+    """Return one raw MIME entity (header, empty line, body) with CRLF line endings
+    in its header and in every body but those declared binary."""
+    head, pos = [], 0
+    while True:  # header lines end where split_header() ends them
+        line = _RAW_LINE.match(raw, pos)
+        text = line.group(1)
+        if not text or not (text[:1] in (b" ", b"\t") and head or _FIELD_NAME.match(text)):
+            break
+        head.append(text + b"\r\n")
+        pos = line.end()
+    if not text and line.group(2):  # the empty line: the body follows it
+        separator, rest = b"\r\n", raw[line.end():]
+    else:  # the end, or a line that is not a field: the body starts there
+        separator, rest = b"", raw[pos:]
+    fields = split_header(b"".join(head) + b"\r\n")[0]
+    ctype, params = parse_content_type(field_value(fields, "content-type") or b"text/plain")
+    cte = transfer_encoding(fields)
+    if ctype.startswith("multipart/") and params.get("boundary"):
+        body = multipart_to_crlf(rest, params["boundary"].encode("ascii", "replace"))
+    elif cte == b"binary":
+        body = rest
+    elif ctype == "message/rfc822" and cte not in (b"base64", b"quoted-printable"):
+        body = entity_to_crlf(rest)
+    else:
+        body = to_crlf(rest)
+    return b"".join(head) + separator + body
+
+
+def multipart_to_crlf(raw, boundary):
+    """Return a raw multipart body with CRLF line endings, binary parts kept as they are."""
+    delimiter = re.compile(rb"(?:\A|\r\n|\n|\r)--" + re.escape(boundary)
+                           + rb"(--)?[ \t]*(?=\r\n|\n|\r|\Z)")
+    out, pos, first = [], 0, True
+    for mark in delimiter.finditer(raw):
+        segment = raw[pos:mark.start()]  # the preamble, then each part
+        out.append(to_crlf(segment) if first else entity_to_crlf(segment))
+        out.append(to_crlf(mark.group(0)))
+        pos, first = mark.end(), False
+        if mark.group(1):  # the close delimiter: an epilogue follows
+            return b"".join(out) + to_crlf(raw[pos:])
+        end = _RAW_LINE.match(raw, pos)  # the rest of the delimiter line
+        out.append(to_crlf(end.group(0)))
+        pos = end.end()
+    out.append(to_crlf(raw[pos:]) if first else entity_to_crlf(raw[pos:]))
+    return b"".join(out)
+
+
 def split_header(data):
     """Split CRLF *data* into ([Field, ...], body).
 
@@ -463,10 +564,10 @@ def parse_message(data, source="-"):
     """Parse raw bytes into a Message with its addresses.  Raises MessageError."""
     if not data.strip():
         raise MessageError("%s: empty input, expected an RFC 5322 message" % source)
-    data = to_crlf(data)
     mbox = _MBOX_FROM.match(data)
     if mbox:
         data = data[mbox.end():]
+    data = message_to_crlf(data)
     fields, body = split_header(data)
     if not fields or b"\x00" in data[:len(data) - len(body)]:
         raise MessageError("%s: not an RFC 5322 message (no header fields)" % source)
@@ -547,8 +648,10 @@ def display_names(msg, name):
 ###############################################################################
 # Signed bytes must survive every relay unchanged: 7-bit only, CRLF, lines of
 # at most 998 octets, no line starting with "From " (mbox quoting) and no
-# trailing white space (stripped by some relays).  Content that breaks one of
-# these rules is re-encoded; content that does not is left byte for byte.
+# trailing white space (stripped by some relays), no line that is a lone "."
+# (SparkPost's API refuses it).  Content that breaks one of these rules is
+# re-encoded; content that does not is left byte for byte.  Parts declared
+# "binary" are always re-encoded, as base64 of their exact bytes.
 
 _PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 
@@ -574,7 +677,19 @@ def is_transport_safe(data):
     return (data.isascii() and b"\0" not in data and not has_long_line(data)
             and b"\nFrom " not in data and not data.startswith(b"From ")
             and b" \r\n" not in data and b"\t\r\n" not in data
-            and not data.endswith((b" ", b"\t")))
+            and not data.endswith((b" ", b"\t")) and not has_lone_dot(data))
+
+
+def has_lone_dot(data):
+    """True when a line of CRLF *data* is a single ".": the SMTP end of data.
+
+    SMTP dot-stuffs such a line, but SparkPost's API refuses content holding
+    CRLF "." CRLF and must not be given dot-stuffed content (its "RFC 822
+    Content" rules), so the canonical form never has one: quoted-printable
+    writes it "=2E", which decodes to the same text (RFC 2045 6.7).
+    """
+    return (b"\r\n.\r\n" in data or data.startswith(b".\r\n") or data.endswith(b"\r\n.")
+            or data == b".")
 
 
 def has_long_line(data):
@@ -587,7 +702,8 @@ def canonical_entity(fields, body):
 
     *fields* are the entity's Field objects; *body* is CRLF.  Raises MessageError.
     """
-    if not is_transport_safe(body):
+    if (not is_transport_safe(body) or transfer_encoding(fields) == b"binary"
+            or declares_binary(body)):
         fields, body = canonical_parts(fields, body)
     return b"".join([b"".join(safe_field(f) for f in fields), b"\r\n", body])
 
@@ -612,6 +728,11 @@ def field_value(fields, name):
         if f.name == name:
             return f.value
     return None
+
+
+def transfer_encoding(fields):
+    """Return the entity's Content-Transfer-Encoding, lower-cased bytes (b"" if none)."""
+    return (field_value(fields, "content-transfer-encoding") or b"").strip().lower()
 
 
 def replace_field(fields, name, raw_value):
@@ -651,7 +772,7 @@ def safe_text_block(data):
 
 def canonical_embedded(fields, body):
     """Return an embedded message/rfc822 body made canonical (RFC 2046 5.2.1)."""
-    cte = (field_value(fields, "content-transfer-encoding") or b"").strip().lower()
+    cte = transfer_encoding(fields)
     body = to_crlf(decode_body(body, cte))
     inner_fields, inner_body = split_header(body)
     outer = [f for f in inner_fields if not f.name.startswith("content-")]
@@ -677,9 +798,9 @@ def reencode_leaf(fields, body, ctype):
 
     Returns (fields, body) with Content-Transfer-Encoding updated.
     """
-    cte = (field_value(fields, "content-transfer-encoding") or b"").strip().lower()
+    cte = transfer_encoding(fields)
     data = decode_body(body, cte)
-    if ctype.startswith("text/") and cte != b"base64":
+    if ctype.startswith("text/") and cte not in (b"base64", b"binary"):
         encoded, cte = encode_qp(to_crlf(data)), b"quoted-printable"
     else:
         encoded, cte = encode_base64(data), b"base64"
@@ -1402,10 +1523,36 @@ class SmtpDelivery:
             self.close()
             if isinstance(exc, (SmimeToolError, KeyboardInterrupt)):
                 raise
+            if getattr(exc, "verify_code", 0) in HOST_MISMATCH:
+                raise host_mismatch(s, self._peer_names()) from None
             raise smtp_failure(exc, s, session=True)
         return "Opened SMTP connection (%s) to %s" % (self.mode, s.describe())
 
-    def _connect(self):
+    def _peer_names(self):
+        """Return the names the server's certificate carries, or [] if unknown.
+
+        Read over a second connection that checks the certificate chain but not
+        the name, and goes no further than TLS: no credentials, no message.
+        """
+        import ssl
+        s = self.settings
+        context = ssl.create_default_context(cafile=s.cafile or None)
+        context.check_hostname = False
+        try:
+            self.smtp = self._connect(context)
+            if s.tls != "tls":
+                self.smtp.starttls(context=context)
+            cert = self.smtp.sock.getpeercert()
+        except Exception:  # noqa: BLE001 - only an explanation is at stake
+            return []
+        finally:
+            self.close()
+        names = [value for kind, value in cert.get("subjectAltName", ())
+                 if kind in ("DNS", "IP Address")]
+        return names or [value for rdn in cert.get("subject", ()) for kind, value in rdn
+                         if kind == "commonName"]
+
+    def _connect(self, context=None):
         import socket
         s = self.settings
         self.count, self.mode = 0, "plain"  # a new connection is in clear until TLS says not
@@ -1414,7 +1561,7 @@ class SmtpDelivery:
         if s.tls == "tls":
             self.mode = "TLS"
             smtp = secure(s.host, s.port, local_hostname=helo, timeout=s.timeout,
-                          context=tls_context(s.cafile, s.verify), log=self.log)
+                          context=context or tls_context(s.cafile, s.verify), log=self.log)
         else:
             smtp = plain(s.host, s.port, local_hostname=helo, timeout=s.timeout, log=self.log)
         # Commands go out in whole groups already: do not let Nagle hold the last segment
@@ -1673,6 +1820,20 @@ def refusal_hint(refused, settings):
     return ""
 
 
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+HOST_MISMATCH = (62, 64)
+
+
+def host_mismatch(settings, names):
+    """Return the ConfigError (78) for a certificate issued to other *names* (RFC 6125)."""
+    where = "%s:%d" % (settings.host, settings.port)
+    if not names:
+        return ConfigError("TLS certificate of %s is for another name than %s; connect by a "
+                           "name it carries (SMTP_HOST)" % (where, settings.host))
+    return ConfigError("TLS certificate of %s is for another name: it carries %s, not %s; set "
+                       "SMTP_HOST to one of those" % (where, ", ".join(names), settings.host))
+
+
 def smtp_failure(exc, settings, session=False):
     """Translate an smtplib/socket/ssl exception into a DeliveryError or ConfigError."""
     import smtplib
@@ -1806,8 +1967,10 @@ def transmission_body(job, opts):
             entry["name"] = names[address]
         recipients.append({"address": entry})
     track = bool(opts.track)
-    body = {"options": {"open_tracking": track, "click_tracking": track,
-                        "transactional": not track},
+    options = {"open_tracking": track, "click_tracking": track, "transactional": not track}
+    if opts.sign_mode or opts.encrypt:  # {{...}} in a signed text part would break it
+        options["perform_substitutions"] = False
+    body = {"options": options,
             "campaign_id": opts.campaign,
             "recipients": recipients,
             "content": {"email_rfc822": job.data.decode("ascii")}}
@@ -1839,6 +2002,10 @@ def api_outcome(resp):
     if code in (401, 403):
         err = DeliveryError(text, EX_NOPERM, True, "check SPARKPOST_API_KEY and its permissions "
                                                    "(Transmissions: Read/Write)")
+    elif code == 420:
+        err = DeliveryError(text, EX_TEMPFAIL, hint="SparkPost's sending limit for this account "
+                            "is exceeded (420): nothing more is sent in this run; try again "
+                            "once the limit resets, or ask SparkPost to raise it", halt=True)
     elif code == 429 or code >= 500:
         err = DeliveryError(text, EX_TEMPFAIL)
         err.retry_after = retry_after(resp.headers.get("Retry-After", ""))
@@ -2290,7 +2457,8 @@ class Worker:
                 error = DeliveryError(str(exc), exc.exit_code, session=True)
             pending = [a for a in pending
                        if a not in accepted and refused.get(a, (400, ""))[0] < 500]
-            if not pending or error.exit_code != EX_TEMPFAIL or attempt == self.opts.retries:
+            if (not pending or error.exit_code != EX_TEMPFAIL or error.halt
+                    or attempt == self.opts.retries):
                 break
             delay = min(max(self.opts.retry_delay * 2 ** attempt, error.retry_after),
                         MAX_RETRY_WAIT)
@@ -2334,7 +2502,8 @@ class Worker:
         if error is not None and not isinstance(error, RecipientsRefused):
             res.errors.append(str(error))
             res.code = error.exit_code
-            res.abort = error.session and error.exit_code in (EX_CONFIG, EX_NOPERM)
+            res.abort = error.halt or (error.session
+                                       and error.exit_code in (EX_CONFIG, EX_NOPERM))
         else:
             res.code = min(smtp_exit_code(refused[a][0]) for a in failed if a in refused)
         if hint:
@@ -2399,8 +2568,9 @@ def already_sent(path):
 class Stats:
     """Counts and latencies for the summary line."""
 
-    def __init__(self, total):
+    def __init__(self, total, done="sent"):
         self.total, self.sent, self.failed, self.code = total, 0, 0, EX_OK
+        self.done = done  #: what a success is called: "sent", or "written" for files
         self.failed_at = 0.0  #: time.monotonic() of the first failure (sets the exit code)
         self.latencies, self.start = [], time.perf_counter()
 
@@ -2423,10 +2593,10 @@ class Stats:
     def summary(self):
         """Return 'N sent, M failed[, K not sent] in S seconds (R msg/s); latency ...'."""
         wall = time.perf_counter() - self.start
-        text = "Summary: %d sent, %d failed" % (self.sent, self.failed)
+        text = "Summary: %d %s, %d failed" % (self.sent, self.done, self.failed)
         left = self.total - self.sent - self.failed
         if left:
-            text += ", %d not sent" % left
+            text += ", %d not %s" % (left, self.done)
         text += " in %.3f seconds (%.1f msg/s)" % (wall, self.sent / wall if wall else 0.0)
         if self.latencies:
             lat = sorted(self.latencies)
@@ -2679,7 +2849,7 @@ def run_batch(opts):
             warn("--resume: %d message(s) already sent according to %s, skipped"
                  % (len(skipped), opts.results))
     backend = make_backend(opts) or FileOutput(opts)  # settings checked once, before forking
-    journal, stats = Journal(opts.results), Stats(len(items))
+    journal, stats = Journal(opts.results), Stats(len(items), "sent" if opts.send else "written")
     emit = Printer(opts, len(items), journal, stats)
     single = len(items) == 1 and not opts.results
     try:
@@ -2776,7 +2946,7 @@ def build_parser():
                       help="send through the SparkPost transmissions API (SPARKPOST_* variables)")
     out.add_argument("--track", action="store_true",
                      help="SparkPost open/click tracking (unsigned mail only)")
-    out.add_argument("--campaign", default="sparkpost-SMIME", help="SparkPost campaign id")
+    out.add_argument("--campaign", default="sparkpost-SMIME", help="SparkPost campaign id (at most 64 bytes)")
     out.add_argument("--mail_from", "--mail-from", default="", metavar="ADDR",
                      help="envelope sender (MAIL FROM), e.g. a bounce domain (default: From)")
     out.add_argument("--header", action="append", default=[], metavar='"NAME: VALUE"',
@@ -2849,6 +3019,9 @@ def parse_args(argv):
     if ns.track and sign_mode:
         raise UsageError("--track rewrites links and adds an open pixel, which breaks "
                          "signatures: drop --track or the sign option")
+    if len(ns.campaign.encode("utf-8")) > MAX_CAMPAIGN_ID:
+        raise UsageError("--campaign %r is %d bytes; SparkPost campaign ids are at most %d"
+                         % (ns.campaign, len(ns.campaign.encode("utf-8")), MAX_CAMPAIGN_ID))
     if ns.mail_from and ("@" not in ns.mail_from or re.search(r"[\s<>]", ns.mail_from)):
         raise UsageError("--mail_from %r is not an e-mail address" % ns.mail_from)
     if ns.retries < 0 or ns.jobs < 1 or ns.repeat < 1 or not 0 <= ns.retry_delay <= 60:
@@ -2895,7 +3068,28 @@ def make_job(path, opts, backend=None):
     if isinstance(smtp, SmtpDelivery) and smtp.settings.sparkpost:
         extra += sparkpost_smtp_header(opts, bool(opts.sign_mode))
     data = build_smime(msg, opts, signer, recipients, extra)
+    if opts.send == "api":
+        check_for_api(msg, data, opts)
     return Job(path, data, opts.mail_from or msg.sender, msg.recipients, msg)
+
+
+def check_for_api(msg, data, opts):
+    """Refuse a message SparkPost's API would refuse; warn about headers it would change.
+
+    Raises MessageError for content over MAX_RFC822 octets.  SparkPost substitutes
+    {{...}} in the top-level header whatever perform_substitutions says.
+    """
+    if len(data) > MAX_RFC822:
+        raise MessageError("%s: the built message is %d octets; SparkPost's API accepts at "
+                           "most %d (20 MB) of RFC 822 content: send it with --send_smtp"
+                           % (msg.source, len(data), MAX_RFC822))
+    if opts.sign_mode or opts.encrypt:
+        for f in msg.outer:
+            if b"{{" in f.raw and f.name != "bcc":
+                warn_once("substitution", "%s: the %s header holds '{{': SparkPost "
+                          "substitutes {{...}} in the outer header of every message, signed "
+                          "or not (warned once)"
+                          % (msg.source, f.raw.split(b":", 1)[0].decode("ascii")))
 
 
 def output_path(opts, path, copy=0):

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
+import sparkpost_rules
 from pki import pem_cert, pem_key, write
 
 
@@ -178,12 +179,16 @@ class ApiServer:
     """A local HTTP server standing in for SparkPost's transmissions API.
 
     Records every request; answers from *responses* (status, headers, body dict) in
-    order, then with 200 and a transmission id.
+    order, then with 200 and a transmission id.  With *rules*, the answer is what
+    SparkPost's documentation says it would be (sparkpost_rules.check_transmission;
+    *remaining* recipients before its sending limit answers 420), and
+    delivered(n) gives what each recipient of request n would receive.
     """
 
-    def __init__(self):
+    def __init__(self, rules=False, remaining=None):
         self.requests = []
         self.responses = []
+        self.rules, self.remaining = rules, remaining
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -194,6 +199,12 @@ class ApiServer:
                                        "body": body})
                 if outer.responses:
                     status, headers, data = outer.responses.pop(0)
+                elif outer.rules:
+                    status, data = sparkpost_rules.check_transmission(
+                        json.loads(body), remaining=outer.remaining)
+                    headers = {}
+                    if status == 200 and outer.remaining is not None:
+                        outer.remaining -= data["results"]["total_accepted_recipients"]
                 else:
                     status, headers, data = 200, {}, {"results": {
                         "total_rejected_recipients": 0,
@@ -216,6 +227,12 @@ class ApiServer:
         self.url = "http://127.0.0.1:%d" % self.port
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
+
+    def delivered(self, n=-1):
+        """Return {address: bytes delivered} for request *n*, as SparkPost would send them."""
+        body = json.loads(self.requests[n]["body"])
+        return {r["address"]["email"]: sparkpost_rules.delivered_message(body, r)
+                for r in body["recipients"]}
 
     def stop(self):
         self.httpd.shutdown()

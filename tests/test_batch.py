@@ -107,7 +107,7 @@ def test_output_directory_with_repeat(pki, tmp_path, openssl):
     assert proc.stdout == b""  # files, not stdout
     assert sorted(os.listdir(out)) == ["m000.0.eml", "m000.1.eml", "m001.0.eml", "m001.1.eml"]
     assert b"Message 1." in openssl.verify((out / "m001.1.eml").read_bytes(), pki.cafile)
-    assert "Summary: 4 sent, 0 failed" in proc.stderr.decode()
+    assert "Summary: 4 written, 0 failed" in proc.stderr.decode()
 
 
 def test_every_message_accounted_for(smtp, pki, tmp_path):

@@ -44,7 +44,7 @@ def test_transmission_request_shape_and_report(api, pki, tmp_path, openssl):
     assert req["headers"]["Authorization"] == API_KEY
     body = json.loads(req["body"])
     assert body["options"] == {"open_tracking": False, "click_tracking": False,
-                               "transactional": True}
+                               "transactional": True, "perform_substitutions": False}
     assert body["campaign_id"] == "avocado"
     addresses = [r["address"] for r in body["recipients"]]
     assert [a["email"] for a in addresses] == RCPTS
