@@ -119,3 +119,29 @@ def no_secret_in_any_output():
     for blob in engines.OUTPUTS:
         for secret in engines.SECRETS:
             assert secret not in blob, "a secret leaked into the tool's output"
+
+
+@pytest.fixture(scope="session")
+def nss13(pki):
+    """Debian 13's NSS cmsutil (3.110) in a cached trixie chroot, holding the session PKI.
+
+    Decrypts EC (ECDH) recipients, which Debian 12's NSS cannot; see tests/trixie.py.
+    """
+    need("debootstrap")
+    import trixie
+    engine = trixie.TrixieNSS(trixie.chroot(), pki)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def gpgsm24(pki):
+    """Debian 13's GnuPG gpgsm (2.4) in a cached trixie chroot, holding the session PKI.
+
+    Imports EC PKCS#12 and decrypts EC (ECDH) recipients, which gpgsm 2.2 cannot.
+    """
+    need("debootstrap")
+    import trixie
+    engine = trixie.TrixieGpgSM(trixie.chroot(), pki)
+    yield engine
+    engine.close()
