@@ -93,6 +93,8 @@ MAX_RETRY_WAIT, MAX_TOTAL_WAIT = 30.0, 45.0
 PROGRESS_MIN = 50
 #: SparkPost's limits for a transmission (API "Transmissions", RFC 822 content).
 MAX_CAMPAIGN_ID, MAX_RFC822 = 64, 20_000_000
+#: Base64 lines cut by one struct.unpack call (a 3 KB format string).
+LINES_PER_CUT = 1024
 #: Private key files tried for a sender, in this order, in each key directory.
 KEY_SUFFIXES = (".pem", ".p12", ".pfx")
 
@@ -817,25 +819,28 @@ def encode_qp(data):
 def encode_base64(data):
     """Return *data* as base64 in CRLF lines of 76 characters (RFC 2045 6.8).
 
-    The lines are cut by one struct.unpack call (C speed) instead of a slice per
-    line: this runs on every message, twice when signing and encrypting.
+    The lines are cut by struct.unpack calls (C speed), up to LINES_PER_CUT at
+    a time, instead of a slice per line: this runs on every message, twice when
+    signing and encrypting, and a 577 KB attachment has 10,000 lines.
     """
     import binascii
-    import struct
     text = binascii.b2a_base64(data, newline=False)
     full = len(text) // BASE64_LINE
-    if full > 4096:  # big attachments: a format string per size would be wasteful
-        lines = [text[i:i + BASE64_LINE] for i in range(0, len(text), BASE64_LINE)]
-        del text
-        lines.append(b"")  # the final CRLF, without copying the whole result again
-        return b"\r\n".join(lines)
-    if full not in _LINE_SPLITTERS:
-        _LINE_SPLITTERS[full] = struct.Struct("%ds" % BASE64_LINE * full)
-    lines = list(_LINE_SPLITTERS[full].unpack_from(text))
+    chunks = [b"\r\n".join(line_splitter(min(LINES_PER_CUT, full - n)).unpack_from(
+        text, n * BASE64_LINE)) for n in range(0, full, LINES_PER_CUT)]
     if len(text) % BASE64_LINE:
-        lines.append(text[full * BASE64_LINE:])
-    lines.append(b"")
-    return b"\r\n".join(lines)
+        chunks.append(text[full * BASE64_LINE:])
+    del text  # big messages: one copy less at the peak
+    chunks.append(b"")  # the final CRLF, without copying the whole result again
+    return b"\r\n".join(chunks)
+
+
+def line_splitter(count):
+    """Return a struct.Struct cutting *count* base64 lines (one per count, cached)."""
+    if count not in _LINE_SPLITTERS:
+        import struct
+        _LINE_SPLITTERS[count] = struct.Struct("%ds" % BASE64_LINE * count)
+    return _LINE_SPLITTERS[count]
 
 
 _LINE_SPLITTERS = {}
@@ -1210,19 +1215,27 @@ def certificate_problem(cert, address, purpose, now=None):
 
 
 def usage_problem(cert, purpose):
-    """Return why key usage / extended key usage forbid *purpose*, or ''."""
+    """Return why the key type, key usage or extended key usage forbid *purpose*, or ''.
+
+    Encryption needs an RSA key allowing keyEncipherment or an EC key on a curve
+    of ECDH_SCHEMES allowing keyAgreement (RFC 8550 4.4.2, RFC 5480 3).
+    """
     from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import ExtendedKeyUsageOID
-    if purpose == "encrypt" and not isinstance(cert.public_key(), rsa.RSAPublicKey):
-        return "has a non-RSA key; this tool can only encrypt to RSA certificates"
+    kind = "sign"
+    if purpose == "encrypt":
+        kind = encryption_kind(cert)
+        if kind not in ("rsa", "ec"):
+            return kind
     exts = cert.extensions
     try:
         ku = exts.get_extension_for_class(x509.KeyUsage).value
-        if purpose == "sign" and not (ku.digital_signature or ku.content_commitment):
+        if kind == "sign" and not (ku.digital_signature or ku.content_commitment):
             return "does not allow digital signatures (key usage)"
-        if purpose == "encrypt" and not ku.key_encipherment:
+        if kind == "rsa" and not ku.key_encipherment:
             return "does not allow key encipherment (key usage)"
+        if kind == "ec" and not ku.key_agreement:
+            return "has an EC key that does not allow key agreement (key usage)"
     except x509.ExtensionNotFound:
         pass
     try:
@@ -1235,25 +1248,64 @@ def usage_problem(cert, purpose):
     return ""
 
 
+def encryption_kind(cert):
+    """Return "rsa" or "ec" for a key we can encrypt to, else why we cannot."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    try:
+        key = cert.public_key()
+    except (UnsupportedAlgorithm, ValueError):
+        return "has a public key of a type this tool cannot read"
+    if isinstance(key, rsa.RSAPublicKey):
+        return "rsa"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name in ECDH_SCHEMES:
+            return "ec"
+        return ("has an EC key on curve %s: S/MIME encryption to EC keys is done on P-256, "
+                "P-384 and P-521 only" % key.curve.name)
+    name = type(key).__name__.replace("PublicKey", "").lstrip("_")
+    return ("has a %s key, which S/MIME cannot encrypt to here: encryption needs an RSA key or "
+            "an EC key on P-256, P-384 or P-521" % (name or "non-RSA"))
+
+
 _IDENTITIES = {}
 
 
-def cached(loader, address, dirs):
-    """Return loader(address, dirs), loading each identity once per process.
+def cached(loader, address, dirs, *args):
+    """Return loader(address, dirs, *args), loading each identity once per process.
 
     Batches send many messages from one sender to few recipients; keys and
     certificates are read, parsed and checked the first time only.  (A refusal
     is not cached: the error is raised again for every message that needs it.)
     """
-    key = (loader.__name__, address, tuple(dirs))
+    key = (loader.__name__, address, tuple(dirs)) + args
     if key not in _IDENTITIES:
-        _IDENTITIES[key] = loader(address, dirs)
+        _IDENTITIES[key] = loader(address, dirs, *args)
     return _IDENTITIES[key]
 
 
-def sender_certificate(address, dirs):
-    """Return the sender's own Identity for --encrypt without signing, or None."""
-    return load_recipient(address, dirs) if find_file(address, (".crt",), dirs) else None
+def own_copy(address, dirs, signing=False):
+    """Return the sender's Identity to encrypt the sender's own copy to, or None.
+
+    The signing certificate when it allows encryption, else <from>.crt when
+    there is one that does (a signing-only certificate beside an encryption
+    one is common); None, with a warning, when neither does.
+    """
+    signer = cached(load_signer, address, dirs) if signing else None
+    problem = signer and usage_problem(signer.cert, "encrypt")
+    if signer is not None and not problem:
+        return signer
+    if find_file(address, (".crt",), dirs) is not None:
+        try:
+            return load_recipient(address, dirs)
+        except IdentityError as exc:
+            problem = str(exc)
+    elif problem:
+        problem = "%s: certificate for %s %s" % (signer.path, address, problem)
+    if problem:
+        warn_once("own-copy", "the message is not encrypted to its sender (the Sent copy "
+                  "will not be readable): %s" % problem)
+    return None
 
 
 def find_identities(msg, opts):
@@ -1263,10 +1315,207 @@ def find_identities(msg, opts):
     recipients = []
     if opts.encrypt:
         recipients = [cached(load_recipient, a, dirs) for a in msg.recipients]
-        own = signer or cached(sender_certificate, msg.sender, dirs)
+        own = cached(own_copy, msg.sender, dirs, bool(signer))
         if own is not None:
             recipients.append(own)
     return signer, recipients
+
+
+###############################################################################
+# DER: the few ASN.1 structures of CMS we write and read (X.690, RFC 5652) ####
+###############################################################################
+# cryptography signs (SignedData) and encrypts to RSA keys, but it cannot
+# encrypt to EC keys, verify a signature or decrypt for an EC key.  For those
+# we build and read the CMS structures ourselves from its primitives: a short
+# DER encoder, and a BER reader (OpenSSL writes indefinite lengths).  Single
+# octet tags only: CMS needs no other.
+
+SEQUENCE, SET, INTEGER, BIT_STRING, OCTET_STRING, NULL, OID = 0x30, 0x31, 2, 3, 4, 5, 6
+
+
+def ctx(number, constructed=True):
+    """Return the tag octet of context-specific [number], constructed or primitive."""
+    return (0xA0 if constructed else 0x80) | number
+
+
+def der_header(tag, size):
+    """Return the identifier and definite length octets of an element (X.690 8.1.3)."""
+    if size < 0x80:
+        return bytes((tag, size))
+    octets = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(octets))) + octets
+
+
+def der_pieces(tag, *parts):
+    """Return one DER element as a list of pieces, its header first.
+
+    A part is bytes (or a memoryview) or such a list: a large payload is never
+    copied until the whole structure is joined once, at the end.
+    """
+    pieces = []
+    for part in parts:
+        pieces.extend(part if isinstance(part, list) else [part])
+    return [der_header(tag, sum(map(len, pieces)))] + pieces
+
+
+def der(tag, *parts):
+    """Return one DER element (bytes): *tag*, the length, *parts* (bytes) concatenated."""
+    body = b"".join(parts)
+    if len(body) < 0x80:
+        return bytes((tag, len(body))) + body
+    return der_header(tag, len(body)) + body
+
+
+def der_int(number):
+    """Return a DER INTEGER (two's complement, shortest form)."""
+    return der(INTEGER, number.to_bytes(number.bit_length() // 8 + 1, "big", signed=True))
+
+
+_OIDS = {}
+
+
+def der_oid(dotted):
+    """Return a DER OBJECT IDENTIFIER from its dotted form (X.690 8.19)."""
+    if dotted not in _OIDS:
+        arcs = [int(a) for a in dotted.split(".")]
+        body = bytearray()
+        for arc in [arcs[0] * 40 + arcs[1]] + arcs[2:]:
+            group = [arc & 0x7F]
+            while arc > 0x7F:
+                arc >>= 7
+                group.append(0x80 | arc & 0x7F)
+            body += bytes(reversed(group))
+        _OIDS[dotted] = der(OID, bytes(body))
+    return _OIDS[dotted]
+
+
+def algorithm(oid, parameters=b""):
+    """Return an AlgorithmIdentifier (RFC 5280 4.1.1.2); no *parameters* = absent."""
+    return der(SEQUENCE, der_oid(oid), parameters)
+
+
+def der_set(*elements):
+    """Return a DER SET OF: its elements sorted by their encodings (X.690 11.6)."""
+    return der(SET, *sorted(elements))
+
+
+class Ber:
+    """One BER element of *data* at *pos* (X.690 8.1): tag, contents, whole encoding.
+
+    Reads definite and indefinite lengths.  Slices are taken only when asked
+    for, so a large encrypted payload is copied once.  Raises ValueError for
+    anything malformed, truncated or nested deeper than MAX_BER_DEPTH.
+    """
+    __slots__ = ("data", "pos", "depth", "tag", "start", "stop", "end")
+
+    def __init__(self, data, pos=0, depth=0):
+        self.data, self.pos, self.depth = data, pos, depth
+        self.tag, self.start, self.stop, self.end = ber_bounds(data, pos, depth)
+
+    @property
+    def raw(self):
+        """The whole encoding: identifier, length, contents (and end-of-contents)."""
+        return self.data[self.pos:self.end]
+
+    @property
+    def body(self):
+        """The contents octets."""
+        return self.data[self.start:self.stop]
+
+    @property
+    def constructed(self):
+        return bool(self.tag & 0x20)
+
+    def children(self):
+        """Return the elements inside a constructed element."""
+        if not self.constructed:
+            raise ValueError("a primitive element has no elements inside")
+        items, at = [], self.start
+        while at < self.stop:
+            items.append(Ber(self.data, at, self.depth + 1))
+            at = items[-1].end
+        return items
+
+    def octets(self):
+        """Return the value of an OCTET STRING, primitive or constructed (X.690 8.7)."""
+        if not self.constructed:
+            return self.body
+        return b"".join(child.octets() for child in self.children())
+
+    def integer(self):
+        """Return the value of an INTEGER."""
+        if self.tag != INTEGER or self.start == self.stop:
+            raise ValueError("expected an INTEGER")
+        return int.from_bytes(self.body, "big", signed=True)
+
+    def oid(self):
+        """Return the dotted form of an OBJECT IDENTIFIER (X.690 8.19)."""
+        if self.tag != OID or self.start == self.stop:
+            raise ValueError("expected an OBJECT IDENTIFIER")
+        arcs, value = [], 0
+        for octet in self.body:
+            value = value << 7 | octet & 0x7F
+            if not octet & 0x80:
+                arcs.append(value)
+                value = 0
+        first = min(arcs[0] // 40, 2)
+        return ".".join(map(str, [first, arcs[0] - 40 * first] + arcs[1:]))
+
+
+#: Deepest nesting of indefinite-length elements read (CMS needs about 10).
+MAX_BER_DEPTH = 40
+
+
+def ber_bounds(data, pos, depth=0):
+    """Return (tag, contents start, contents stop, end) of the element at *pos*."""
+    if depth > MAX_BER_DEPTH or pos + 2 > len(data):
+        raise ValueError("truncated or too deeply nested ASN.1")
+    tag, first, start = data[pos], data[pos + 1], pos + 2
+    if tag & 0x1F == 0x1F:
+        raise ValueError("multi-octet ASN.1 tags are not used by CMS")
+    if first == 0x80:  # indefinite length: elements up to the end-of-contents octets
+        if not tag & 0x20:
+            raise ValueError("indefinite length on a primitive element")
+        at = start
+        while data[at:at + 2] != b"\0\0":
+            at = ber_bounds(data, at, depth + 1)[3]
+        return tag, start, at, at + 2
+    if first > 0x80:
+        count, start = first & 0x7F, start + (first & 0x7F)
+        if count > 8:
+            raise ValueError("ASN.1 length too large")
+        first = int.from_bytes(data[pos + 2:start], "big")
+    if start + first > len(data):
+        raise ValueError("truncated ASN.1 element")
+    return tag, start, start + first, start + first
+
+
+_RECIPIENT_IDS = {}
+
+
+def recipient_id(cert):
+    """Return issuer_and_serial(*cert*), worked out once per certificate object.
+
+    Keyed by id(): hashing a certificate costs 5 us, parsing it 11 us, and a
+    batch encrypts to the same few (cached) certificate objects every time.
+    """
+    entry = _RECIPIENT_IDS.get(id(cert))
+    if entry is None or entry[0] is not cert:
+        entry = _RECIPIENT_IDS[id(cert)] = (cert, issuer_and_serial(cert))
+    return entry[1]
+
+
+def issuer_and_serial(cert):
+    """Return the DER IssuerAndSerialNumber of *cert* (RFC 5652 10.2.4).
+
+    Both come byte for byte from the certificate's own TBSCertificate
+    (RFC 5280 4.1), so a recipient's lookup matches whatever string types its
+    issuer name was written with.
+    """
+    fields = Ber(cert.tbs_certificate_bytes).children()
+    if fields[0].tag == ctx(0):  # version [0] EXPLICIT
+        fields = fields[1:]
+    return der(SEQUENCE, fields[2].raw, fields[0].raw)
 
 
 ###############################################################################
@@ -1305,15 +1554,26 @@ def canonical_content(msg):
     return canonical_entity(fields, msg.body)
 
 
+def signature_hash(key):
+    """Return the digest name for signing with *key*: SHA-256, or for EC keys the hash
+    of the curve's strength (P-384: SHA-384, P-521: SHA-512; RFC 5753 7.1.2, RFC 8551
+    2.1).  gpgsm refuses a P-384 signature over a 256-bit hash."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return {"secp384r1": "SHA384", "secp521r1": "SHA512"}.get(key.curve.name, "SHA256")
+    return "SHA256"
+
+
 def signed_der(content, signer, detached):
-    """Return the DER SignedData (SHA-256) over *content*, certificates included."""
+    """Return the DER SignedData over *content*, certificates included (signature_hash())."""
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.serialization import pkcs7
     options = [pkcs7.PKCS7Options.Binary]
     if detached:
         options.append(pkcs7.PKCS7Options.DetachedSignature)
     builder = pkcs7.PKCS7SignatureBuilder().set_data(content)
-    builder = builder.add_signer(signer.cert, signer.key, hashes.SHA256())
+    digest = getattr(hashes, signature_hash(signer.key))()
+    builder = builder.add_signer(signer.cert, signer.key, digest)
     for cert in signer.chain:  # after add_signer, or they are dropped
         builder = builder.add_certificate(cert)
     return builder.sign(serialization.Encoding.DER, options)
@@ -1334,24 +1594,126 @@ def sign_detached(content, signer):
     signature = encode_base64(signed_der(content, signer, True))
     return b"".join([  # one copy of the (possibly large) content, not one per "+"
         b'Content-Type: multipart/signed; protocol="application/pkcs7-signature";\r\n'
-        b' micalg=sha-256; boundary="', boundary, b'"\r\n\r\n'
+        b' micalg=', signature_hash(signer.key).lower().replace("sha", "sha-").encode(),
+        b'; boundary="', boundary, b'"\r\n\r\n'
         b"This is an S/MIME signed message\r\n\r\n--", boundary, b"\r\n", content,
         b"\r\n--", boundary, b"\r\n", SIGNATURE_PART_HEADER, b"\r\n", signature,
         b"\r\n--", boundary, b"--\r\n"])
 
 
 def encrypt(content, recipients, cipher="aes256"):
-    """Return an application/pkcs7-mime enveloped-data entity of *content*."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.ciphers import algorithms
-    from cryptography.hazmat.primitives.serialization import pkcs7
-    builder = pkcs7.PKCS7EnvelopeBuilder().set_data(content)
-    builder = builder.set_content_encryption_algorithm(
-        algorithms.AES256 if cipher == "aes256" else algorithms.AES128)
-    for cert in unique_certs([ident.cert for ident in recipients]):
-        builder = builder.add_recipient(cert)
-    der = builder.encrypt(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
+    """Return an application/pkcs7-mime enveloped-data entity of *content* (RFC 8551 3.3)."""
+    certs = list({recipient_id(ident.cert): ident.cert for ident in recipients}.values())
+    der = b"".join(enveloped_data(content, certs, 32 if cipher == "aes256" else 16))
+    # (the pieces, a copy of the content, are gone before base64 needs as much again)
     return b"".join([ENVELOPED_DATA_HEADER, b"\r\n", encode_base64(der)])
+
+
+#: Object identifiers (RFC 5652 14, RFC 3565, RFC 5753 7.1.4, RFC 5480 2.1.1, RFC 8017 A.1).
+ID_DATA, ID_SIGNED_DATA, ID_ENVELOPED_DATA = ("1.2.840.113549.1.7.1", "1.2.840.113549.1.7.2",
+                                              "1.2.840.113549.1.7.3")
+RSA_ENCRYPTION, ID_EC_PUBLIC_KEY = "1.2.840.113549.1.1.1", "1.2.840.10045.2.1"
+#: Content ciphers and key wraps by key length (RFC 3565 4.1, 2.3.2).
+AES_CBC = {16: "2.16.840.1.101.3.4.1.2", 24: "2.16.840.1.101.3.4.1.22",
+           32: "2.16.840.1.101.3.4.1.42"}
+AES_WRAP = {16: "2.16.840.1.101.3.4.1.5", 24: "2.16.840.1.101.3.4.1.25",
+            32: "2.16.840.1.101.3.4.1.45"}
+#: dhSinglePass-stdDH-*kdf-scheme -> the X9.63 KDF's hash (RFC 5753 7.1.4, RFC 3278 8.1).
+KDF_HASHES = {"1.3.133.16.840.63.0.2": "SHA1", "1.3.132.1.11.0": "SHA224",
+              "1.3.132.1.11.1": "SHA256", "1.3.132.1.11.2": "SHA384",
+              "1.3.132.1.11.3": "SHA512"}
+#: The curves we encrypt to -> the scheme we use, its KDF hash as strong as the curve
+#: (RFC 8551 2.7.1.2, RFC 5753 8).
+ECDH_SCHEMES = {"secp256r1": "1.3.132.1.11.1", "secp384r1": "1.3.132.1.11.2",
+                "secp521r1": "1.3.132.1.11.3"}
+
+
+def enveloped_data(content, certs, key_size=32):
+    """Return the DER ContentInfo of an EnvelopedData of *content* (RFC 5652 6.1), as pieces.
+
+    The content is encrypted with AES-CBC under a fresh key of *key_size* octets,
+    and that key is given to each certificate in *certs*: RSA keys by
+    KeyTransRecipientInfo, EC keys by KeyAgreeRecipientInfo.  Version 0 when
+    every RecipientInfo is a KeyTransRecipientInfo, else 2 (RFC 5652 6.1).
+    """
+    key, iv = os.urandom(key_size), os.urandom(16)
+    infos = [recipient_info(cert, key) for cert in certs]
+    version = 0 if all(info[0] == SEQUENCE for info in infos) else 2
+    encrypted_content_info = der_pieces(
+        SEQUENCE, der_oid(ID_DATA), algorithm(AES_CBC[key_size], der(OCTET_STRING, iv)),
+        der_pieces(ctx(0, constructed=False), aes_cbc(key, iv, content)))
+    enveloped = der_pieces(SEQUENCE, der_int(version), der_set(*infos), encrypted_content_info)
+    return der_pieces(SEQUENCE, der_oid(ID_ENVELOPED_DATA), der_pieces(ctx(0), enveloped))
+
+
+def aes_cbc(key, iv, content):
+    """Return *content* PKCS#7-padded and AES-CBC encrypted (RFC 5652 6.3, RFC 3565)."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+    pad = 16 - len(content) % 16
+    out = bytearray(len(content) + 31)  # update_into wants room for one more block
+    size = encryptor.update_into(content, out)
+    size += encryptor.update_into(bytes((pad,)) * pad, memoryview(out)[size:])
+    return memoryview(out)[:size]
+
+
+def recipient_info(cert, key):
+    """Return the RecipientInfo giving content-encryption *key* to *cert*'s owner."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    if isinstance(cert.public_key(), rsa.RSAPublicKey):
+        return key_trans_recipient_info(cert, key)
+    return key_agree_recipient_info(cert, key)
+
+
+def key_trans_recipient_info(cert, key):
+    """Return a KeyTransRecipientInfo (RFC 5652 6.2.1): *key* under RSA PKCS#1 v1.5
+    (RFC 3370 4.2.1), version 0, the recipient named by issuerAndSerialNumber."""
+    from cryptography.hazmat.primitives.asymmetric import padding
+    encrypted_key = cert.public_key().encrypt(key, padding.PKCS1v15())
+    return der(SEQUENCE, der_int(0), recipient_id(cert),
+               algorithm(RSA_ENCRYPTION, der(NULL)), der(OCTET_STRING, encrypted_key))
+
+
+def key_agree_recipient_info(cert, key):
+    """Return a KeyAgreeRecipientInfo (RFC 5652 6.2.2, RFC 5753 3.1.1) for an EC *cert*.
+
+    Ephemeral-static ECDH on the recipient's curve; the key-encryption key comes
+    from the ANSI X9.63 KDF over the shared secret and ECC-CMS-SharedInfo, and
+    wraps *key* with AES key wrap of the same size (RFC 3394, RFC 3565 2.3.2).
+    The originator is the ephemeral public key (id-ecPublicKey, parameters
+    absent: the recipient's curve), the recipient its issuerAndSerialNumber.
+    """
+    from cryptography.hazmat.primitives import keywrap, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    public = cert.public_key()
+    scheme, wrap = ECDH_SCHEMES[public.curve.name], AES_WRAP[len(key)]
+    ephemeral = ec.generate_private_key(public.curve)
+    kek = ecdh_key_encryption_key(ephemeral, public, scheme, wrap, len(key))
+    point = ephemeral.public_key().public_bytes(serialization.Encoding.X962,
+                                                serialization.PublicFormat.UncompressedPoint)
+    originator_key = der(ctx(1), algorithm(ID_EC_PUBLIC_KEY), der(BIT_STRING, b"\0", point))
+    recipient_encrypted_key = der(SEQUENCE, recipient_id(cert),
+                                  der(OCTET_STRING, keywrap.aes_key_wrap(kek, key)))
+    return der(ctx(1), der_int(3), der(ctx(0), originator_key),
+               algorithm(scheme, algorithm(wrap)), der(SEQUENCE, recipient_encrypted_key))
+
+
+def ecdh_key_encryption_key(private, public, scheme, wrap, size, ukm=None):
+    """Return the key-encryption key both ends of ECDH derive (RFC 5753 3.1.1, 7.2).
+
+    X9.63 KDF with the *scheme*'s hash over the shared secret and the DER
+    ECC-CMS-SharedInfo: the key wrap algorithm, the optional user keying
+    material, and the key size in bits as four big-endian octets.
+    """
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
+    digest = getattr(hashes, KDF_HASHES[scheme])()
+    shared_info = der(SEQUENCE, algorithm(wrap),
+                      der(ctx(0), der(OCTET_STRING, ukm)) if ukm is not None else b"",
+                      der(ctx(2), der(OCTET_STRING, (size * 8).to_bytes(4, "big"))))
+    secret = private.exchange(ec.ECDH(), public)
+    return X963KDF(digest, size, shared_info).derive(secret)
 
 
 def build_smime(msg, opts, signer=None, recipients=(), extra=b""):

@@ -146,11 +146,6 @@ def test_ec_signer(pki, keys, openssl):
     assert b"Just text." in openssl.verify(proc.stdout, pki.cafile)
 
 
-def test_ec_recipient_refused(pki, keys):
-    replace_cert(pki, keys, BOB, key=new_key("ec"))
-    refused(tool(keys, ["--encrypt"]), BOB, "non-RSA key")
-
-
 def test_recipient_certificate_checked(pki, keys):
     replace_cert(pki, keys, BOB, not_before=NOW - 400 * DAY, not_after=NOW - DAY)
     refused(tool(keys, ["--encrypt"]), BOB, "expired")
