@@ -19,12 +19,16 @@ __doc__ = """sparkpostSMIME - S/MIME sign and/or encrypt a finished email, then 
 Usage:
     ./sparkpostSMIME.py EMLFILE|DIR [...] [--sign | --sign_detached] [--encrypt]
                         [--keys DIR] [-o FILE|DIR] [--send_smtp | --send_api] [options]
+    ./sparkpostSMIME.py --verify | --decrypt EMLFILE|DIR [...] [--keys DIR] [--ca FILE]
+                        [-o FILE|DIR]
     ./sparkpostSMIME.py --harvest EMLFILE|DIR [...] [--keys DIR] [--ca FILE]
 
 Reads RFC 5322 messages ("-" is standard input), builds the S/MIME message
 (RFC 8551) and writes it to standard output, or sends it over SMTP (RFC 5321)
 or through the SparkPost transmissions API, one message or a batch (--jobs,
---repeat, --results, --resume, --archive).  ``--help`` lists every option.
+--repeat, --results, --resume, --archive).  --verify and --decrypt check what
+arrives; --harvest saves the certificates of signed mail.  ``--help`` lists
+every option.
 
 Keys and certificates are found by the addresses in the message, in each
 ``--keys DIR``, then each directory of ``$SMIME_KEYS_DIR`` (":"-separated),
@@ -37,7 +41,7 @@ then the current directory:
 Environment:
     SMIME_KEYS_DIR        extra key directories, ":"-separated
     SMIME_KEY_PASSWORD    passphrase of encrypted .pem keys and PKCS#12 files
-    SMIME_CA_FILE         trusted roots for --harvest
+    SMIME_CA_FILE         trusted roots for --verify, --decrypt and --harvest
     SMTP_HOST, SMTP_PORT, SMTP_USER, SMTP_PASSWORD, SMTP_TLS, SMTP_CAFILE,
     SMTP_TLS_VERIFY, SMTP_TIMEOUT, SMTP_SPARKPOST, SMTP_HELO     (--send_smtp)
     SPARKPOST_API_KEY, SPARKPOST_HOST, SPARKPOST_TIMEOUT          (--send_api)
@@ -1621,7 +1625,11 @@ AES_WRAP = {16: "2.16.840.1.101.3.4.1.5", 24: "2.16.840.1.101.3.4.1.25",
 #: dhSinglePass-stdDH-*kdf-scheme -> the X9.63 KDF's hash (RFC 5753 7.1.4, RFC 3278 8.1).
 KDF_HASHES = {"1.3.133.16.840.63.0.2": "SHA1", "1.3.132.1.11.0": "SHA224",
               "1.3.132.1.11.1": "SHA256", "1.3.132.1.11.2": "SHA384",
-              "1.3.132.1.11.3": "SHA512"}
+              "1.3.132.1.11.3": "SHA512",
+              # the cofactorDH schemes, received only: the same secret on curves of cofactor 1
+              "1.3.133.16.840.63.0.3": "SHA1", "1.3.132.1.14.0": "SHA224",
+              "1.3.132.1.14.1": "SHA256", "1.3.132.1.14.2": "SHA384",
+              "1.3.132.1.14.3": "SHA512"}
 #: The curves we encrypt to -> the scheme we use, its KDF hash as strong as the curve
 #: (RFC 8551 2.7.1.2, RFC 5753 8).
 ECDH_SCHEMES = {"secp256r1": "1.3.132.1.11.1", "secp384r1": "1.3.132.1.11.2",
@@ -1732,6 +1740,810 @@ def build_smime(msg, opts, signer=None, recipients=(), extra=b""):
     outer = b"".join(safe_field(f) for f in msg.outer if f.name != "bcc")
     ending = b"" if entity.endswith(b"\r\n") else b"\r\n"  # SMTP DATA ends with CRLF
     return b"".join([outer, extra, b"MIME-Version: 1.0\r\n", entity, ending])
+
+
+###############################################################################
+# Receiving: decrypt and verify (RFC 5652 5-6, RFC 5083, RFC 8551 3) ##########
+###############################################################################
+# --verify, --decrypt and --harvest open what others send.  cryptography has no
+# CMS verification and cannot decrypt for an EC key, so SignedData is checked
+# here and EnvelopedData / AuthEnvelopedData decrypted for our own keys, with
+# the DER layer the writer uses.  Layers and signatures are values; only a
+# message that is not what it claims to be raises MessageError.
+
+SIGNATURE_TYPES = ("application/pkcs7-signature", "application/x-pkcs7-signature")
+SMIME_TYPES = ("application/pkcs7-mime", "application/x-pkcs7-mime")
+ID_AUTH_ENVELOPED_DATA = "1.2.840.113549.1.9.16.1.23"
+#: Signed attributes we check (RFC 5652 11.1-11.3).
+ATTR_CONTENT_TYPE, ATTR_MESSAGE_DIGEST, ATTR_SIGNING_TIME = (
+    "1.2.840.113549.1.9.3", "1.2.840.113549.1.9.4", "1.2.840.113549.1.9.5")
+#: Digest algorithms (RFC 3370 2.1, RFC 5754 2) -> cryptography's hash names.
+DIGESTS = {"1.3.14.3.2.26": "SHA1", "2.16.840.1.101.3.4.2.4": "SHA224",
+           "2.16.840.1.101.3.4.2.1": "SHA256", "2.16.840.1.101.3.4.2.2": "SHA384",
+           "2.16.840.1.101.3.4.2.3": "SHA512"}
+#: Signature algorithms -> (scheme, hash; None: the SignerInfo's digest algorithm)
+#: (RFC 3370 3, RFC 4056, RFC 5753 7.1.3, RFC 5754 3).
+SIGNATURE_ALGORITHMS = {
+    "1.2.840.113549.1.1.1": ("rsa", None), "1.2.840.113549.1.1.5": ("rsa", "SHA1"),
+    "1.2.840.113549.1.1.14": ("rsa", "SHA224"), "1.2.840.113549.1.1.11": ("rsa", "SHA256"),
+    "1.2.840.113549.1.1.12": ("rsa", "SHA384"), "1.2.840.113549.1.1.13": ("rsa", "SHA512"),
+    "1.2.840.113549.1.1.10": ("pss", None),
+    "1.2.840.10045.2.1": ("ecdsa", None), "1.2.840.10045.4.1": ("ecdsa", "SHA1"),
+    "1.2.840.10045.4.3.1": ("ecdsa", "SHA224"), "1.2.840.10045.4.3.2": ("ecdsa", "SHA256"),
+    "1.2.840.10045.4.3.3": ("ecdsa", "SHA384"), "1.2.840.10045.4.3.4": ("ecdsa", "SHA512")}
+#: RSAES-OAEP key transport and its MGF1 (RFC 8017 A.2.1, RFC 3560).
+RSAES_OAEP, MGF1 = "1.2.840.113549.1.1.7", "1.2.840.113549.1.1.8"
+#: AES-GCM content encryption for AuthEnvelopedData, by key length (RFC 5084 3.2).
+AES_GCM = {"2.16.840.1.101.3.4.1.6": 16, "2.16.840.1.101.3.4.1.26": 24,
+           "2.16.840.1.101.3.4.1.46": 32}
+#: S/MIME layers opened at most: a triple wrap is signed, encrypted, signed (RFC 8551 3.7).
+MAX_LAYERS = 3
+#: Header fields naming who a received message may be encrypted to.
+DELIVERY_FIELDS = ("to", "cc", "bcc", "delivered-to", "x-original-to", "from")
+
+
+class Signature:
+    """One SignerInfo, checked (RFC 5652 5.3, 5.4, 5.6).
+
+    *cert*: the signer's certificate from the message (None if absent); *certs*:
+    every certificate the message carries; *broken*: why the signature itself
+    fails ('' when it verifies): the content or the signature was altered.
+    """
+
+    def __init__(self, cert, certs):
+        self.cert, self.certs, self.broken = cert, certs, ""
+        self.digest = self.algorithm = self.signing_time = ""
+
+    @property
+    def address(self):
+        """The signer's e-mail address, or a description when there is none."""
+        emails = cert_emails(self.cert) if self.cert is not None else []
+        return emails[0] if emails else "an unknown signer"
+
+    @property
+    def issuer(self):
+        """The common name of the certificate's issuer (its whole name if it has none)."""
+        from cryptography.x509.oid import NameOID
+        names = self.cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(names[0].value) if names else self.cert.issuer.rfc4514_string()
+
+    def describe(self):
+        """Return a detail line for -v."""
+        if self.cert is None:
+            return "signer: certificate not in the message"
+        text = "signer %s, issuer %s, serial %x, %s with %s" % (
+            self.address, self.cert.issuer.rfc4514_string(), self.cert.serial_number,
+            self.algorithm or "?", self.digest or "?")
+        return text + (", signed %s" % self.signing_time if self.signing_time else "")
+
+
+class Layer:
+    """One S/MIME layer opened: "signed" (its Signatures) or "encrypted" (for *address*)."""
+
+    def __init__(self, kind, signatures=(), address="", how=""):
+        self.kind, self.signatures, self.address, self.how = kind, list(signatures), address, how
+
+    def describe(self):
+        """Return the detail lines for -v."""
+        if self.kind == "encrypted":
+            return ["encrypted (%s) for %s" % (self.how, self.address)]
+        return ["signed (%s)" % self.how] + ["  " + s.describe() for s in self.signatures]
+
+
+def smime_kind(fields):
+    """Return "multipart/signed", "pkcs7" (application/pkcs7-mime, also x-pkcs7 and
+    .p7m names: RFC 8551 3.2.1) or "" for the entity with header *fields*."""
+    ctype, params = parse_content_type(field_value(fields, "content-type") or b"text/plain")
+    if ctype == "multipart/signed":
+        return ctype
+    name = params.get("name") or parse_content_type(
+        field_value(fields, "content-disposition") or b"")[1].get("filename") or ""
+    if ctype in SMIME_TYPES or (ctype == "application/octet-stream"
+                                and name.lower().endswith(".p7m")):
+        return "pkcs7"
+    return ""
+
+
+def multipart_parts(body, boundary):
+    """Return the exact bytes of each part of a CRLF multipart body (RFC 2046 5.1.1).
+
+    The CRLF before each delimiter belongs to the delimiter, not to the part.
+    """
+    delimiter = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)")
+    parts, start = [], None
+    for mark in delimiter.finditer(body):
+        if start is not None:
+            parts.append(body[start:mark.start()])
+        if mark.group(1):
+            return parts
+        start = mark.end() + 2
+    if start is not None:
+        parts.append(body[start:])
+    return parts
+
+
+def open_layers(fields, body, keyring, depth=0):
+    """Return ([Layer], innermost entity or None) of the entity (*fields*, *body*).
+
+    Each S/MIME layer is opened in turn: a signature checked, an envelope
+    decrypted for one of our keys.  None: the entity itself is not S/MIME.
+    Raises MessageError for a malformed layer, one we cannot decrypt, or more
+    than MAX_LAYERS; IdentityError (78) for a key of ours that cannot be read.
+    """
+    kind = smime_kind(fields)
+    if not kind:
+        return [], None
+    if depth == MAX_LAYERS:
+        raise MessageError("more than %d S/MIME layers nested" % MAX_LAYERS)
+    from cryptography.exceptions import UnsupportedAlgorithm
+    try:
+        layer, inner = open_layer(kind, fields, body, keyring)
+    except (ValueError, LookupError, UnsupportedAlgorithm) as exc:  # not CMS after all
+        raise MessageError("the S/MIME part is malformed (%s)" % (
+            first_line(exc) if isinstance(exc, ValueError) else type(exc).__name__))
+    inner_fields, inner_body = split_header(message_to_crlf(inner))
+    layers, innermost = open_layers(inner_fields, inner_body, keyring, depth + 1)
+    return [layer] + layers, inner if innermost is None else innermost
+
+
+def open_layer(kind, fields, body, keyring):
+    """Return (Layer, the entity inside it) for one S/MIME layer."""
+    if kind == "multipart/signed":
+        boundary = parse_content_type(field_value(fields, "content-type"))[1].get("boundary")
+        parts = multipart_parts(body, (boundary or "").encode("ascii", "replace"))
+        if not boundary or len(parts) < 2:
+            raise MessageError("a multipart/signed entity without its two parts")
+        sig_fields, sig_body = split_header(parts[1])
+        der = decode_body(sig_body, transfer_encoding(sig_fields))
+        signatures, _ = signed_data(content_info(der, ID_SIGNED_DATA), parts[0])
+        return Layer("signed", signatures, how="multipart/signed"), parts[0]
+    der = decode_body(body, transfer_encoding(fields))
+    oid, content = content_info(der)
+    if oid == ID_SIGNED_DATA:
+        signatures, inner = signed_data(content)
+        return Layer("signed", signatures, how="opaque SignedData"), inner
+    if oid in (ID_ENVELOPED_DATA, ID_AUTH_ENVELOPED_DATA):
+        inner, address, how = keyring.open_envelope(oid, content)
+        return Layer("encrypted", address=address, how=how), inner
+    raise MessageError("an application/pkcs7-mime part holding neither signed nor enveloped "
+                       "data (content type %s)" % oid)
+
+
+def content_info(der, expected=None):
+    """Return (content type, content) of a DER or BER ContentInfo (RFC 5652 3), or only
+    the content when *expected* names the type it must have."""
+    if not der:
+        raise MessageError("an empty S/MIME part")
+    fields = Ber(der).children()
+    oid, content = fields[0].oid(), fields[1]
+    if content.tag != ctx(0):
+        raise ValueError("ContentInfo without its [0] content")
+    if expected is not None:
+        if oid != expected:
+            raise MessageError("the signature part holds content type %s, not SignedData" % oid)
+        return content.children()[0]
+    return oid, content.children()[0]
+
+
+# -- SignedData (RFC 5652 5) -------------------------------------------------------
+
+def signed_data(sd, detached=None):
+    """Return ([Signature], signed content) of a SignedData, every SignerInfo checked.
+
+    *detached*: the content of a multipart/signed; else the encapsulated one.
+    """
+    from cryptography import x509
+    fields = sd.children()
+    encap = fields[2].children()  # EncapsulatedContentInfo
+    content_type = encap[0].oid()
+    content = detached
+    if content is None:
+        if len(encap) < 2:
+            raise MessageError("a detached signature outside a multipart/signed")
+        content = encap[1].children()[0].octets()
+    certs = []
+    for item in fields[3:-1]:
+        if item.tag == ctx(0):  # certificates [0] IMPLICIT CertificateSet
+            certs += [x509.load_der_x509_certificate(c.raw) for c in item.children()
+                      if c.tag == SEQUENCE]
+    infos = fields[-1].children()
+    if fields[-1].tag != SET or not infos:
+        raise MessageError("a SignedData without any signer")
+    return [signer_info(si, content, content_type, certs) for si in infos], content
+
+
+def signer_info(si, content, content_type, certs):
+    """Return the Signature of one SignerInfo over *content* (RFC 5652 5.4, 5.6)."""
+    from cryptography.hazmat.primitives import hashes
+    fields = si.children()
+    attrs = fields[3] if fields[3].tag == ctx(0) else None
+    algorithm, value = fields[4:6] if attrs is not None else fields[3:5]
+    sig = Signature(signer_certificate(fields[1], certs), certs)
+    sig.digest = DIGESTS.get(fields[2].children()[0].oid(), "")
+    if not sig.digest:
+        sig.broken = "signed with a digest algorithm this tool does not know (%s)" % (
+            fields[2].children()[0].oid())
+        return sig
+    digest = hashes.Hash(getattr(hashes, sig.digest)())
+    digest.update(content)
+    digest = digest.finalize()
+    signed = content
+    if attrs is not None:
+        sig.broken = attributes_problem(attrs, content_type, digest, sig)
+        signed = b"\x31" + attrs.raw[1:]  # the DER SET OF Attribute is what was signed
+    elif content_type != ID_DATA:
+        sig.broken = "no signed attributes over content that is not plain data"
+    if sig.cert is None:
+        sig.broken = sig.broken or "the signer's certificate is not in the message"
+    if not sig.broken:
+        sig.broken = signature_problem(sig, algorithm, value.octets(), signed)
+    return sig
+
+
+def signer_certificate(sid, certs):
+    """Return the certificate SignerIdentifier *sid* names, or None (RFC 5652 5.3)."""
+    from cryptography import x509
+    for cert in certs:
+        if sid.tag == SEQUENCE and sid.raw == recipient_id(cert):
+            return cert
+        if sid.tag == ctx(0, constructed=False) and subject_key_id(cert) == sid.body:
+            return cert
+    return None
+
+
+def subject_key_id(cert):
+    """Return the certificate's subjectKeyIdentifier, or None."""
+    from cryptography import x509
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return None
+
+
+def attributes_problem(attrs, content_type, digest, sig):
+    """Check the signed attributes (RFC 5652 5.3, 11); note the signing time on *sig*.
+
+    Returns why they do not match the content, or ''.
+    """
+    found = {}
+    for attr in attrs.children():
+        kind, values = attr.children()
+        found.setdefault(kind.oid(), values.children())
+    if ATTR_SIGNING_TIME in found:
+        sig.signing_time = asn1_time(found[ATTR_SIGNING_TIME][0])
+    types, digests = found.get(ATTR_CONTENT_TYPE), found.get(ATTR_MESSAGE_DIGEST)
+    if not types or types[0].oid() != content_type:
+        return "the signed content-type attribute does not match the content"
+    if not digests or digests[0].octets() != digest:
+        return ("the content was altered after signing: its %s digest does not match the "
+                "signed message-digest" % sig.digest.replace("SHA", "SHA-"))
+    return ""
+
+
+def asn1_time(item):
+    """Return a UTCTime or GeneralizedTime (RFC 5280 4.1.2.5) as 'YYYY-MM-DD HH:MM:SS UTC'."""
+    text = item.body.decode("ascii", "replace").rstrip("Z")
+    if item.tag == 0x17:  # UTCTime: two-digit years, 1950-2049
+        text = ("19" if text[:2] >= "50" else "20") + text
+    return "%s-%s-%s %s:%s:%s UTC" % (text[:4], text[4:6], text[6:8], text[8:10],
+                                       text[10:12], text[12:14] or "00")
+
+
+def signature_problem(sig, algorithm, value, signed):
+    """Verify *value* over *signed* with the signer's public key; return '' or why not."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+    parts = algorithm.children()
+    scheme, hash_name = SIGNATURE_ALGORITHMS.get(parts[0].oid(), ("", None))
+    hash_name = hash_name or sig.digest
+    key = sig.cert.public_key()
+    try:
+        if scheme in ("rsa", "pss") and isinstance(key, rsa.RSAPublicKey):
+            if scheme == "pss":
+                hash_name, mgf_hash, salt = pss_parameters(parts[1] if len(parts) > 1 else None)
+                pad = padding.PSS(padding.MGF1(getattr(hashes, mgf_hash)()), salt)
+            else:
+                pad = padding.PKCS1v15()
+            key.verify(value, signed, pad, getattr(hashes, hash_name)())
+        elif scheme == "ecdsa" and isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(value, signed, ec.ECDSA(getattr(hashes, hash_name)()))
+        else:
+            return "signed with an algorithm this tool cannot check (%s)" % parts[0].oid()
+    except InvalidSignature:
+        return "the signature does not match the content (the signature or the content was " \
+               "altered)"
+    sig.algorithm = {"rsa": "RSA", "pss": "RSA-PSS", "ecdsa": "ECDSA"}[scheme]
+    return ""
+
+
+def pss_parameters(params):
+    """Return (hash, MGF1 hash, salt length) of RSASSA-PSS-params (RFC 4055 3.1)."""
+    hash_name, mgf_hash, salt = "SHA1", "SHA1", 20  # the defaults
+    for item in (params.children() if params is not None and params.tag == SEQUENCE else []):
+        inner = item.children()[0]
+        if item.tag == ctx(0):
+            hash_name = DIGESTS[inner.children()[0].oid()]
+        elif item.tag == ctx(1):
+            mgf_hash = DIGESTS[inner.children()[1].children()[0].oid()]
+        elif item.tag == ctx(2):
+            salt = inner.integer()
+    return hash_name, mgf_hash, salt
+
+
+def signature_verdict(sig, sender, roots):
+    """Return why *sig* does not vouch for a message From *sender*, or '' when it does.
+
+    The signature verifies, its certificate is for *sender*, valid now, allowed
+    to sign, and chains to a trusted root (roots() loads them once).
+    """
+    if sig.broken:
+        return sig.broken
+    emails = cert_emails(sig.cert)
+    if sender not in emails:
+        return ("the signature carries no certificate for %s (signed by %s): the From "
+                "address is not the signer's" % (sender, ", ".join(emails) or "no address"))
+    problem = certificate_problem(sig.cert, sender, "sign")
+    if problem:
+        return "the signer's certificate %s" % problem
+    problem = chain_problem(sig.cert, sig.certs, roots())
+    return "the signer's certificate %s" % problem if problem else ""
+
+
+def chain_problem(cert, certs, roots):
+    """Return why *cert* does not chain to a trusted root (intermediates from *certs*), or ''."""
+    from datetime import datetime, timezone
+    from cryptography.x509 import verification as v
+    builder = (v.PolicyBuilder().store(v.Store(roots)).time(datetime.now(timezone.utc))
+               .extension_policies(ca_policy=v.ExtensionPolicy.webpki_defaults_ca(),
+                                   ee_policy=v.ExtensionPolicy.permit_all()))
+    try:
+        builder.build_client_verifier().verify(cert, [c for c in certs if c is not cert])
+    except v.VerificationError as exc:
+        return "does not chain to a trusted root (%s); pass the issuing CA with --ca" % exc
+    return ""
+
+
+def trust_store(cafile):
+    """Return the trusted roots: --ca / $SMIME_CA_FILE, else the system bundle.
+
+    Raises ConfigError (78) when there is none or it cannot be read.
+    """
+    import ssl
+    from cryptography import x509
+    paths = ssl.get_default_verify_paths()
+    path = cafile or paths.cafile or paths.openssl_cafile
+    if not path or not os.path.isfile(path):
+        raise ConfigError("%s: no trusted CA bundle there: pass --ca FILE or set SMIME_CA_FILE"
+                          % (path or "(none)"))
+    import warnings
+    try:
+        with open(path, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # system bundles hold old roots with odd serials
+            roots = x509.load_pem_x509_certificates(fh.read())
+    except (OSError, ValueError) as exc:
+        raise ConfigError("%s: cannot read the CA bundle: %s" % (path, exc))
+    return roots
+
+
+# -- EnvelopedData and AuthEnvelopedData for our keys (RFC 5652 6, RFC 5083) --------
+
+class Keyring:
+    """Our private keys for decryption, found by address in the key directories.
+
+    Candidates are the addresses of the message's header (DELIVERY_FIELDS), then
+    every other <address>.pem/.p12/.pfx in the directories (a Bcc copy names
+    nobody).  A key is loaded only when a RecipientInfo names its certificate.
+    """
+
+    def __init__(self, dirs, addresses=()):
+        self.dirs, self.addresses = dirs, list(dict.fromkeys(addresses))
+
+    def candidates(self):
+        """Yield the addresses that have a private key file, header ones first."""
+        seen = set()
+        for address in self.addresses + self.directory_addresses():
+            try:
+                if address not in seen and find_file(address, KEY_SUFFIXES, self.dirs):
+                    seen.add(address)
+                    yield address
+            except MessageError:  # not an address that can name a file
+                continue
+
+    def directory_addresses(self):
+        """Return the addresses named by key files in the key directories."""
+        found = []
+        for directory in self.dirs:
+            try:
+                names = sorted(os.listdir(directory))
+            except OSError:
+                continue
+            found += [n.rsplit(".", 1)[0].lower() for n in names
+                      if n.lower().endswith(KEY_SUFFIXES) and "@" in n]
+        return found
+
+    def open_envelope(self, oid, envelope):
+        """Return (content, address, description) of an (Auth)EnvelopedData for one of
+        our keys.  Raises MessageError when none of them can open it."""
+        fields = envelope.children()
+        at = 2 if fields[1].tag == ctx(0) else 1  # originatorInfo [0] is optional
+        infos, encrypted = fields[at].children(), fields[at + 1]
+        tried = []
+        for address in self.candidates():
+            ident = cached(load_decryption_identity, address, self.dirs)
+            for info in infos:
+                key = unwrap_content_key(info, ident)
+                if key is None:
+                    continue
+                if oid == ID_AUTH_ENVELOPED_DATA:
+                    content, how = decrypt_auth_content(encrypted, key, fields[at + 2:])
+                else:
+                    content, how = decrypt_content(encrypted, key)
+                if content is not None:
+                    return content, address, how
+            tried.append(address)
+        raise MessageError("encrypted to %d recipient(s), none of them an identity whose key "
+                           "is in the key directories (tried: %s)"
+                           % (len(infos), ", ".join(tried) or "no key found"))
+
+
+def load_decryption_identity(address, dirs):
+    """Return our Identity for *address*: private key and its certificate, unchecked
+    (old mail must stay readable after its certificate expires).  Raises IdentityError."""
+    path = find_file(address, KEY_SUFFIXES, dirs)
+    if path.endswith(".pem"):
+        data = read_key_file(path)
+        key, certs = load_private_key(data, path), load_certificates(data, path)
+        crt = find_file(address, (".crt",), dirs)
+        if crt is not None:
+            certs += load_certificates(read_key_file(crt), crt)
+    else:
+        key, cert, extra = load_pkcs12(path)
+        certs = [cert] + extra
+    leaf = next((c for c in certs if same_key(c, key)), None)
+    if leaf is None:
+        raise IdentityError("%s: no certificate matching the private key for %s" % (path, address))
+    return Identity(address, leaf, path, key)
+
+
+def unwrap_content_key(info, ident):
+    """Return the content-encryption key RecipientInfo *info* holds for *ident*, or None."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    if info.tag == SEQUENCE and isinstance(ident.key, rsa.RSAPrivateKey):
+        return key_transport_key(info, ident)
+    if info.tag == ctx(1) and isinstance(ident.key, ec.EllipticCurvePrivateKey):
+        return key_agreement_key(info, ident)
+    return None  # kekri, pwri, ori, or a key of the other type
+
+
+def names_us(rid, ident):
+    """True when a RecipientIdentifier names *ident*'s certificate (RFC 5652 6.2.1, 6.2.2)."""
+    if rid.tag == SEQUENCE:  # issuerAndSerialNumber
+        return rid.raw == recipient_id(ident.cert)
+    if rid.tag == ctx(0, constructed=False):  # subjectKeyIdentifier
+        return rid.body == subject_key_id(ident.cert)
+    if rid.tag == ctx(0):  # rKeyId RecipientKeyIdentifier (kari)
+        return rid.children()[0].octets() == subject_key_id(ident.cert)
+    return False
+
+
+def key_transport_key(info, ident):
+    """Return the key of a KeyTransRecipientInfo for our RSA key: PKCS#1 v1.5, or
+    RSAES-OAEP when received (RFC 3560); None when it is not ours or not readable."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    fields = info.children()
+    if not names_us(fields[1], ident):
+        return None
+    algorithm = fields[2].children()
+    if algorithm[0].oid() == RSAES_OAEP:
+        hash_name, mgf_hash, label = oaep_parameters(algorithm[1] if len(algorithm) > 1
+                                                     else None)
+        pad = padding.OAEP(padding.MGF1(getattr(hashes, mgf_hash)()),
+                           getattr(hashes, hash_name)(), label or None)
+    elif algorithm[0].oid() == RSA_ENCRYPTION:
+        pad = padding.PKCS1v15()
+    else:
+        return None
+    try:
+        return ident.key.decrypt(fields[3].octets(), pad)
+    except ValueError:
+        return None
+
+
+def oaep_parameters(params):
+    """Return (hash, MGF1 hash, label) of RSAES-OAEP-params (RFC 8017 A.2.1, RFC 4055 4.1)."""
+    hash_name, mgf_hash, label = "SHA1", "SHA1", b""
+    for item in (params.children() if params is not None and params.tag == SEQUENCE else []):
+        inner = item.children()[0]
+        if item.tag == ctx(0):
+            hash_name = DIGESTS[inner.children()[0].oid()]
+        elif item.tag == ctx(1):
+            mgf_hash = DIGESTS[inner.children()[1].children()[0].oid()]
+        elif item.tag == ctx(2):
+            label = inner.children()[1].octets()
+    return hash_name, mgf_hash, label
+
+
+def key_agreement_key(info, ident):
+    """Return the key of a KeyAgreeRecipientInfo for our EC key (RFC 5753 3.1.2), or None.
+
+    Ephemeral-static ECDH with the originator's public key, the X9.63 KDF of
+    the scheme, then AES key unwrap (RFC 3394) of our RecipientEncryptedKey.
+    """
+    from cryptography.hazmat.primitives import keywrap
+    from cryptography.hazmat.primitives.asymmetric import ec
+    fields = info.children()
+    originator = fields[1].children()[0]
+    ukm = fields[2].children()[0].octets() if fields[2].tag == ctx(1) else None
+    algorithm = fields[-2].children()
+    scheme, wrap = algorithm[0].oid(), algorithm[1].children()[0].oid()
+    sizes = {oid: size for size, oid in AES_WRAP.items()}
+    if originator.tag != ctx(1) or scheme not in KDF_HASHES or wrap not in sizes:
+        return None  # static originator keys and other schemes: not supported
+    point = originator.children()[1].body[1:]  # BIT STRING: unused-bits octet, then ECPoint
+    for entry in fields[-1].children():
+        rid, encrypted_key = entry.children()
+        if not names_us(rid, ident):
+            continue
+        public = ec.EllipticCurvePublicKey.from_encoded_point(ident.key.curve, point)
+        kek = ecdh_key_encryption_key(ident.key, public, scheme, wrap, sizes[wrap], ukm)
+        try:
+            return keywrap.aes_key_unwrap(kek, encrypted_key.octets())
+        except keywrap.InvalidUnwrap:
+            return None
+    return None
+
+
+def decrypt_content(encrypted, key):
+    """Return (content, description) of an EncryptedContentInfo (RFC 5652 6.1) under
+    AES-CBC (RFC 3565), or (None, '') when *key* does not fit it."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    fields = encrypted.children()
+    algorithm = fields[1].children()
+    sizes = {oid: size for size, oid in AES_CBC.items()}
+    if algorithm[0].oid() not in sizes:
+        raise MessageError("encrypted with a content cipher this tool does not support (%s); "
+                           "AES-CBC and AES-GCM are" % algorithm[0].oid())
+    if len(key) != sizes[algorithm[0].oid()] or len(fields) < 3:
+        return None, ""
+    decryptor = Cipher(algorithms.AES(key), modes.CBC(algorithm[1].octets())).decryptor()
+    data = fields[2].octets()
+    if not data or len(data) % 16:
+        raise MessageError("the encrypted content is truncated")
+    plain = decryptor.update(data) + decryptor.finalize()
+    pad = plain[-1]
+    if not 1 <= pad <= 16 or plain[-pad:] != bytes((pad,)) * pad:
+        return None, ""  # a wrong key (RSA's implicit rejection gives one) or damage
+    return plain[:-pad], "AES-%d-CBC" % (len(key) * 8)
+
+
+def decrypt_auth_content(encrypted, key, rest):
+    """Return (content, description) of AuthEnvelopedData content under AES-GCM
+    (RFC 5083 2.1, RFC 5084 3.2): the authenticated attributes, if any, are the
+    additional data; a wrong tag means altered content (MessageError)."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    fields = encrypted.children()
+    algorithm = fields[1].children()
+    if algorithm[0].oid() not in AES_GCM:
+        raise MessageError("AuthEnvelopedData with a cipher this tool does not support (%s)"
+                           % algorithm[0].oid())
+    if len(key) != AES_GCM[algorithm[0].oid()]:
+        return None, ""
+    nonce = algorithm[1].children()[0].octets()
+    auth_attrs = next((r for r in rest if r.tag == ctx(1)), None)
+    mac = next(r for r in rest if r.tag == OCTET_STRING).octets()
+    decryptor = Cipher(algorithms.AES(key), modes.GCM(nonce, mac, min_tag_length=len(mac))
+                       ).decryptor()
+    if auth_attrs is not None:
+        decryptor.authenticate_additional_data(b"\x31" + auth_attrs.raw[1:])
+    try:
+        plain = decryptor.update(fields[2].octets()) + decryptor.finalize()
+    except InvalidTag:
+        raise MessageError("the encrypted content was altered: its AES-GCM authentication tag "
+                           "does not match")
+    return plain, "AES-%d-GCM" % (len(key) * 8)
+
+
+# -- Whole messages ----------------------------------------------------------------
+
+class Received:
+    """What opening one received message found, judged: the outcome of --verify/--decrypt.
+
+    *problem*: why it fails ('' when it passes); *code*: its exit code; *signer*:
+    the Signature that vouches for it; *output*: the recovered message for -o.
+    """
+
+    def __init__(self, source):
+        self.source, self.layers, self.problem, self.code = source, [], "", EX_OK
+        self.signer, self.output, self.sender, self.warnings = None, b"", "", []
+
+    @property
+    def decrypted_for(self):
+        return next((l.address for l in self.layers if l.kind == "encrypted"), "")
+
+    @property
+    def signatures(self):
+        return [s for layer in self.layers if layer.kind == "signed" for s in layer.signatures]
+
+    def report(self, mode):
+        """Return the report line: OK - ... or FAILED - reason."""
+        if self.problem:
+            return "FAILED - " + self.problem
+        signed = ("signed by %s (%s), verified" % (self.signer.address, self.signer.issuer)
+                  if self.signer else "not signed")
+        if mode == "verify":
+            return "OK - " + signed
+        where = ("decrypted for %s" % self.decrypted_for if self.decrypted_for
+                 else "not encrypted")
+        return "OK - %s, %s" % (where, signed)
+
+    def details(self):
+        """Return the -v detail lines: one per layer and signer."""
+        lines = []
+        for n, layer in enumerate(self.layers, 1):
+            first, *rest = layer.describe()
+            lines += ["layer %d: %s" % (n, first)] + rest
+        return lines or ["no S/MIME layer"]
+
+
+def receive(data, source, dirs, roots, mode):
+    """Open and judge one received message; return its Received.
+
+    *mode*: "verify" (a valid signature of the From address is required) or
+    "decrypt" (an unsigned plaintext passes; a signature present must be valid).
+    Raises IdentityError (78) for a key of ours that cannot be read.
+    """
+    out = Received(source)
+    try:
+        fields, body = split_header(message_to_crlf(data))
+        if not fields:
+            raise MessageError("not an RFC 5322 message (no header fields)")
+        header = Message(source, fields, [], b"")
+        senders = addresses_of(header, "from")
+        out.sender = senders[0] if senders else ""
+        keyring = Keyring(dirs, [a for name in DELIVERY_FIELDS
+                                 for a in addresses_of(header, name)])
+        entity_fields = [f for f in fields if f.name.startswith("content-")]
+        out.layers, inner = open_layers(entity_fields, body, keyring)
+    except MessageError as exc:
+        out.problem, out.code = str(exc), exc.exit_code
+        return out
+    out.problem = judge(out, roots, mode)
+    out.code = EX_DATAERR if out.problem else EX_OK
+    outer = b"".join(f.raw for f in fields if not f.name.startswith("content-"))
+    out.output = outer + (inner if inner is not None else
+                          b"".join(f.raw for f in entity_fields) + b"\r\n" + body)
+    return out
+
+
+def judge(received, roots, mode):
+    """Return why *received* fails in *mode*, or '' when it passes; set its signer."""
+    signatures = received.signatures
+    broken = [s for s in signatures if s.broken]
+    if broken:
+        return broken[0].broken
+    if not signatures:
+        return "not signed" if mode == "verify" else ""
+    if not received.sender:
+        return "no From address to check the signature against"
+    verdicts = [(signature_verdict(s, received.sender, roots), s) for s in signatures]
+    good = [s for problem, s in verdicts if not problem]
+    if not good:
+        return verdicts[0][0]
+    received.signer = good[0]
+    if any(s.digest == "SHA1" for s in signatures):
+        received.warnings.append("signed with SHA-1, which no longer protects a signature "
+                                 "against forgery: ask the sender to use SHA-256")
+    return ""
+
+
+###############################################################################
+# Harvest: recipients' certificates from the signed mail they send ###########
+###############################################################################
+# To encrypt to someone you need their certificate; the usual way to get it is
+# a signed message from them.  --harvest finds the signatures (also inside an
+# encrypted message addressed to one of our identities, or a forwarded part),
+# verifies them as --verify does, and saves the sender's certificate as
+# <address>.crt once signature, certificate and chain are good.
+
+class Harvested:
+    """What --harvest found in one input, and where it went."""
+
+    def __init__(self, address, cert, chain):
+        self.address, self.cert, self.chain = address, cert, chain
+        self.path = self.note = ""
+
+
+def harvest(path, dirs, roots):
+    """Return the Harvested certificate of the sender of message *path*.
+
+    Raises MessageError (65) naming why no usable certificate was found,
+    IdentityError (78) for a key of ours that cannot be read.
+    """
+    fields, body = split_header(message_to_crlf(read_input(path)))
+    header = Message(path, fields, [], b"")
+    sender = addresses_of(header, "from")
+    if not sender:
+        raise MessageError("%s: no From address" % path)
+    address = safe_address(sender[0])
+    keyring = Keyring(dirs, [a for name in DELIVERY_FIELDS for a in addresses_of(header, name)])
+    reasons = []
+    signatures = list(signatures_within([f for f in fields if f.name.startswith("content-")],
+                                        body, keyring, reasons))
+    if not signatures:
+        raise MessageError("%s: %s" % (path, reasons[0] if reasons else
+                                       "no S/MIME signature found (the message is not signed)"))
+    for sig in signatures:
+        problem = signature_verdict(sig, address, lambda: roots)
+        if not problem:
+            problem = certificate_problem(sig.cert, address, "encrypt")
+            problem = problem and "the certificate for %s %s" % (address, problem)
+        if not problem:
+            chain = [c for c in sig.certs if c is not sig.cert and not is_self_signed(c)]
+            return Harvested(address, sig.cert, unique_certs(chain))
+        reasons.append(problem)
+    raise MessageError("%s: %s" % (path, reasons[-len(signatures)]))
+
+
+def signatures_within(fields, body, keyring, reasons, depth=0):
+    """Yield every Signature of the S/MIME entities in a MIME tree (forwards included).
+
+    What keeps an S/MIME entity from being opened is appended to *reasons*.
+    """
+    if smime_kind(fields):
+        try:
+            layers = open_layers(fields, body, keyring)[0]
+        except MessageError as exc:
+            reasons.append(str(exc))
+            return
+        for layer in layers:
+            yield from layer.signatures
+        return
+    ctype, params = parse_content_type(field_value(fields, "content-type") or b"text/plain")
+    if depth > 8:
+        return
+    if ctype.startswith("multipart/") and params.get("boundary"):
+        for part in multipart_parts(body, params["boundary"].encode("ascii", "replace")):
+            yield from signatures_within(*split_header(part), keyring, reasons, depth + 1)
+    elif ctype == "message/rfc822":
+        inner_fields, inner_body = split_header(to_crlf(decode_body(
+            body, transfer_encoding(fields))))
+        yield from signatures_within([f for f in inner_fields if f.name.startswith("content-")],
+                                     inner_body, keyring, reasons, depth + 1)
+
+
+def save_harvested(found, directory):
+    """Write found.cert (and its chain) to '<dir>/<address>.crt' unless a better one is there.
+
+    A different certificate already saved is kept when it is valid and expires
+    later; returns found with .path and .note set.
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding
+    path = os.path.join(directory, found.address + ".crt")
+    found.path, found.note = path, "saved"
+    if os.path.isfile(path):
+        old = [c for c in load_certificates(read_key_file(path), path)
+               if found.address in cert_emails(c)]
+        if old and cert_digest(old[0]) == cert_digest(found.cert):
+            found.note = "unchanged (already saved)"
+            return found
+        if old and not certificate_problem(old[0], found.address, "encrypt") and \
+                old[0].not_valid_after_utc >= found.cert.not_valid_after_utc:
+            found.cert, found.note = old[0], "kept the existing certificate (valid, expires later)"
+            return found
+        found.note = "replaced an older certificate" if old else "replaced %s" % path
+    pem = b"".join(c.public_bytes(Encoding.PEM) for c in [found.cert] + found.chain)
+    tmp = path + ".tmp%d" % os.getpid()
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(pem)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError("%s: cannot save the certificate: %s" % (path, exc.strerror or exc))
+    return found
 
 
 ###############################################################################
@@ -2425,177 +3237,6 @@ class DryRun:
 
 
 ###############################################################################
-# Harvest: recipients' certificates from the signed mail they send ###########
-###############################################################################
-# To encrypt to someone you need their certificate; the usual way to get it is
-# a signed message from them.  --harvest finds the signature (also inside an
-# encrypted message addressed to one of our identities), picks the sender's
-# certificate, checks it and its chain, and saves it as <address>.crt.
-
-SIGNATURE_TYPES = ("application/pkcs7-signature", "application/x-pkcs7-signature")
-SMIME_TYPES = ("application/pkcs7-mime", "application/x-pkcs7-mime")
-
-
-class Harvested:
-    """What --harvest found in one input, and where it went."""
-
-    def __init__(self, address, cert, chain):
-        self.address, self.cert, self.chain = address, cert, chain
-        self.path = self.note = ""
-
-
-def expand_inputs(paths):
-    """Return *paths* with each directory replaced by its *.eml files (sorted)."""
-    out = []
-    for path in paths:
-        if path != "-" and os.path.isdir(path):
-            found = sorted(os.path.join(path, n) for n in os.listdir(path)
-                           if n.lower().endswith(".eml") and os.path.isfile(os.path.join(path, n)))
-            if not found:
-                raise InputError("%s: directory holds no .eml files" % path)
-            out.extend(found)
-        else:
-            out.append(path)
-    return out
-
-
-def trust_store(cafile):
-    """Return the trusted roots: --ca / $SMIME_CA_FILE, else the system bundle."""
-    import ssl
-    from cryptography import x509
-    paths = ssl.get_default_verify_paths()
-    path = cafile or paths.cafile or paths.openssl_cafile
-    if not path or not os.path.isfile(path):
-        raise ConfigError("no trusted CA bundle: pass --ca FILE or set SMIME_CA_FILE")
-    try:
-        with open(path, "rb") as fh:
-            roots = x509.load_pem_x509_certificates(fh.read())
-    except (OSError, ValueError) as exc:
-        raise ConfigError("%s: cannot read the CA bundle: %s" % (path, exc))
-    return roots
-
-
-def harvest(path, dirs, roots):
-    """Return the Harvested certificate of the sender of message *path*.
-
-    Raises MessageError (65) naming why no usable certificate was found.
-    """
-    import email
-    import email.policy
-    data = read_input(path)
-    header = Message(path, split_header(to_crlf(data))[0], [], b"")
-    sender = addresses_of(header, "from")
-    if not sender:
-        raise MessageError("%s: no From address" % path)
-    address = safe_address(sender[0])
-    msg = email.message_from_bytes(data, policy=email.policy.compat32)
-    recipients = [a for name in RECIPIENT_FIELDS for a in addresses_of(header, name)]
-    signatures = list(find_signatures(msg, dirs, recipients))
-    if not signatures:
-        raise MessageError("%s: no S/MIME signature found (unsigned, or encrypted to an identity "
-                           "whose key is not in the key directories)" % path)
-    reasons = []
-    for certs in signatures:
-        mine = [c for c in certs if address in cert_emails(c)]
-        if not mine:
-            found = sorted({e for c in certs for e in cert_emails(c)})
-            reasons.append("the signature carries no certificate for %s (found: %s)"
-                           % (address, ", ".join(found) or "none with an e-mail address"))
-            continue
-        problem = certificate_problem(mine[0], address, "encrypt") or \
-            chain_problem(mine[0], certs, roots)
-        if not problem:
-            chain = [c for c in certs if c is not mine[0] and not is_self_signed(c)]
-            return Harvested(address, mine[0], unique_certs(chain))
-        reasons.append("the certificate for %s %s" % (address, problem))
-    raise MessageError("%s: %s" % (path, reasons[0]))
-
-
-def find_signatures(msg, dirs, recipients, depth=0):
-    """Yield the certificate list of every SignedData in *msg*, decrypting where we can."""
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives.serialization import pkcs7
-    for part in msg.walk():
-        ctype, name = part.get_content_type(), (part.get_filename() or "").lower()
-        if ctype not in SIGNATURE_TYPES + SMIME_TYPES and not name.endswith((".p7s", ".p7m")):
-            continue
-        der = part.get_payload(decode=True) or b""
-        try:
-            certs = pkcs7.load_der_pkcs7_certificates(der)
-            if certs:
-                yield certs
-            continue
-        except (ValueError, UnsupportedAlgorithm):
-            pass  # not SignedData: perhaps EnvelopedData
-        plain = decrypt_for_us(der, dirs, recipients) if depth < 3 else None
-        if plain is not None:
-            import email
-            import email.policy
-            inner = email.message_from_bytes(plain, policy=email.policy.compat32)
-            yield from find_signatures(inner, dirs, recipients, depth + 1)
-
-
-def decrypt_for_us(der, dirs, recipients):
-    """Return the plaintext of EnvelopedData *der* for one of our identities, or None."""
-    from cryptography.hazmat.primitives.serialization import pkcs7
-    for address in recipients:
-        try:
-            if not find_file(address, KEY_SUFFIXES, dirs):
-                continue
-            ident = load_signer(address, dirs)
-            return pkcs7.pkcs7_decrypt_der(der, ident.cert, ident.key, [])
-        except (ValueError, TypeError, SmimeToolError):
-            continue
-    return None
-
-
-def chain_problem(cert, certs, roots):
-    """Return why *cert* does not chain to a trusted root (intermediates from *certs*), or ''."""
-    from datetime import datetime, timezone
-    from cryptography.x509 import verification as v
-    builder = (v.PolicyBuilder().store(v.Store(roots)).time(datetime.now(timezone.utc))
-               .extension_policies(ca_policy=v.ExtensionPolicy.webpki_defaults_ca(),
-                                   ee_policy=v.ExtensionPolicy.permit_all()))
-    try:
-        builder.build_client_verifier().verify(cert, [c for c in certs if c is not cert])
-    except v.VerificationError as exc:
-        return "does not chain to a trusted root (%s); pass the issuing CA with --ca" % exc
-    return ""
-
-
-def save_harvested(found, directory):
-    """Write found.cert (and its chain) to '<dir>/<address>.crt' unless a better one is there.
-
-    A different certificate already saved is kept when it is valid and expires
-    later; returns found with .path and .note set.
-    """
-    from cryptography.hazmat.primitives.serialization import Encoding
-    path = os.path.join(directory, found.address + ".crt")
-    found.path, found.note = path, "saved"
-    if os.path.isfile(path):
-        old = [c for c in load_certificates(read_key_file(path), path)
-               if found.address in cert_emails(c)]
-        if old and cert_digest(old[0]) == cert_digest(found.cert):
-            found.note = "unchanged (already saved)"
-            return found
-        if old and not certificate_problem(old[0], found.address, "encrypt") and \
-                old[0].not_valid_after_utc >= found.cert.not_valid_after_utc:
-            found.cert, found.note = old[0], "kept the existing certificate (valid, expires later)"
-            return found
-        found.note = "replaced an older certificate" if old else "replaced %s" % path
-    pem = b"".join(c.public_bytes(Encoding.PEM) for c in [found.cert] + found.chain)
-    tmp = path + ".tmp%d" % os.getpid()
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(pem)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise ConfigError("%s: cannot save the certificate: %s" % (path, exc.strerror or exc))
-    return found
-
-
-###############################################################################
 # Batch: many messages, several sessions, nothing lost ########################
 ###############################################################################
 # A Worker owns one delivery session and turns work items into Results; a Printer
@@ -2622,6 +3263,21 @@ class Result:
         if self.copy:
             entry["copy"] = self.copy
         return entry
+
+
+def expand_inputs(paths):
+    """Return *paths* with each directory replaced by its *.eml files (sorted)."""
+    out = []
+    for path in paths:
+        if path != "-" and os.path.isdir(path):
+            found = sorted(os.path.join(path, n) for n in os.listdir(path)
+                           if n.lower().endswith(".eml") and os.path.isfile(os.path.join(path, n)))
+            if not found:
+                raise InputError("%s: directory holds no .eml files" % path)
+            out.extend(found)
+        else:
+            out.append(path)
+    return out
 
 
 def work_items(opts):
@@ -3253,6 +3909,8 @@ class Options(NamedTuple):
     verbose: bool = False
     retries: int = 3
     harvest: bool = False
+    verify: bool = False
+    decrypt: bool = False
     ca: str = ""
     jobs: int = 1
     repeat: int = 1
@@ -3292,12 +3950,20 @@ def build_parser():
                        help="content cipher for --encrypt (default aes256)")
     smime.add_argument("--keys", action="append", default=[], metavar="DIR",
                        help="directory of <address>.pem/.crt/.p12 files (repeatable)")
-    smime.add_argument("--harvest", action="store_true",
-                       help="save the sender's certificate from signed messages as <address>.crt "
-                            "in the first key directory")
-    smime.add_argument("--ca", default="", metavar="FILE",
-                       help="trusted roots (PEM) for --harvest (default $SMIME_CA_FILE, "
-                            "else the system store)")
+    receiving = p.add_argument_group("receiving")
+    reading = receiving.add_mutually_exclusive_group()
+    reading.add_argument("--verify", action="store_true",
+                         help="check the signatures of received messages (decrypting first when "
+                              "they are encrypted to one of our keys)")
+    reading.add_argument("--decrypt", action="store_true",
+                         help="decrypt received messages for our keys; check any signature "
+                              "inside")
+    reading.add_argument("--harvest", action="store_true",
+                         help="save the sender's certificate from signed messages as "
+                              "<address>.crt in the first key directory")
+    receiving.add_argument("--ca", default="", metavar="FILE",
+                           help="trusted roots (PEM) for --verify, --decrypt and --harvest "
+                                "(default $SMIME_CA_FILE, else the system store)")
     out = p.add_argument_group("output and delivery")
     out.add_argument("-o", "--output", default="", metavar="FILE|DIR",
                      help="write the message to FILE (or one file per input into DIR)")
@@ -3308,7 +3974,8 @@ def build_parser():
                       help="send through the SparkPost transmissions API (SPARKPOST_* variables)")
     out.add_argument("--track", action="store_true",
                      help="SparkPost open/click tracking (unsigned mail only)")
-    out.add_argument("--campaign", default="sparkpost-SMIME", help="SparkPost campaign id (at most 64 bytes)")
+    out.add_argument("--campaign", default="sparkpost-SMIME",
+                     help="SparkPost campaign id (at most 64 bytes)")
     out.add_argument("--mail_from", "--mail-from", default="", metavar="ADDR",
                      help="envelope sender (MAIL FROM), e.g. a bounce domain (default: From)")
     out.add_argument("--header", action="append", default=[], metavar='"NAME: VALUE"',
@@ -3368,13 +4035,18 @@ def parse_args(argv):
     ns = build_parser().parse_args(argv)
     sign_mode = "opaque" if ns.sign else "detached" if ns.sign_detached else ""
     send = "smtp" if ns.send_smtp else "api" if ns.send_api else ""
-    if ns.harvest and (sign_mode or ns.encrypt or send or ns.output):
-        raise UsageError("--harvest only reads messages: it does not go with sign, encrypt, "
-                         "send or -o options")
-    if ns.ca and not ns.harvest:
-        raise UsageError("--ca is for --harvest")
-    if not (send or ns.harvest) and (len(ns.inputs) > 1 or ns.repeat > 1 or os.path.isdir(
-            ns.inputs[0])) and not (ns.output and os.path.isdir(ns.output)):
+    reading = "--verify" if ns.verify else "--decrypt" if ns.decrypt else \
+        "--harvest" if ns.harvest else ""
+    if reading and (sign_mode or ns.encrypt or send or ns.repeat > 1 or ns.jobs > 1):
+        raise UsageError("%s reads received messages: it does not go with sign, encrypt, send, "
+                         "--repeat or --jobs options" % reading)
+    if ns.harvest and ns.output:
+        raise UsageError("--harvest saves certificates in the first key directory, not in -o")
+    if ns.ca and not reading:
+        raise UsageError("--ca is for --verify, --decrypt and --harvest")
+    several = len(ns.inputs) > 1 or ns.repeat > 1 or os.path.isdir(ns.inputs[0])
+    if several and (ns.output or not (send or reading)) and not (
+            ns.output and os.path.isdir(ns.output)):
         raise UsageError("several inputs need -o DIR (an existing directory) for the outputs")
     if send and ns.output:
         raise UsageError("-o and --send_%s do not go together: the message is sent" % send)
@@ -3400,7 +4072,8 @@ def parse_args(argv):
                    track=ns.track, campaign=ns.campaign, mail_from=ns.mail_from,
                    headers=tuple(parse_header_option(h) for h in ns.header),
                    env_files=tuple(ns.env), dry_run=ns.dry_run, verbose=ns.verbose,
-                   retries=ns.retries, harvest=ns.harvest, ca=ns.ca, jobs=ns.jobs,
+                   retries=ns.retries, harvest=ns.harvest, verify=ns.verify,
+                   decrypt=ns.decrypt, ca=ns.ca, jobs=ns.jobs,
                    repeat=ns.repeat, results=ns.results, resume=ns.resume, archive=ns.archive,
                    retry_delay=ns.retry_delay, debug=ns.debug)
 
@@ -3480,6 +4153,48 @@ def write_output(data, target):
         raise ConfigError("%s: cannot write output: %s" % (target, exc.strerror or exc))
 
 
+def receive_all(opts):
+    """Run --verify or --decrypt over every input; print one line each; return the exit code.
+
+    With several inputs each line starts with the input's name.  A message that
+    passes is written to -o (the outer header, then the recovered entity).
+    """
+    mode = "verify" if opts.verify else "decrypt"
+    dirs, paths = key_dirs(opts.keys), expand_inputs(opts.inputs)
+    roots = once(lambda: trust_store(opts.ca or env_text("SMIME_CA_FILE")))
+    code = EX_OK
+    for path in paths:
+        try:
+            received = receive(read_input(path), path, dirs, roots, mode)
+        except (InputError, IdentityError) as exc:
+            received = Received(path)
+            received.problem, received.code = str(exc), exc.exit_code
+        say(("%s: " % path if len(paths) > 1 else "") + received.report(mode))
+        if opts.verbose:
+            for line in received.details():
+                transcript("  " + line)
+        for line in received.warnings:
+            warn("%s: %s" % (path, line))
+        if received.problem:
+            problem = received.problem
+            warn(problem if problem.startswith(path + ":") else "%s: %s" % (path, problem))
+        elif opts.output:
+            write_output(received.output, output_path(opts, path))
+        code = code or received.code
+    return code
+
+
+def once(load):
+    """Return a function calling *load* the first time only, then returning its value."""
+    value = []
+
+    def get():
+        if not value:
+            value.append(load())
+        return value[0]
+    return get
+
+
 def harvest_all(opts):
     """Run --harvest over every input; print one line each; return the exit code."""
     dirs = key_dirs(opts.keys)
@@ -3489,7 +4204,7 @@ def harvest_all(opts):
     for path in expand_inputs(opts.inputs):
         try:
             found = save_harvested(harvest(path, dirs, roots), dirs[0])
-        except (MessageError, InputError) as exc:
+        except (MessageError, InputError, IdentityError) as exc:
             say("refused %s: %s" % (path, str(exc).split(": ", 1)[-1]))
             warn(str(exc))
             code = code or exc.exit_code
@@ -3505,6 +4220,8 @@ def run(opts):
     load_env_files(opts.env_files)
     if opts.harvest:
         return harvest_all(opts)
+    if opts.verify or opts.decrypt:
+        return receive_all(opts)
     return run_batch(opts)
 
 

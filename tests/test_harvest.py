@@ -1,6 +1,7 @@
 """--harvest: recipients' certificates from mail signed by an independent producer (OpenSSL)."""
 
 import os
+import re
 
 import pytest
 
@@ -76,12 +77,11 @@ def test_harvest_signed_then_encrypted_to_our_identity(pki, frank, tmp_path):
 
 def test_nested_in_a_forward(pki, frank, tmp_path):
     signed = openssl_signed(tmp_path, frank["cert"], frank["key"], frank["inter"], True)
+    signed = re.sub(rb"(?<!\r)\n", b"\r\n", signed)  # OpenSSL mixes LF and CRLF lines
     outer = (b"From: Frank <frank@example.net>\r\nTo: bob@example.org\r\nSubject: fw\r\n"
              b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=zz\r\n\r\n"
              b"--zz\r\nContent-Type: text/plain\r\n\r\nsee below\r\n--zz\r\n" +
-             signed.split(b"\n\n", 1)[0].split(b"MIME-Version: 1.0\n", 1)[1].replace(
-                 b"\n", b"\r\n") + b"\r\n\r\n" + signed.split(b"\n\n", 1)[1].replace(
-                 b"\n", b"\r\n") + b"\r\n--zz--\r\n")
+             signed.split(b"MIME-Version: 1.0\r\n", 1)[1] + b"\r\n--zz--\r\n")
     proc, _ = harvest(pki, tmp_path, outer)
     assert proc.returncode == 0, proc.stderr
 
@@ -105,7 +105,7 @@ def test_refuses_certificate_for_another_address(pki, frank, tmp_path):
     signed = openssl_signed(tmp_path, frank["cert"], frank["key"], frank["inter"],
                             sender="mallory@example.com")
     proc, _ = harvest(pki, tmp_path, signed)
-    refused(proc, "no certificate for mallory@example.com (found: frank@example.net)")
+    refused(proc, "no certificate for mallory@example.com (signed by frank@example.net)")
 
 
 def test_refuses_untrusted_root(pki, tmp_path):

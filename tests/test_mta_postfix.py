@@ -105,8 +105,23 @@ def test_smime_survives_postfix_and_dkim(postfix, pki, nss, gpgsm, openssl, tmp_
             entity = openssl.decrypt(data, pki.cert_path(who), pki.key_path(who))
         content = openssl.verify(entity, pki.cafile)
         assert engines.leaves(content) == expected
-        if who == TO[0]:  # one copy per message through the two other engines
+        if who == TO[0]:  # one copy per message through the two other engines, and ours
             check_nss_and_gpgsm(nss, gpgsm, data, entity, MODES[mode], expected)
+            check_our_verify(pki, tmp_path, delivered, expected)
+
+
+def check_our_verify(pki, tmp_path, delivered, expected):
+    """Our own --verify on the file as delivered (Maildir, LF): decrypted for *who*, the
+    signature of the sender verified, and -o recovers the original's MIME parts."""
+    path, out = tmp_path / "delivered.eml", tmp_path / "recovered.eml"
+    path.write_bytes(delivered)
+    proc = run_tool(["--verify", str(path), "--keys", pki.private, "--ca", pki.cafile,
+                     "-o", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().startswith("OK - signed by %s (" % SENDER)
+    recovered = out.read_bytes()
+    assert b"\r\nFrom: Steve Tuck <steve@thetucks.com>\r\n" in recovered.split(b"\r\n\r\n")[0]
+    assert engines.leaves(recovered) == expected
 
 
 def check_nss_and_gpgsm(nss, gpgsm, data, entity, flags, expected):
