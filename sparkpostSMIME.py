@@ -72,6 +72,8 @@ EX_DATAERR = 65      #: the message cannot be used
 EX_NOINPUT = 66      #: input file missing or unreadable
 EX_UNAVAILABLE = 69  #: permanent delivery failure
 EX_SOFTWARE = 70     #: internal error (a bug)
+EX_CANTCREAT = 73    #: an output file cannot be created
+EX_IOERR = 74        #: an output could not be written (a full disk)
 EX_TEMPFAIL = 75     #: temporary failure: try again later
 EX_NOPERM = 77       #: authentication refused
 EX_CONFIG = 78       #: missing/bad setting, key or certificate
@@ -106,10 +108,13 @@ KEY_SUFFIXES = (".pem", ".p12", ".pfx")
 ###############################################################################
 # Errors ######################################################################
 ###############################################################################
+# One root carrying its exit code, one subclass per kind of fault.  Outcomes of
+# a delivery (a refusal, a 4xx) are values (Outcome), not exceptions.
 
 class SmimeToolError(Exception):
-    """Root of every error this tool reports; carries its exit code."""
+    """Root of every error this tool reports; carries its exit code (and a *hint*)."""
     exit_code = EX_SOFTWARE
+    hint = ""
 
 
 class UsageError(SmimeToolError):
@@ -136,25 +141,31 @@ class IdentityError(ConfigError):
     """A key or certificate is missing, unreadable or unfit for its use."""
 
 
+class TlsError(ConfigError):
+    """The server's TLS certificate is not trusted, or is for another name."""
+
+
+class AuthError(SmimeToolError):
+    """The server refused our credentials (SMTP 530/535, API 401/403)."""
+    exit_code = EX_NOPERM
+
+
 class DeliveryError(SmimeToolError):
-    """Sending failed.  *session*: the connection is unusable (reconnect, or for a TLS,
-    configuration or authentication failure, stop the batch)."""
+    """A session could not be opened or went away (connection, timeout, a 4xx/5xx
+    greeting); *exit_code* 75 when trying later may help, 69 when it will not."""
 
-    def __init__(self, text, exit_code=EX_TEMPFAIL, session=False, hint="", halt=False):
+    def __init__(self, text, exit_code=EX_TEMPFAIL):
         super().__init__(text)
-        self.exit_code, self.session, self.hint = exit_code, session, hint
-        self.retry_after = 0.0  #: seconds the server asked us to wait (HTTP Retry-After)
-        self.halt = halt  #: later messages would meet the same: no retry, stop the batch
+        self.exit_code = exit_code
 
 
-class RecipientsRefused(DeliveryError):
-    """Some or all recipients were refused; *refused* maps address -> (code, text)."""
+class OutputError(SmimeToolError):
+    """A fault on our side: an output, journal, archive or certificate file cannot
+    be created (73, EX_CANTCREAT) or written (74, EX_IOERR)."""
 
-    def __init__(self, refused, accepted=(), hint="", reply=""):
-        self.refused, self.accepted, self.reply = refused, list(accepted), reply
-        worst = min(smtp_exit_code(code) for code, _ in refused.values())  # any 5xx: 69
-        what = "some recipients were refused" if accepted else "every recipient was refused"
-        super().__init__(what, worst, hint=hint)
+    def __init__(self, text, exit_code=EX_IOERR):
+        super().__init__(text)
+        self.exit_code = exit_code
 
 
 def smtp_exit_code(code):
@@ -170,8 +181,10 @@ def smtp_exit_code(code):
 ###############################################################################
 # Settings ####################################################################
 ###############################################################################
-# Defaults < env files (--env, ./.env) < the real environment < command line.
-# Secrets come only from the environment and are registered for redaction.
+# One immutable Settings, built once by load_settings(): defaults < env files
+# (--env, ./.env) < the real environment < command line.  Env files are read
+# into a mapping, never written into os.environ; secrets come only from the
+# environment or an env file and are redacted from everything printed.
 
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 TLS_MODES = ("auto", "starttls", "tls", "none")
@@ -179,42 +192,14 @@ SPARKPOST_SMTP_HOSTS = ("smtp.sparkpostmail.com", "smtp.eu.sparkpostmail.com")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
-def load_env_files(paths):
-    """Load KEY=value files (python-dotenv syntax, "export" allowed) into os.environ.
-
-    Variables already in the environment win.  ./.env is loaded when present.
-    Raises ConfigError for an unreadable file.
-    """
-    files = list(paths) + ([".env"] if os.path.isfile(".env") else [])
-    if not files:
-        return
-    from dotenv import dotenv_values
-    for path in files:
-        if not os.path.isfile(path) or not os.access(path, os.R_OK):
-            raise ConfigError("--env %s: cannot read this file" % path)
-        warn_if_exposed(path, "env file")
-        for key, value in dotenv_values(path).items():
-            if value is not None and key not in os.environ:
-                os.environ[key] = value
+def env_text(env, name, default=""):
+    """Return the variable *name* of mapping *env*, stripped, or *default*."""
+    return env.get(name, default).strip() or default
 
 
-def warn_if_exposed(path, what):
-    """Warn when a file holding secrets is readable by group or others."""
-    try:
-        if os.stat(path).st_mode & 0o077:
-            warn("%s %s is readable by group or others: chmod 0600 %s" % (what, path, path))
-    except OSError:
-        pass
-
-
-def env_text(name, default=""):
-    """Return the environment variable *name*, stripped, or *default*."""
-    return os.environ.get(name, default).strip() or default
-
-
-def env_bool(name, default):
-    """Return an on/off environment variable.  Raises ConfigError."""
-    value = env_text(name).lower()
+def env_bool(env, name, default):
+    """Return an on/off variable.  Raises ConfigError."""
+    value = env_text(env, name).lower()
     if not value:
         return default
     if value in TRUE_WORDS or value in FALSE_WORDS:
@@ -222,9 +207,9 @@ def env_bool(name, default):
     raise ConfigError("%s=%r: use 1 or 0" % (name, value))
 
 
-def env_number(name, default, kind=int, low=1, high=None):
-    """Return a numeric environment variable within [low, high].  Raises ConfigError."""
-    value = env_text(name)
+def env_number(env, name, default, kind=int, low=1, high=None):
+    """Return a numeric variable within [low, high].  Raises ConfigError."""
+    value = env_text(env, name)
     if not value:
         return default
     try:
@@ -235,13 +220,6 @@ def env_number(name, default, kind=int, low=1, high=None):
         span = "%s-%s" % (low, high) if high else "at least %s" % low
         raise ConfigError("%s=%r is not a valid number (%s)" % (name, value, span))
     return number
-
-
-def env_secret(name):
-    """Return a secret environment variable and register it for redaction."""
-    value = os.environ.get(name, "")
-    register_secret(value)
-    return value
 
 
 class SmtpSettings(NamedTuple):
@@ -258,31 +236,33 @@ class SmtpSettings(NamedTuple):
     helo: str = ""
 
     @classmethod
-    def from_env(cls):
-        """Build and check the settings from SMTP_* variables.  Raises ConfigError."""
-        host = env_text("SMTP_HOST")
+    def from_env(cls, env):
+        """Build and check the settings from the SMTP_* variables of *env*.
+
+        Raises ConfigError naming the variable at fault.
+        """
+        host = env_text(env, "SMTP_HOST")
         if not host:
             raise ConfigError("SMTP_HOST is not set: export SMTP_HOST=<your MTA or "
                               "smtp.sparkpostmail.com> (see my_envs.sh.example)")
-        tls = env_text("SMTP_TLS", "auto").lower()
+        tls = env_text(env, "SMTP_TLS", "auto").lower()
         if tls not in TLS_MODES:
             raise ConfigError("SMTP_TLS=%r: use one of %s" % (tls, ", ".join(TLS_MODES)))
-        user, password = env_text("SMTP_USER"), env_secret("SMTP_PASSWORD")
+        user, password = env_text(env, "SMTP_USER"), env.get("SMTP_PASSWORD", "")
         if bool(user) != bool(password):
             missing = "SMTP_PASSWORD" if user else "SMTP_USER"
             raise ConfigError("%s is not set: SMTP authentication needs both SMTP_USER and "
                               "SMTP_PASSWORD (or neither, for an internal MTA)" % missing)
-        register_secret("\0%s\0%s" % (user, password) if password else "")
-        cafile = env_text("SMTP_CAFILE")
+        cafile = env_text(env, "SMTP_CAFILE")
         if cafile and not os.access(cafile, os.R_OK):
             raise ConfigError("SMTP_CAFILE=%s: cannot read this file" % cafile)
-        return cls(host=host, port=env_number("SMTP_PORT", 465 if tls == "tls" else 25,
+        return cls(host=host, port=env_number(env, "SMTP_PORT", 465 if tls == "tls" else 25,
                                                high=65535),
                    user=user, password=password, tls=tls, cafile=cafile,
-                   verify=env_bool("SMTP_TLS_VERIFY", True),
-                   timeout=env_number("SMTP_TIMEOUT", 60.0, float, low=0.1),
-                   sparkpost=env_bool("SMTP_SPARKPOST", host.lower() in SPARKPOST_SMTP_HOSTS),
-                   helo=env_text("SMTP_HELO"))
+                   verify=env_bool(env, "SMTP_TLS_VERIFY", True),
+                   timeout=env_number(env, "SMTP_TIMEOUT", 60.0, float, low=0.1),
+                   sparkpost=env_bool(env, "SMTP_SPARKPOST", host.lower() in SPARKPOST_SMTP_HOSTS),
+                   helo=env_text(env, "SMTP_HELO"))
 
     def __repr__(self):
         return "SmtpSettings(%s)" % self.describe()
@@ -291,6 +271,10 @@ class SmtpSettings(NamedTuple):
         """Return 'host, port N, user="u", password="***"' (never the password)."""
         creds = ', user="%s", password="***"' % self.user if self.user else ""
         return "%s, port %d%s" % (self.host, self.port, creds)
+
+    def secrets(self):
+        """Return what must never be printed: the password and the AUTH PLAIN string."""
+        return (self.password, "\0%s\0%s" % (self.user, self.password)) if self.password else ()
 
 
 class ApiSettings(NamedTuple):
@@ -303,15 +287,18 @@ class ApiSettings(NamedTuple):
         return "ApiSettings(%s, key=***)" % self.base_url
 
     @classmethod
-    def from_env(cls):
-        """Build and check the settings from SPARKPOST_* variables.  Raises ConfigError."""
-        key = env_secret("SPARKPOST_API_KEY").strip()
+    def from_env(cls, env):
+        """Build and check the settings from the SPARKPOST_* variables.  Raises ConfigError."""
+        key = env.get("SPARKPOST_API_KEY", "").strip()
         if not key:
             raise ConfigError("SPARKPOST_API_KEY is not set: export SPARKPOST_API_KEY=<an API key "
                               "with Transmissions: Read/Write>")
-        return cls(key=key, base_url=api_base_url(env_text("SPARKPOST_HOST",
+        return cls(key=key, base_url=api_base_url(env_text(env, "SPARKPOST_HOST",
                                                             "https://api.sparkpost.com")),
-                   timeout=env_number("SPARKPOST_TIMEOUT", 60.0, float, low=0.1))
+                   timeout=env_number(env, "SPARKPOST_TIMEOUT", 60.0, float, low=0.1))
+
+    def secrets(self):
+        return (self.key,)
 
 
 def api_base_url(host):
@@ -343,60 +330,201 @@ def is_loopback(host):
     return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
+class Settings(NamedTuple):
+    """Everything a run needs, checked once and frozen: the command line's options,
+    then what the environment and env files set (the *_dirs*, *key_password*,
+    *ca_file*, *cache_dir*, *smtp* and *api* fields)."""
+    inputs: tuple
+    sign_mode: str = ""          #: "", "opaque" or "detached"
+    encrypt: bool = False
+    cipher: str = "aes256"
+    keys: tuple = ()             #: --keys directories
+    output: str = ""
+    send: str = ""               #: "", "smtp" or "api"
+    track: bool = False
+    campaign: str = "sparkpost-SMIME"
+    mail_from: str = ""
+    headers: tuple = ()          #: extra outer header lines, CRLF-terminated bytes
+    env_files: tuple = ()
+    dry_run: bool = False
+    verbose: bool = False
+    retries: int = 3
+    harvest: bool = False
+    verify: bool = False
+    decrypt: bool = False
+    ca: str = ""
+    jobs: int = 1
+    repeat: int = 1
+    results: str = ""
+    resume: bool = False
+    archive: str = ""
+    retry_delay: float = 1.0
+    key_dirs: tuple = (".",)     #: --keys, then $SMIME_KEYS_DIR, then "."
+    key_password: bytes = None   #: $SMIME_KEY_PASSWORD
+    ca_file: str = ""            #: --ca, else $SMIME_CA_FILE
+    cache_dir: str = ""          #: $XDG_CACHE_HOME/sparkpostSMIME
+    smtp: SmtpSettings = None
+    api: ApiSettings = None
+    notices: tuple = ()          #: warnings found while loading (exposed env files...)
+
+    def secrets(self):
+        """Return every secret the settings hold, for redaction."""
+        found = (self.key_password.decode("utf-8", "replace"),) if self.key_password else ()
+        for part in (self.smtp, self.api):
+            found += part.secrets() if part is not None else ()
+        return found
+
+
+def load_settings(argv, environ):
+    """Return the Settings of a run: *argv* checked, then env files, then *environ*.
+
+    Raises UsageError for the command line, ConfigError for a setting.
+    """
+    settings = parse_args(argv)
+    env, notices = read_env_files(settings.env_files)
+    env.update(environ)  # the real environment wins over the files
+    dirs = list(settings.keys) + [d for d in env.get("SMIME_KEYS_DIR", "").split(":") if d]
+    cache = env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or
+                                                      os.path.expanduser("~"), ".cache")
+    password = env.get("SMIME_KEY_PASSWORD")
+    smtp = SmtpSettings.from_env(env) if settings.send == "smtp" else None
+    if smtp is not None and not smtp.verify:
+        notices += ("TLS certificate verification is OFF (SMTP_TLS_VERIFY=0): anyone on the "
+                    "path can intercept the connection and the credentials",)
+    return settings._replace(
+        key_dirs=tuple(dirs + ["."]), key_password=password.encode("utf-8") if password else None,
+        ca_file=settings.ca or env_text(env, "SMIME_CA_FILE"),
+        cache_dir=os.path.join(cache, "sparkpostSMIME"), smtp=smtp,
+        api=ApiSettings.from_env(env) if settings.send == "api" else None, notices=notices)
+
+
+def read_env_files(paths):
+    """Return ({name: value} of the env files, (warnings,)): *paths*, then ./.env if any.
+
+    python-dotenv syntax ("export" allowed).  Raises ConfigError for an unreadable file.
+    """
+    files = list(paths) + ([".env"] if os.path.isfile(".env") else [])
+    values, notices = {}, ()
+    if not files:
+        return values, notices
+    from dotenv import dotenv_values
+    for path in files:
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise ConfigError("--env %s: cannot read this file" % path)
+        notices += exposed(path, "env file")
+        values.update((k, v) for k, v in dotenv_values(path).items()
+                      if v is not None and k not in values)
+    return values, notices
+
+
+def exposed(path, what):
+    """Return (a warning,) when a file holding secrets is readable by group or others."""
+    try:
+        if os.stat(path).st_mode & 0o077:
+            return ("%s %s is readable by group or others: chmod 0600 %s" % (what, path, path),)
+    except OSError:
+        pass
+    return ()
+
+
 ###############################################################################
-# Output helpers ##############################################################
+# Output: the one reporter, atomic files ######################################
 ###############################################################################
+# Everything printed goes through a Reporter: report lines on stdout (the
+# product when sending), warnings, errors and transcripts on stderr, every
+# line redacted.  Files are written to a temporary name in their directory,
+# then renamed: nothing partial is ever left behind.
 
-_SECRETS = []
+class Reporter:
+    """Writes every line the tool prints, redacted; warns once per topic.
+
+    Raises OutputError (74) when standard output cannot be written (a full
+    device); a closed pipe raises BrokenPipeError, which main() ends quietly.
+    """
+
+    def __init__(self, verbose=False):
+        self.verbose, self.secrets, self.warned, self.opened = verbose, [], set(), False
+
+    def secret(self, value):
+        """Remember a secret and its base64 forms (at every alignment) for redact()."""
+        if not value or len(value) < 3:
+            return
+        import base64
+        raw = value.encode("utf-8")
+        forms = {value}
+        for pad in range(3):  # the secret's base64 at each of the three byte alignments
+            text = base64.b64encode(b"\0" * pad + raw).decode()
+            skip = (pad * 4 + 2) // 3 if pad else 0
+            forms.add(text[skip:len(text) - 4].rstrip("=") if len(raw) > 6 else text[skip:])
+        self.secrets.extend(sorted((f for f in forms if len(f) >= 3), key=len, reverse=True))
+
+    def redact(self, text):
+        """Return *text* with every registered secret replaced by ***."""
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+    def say(self, text):
+        """Write report lines to stdout, at once (one write: lines of workers never mix)."""
+        write_stdout((self.redact(text) + "\n").encode("utf-8", "replace"))
+
+    def warn(self, text, topic=None):
+        """Write one diagnostic line to stderr; with *topic*, only the first time."""
+        if topic is not None:
+            if topic in self.warned:
+                return
+            self.warned.add(topic)
+        sys.stderr.write("sparkpostSMIME: %s\n" % self.redact(text))
+        sys.stderr.flush()
+
+    def transcript(self, line):
+        """Write one verbose transcript line (swaks-style glyphs) to stderr."""
+        sys.stderr.write(self.redact(line) + "\n")
+
+    def session(self, line):
+        """Report an opened session: the 'Opened ...' line, the first time only."""
+        if not self.opened and line:
+            self.opened = True
+            self.say(line)
 
 
-def register_secret(value):
-    """Remember a secret and its base64 forms (at every alignment) for redact()."""
-    if not value or len(value) < 3:
-        return
-    import base64
-    raw = value.encode("utf-8")
-    forms = {value}
-    for pad in range(3):  # the secret's base64 at each of the three byte alignments
-        text = base64.b64encode(b"\0" * pad + raw).decode()
-        skip = (pad * 4 + 2) // 3 if pad else 0
-        forms.add(text[skip:len(text) - 4].rstrip("=") if len(raw) > 6 else text[skip:])
-    _SECRETS.extend(sorted((f for f in forms if len(f) >= 3), key=len, reverse=True))
+def write_stdout(data):
+    """Write bytes to standard output and flush.  Raises OutputError (74) on a full device."""
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputError("standard output: cannot write: %s" % (exc.strerror or exc))
 
 
-def redact(text):
-    """Return *text* with every registered secret replaced by ***."""
-    for secret in _SECRETS:
-        if secret in text:
-            text = text.replace(secret, "***")
-    return text
-
-
-def warn(text):
-    """Write one diagnostic line to stderr (never stdout: stdout is the product)."""
-    sys.stderr.write("sparkpostSMIME: %s\n" % redact(text))
-    sys.stderr.flush()
-
-
-_WARNED = set()
-
-
-def warn_once(topic, text):
-    """warn() *text* the first time *topic* comes up in this process."""
-    if topic not in _WARNED:
-        _WARNED.add(topic)
-        warn(text)
-
-
-def say(text):
-    """Write one report line to stdout (the product when sending)."""
-    sys.stdout.write(redact(text) + "\n")
-    sys.stdout.flush()
-
-
-def transcript(line):
-    """Write one verbose transcript line (swaks-style glyphs) to stderr."""
-    sys.stderr.write(redact(line) + "\n")
+def write_atomically(path, data, mode=0o644):
+    """Write *data* to *path* through a temporary file in the same directory, renamed
+    into place once complete: a reader never sees a partial file, and a failure
+    leaves none behind.  Raises OutputError: 73 when the file cannot be created,
+    74 when writing fails (a full disk)."""
+    import tempfile
+    directory = os.path.dirname(path) or "."
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".%s." % os.path.basename(path)[:40])
+    except OSError as exc:
+        raise OutputError("%s: cannot create: %s" % (path, exc.strerror or exc), EX_CANTCREAT)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        code = EX_CANTCREAT if exc.errno in (13, 21, 30) else EX_IOERR  # EACCES EISDIR EROFS
+        raise OutputError("%s: cannot write: %s" % (path, exc.strerror or exc), code)
 
 
 ###############################################################################
@@ -943,18 +1071,170 @@ _SAFE_ADDRESS = re.compile(r"[a-z0-9!#$%&'*+=?^_`{|}~.-]+@[a-z0-9.-]+\.?[a-z0-9-
 class Identity:
     """A certificate (and for the sender, its private key and chain) for an address.
 
-    *chain* holds the intermediates, leaf and root excluded.
+    *path*: the file it came from; *chain*: the intermediates, leaf and root
+    excluded; *rid*: the certificate's IssuerAndSerialNumber, as recipients and
+    signers are named in CMS (worked out once: it costs a parse).
     """
 
     def __init__(self, address, cert, path, key=None, chain=()):
         self.address, self.cert, self.path = address, cert, path
         self.key, self.chain = key, list(chain)
+        self.rid = issuer_and_serial(cert)
 
 
-def key_dirs(option_dirs=()):
-    """Return the key directories in search order: --keys, $SMIME_KEYS_DIR, '.'."""
-    env = [d for d in os.environ.get("SMIME_KEYS_DIR", "").split(":") if d]
-    return list(option_dirs) + env + ["."]
+class Keystore:
+    """Where identities are found (key directories, key password) and what was loaded.
+
+    Batches send many messages from one sender to few recipients: each identity
+    is read, parsed and checked once per process (a refusal is not kept: it is
+    raised again for every message that needs it).  *validated*: the file
+    listing key files that passed full validation (see validated_keys());
+    *warn*: the reporter's warn(text, topic), for exposed key files.
+    """
+
+    def __init__(self, dirs, password=None, validated="", warn=None):
+        self.dirs, self.password, self.validated = list(dirs), password, validated
+        self.warn = warn or (lambda text, topic=None: None)
+        self.loaded, self.known = {}, None
+
+    def cached(self, kind, address, *args):
+        """Return the identity *kind* ("signer", "recipient"...) of *address*, loaded once."""
+        key = (kind, address) + args
+        if key not in self.loaded:
+            self.loaded[key] = getattr(self, "load_" + kind)(address, *args)
+        return self.loaded[key]
+
+    def signer(self, address):
+        """Return the sender's Identity with key, certificate and chain.  Raises IdentityError."""
+        return self.cached("signer", address)
+
+    def recipient(self, address):
+        """Return a recipient's Identity (certificate only).  Raises IdentityError."""
+        return self.cached("recipient", address)
+
+    def own_copy(self, address, signing):
+        """Return the sender's Identity to encrypt its own copy to, or None."""
+        return self.cached("own_copy", address, signing)
+
+    def decryption(self, address):
+        """Return our Identity for *address* to decrypt with.  Raises IdentityError."""
+        return self.cached("decryption", address)
+
+    def find(self, address, suffixes):
+        """Return the first '<dir>/<address><suffix>' in the key directories, or None."""
+        return find_file(address, suffixes, self.dirs)
+
+    def load_signer(self, address):
+        path = self.find(address, KEY_SUFFIXES)
+        if path is None:
+            raise IdentityError("no private key for %s: put %s.pem (or .p12) in one of: %s"
+                                % (address, safe_address(address), ", ".join(self.dirs)))
+        for line in exposed(path, "private key file"):
+            self.warn(line, path)
+        key, certs, cert_path = self.key_and_certificates(address, path)
+        if path.endswith(".pem") and cert_path == path and not any(same_key(c, key)
+                                                                   for c in certs):
+            raise IdentityError("no certificate for %s: %s holds only the key; add %s.crt"
+                                % (address, path, safe_address(address)))
+        return make_identity(address, key, certs, cert_path)
+
+    def key_and_certificates(self, address, path):
+        """Return (private key, certificates, file of the certificate) for a key file:
+        a .pem (with <address>.crt beside it when it holds only the key) or PKCS#12."""
+        if not path.endswith(".pem"):
+            key, cert, extra = self.pkcs12(path)
+            return key, [cert] + extra, path
+        data = read_key_file(path)
+        key, certs = self.private_key(data, path), load_certificates(data, path)
+        if any(same_key(c, key) for c in certs):
+            return key, certs, path
+        crt = self.find(address, (".crt",))
+        if crt is None:
+            return key, certs, path
+        return key, certs + load_certificates(read_key_file(crt), crt), crt
+
+    def load_recipient(self, address):
+        path = self.find(address, (".crt",))
+        if path is None:
+            raise IdentityError("no certificate for recipient %s: put %s.crt in one of: %s"
+                                % (address, safe_address(address), ", ".join(self.dirs)))
+        return recipient_from_file(address, path)
+
+    def load_own_copy(self, address, signing):
+        """The signing certificate when it allows encryption, else <from>.crt when there
+        is one that does (a signing-only certificate beside an encryption one is
+        common); None, with a warning, when neither does."""
+        signer = self.signer(address) if signing else None
+        problem = signer and usage_problem(signer.cert, "encrypt")
+        if signer is not None and not problem:
+            return signer
+        if self.find(address, (".crt",)) is not None:
+            try:
+                return self.recipient(address)
+            except IdentityError as exc:
+                problem = str(exc)
+        elif problem:
+            problem = "%s: certificate for %s %s" % (signer.path, address, problem)
+        if problem:
+            self.warn("the message is not encrypted to its sender (the Sent copy will not be "
+                      "readable): %s" % problem, "own-copy")
+        return None
+
+    def load_decryption(self, address):
+        """Our key and its certificate, unchecked: old mail must stay readable after
+        its certificate expires."""
+        path = self.find(address, KEY_SUFFIXES)
+        key, certs, _ = self.key_and_certificates(address, path)
+        leaf = next((c for c in certs if same_key(c, key)), None)
+        if leaf is None:
+            raise IdentityError("%s: no certificate matching the private key for %s"
+                                % (path, address))
+        return Identity(address, leaf, path, key)
+
+    def private_key(self, data, path):
+        """Return the private key in PEM *data*.  Raises IdentityError.
+
+        RSA key validation (a primality and consistency check, ~30 ms) runs the
+        first time a key file's exact bytes are seen; see validated_keys().
+        """
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+        if b"PRIVATE KEY-----" not in data:
+            raise IdentityError("%s: holds no PEM private key" % path)
+        encrypted = b"ENCRYPTED" in data  # PKCS#8 or legacy PEM encryption
+        if encrypted and self.password is None:
+            raise IdentityError("%s: the private key is encrypted: set SMIME_KEY_PASSWORD" % path)
+        digest = key_digest(data)
+        if self.known is None:
+            self.known = validated_keys(self.validated)
+        known = digest in self.known
+        try:
+            key = load_pem_private_key(data, self.password if encrypted else None,
+                                       unsafe_skip_rsa_key_validation=known)
+        except (TypeError, ValueError):
+            if encrypted:
+                raise IdentityError("%s: wrong SMIME_KEY_PASSWORD for this private key" % path)
+            raise IdentityError("%s: the private key cannot be read (corrupt or unsupported)"
+                                % path)
+        except Exception as exc:  # UnsupportedAlgorithm and friends
+            raise IdentityError("%s: the private key cannot be used: %s" % (path, exc))
+        if not known:
+            remember_validated(self.validated, digest)
+            self.known.add(digest)
+        return key
+
+    def pkcs12(self, path):
+        """Return (key, cert, extra certs) from a PKCS#12 file.  Raises IdentityError."""
+        from cryptography.hazmat.primitives.serialization import pkcs12
+        data = read_key_file(path)
+        try:
+            key, cert, extra = pkcs12.load_key_and_certificates(data, self.password)
+        except ValueError:
+            hint = "check" if self.password else "set"
+            raise IdentityError("%s: cannot open the PKCS#12 file (wrong password or corrupt): "
+                                "%s SMIME_KEY_PASSWORD" % (path, hint))
+        if key is None or cert is None:
+            raise IdentityError("%s: the PKCS#12 file lacks a private key or certificate" % path)
+        return key, cert, list(extra)
 
 
 def safe_address(address):
@@ -1004,59 +1284,19 @@ def load_certificates(data, path):
         raise IdentityError("%s: not a readable PEM or DER certificate" % path)
 
 
-def password():
-    """Return $SMIME_KEY_PASSWORD as bytes, or None."""
-    value = os.environ.get("SMIME_KEY_PASSWORD")
-    return value.encode("utf-8") if value else None
-
-
-def load_private_key(data, path):
-    """Return the private key in PEM *data*.  Raises IdentityError.
-
-    RSA key validation (a primality and consistency check, ~30 ms) runs the first
-    time a key file's exact bytes are seen; see validated_keys().
-    """
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-    if b"PRIVATE KEY-----" not in data:
-        raise IdentityError("%s: holds no PEM private key" % path)
-    secret = password() if b"ENCRYPTED" in data else None  # PKCS#8 or legacy PEM encryption
-    if b"ENCRYPTED" in data and secret is None:
-        raise IdentityError("%s: the private key is encrypted: set SMIME_KEY_PASSWORD" % path)
-    digest = key_digest(data)
-    known = digest in validated_keys()
-    try:
-        key = load_pem_private_key(data, secret, unsafe_skip_rsa_key_validation=known)
-    except (TypeError, ValueError):
-        if secret is not None:
-            raise IdentityError("%s: wrong SMIME_KEY_PASSWORD for this private key" % path)
-        raise IdentityError("%s: the private key cannot be read (corrupt or unsupported)" % path)
-    except Exception as exc:  # UnsupportedAlgorithm and friends
-        raise IdentityError("%s: the private key cannot be used: %s" % (path, exc))
-    if not known:
-        remember_validated(digest)
-    return key
-
-
-def key_cache_path():
-    """Return the file listing validated key files: $XDG_CACHE_HOME/sparkpostSMIME/..."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "sparkpostSMIME", "validated-keys")
-
-
 def key_digest(data):
     """Return the SHA-256 (hex) of a key file's bytes: it identifies, never reveals, the key."""
     import hashlib
     return hashlib.sha256(data).hexdigest()
 
 
-def validated_keys():
-    """Return the digests of key files that passed full validation before.
+def validated_keys(path):
+    """Return the digests of key files that passed full validation before (file *path*).
 
     Loading the very same bytes again yields the very same key, so skipping
     validation for them is as safe as validating.  The list is trusted only if
     it is ours and not writable by group or others; otherwise it is ignored.
     """
-    path = key_cache_path()
     try:
         st = os.stat(path)
         if st.st_uid != os.getuid() or st.st_mode & 0o022:
@@ -1067,9 +1307,8 @@ def validated_keys():
         return set()
 
 
-def remember_validated(digest):
-    """Add *digest* to the validated-keys list (best effort, private permissions)."""
-    path = key_cache_path()
+def remember_validated(path, digest):
+    """Add *digest* to the validated-keys list *path* (best effort, private permissions)."""
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -1077,47 +1316,6 @@ def remember_validated(digest):
             fh.write(digest + "\n")
     except OSError:
         pass
-
-
-def load_pkcs12(path):
-    """Return (key, cert, extra certs) from a PKCS#12 file.  Raises IdentityError."""
-    from cryptography.hazmat.primitives.serialization import pkcs12
-    data = read_key_file(path)
-    try:
-        key, cert, extra = pkcs12.load_key_and_certificates(data, password())
-    except ValueError:
-        hint = "set SMIME_KEY_PASSWORD" if password() is None else "check SMIME_KEY_PASSWORD"
-        raise IdentityError("%s: cannot open the PKCS#12 file (wrong password or corrupt): %s"
-                            % (path, hint))
-    if key is None or cert is None:
-        raise IdentityError("%s: the PKCS#12 file lacks a private key or certificate" % path)
-    return key, cert, list(extra)
-
-
-def load_signer(address, dirs):
-    """Return the sender's Identity with key, certificate and chain.
-
-    Raises IdentityError when no usable key or certificate is found.
-    """
-    path = find_file(address, KEY_SUFFIXES, dirs)
-    if path is None:
-        raise IdentityError("no private key for %s: put %s.pem (or .p12) in one of: %s"
-                            % (address, safe_address(address), ", ".join(dirs)))
-    warn_if_exposed(path, "private key file")
-    if path.endswith(".pem"):
-        data = read_key_file(path)
-        key, certs = load_private_key(data, path), load_certificates(data, path)
-        cert_path = path
-        if not any(same_key(c, key) for c in certs):
-            cert_path = find_file(address, (".crt",), dirs)
-            if cert_path is None:
-                raise IdentityError("no certificate for %s: %s holds only the key; add %s.crt"
-                                    % (address, path, safe_address(address)))
-            certs += load_certificates(read_key_file(cert_path), cert_path)
-    else:
-        key, cert, extra = load_pkcs12(path)
-        certs, cert_path = [cert] + extra, path
-    return make_identity(address, key, certs, cert_path)
 
 
 def make_identity(address, key, certs, path):
@@ -1158,15 +1356,6 @@ def is_self_signed(cert):
         return True
     except Exception:
         return False
-
-
-def load_recipient(address, dirs):
-    """Return the Identity (certificate only) of a recipient.  Raises IdentityError."""
-    path = find_file(address, (".crt",), dirs)
-    if path is None:
-        raise IdentityError("no certificate for recipient %s: put %s.crt in one of: %s"
-                            % (address, safe_address(address), ", ".join(dirs)))
-    return recipient_from_file(address, path)
 
 
 def recipient_from_file(address, path):
@@ -1272,57 +1461,17 @@ def encryption_kind(cert):
             "an EC key on P-256, P-384 or P-521" % (name or "non-RSA"))
 
 
-_IDENTITIES = {}
-
-
-def cached(loader, address, dirs, *args):
-    """Return loader(address, dirs, *args), loading each identity once per process.
-
-    Batches send many messages from one sender to few recipients; keys and
-    certificates are read, parsed and checked the first time only.  (A refusal
-    is not cached: the error is raised again for every message that needs it.)
-    """
-    key = (loader.__name__, address, tuple(dirs)) + args
-    if key not in _IDENTITIES:
-        _IDENTITIES[key] = loader(address, dirs, *args)
-    return _IDENTITIES[key]
-
-
-def own_copy(address, dirs, signing=False):
-    """Return the sender's Identity to encrypt the sender's own copy to, or None.
-
-    The signing certificate when it allows encryption, else <from>.crt when
-    there is one that does (a signing-only certificate beside an encryption
-    one is common); None, with a warning, when neither does.
-    """
-    signer = cached(load_signer, address, dirs) if signing else None
-    problem = signer and usage_problem(signer.cert, "encrypt")
-    if signer is not None and not problem:
-        return signer
-    if find_file(address, (".crt",), dirs) is not None:
-        try:
-            return load_recipient(address, dirs)
-        except IdentityError as exc:
-            problem = str(exc)
-    elif problem:
-        problem = "%s: certificate for %s %s" % (signer.path, address, problem)
-    if problem:
-        warn_once("own-copy", "the message is not encrypted to its sender (the Sent copy "
-                  "will not be readable): %s" % problem)
-    return None
-
-
-def find_identities(msg, opts):
+def find_identities(msg, settings, keystore):
     """Return (signer or None, [recipient Identity]) needed to build *msg*."""
-    dirs = key_dirs(opts.keys)
-    signer = cached(load_signer, msg.sender, dirs) if opts.sign_mode else None
+    signer = keystore.signer(msg.sender) if settings.sign_mode else None
     recipients = []
-    if opts.encrypt:
-        recipients = [cached(load_recipient, a, dirs) for a in msg.recipients]
-        own = cached(own_copy, msg.sender, dirs, bool(signer))
+    if settings.encrypt:
+        recipients = [keystore.recipient(a) for a in msg.recipients]
+        own = keystore.own_copy(msg.sender, bool(signer))
         if own is not None:
             recipients.append(own)
     return signer, recipients
+
 
 
 ###############################################################################
@@ -1494,21 +1643,6 @@ def ber_bounds(data, pos, depth=0):
     return tag, start, start + first, start + first
 
 
-_RECIPIENT_IDS = {}
-
-
-def recipient_id(cert):
-    """Return issuer_and_serial(*cert*), worked out once per certificate object.
-
-    Keyed by id(): hashing a certificate costs 5 us, parsing it 11 us, and a
-    batch encrypts to the same few (cached) certificate objects every time.
-    """
-    entry = _RECIPIENT_IDS.get(id(cert))
-    if entry is None or entry[0] is not cert:
-        entry = _RECIPIENT_IDS[id(cert)] = (cert, issuer_and_serial(cert))
-    return entry[1]
-
-
 def issuer_and_serial(cert):
     """Return the DER IssuerAndSerialNumber of *cert* (RFC 5652 10.2.4).
 
@@ -1607,8 +1741,8 @@ def sign_detached(content, signer):
 
 def encrypt(content, recipients, cipher="aes256"):
     """Return an application/pkcs7-mime enveloped-data entity of *content* (RFC 8551 3.3)."""
-    certs = list({recipient_id(ident.cert): ident.cert for ident in recipients}.values())
-    der = b"".join(enveloped_data(content, certs, 32 if cipher == "aes256" else 16))
+    unique = list({ident.rid: ident for ident in recipients}.values())
+    der = b"".join(enveloped_data(content, unique, 32 if cipher == "aes256" else 16))
     # (the pieces, a copy of the content, are gone before base64 needs as much again)
     return b"".join([ENVELOPED_DATA_HEADER, b"\r\n", encode_base64(der)])
 
@@ -1636,16 +1770,16 @@ ECDH_SCHEMES = {"secp256r1": "1.3.132.1.11.1", "secp384r1": "1.3.132.1.11.2",
                 "secp521r1": "1.3.132.1.11.3"}
 
 
-def enveloped_data(content, certs, key_size=32):
+def enveloped_data(content, recipients, key_size=32):
     """Return the DER ContentInfo of an EnvelopedData of *content* (RFC 5652 6.1), as pieces.
 
     The content is encrypted with AES-CBC under a fresh key of *key_size* octets,
-    and that key is given to each certificate in *certs*: RSA keys by
+    and that key is given to each recipient Identity: RSA keys by
     KeyTransRecipientInfo, EC keys by KeyAgreeRecipientInfo.  Version 0 when
     every RecipientInfo is a KeyTransRecipientInfo, else 2 (RFC 5652 6.1).
     """
     key, iv = os.urandom(key_size), os.urandom(16)
-    infos = [recipient_info(cert, key) for cert in certs]
+    infos = [recipient_info(ident, key) for ident in recipients]
     version = 0 if all(info[0] == SEQUENCE for info in infos) else 2
     encrypted_content_info = der_pieces(
         SEQUENCE, der_oid(ID_DATA), algorithm(AES_CBC[key_size], der(OCTET_STRING, iv)),
@@ -1665,25 +1799,25 @@ def aes_cbc(key, iv, content):
     return memoryview(out)[:size]
 
 
-def recipient_info(cert, key):
-    """Return the RecipientInfo giving content-encryption *key* to *cert*'s owner."""
+def recipient_info(ident, key):
+    """Return the RecipientInfo giving content-encryption *key* to *ident*."""
     from cryptography.hazmat.primitives.asymmetric import rsa
-    if isinstance(cert.public_key(), rsa.RSAPublicKey):
-        return key_trans_recipient_info(cert, key)
-    return key_agree_recipient_info(cert, key)
+    if isinstance(ident.cert.public_key(), rsa.RSAPublicKey):
+        return key_trans_recipient_info(ident, key)
+    return key_agree_recipient_info(ident, key)
 
 
-def key_trans_recipient_info(cert, key):
+def key_trans_recipient_info(ident, key):
     """Return a KeyTransRecipientInfo (RFC 5652 6.2.1): *key* under RSA PKCS#1 v1.5
     (RFC 3370 4.2.1), version 0, the recipient named by issuerAndSerialNumber."""
     from cryptography.hazmat.primitives.asymmetric import padding
-    encrypted_key = cert.public_key().encrypt(key, padding.PKCS1v15())
-    return der(SEQUENCE, der_int(0), recipient_id(cert),
+    encrypted_key = ident.cert.public_key().encrypt(key, padding.PKCS1v15())
+    return der(SEQUENCE, der_int(0), ident.rid,
                algorithm(RSA_ENCRYPTION, der(NULL)), der(OCTET_STRING, encrypted_key))
 
 
-def key_agree_recipient_info(cert, key):
-    """Return a KeyAgreeRecipientInfo (RFC 5652 6.2.2, RFC 5753 3.1.1) for an EC *cert*.
+def key_agree_recipient_info(ident, key):
+    """Return a KeyAgreeRecipientInfo (RFC 5652 6.2.2, RFC 5753 3.1.1) for an EC identity.
 
     Ephemeral-static ECDH on the recipient's curve; the key-encryption key comes
     from the ANSI X9.63 KDF over the shared secret and ECC-CMS-SharedInfo, and
@@ -1693,14 +1827,14 @@ def key_agree_recipient_info(cert, key):
     """
     from cryptography.hazmat.primitives import keywrap, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    public = cert.public_key()
+    public = ident.cert.public_key()
     scheme, wrap = ECDH_SCHEMES[public.curve.name], AES_WRAP[len(key)]
     ephemeral = ec.generate_private_key(public.curve)
     kek = ecdh_key_encryption_key(ephemeral, public, scheme, wrap, len(key))
     point = ephemeral.public_key().public_bytes(serialization.Encoding.X962,
                                                 serialization.PublicFormat.UncompressedPoint)
     originator_key = der(ctx(1), algorithm(ID_EC_PUBLIC_KEY), der(BIT_STRING, b"\0", point))
-    recipient_encrypted_key = der(SEQUENCE, recipient_id(cert),
+    recipient_encrypted_key = der(SEQUENCE, ident.rid,
                                   der(OCTET_STRING, keywrap.aes_key_wrap(kek, key)))
     return der(ctx(1), der_int(3), der(ctx(0), originator_key),
                algorithm(scheme, algorithm(wrap)), der(SEQUENCE, recipient_encrypted_key))
@@ -1740,6 +1874,88 @@ def build_smime(msg, opts, signer=None, recipients=(), extra=b""):
     outer = b"".join(safe_field(f) for f in msg.outer if f.name != "bcc")
     ending = b"" if entity.endswith(b"\r\n") else b"\r\n"  # SMTP DATA ends with CRLF
     return b"".join([outer, extra, b"MIME-Version: 1.0\r\n", entity, ending])
+
+
+# -- One message, built ----------------------------------------------------------
+
+class Job(NamedTuple):
+    """One message ready to go, never changed: a retry to fewer recipients is a new Job.
+
+    *started*: time.perf_counter() when building began; *notes*: (topic, warning)
+    pairs for the reporter; *failure*: (exit code, reason) of a message that
+    could not be built, which passes through the back end only to be reported.
+    """
+    source: str
+    copy: int = 0
+    data: bytes = b""
+    mail_from: str = ""
+    recipients: tuple = ()
+    msg: object = None
+    started: float = 0.0
+    notes: tuple = ()
+    failure: tuple = ()
+
+    def describe(self):
+        """Return the seed's 'Sending FILE<TAB>From: a<TAB>To: b, c' line."""
+        return "Sending %s\tFrom: %s\tTo: %s" % (self.source, self.mail_from,
+                                                  ", ".join(self.recipients))
+
+
+def build_job(item, settings, keystore, extra=b""):
+    """Read, check and build the message of work *item* (path, copy); return its Job.
+
+    *extra*: outer header lines for every message (--header, X-MSYS-API).
+    Raises MessageError, InputError or IdentityError.
+    """
+    path, copy = item
+    started = time.perf_counter()
+    msg = parse_message(read_input(path), path)
+    signer, recipients = find_identities(msg, settings, keystore)
+    data = build_smime(msg, settings, signer, recipients, extra)
+    notes = api_rules(msg, data, settings) if settings.send == "api" else ()
+    return Job(path, copy, data, settings.mail_from or msg.sender, tuple(msg.recipients), msg,
+               started, notes)
+
+
+def api_rules(msg, data, settings):
+    """Refuse a message SparkPost's API would refuse; return (topic, warning) notes.
+
+    Raises MessageError for content over MAX_RFC822 octets.  SparkPost substitutes
+    {{...}} in the top-level header whatever perform_substitutions says.
+    """
+    if len(data) > MAX_RFC822:
+        raise MessageError("%s: the built message is %d octets; SparkPost's API accepts at "
+                           "most %d (20 MB) of RFC 822 content: send it with --send_smtp"
+                           % (msg.source, len(data), MAX_RFC822))
+    if not (settings.sign_mode or settings.encrypt):
+        return ()
+    return tuple(("substitution", "%s: the %s header holds '{{': SparkPost substitutes {{...}} "
+                  "in the outer header of every message, signed or not (warned once)"
+                  % (msg.source, f.raw.split(b":", 1)[0].decode("ascii")))
+                 for f in msg.outer if b"{{" in f.raw and f.name != "bcc")[:1]
+
+
+def extra_header(settings):
+    """Return the outer header lines added to every message: --header, and SparkPost's
+    X-MSYS-API over SparkPost SMTP."""
+    extra = b"".join(settings.headers)
+    if settings.smtp is not None and settings.smtp.sparkpost:
+        extra += sparkpost_smtp_header(settings)
+    return extra
+
+
+def sparkpost_smtp_header(settings):
+    """Return the X-MSYS-API header for SparkPost SMTP: tracking off for signed mail.
+
+    SparkPost rewrites links and adds an open pixel when tracking is on, which
+    would break a signature; the header sits in the outer, unsigned header.
+    """
+    import json
+    track = bool(settings.track and not settings.sign_mode)
+    value = json.dumps({"options": {"open_tracking": track, "click_tracking": track,
+                                    "transactional": not track},
+                        "campaign_id": settings.campaign}, separators=(",", ":"))
+    return b"X-MSYS-API: " + value.encode("ascii") + b"\r\n"
 
 
 ###############################################################################
@@ -1982,9 +2198,8 @@ def signer_info(si, content, content_type, certs):
 
 def signer_certificate(sid, certs):
     """Return the certificate SignerIdentifier *sid* names, or None (RFC 5652 5.3)."""
-    from cryptography import x509
     for cert in certs:
-        if sid.tag == SEQUENCE and sid.raw == recipient_id(cert):
+        if sid.tag == SEQUENCE and sid.raw == issuer_and_serial(cert):
             return cert
         if sid.tag == ctx(0, constructed=False) and subject_key_id(cert) == sid.body:
             return cert
@@ -2136,15 +2351,15 @@ class Keyring:
     nobody).  A key is loaded only when a RecipientInfo names its certificate.
     """
 
-    def __init__(self, dirs, addresses=()):
-        self.dirs, self.addresses = dirs, list(dict.fromkeys(addresses))
+    def __init__(self, keystore, addresses=()):
+        self.keystore, self.addresses = keystore, list(dict.fromkeys(addresses))
 
     def candidates(self):
         """Yield the addresses that have a private key file, header ones first."""
         seen = set()
         for address in self.addresses + self.directory_addresses():
             try:
-                if address not in seen and find_file(address, KEY_SUFFIXES, self.dirs):
+                if address not in seen and self.keystore.find(address, KEY_SUFFIXES):
                     seen.add(address)
                     yield address
             except MessageError:  # not an address that can name a file
@@ -2153,7 +2368,7 @@ class Keyring:
     def directory_addresses(self):
         """Return the addresses named by key files in the key directories."""
         found = []
-        for directory in self.dirs:
+        for directory in self.keystore.dirs:
             try:
                 names = sorted(os.listdir(directory))
             except OSError:
@@ -2170,7 +2385,7 @@ class Keyring:
         infos, encrypted = fields[at].children(), fields[at + 1]
         tried = []
         for address in self.candidates():
-            ident = cached(load_decryption_identity, address, self.dirs)
+            ident = self.keystore.decryption(address)
             for info in infos:
                 key = unwrap_content_key(info, ident)
                 if key is None:
@@ -2187,25 +2402,6 @@ class Keyring:
                            % (len(infos), ", ".join(tried) or "no key found"))
 
 
-def load_decryption_identity(address, dirs):
-    """Return our Identity for *address*: private key and its certificate, unchecked
-    (old mail must stay readable after its certificate expires).  Raises IdentityError."""
-    path = find_file(address, KEY_SUFFIXES, dirs)
-    if path.endswith(".pem"):
-        data = read_key_file(path)
-        key, certs = load_private_key(data, path), load_certificates(data, path)
-        crt = find_file(address, (".crt",), dirs)
-        if crt is not None:
-            certs += load_certificates(read_key_file(crt), crt)
-    else:
-        key, cert, extra = load_pkcs12(path)
-        certs = [cert] + extra
-    leaf = next((c for c in certs if same_key(c, key)), None)
-    if leaf is None:
-        raise IdentityError("%s: no certificate matching the private key for %s" % (path, address))
-    return Identity(address, leaf, path, key)
-
-
 def unwrap_content_key(info, ident):
     """Return the content-encryption key RecipientInfo *info* holds for *ident*, or None."""
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -2219,7 +2415,7 @@ def unwrap_content_key(info, ident):
 def names_us(rid, ident):
     """True when a RecipientIdentifier names *ident*'s certificate (RFC 5652 6.2.1, 6.2.2)."""
     if rid.tag == SEQUENCE:  # issuerAndSerialNumber
-        return rid.raw == recipient_id(ident.cert)
+        return rid.raw == ident.rid
     if rid.tag == ctx(0, constructed=False):  # subjectKeyIdentifier
         return rid.body == subject_key_id(ident.cert)
     if rid.tag == ctx(0):  # rKeyId RecipientKeyIdentifier (kari)
@@ -2388,7 +2584,7 @@ class Received:
         return lines or ["no S/MIME layer"]
 
 
-def receive(data, source, dirs, roots, mode):
+def receive(data, source, keystore, roots, mode):
     """Open and judge one received message; return its Received.
 
     *mode*: "verify" (a valid signature of the From address is required) or
@@ -2403,7 +2599,7 @@ def receive(data, source, dirs, roots, mode):
         header = Message(source, fields, [], b"")
         senders = addresses_of(header, "from")
         out.sender = senders[0] if senders else ""
-        keyring = Keyring(dirs, [a for name in DELIVERY_FIELDS
+        keyring = Keyring(keystore, [a for name in DELIVERY_FIELDS
                                  for a in addresses_of(header, name)])
         entity_fields = [f for f in fields if f.name.startswith("content-")]
         out.layers, inner = open_layers(entity_fields, body, keyring)
@@ -2456,7 +2652,7 @@ class Harvested:
         self.path = self.note = ""
 
 
-def harvest(path, dirs, roots):
+def harvest(path, keystore, roots):
     """Return the Harvested certificate of the sender of message *path*.
 
     Raises MessageError (65) naming why no usable certificate was found,
@@ -2468,7 +2664,8 @@ def harvest(path, dirs, roots):
     if not sender:
         raise MessageError("%s: no From address" % path)
     address = safe_address(sender[0])
-    keyring = Keyring(dirs, [a for name in DELIVERY_FIELDS for a in addresses_of(header, name)])
+    keyring = Keyring(keystore, [a for name in DELIVERY_FIELDS
+                                 for a in addresses_of(header, name)])
     reasons = []
     signatures = list(signatures_within([f for f in fields if f.name.startswith("content-")],
                                         body, keyring, reasons))
@@ -2518,7 +2715,7 @@ def save_harvested(found, directory):
     """Write found.cert (and its chain) to '<dir>/<address>.crt' unless a better one is there.
 
     A different certificate already saved is kept when it is valid and expires
-    later; returns found with .path and .note set.
+    later; returns found with .path and .note set.  Raises OutputError (73/74).
     """
     from cryptography.hazmat.primitives.serialization import Encoding
     path = os.path.join(directory, found.address + ".crt")
@@ -2535,69 +2732,485 @@ def save_harvested(found, directory):
             return found
         found.note = "replaced an older certificate" if old else "replaced %s" % path
     pem = b"".join(c.public_bytes(Encoding.PEM) for c in [found.cert] + found.chain)
-    tmp = path + ".tmp%d" % os.getpid()
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(pem)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise ConfigError("%s: cannot save the certificate: %s" % (path, exc.strerror or exc))
+    write_atomically(path, pem)
     return found
 
 
 ###############################################################################
 # Delivery ####################################################################
 ###############################################################################
-# Back ends share one interface: open() -> report line, send(job) -> report
-# detail, close(); they raise DeliveryError and never print (transcripts go
-# through the *log* callable, which redacts).
+# Back ends share one interface, chosen by name from BACKENDS: open() -> the
+# 'Opened ...' line, deliver(jobs) -> one Outcome per Job (an iterator, in
+# order), close().  They never print: transcripts and the 'Opened' line go
+# through *events* (the Reporter), redacted.
 
-class Job:
-    """One message ready to go: its source, final bytes, envelope and parsed Message."""
+class Outcome(NamedTuple):
+    """What one attempt at a Job came to: a value, never an exception.
 
-    def __init__(self, source, data, mail_from, recipients, msg=None, copy=0):
-        self.source, self.data, self.mail_from = source, data, mail_from
-        self.recipients, self.msg, self.copy = recipients, msg, copy
+    *status*: "sent" (every recipient accepted), "written" (to a file or stdout),
+    "refused" (the server refused some or all recipients: *refused*), "temporary"
+    (the same may work later), "permanent" (it will not), "halt" (nothing more
+    can be sent in this run: TLS, credentials, configuration, a sending limit,
+    an output fault), "failed" (the message could not be built).  *code*: the
+    exit code it stands for; *reply*: the server's last reply or the API's report.
+    """
+    job: Job
+    status: str
+    code: int = EX_OK
+    reply: str = ""
+    accepted: tuple = ()
+    refused: tuple = ()          #: ((address, reply code, reply text), ...)
+    detail: str = ""
+    hint: str = ""
+    retry_after: float = 0.0     #: seconds the server asked us to wait (HTTP Retry-After)
+    lines: tuple = ()            #: more report lines (a dry run's envelope)
+
+
+def failed_build(job):
+    """Return the Outcome of a Job that could not be built."""
+    return Outcome(job, "failed", job.failure[0], detail=job.failure[1])
+
+
+def error_outcome(job, error):
+    """Return the Outcome of an attempt that raised SmimeToolError *error*.
+
+    TLS, authentication and configuration faults halt the run: every later
+    message would meet them too.
+    """
+    if isinstance(error, (ConfigError, AuthError, OutputError)):
+        status = "halt"
+    else:
+        status = "temporary" if error.exit_code == EX_TEMPFAIL else "permanent"
+    return Outcome(job, status, error.exit_code, detail=str(error),
+                   hint=getattr(error, "hint", ""))
+
+
+class Backend:
+    """The back end interface, and what is common: a Job that failed to build is
+    passed on as its Outcome; every other Job gets one attempt()."""
+    name = ""
+
+    def __init__(self, settings, events):
+        self.settings, self.events = settings, events
 
     def describe(self):
-        """Return the seed's 'Sending FILE<TAB>From: a<TAB>To: b, c' line."""
-        return "Sending %s\tFrom: %s\tTo: %s" % (self.source, self.mail_from,
-                                                  ", ".join(self.recipients))
+        """Return what open() would do, for --dry_run."""
+        return ""
+
+    def open(self):
+        """Open the session; return the 'Opened ...' line ('' when there is none)."""
+        return ""
+
+    def deliver(self, jobs):
+        """Yield one Outcome per Job of *jobs*, in order; stop after one that halts."""
+        for job in jobs:
+            outcome = failed_build(job) if job.failure else self.attempt(job)
+            yield outcome
+            if outcome.status == "halt":
+                return
+
+    def attempt(self, job):
+        raise NotImplementedError
+
+    def close(self):
+        """End the session, if any."""
 
 
-_TLS_CONTEXTS = {}
+class FileBackend(Backend):
+    """No send option: each message to stdout, to -o FILE, or to one file per input in
+    -o DIR, written atomically."""
+    name = "file"
+
+    def attempt(self, job):
+        target = output_path(self.settings, job.source, job.copy)
+        try:
+            if target:
+                write_atomically(target, job.data)
+            else:
+                write_stdout(job.data)
+        except OutputError as exc:
+            return error_outcome(job, exc)
+        return Outcome(job, "written")
 
 
-def tls_context(cafile="", verify=True):
-    """Return an ssl.SSLContext verifying certificate and host name (unless *verify* is off).
+def output_path(settings, path, copy=0):
+    """Return where the message built from *path* goes ('' = stdout).
 
-    One per process and setting: loading the CA store costs milliseconds, and a
-    batch reconnects every MESSAGES_PER_CONNECTION messages.
+    With -o DIR: DIR/<input name>, or DIR/<name>.<copy>.eml for --repeat copies.
     """
-    import ssl
-    if (cafile, verify) not in _TLS_CONTEXTS:
-        ctx = ssl.create_default_context(cafile=cafile or None)
-        if not verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        _TLS_CONTEXTS[cafile, verify] = ctx
-    return _TLS_CONTEXTS[cafile, verify]
+    if settings.output and os.path.isdir(settings.output):
+        name = "stdin.eml" if path == "-" else os.path.basename(path)
+        if settings.repeat > 1:
+            name = "%s.%d.eml" % (name[:-4] if name.endswith(".eml") else name, copy)
+        return os.path.join(settings.output, name)
+    return settings.output
 
 
-_SMTP_CLASSES = []
+class DryRun(Backend):
+    """Wraps a back end: builds everything, then describes what would be sent."""
+
+    def __init__(self, backend):
+        super().__init__(backend.settings, backend.events)
+        self.backend, self.name = backend, backend.name
+
+    def open(self):
+        return "Dry run, nothing is sent. " + self.backend.describe()
+
+    def attempt(self, job):
+        self.events.session(self.open())
+        head = job.data.split(b"\r\n\r\n", 1)[0].decode("ascii", "replace")
+        lines = ["  MAIL FROM:<%s>" % job.mail_from]
+        lines += ["  RCPT TO:<%s>" % r for r in job.recipients]
+        lines.append("  size %d octets; outer header:" % len(job.data))
+        lines += ["    " + line for line in head.split("\r\n")]
+        return Outcome(job, "sent", accepted=job.recipients, lines=tuple(lines))
 
 
-def _smtp_classes():
-    """Return (SMTP, SMTP_SSL) subclasses that write a redacted transcript (made once).
+# -- SMTP (RFC 5321, 3207, 4954, 2920) ---------------------------------------------
+
+class SmtpBackend(Backend):
+    """Inject over SMTP: connect, EHLO, STARTTLS, EHLO, AUTH; then one mail transaction
+    per Job.  Sessions carry MESSAGES_PER_CONNECTION messages, then reconnect."""
+    name = "smtp"
+
+    def __init__(self, settings, events):
+        super().__init__(settings, events)
+        self.smtp, self.mode, self.count = None, "plain", 0  #: count: messages on this session
+        self.context = self.classes = None  #: made once: the CA store costs ~35 ms
+
+    def describe(self):
+        s = self.settings.smtp
+        how = {"auto": "STARTTLS if offered", "starttls": "STARTTLS", "tls": "TLS",
+               "none": "plain"}[s.tls]
+        return "Would open SMTP connection (%s) to %s" % (how, s.describe())
+
+    def preload(self):
+        """Import smtplib and load the CA store now (before forking workers)."""
+        self.transcript_classes()
+        if self.settings.smtp.tls in ("tls", "starttls"):  # "auto" may never need it
+            self.tls_context()
+
+    def open(self):
+        """Connect, secure and authenticate; return the 'Opened SMTP connection' line.
+
+        Raises DeliveryError (connection 75, a 5xx greeting 69), TlsError (78),
+        AuthError (77) or ConfigError (78).
+        """
+        s = self.settings.smtp
+        try:
+            self.smtp = self.connect()
+            self.secure()
+            self.login()
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, (SmimeToolError, KeyboardInterrupt)):
+                raise
+            if getattr(exc, "verify_code", 0) in HOST_MISMATCH:
+                raise host_mismatch(s, self.peer_names()) from None
+            raise smtp_failure(exc, s) from None
+        return "Opened SMTP connection (%s) to %s" % (self.mode, s.describe())
+
+    def connect(self, context=None):
+        """Return a connected, greeted smtplib session (implicit TLS for SMTP_TLS=tls)."""
+        import socket
+        s = self.settings.smtp
+        self.count, self.mode = 0, "plain"  # a new connection is in clear until TLS says not
+        plain, secure = self.transcript_classes()
+        helo = s.helo or socket.gethostname()  # getfqdn() can stall on reverse DNS
+        log = self.events.transcript if self.settings.verbose else None
+        if s.tls == "tls":
+            self.mode = "TLS"
+            smtp = secure(s.host, s.port, local_hostname=helo, timeout=s.timeout,
+                          context=context or self.tls_context(), log=log)
+        else:
+            smtp = plain(s.host, s.port, local_hostname=helo, timeout=s.timeout, log=log)
+        # Commands go out in whole groups already: do not let Nagle hold the last segment
+        smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        smtp.ehlo()
+        return smtp
+
+    def secure(self):
+        """STARTTLS (RFC 3207) when asked, or offered in auto mode."""
+        s, smtp = self.settings.smtp, self.smtp
+        if s.tls not in ("auto", "starttls"):
+            return
+        if smtp.has_extn("starttls"):
+            smtp.starttls(context=self.tls_context())
+            smtp.ehlo()
+            self.mode = "STARTTLS"
+        elif s.tls == "starttls":
+            raise ConfigError("%s:%d does not offer STARTTLS but SMTP_TLS=starttls requires it"
+                              % (s.host, s.port))
+
+    def login(self):
+        """AUTH (RFC 4954), only over TLS: credentials never travel in clear."""
+        s, smtp = self.settings.smtp, self.smtp
+        if not s.user:
+            return
+        if self.mode == "plain":
+            raise ConfigError("refusing to send SMTP_USER/SMTP_PASSWORD over an unencrypted "
+                              "connection to %s:%d (no TLS): use SMTP_TLS=starttls or tls, or "
+                              "unset the credentials for an internal MTA" % (s.host, s.port))
+        if not smtp.has_extn("auth"):
+            raise ConfigError("%s:%d does not offer AUTH: unset SMTP_USER/SMTP_PASSWORD or use "
+                              "the submission port (587)" % (s.host, s.port))
+        smtp.login(s.user, s.password)
+
+    def tls_context(self):
+        """Return the SSLContext verifying certificate and host name (unless
+        SMTP_TLS_VERIFY=0), made once for every connection of this back end."""
+        import ssl
+        if self.context is None:
+            s = self.settings.smtp
+            self.context = ssl.create_default_context(cafile=s.cafile or None)
+            if not s.verify:
+                self.context.check_hostname = False
+                self.context.verify_mode = ssl.CERT_NONE
+        return self.context
+
+    def peer_names(self):
+        """Return the names the server's certificate carries, or [] if unknown.
+
+        Read over a second connection that checks the certificate chain but not
+        the name, and goes no further than TLS: no credentials, no message.
+        """
+        import ssl
+        s = self.settings.smtp
+        context = ssl.create_default_context(cafile=s.cafile or None)
+        context.check_hostname = False
+        try:
+            self.smtp = self.connect(context)
+            if s.tls != "tls":
+                self.smtp.starttls(context=context)
+            cert = self.smtp.sock.getpeercert()
+        except Exception:  # noqa: BLE001 - only an explanation is at stake
+            return []
+        finally:
+            self.close()
+        names = [value for kind, value in cert.get("subjectAltName", ())
+                 if kind in ("DNS", "IP Address")]
+        return names or [value for rdn in cert.get("subject", ()) for kind, value in rdn
+                         if kind == "commonName"]
+
+    def transcript_classes(self):
+        """Return (SMTP, SMTP_SSL) classes writing a redacted transcript (made once)."""
+        if self.classes is None:
+            self.classes = transcript_classes()
+        return self.classes
+
+    # -- the mail transaction ------------------------------------------------------
+
+    def deliver(self, jobs):
+        """Yield one Outcome per Job, in order; stop after one that halts.
+
+        MAIL, RCPT for each recipient and DATA (RFC 5321 3.3) keeping the
+        end-of-DATA reply.  With PIPELINING the envelope goes in one write and,
+        as RFC 2920 3.1 allows the message content to open a command group,
+        each message's final dot goes out in the same write as the next
+        message's envelope; the message after that is built while the server
+        answers.  Sending one message is the same code with one Job.
+        """
+        jobs, built = iter(jobs), []
+
+        def pull():
+            return built.pop(0) if built else next(jobs, None)
+
+        job, ahead = pull(), False  # ahead: its envelope went out behind the last dot
+        while job is not None:
+            if job.failure:
+                yield failed_build(job)
+                job, ahead = pull(), False
+                continue
+            following = None
+            try:
+                if not ahead:
+                    self.ready()
+                    self.send_envelope(job)
+                outcome, refused = self.envelope_replies(job)
+                if outcome is None:
+                    following = self.next_to_pipeline(pull, built)
+                    payload = dot_terminated(job.data)
+                    if following is not None:
+                        payload += self.envelope(following)
+                        self.count += 1
+                    self.smtp.send(payload)
+                    if not built:  # build the next message while the server answers
+                        built += [j for j in (next(jobs, None),) if j is not None]
+                    outcome = self.data_reply(job, refused)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure becomes an Outcome
+                outcome = error_outcome(job, self.failure(exc))
+            if following is not None and self.smtp is None:  # its envelope died with the session
+                built.insert(0, following)
+                following = None
+            yield outcome
+            if outcome.status == "halt":
+                return
+            job, ahead = (following, True) if following is not None else (pull(), False)
+
+    def ready(self):
+        """Open a session if there is none, a new one after MESSAGES_PER_CONNECTION."""
+        if self.smtp is not None and self.count >= MESSAGES_PER_CONNECTION:
+            self.close()
+        if self.smtp is None:
+            self.events.session(self.open())
+
+    def next_to_pipeline(self, pull, built):
+        """Return the next good Job to send behind this message's dot, or None."""
+        if not self.smtp.has_extn("pipelining") or self.count >= MESSAGES_PER_CONNECTION:
+            return None
+        following = pull()
+        if following is not None and following.failure:
+            built.insert(0, following)
+            return None
+        return following
+
+    def envelope(self, job):
+        """Return MAIL FROM, one RCPT TO per recipient and DATA as one command group."""
+        size = " SIZE=%d" % len(job.data) if self.smtp.has_extn("size") else ""
+        return ("MAIL FROM:<%s>%s\r\n%sDATA\r\n" % (
+            job.mail_from, size, "".join("RCPT TO:<%s>\r\n" % r for r in job.recipients))
+        ).encode("ascii")
+
+    def send_envelope(self, job):
+        """Send the envelope in one group with PIPELINING (RFC 2920); without it the
+        commands go one at a time in envelope_replies()."""
+        self.count += 1
+        if self.smtp.has_extn("pipelining"):
+            self.smtp.send(self.envelope(job))
+
+    def envelope_replies(self, job):
+        """Read the replies to MAIL, RCPT... and DATA; return (Outcome, None) when the
+        transaction ends there, else (None, refused recipients)."""
+        smtp = self.smtp
+        commands = self.envelope(job).decode("ascii").split("\r\n")[:-1]
+        if smtp.has_extn("pipelining"):
+            replies = [smtp.getreply() for _ in commands]
+        else:
+            replies = []
+            for command in commands:
+                smtp.send(command + "\r\n")
+                replies.append(smtp.getreply())
+                if replies[-1][0] >= 400 and command.startswith(("MAIL", "DATA")):
+                    break
+        (code, text), rcpt_replies = replies[0], replies[1:1 + len(job.recipients)]
+        refused = tuple((r, c, decode_reply(t)) for r, (c, t) in zip(job.recipients,
+                                                                     rcpt_replies)
+                        if c not in (250, 251))
+        data_code, data_text = replies[-1] if len(replies) == len(commands) else (503, b"")
+        if code != 250:
+            self.abort_data(data_code)
+            return self.reply_outcome(job, "sender refused", code, text), ()
+        if len(refused) == len(job.recipients):
+            self.abort_data(data_code)
+            return refusal(job, (), refused, "", self.settings.smtp), ()
+        if data_code != 354:
+            self.abort_data(data_code)
+            return self.reply_outcome(job, "DATA refused", data_code, data_text), ()
+        return None, refused
+
+    def data_reply(self, job, refused):
+        """Read the end-of-DATA reply (RFC 5321 4.1.1.4); return the Outcome.  The
+        transaction ends with this reply, whatever it is: nothing to reset."""
+        code, text = self.smtp.getreply()
+        if code != 250:
+            return self.reply_outcome(job, "message refused", code, text)
+        reply = "%d %s" % (code, decode_reply(text))
+        accepted = tuple(r for r in job.recipients if r not in {a for a, _, _ in refused})
+        if refused:
+            return refusal(job, accepted, refused, reply, self.settings.smtp)
+        return Outcome(job, "sent", reply=reply, accepted=accepted)
+
+    def abort_data(self, data_code):
+        """After a refused MAIL, RCPT or DATA: end a DATA the server accepted anyway
+        (a pipelined group goes on), then RSET."""
+        if data_code == 354:
+            self.smtp.send(b".\r\n")
+            self.smtp.getreply()
+        self.smtp.rset()
+
+    def reply_outcome(self, job, stage, code, text):
+        """Return the Outcome of a failure reply: 4xx temporary, 5xx permanent; a 421
+        closes the session, 530/535 halt the run (credentials)."""
+        s = self.settings.smtp
+        text = decode_reply(text)
+        hint = refusal_hint([(code, text)], s)
+        detail = "%s by %s:%d: %d %s" % (stage, s.host, s.port, code, text)
+        if code == 421:
+            self.close()
+        if code in (530, 534, 535):
+            return Outcome(job, "halt", EX_NOPERM, detail=detail, hint=hint)
+        status = "temporary" if 400 <= code < 500 else "permanent"
+        return Outcome(job, status, smtp_exit_code(code), detail=detail, hint=hint)
+
+    def failure(self, exc):
+        """Return the SmimeToolError for *exc*; the session is closed: its state is unknown."""
+        error = exc if isinstance(exc, SmimeToolError) else smtp_failure(
+            exc, self.settings.smtp)
+        self.close()
+        return error
+
+    def close(self):
+        """QUIT politely; ignore a connection that is already gone."""
+        smtp, self.smtp = self.smtp, None
+        if smtp is None:
+            return
+        try:
+            smtp.quit()
+        except Exception:  # noqa: BLE001 - the connection is being dropped anyway
+            try:
+                smtp.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def refusal(job, accepted, refused, reply, settings):
+    """Return the Outcome of recipients refused at RCPT (all, or some: *accepted* got it)."""
+    code = min(smtp_exit_code(c) for _, c, _ in refused)  # any 5xx: 69
+    what = "some recipients were refused" if accepted else "every recipient was refused"
+    return Outcome(job, "refused", code, reply=reply, accepted=accepted, refused=refused,
+                   detail=what, hint=refusal_hint([(c, t) for _, c, t in refused], settings))
+
+
+def decode_reply(text):
+    """Return an SMTP reply's text as str."""
+    return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+
+
+def dot_terminated(data):
+    """Return the message dot-stuffed where a line starts with "." (RFC 5321 4.5.2),
+    with its final <CRLF>.<CRLF> (base64 bodies never need stuffing)."""
+    if starts_a_line(data, b"."):
+        data = re.sub(rb"(?m)^\.", b"..", data)
+    return data + (b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n")
+
+
+def starts_a_line(data, char, probes=16):
+    """Return True if a line of *data* starts with the byte *char*.
+
+    Finds *char* with memchr and looks behind it: base64 bodies hold no "." at
+    all, so an encrypted message is scanned in ~1 us instead of ~30 us for
+    b"\\n." in data; text full of dots falls back to that search after *probes*.
+    """
+    at = data.find(char)
+    for _ in range(probes):
+        if at < 0:
+            return False
+        if at == 0 or data[at - 1] == 10:  # after b"\n"
+            return True
+        at = data.find(char, at + 1)
+    return at == 0 or at > 0 and b"\n" + char in data[at - 1:]
+
+
+def transcript_classes():
+    """Return (SMTP, SMTP_SSL) subclasses that write a redacted transcript.
 
     The transcript is redacted by construction: an AUTH command is logged as
     'AUTH <mechanism> ***', every reply to a 334 challenge as '***', and the
     message data as its size only.  smtplib's set_debuglevel() is never used
     (it prints the base64 credentials).
     """
-    if _SMTP_CLASSES:
-        return tuple(_SMTP_CLASSES)
     import smtplib
     import ssl
 
@@ -2618,7 +3231,7 @@ def _smtp_classes():
             super().send(s)
 
         def _shown(self, s):
-            if isinstance(s, bytes) and len(s) > 5:  # the message, maybe the next envelope
+            if isinstance(s, bytes) and b"\r\n.\r\n" in s:  # a message, maybe the next envelope
                 end = s.rfind(b"\r\n.\r\n") + 2
                 then = s[end + 3:].decode("ascii", "replace").splitlines()
                 return ("\n%s " % self._glyph(True)).join(
@@ -2639,351 +3252,18 @@ def _smtp_classes():
                     self.log("%s %d %s" % (self._glyph(False), code, line))
             return code, text
 
-
     class SMTP(Transcript, smtplib.SMTP):
         pass
 
     class SMTPS(Transcript, smtplib.SMTP_SSL):
         pass
 
-    _SMTP_CLASSES[:] = [SMTP, SMTPS]
     return SMTP, SMTPS
 
 
-def starts_a_line(data, char, probes=16):
-    """Return True if a line of *data* starts with the byte *char*.
-
-    Finds *char* with memchr and looks behind it: base64 bodies hold no "." at
-    all, so an encrypted message is scanned in ~1 us instead of ~30 us for
-    b"\\n." in data; text full of dots falls back to that search after *probes*.
-    """
-    at = data.find(char)
-    for _ in range(probes):
-        if at < 0:
-            return False
-        if at == 0 or data[at - 1] == 10:  # after b"\n"
-            return True
-        at = data.find(char, at + 1)
-    return at == 0 or at > 0 and b"\n" + char in data[at - 1:]
-
-
-class SmtpDelivery:
-    """Inject over SMTP: connect, EHLO, STARTTLS, EHLO, AUTH; then MAIL/RCPT/DATA."""
-
-    name = "smtp"
-
-    def __init__(self, settings, log=None):
-        self.settings, self.log, self.smtp, self.mode = settings, log, None, "plain"
-        self.count = 0  #: messages on the current connection
-
-    def describe(self):
-        """Return what open() would do, for --dry_run."""
-        s = self.settings
-        how = {"auto": "STARTTLS if offered", "starttls": "STARTTLS", "tls": "TLS",
-               "none": "plain"}[s.tls]
-        return "Would open SMTP connection (%s) to %s" % (how, s.describe())
-
-    def open(self):
-        """Connect and authenticate; return the 'Opened SMTP connection' line.
-
-        Raises DeliveryError (connect/timeout 75, TLS 78, auth 77) or ConfigError.
-        """
-        s = self.settings
-        try:
-            self.smtp = self._connect()
-            self._secure()
-            self._login()
-        except BaseException as exc:
-            self.close()
-            if isinstance(exc, (SmimeToolError, KeyboardInterrupt)):
-                raise
-            if getattr(exc, "verify_code", 0) in HOST_MISMATCH:
-                raise host_mismatch(s, self._peer_names()) from None
-            raise smtp_failure(exc, s, session=True)
-        return "Opened SMTP connection (%s) to %s" % (self.mode, s.describe())
-
-    def _peer_names(self):
-        """Return the names the server's certificate carries, or [] if unknown.
-
-        Read over a second connection that checks the certificate chain but not
-        the name, and goes no further than TLS: no credentials, no message.
-        """
-        import ssl
-        s = self.settings
-        context = ssl.create_default_context(cafile=s.cafile or None)
-        context.check_hostname = False
-        try:
-            self.smtp = self._connect(context)
-            if s.tls != "tls":
-                self.smtp.starttls(context=context)
-            cert = self.smtp.sock.getpeercert()
-        except Exception:  # noqa: BLE001 - only an explanation is at stake
-            return []
-        finally:
-            self.close()
-        names = [value for kind, value in cert.get("subjectAltName", ())
-                 if kind in ("DNS", "IP Address")]
-        return names or [value for rdn in cert.get("subject", ()) for kind, value in rdn
-                         if kind == "commonName"]
-
-    def _connect(self, context=None):
-        import socket
-        s = self.settings
-        self.count, self.mode = 0, "plain"  # a new connection is in clear until TLS says not
-        plain, secure = _smtp_classes()
-        helo = s.helo or socket.gethostname()  # getfqdn() can stall on reverse DNS
-        if s.tls == "tls":
-            self.mode = "TLS"
-            smtp = secure(s.host, s.port, local_hostname=helo, timeout=s.timeout,
-                          context=context or tls_context(s.cafile, s.verify), log=self.log)
-        else:
-            smtp = plain(s.host, s.port, local_hostname=helo, timeout=s.timeout, log=self.log)
-        # Commands go out in whole groups already: do not let Nagle hold the last segment
-        smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        smtp.ehlo()
-        return smtp
-
-    def _secure(self):
-        """STARTTLS (RFC 3207) when asked, or offered in auto mode."""
-        s, smtp = self.settings, self.smtp
-        if s.tls not in ("auto", "starttls"):
-            return
-        if smtp.has_extn("starttls"):
-            smtp.starttls(context=tls_context(s.cafile, s.verify))
-            smtp.ehlo()
-            self.mode = "STARTTLS"
-        elif s.tls == "starttls":
-            raise ConfigError("%s:%d does not offer STARTTLS but SMTP_TLS=starttls requires it"
-                              % (s.host, s.port))
-
-    def _login(self):
-        """AUTH (RFC 4954), only over TLS: credentials never travel in clear."""
-        s, smtp = self.settings, self.smtp
-        if not s.user:
-            return
-        if self.mode == "plain":
-            raise ConfigError("refusing to send SMTP_USER/SMTP_PASSWORD over an unencrypted "
-                              "connection to %s:%d (no TLS): use SMTP_TLS=starttls or tls, or "
-                              "unset the credentials for an internal MTA" % (s.host, s.port))
-        if not smtp.has_extn("auth"):
-            raise ConfigError("%s:%d does not offer AUTH: unset SMTP_USER/SMTP_PASSWORD or use "
-                              "the submission port (587)" % (s.host, s.port))
-        smtp.login(s.user, s.password)
-
-    def send(self, job):
-        """Send *job*'s exact bytes to every recipient; return the server's final reply.
-
-        MAIL, RCPT for each recipient, DATA (RFC 5321 3.3), as smtplib.sendmail()
-        does, but keeping the end-of-DATA reply ("250 2.0.0 Ok: queued as ...").
-        The connection is renewed after MESSAGES_PER_CONNECTION messages.
-        Raises RecipientsRefused (with the accepted ones, if any) or DeliveryError.
-        """
-        try:
-            self._renew()
-            self._send_envelope(job)
-            refused = self._envelope_replies(job)
-            self.smtp.send(self._content(job))
-            return self._data_reply(job, refused, reset=True)
-        except BaseException as exc:
-            raise self._failed(exc) from None
-
-    def stream(self, entries, halted):
-        """Send a worker's messages back to back; yield (entry, outcome) in order.
-
-        *entries* yields (Result, Job or None, start) and builds each message as it
-        is pulled; outcome is the end-of-DATA reply, the SmimeToolError of a failed
-        attempt, or None for an entry without a Job.  With PIPELINING, RFC 2920 3.1
-        lets a message's content open a command group: its final dot goes out with
-        the next message's MAIL, RCPT and DATA, and the message after that is built
-        while the server answers, so the worker seldom waits.  A failure is yielded
-        only when nothing is in flight, so that the caller may retry it with send().
-        Stops pulling entries once halted() is true.
-        """
-        held, built = [], []  # (entry, outcome) to yield; entries built, not sent
-
-        def prefetch():
-            """Pull (and so build) entries until one is ready to send."""
-            while not built and not halted():
-                entry = next(entries, None)
-                if entry is None:
-                    return
-                if entry[1] is None:  # could not be built: nothing to send
-                    held.append((entry, None))
-                else:
-                    built.append(entry)
-
-        def take():
-            prefetch()
-            return built.pop(0) if built and not halted() else None
-
-        current, ahead = take(), False  # ahead: its envelope went out behind the last dot
-        while current is not None or held:
-            failing = any(isinstance(outcome, BaseException) for _, outcome in held)
-            while held and not (ahead and failing):
-                yield held.pop(0)
-            if current is None:
-                break
-            job, follow = current[1], None
-            try:
-                if not ahead:
-                    self._renew()
-                    self._send_envelope(job)
-                refused = self._envelope_replies(job)
-            except BaseException as exc:
-                held.append((current, self._failed(exc)))
-                current, ahead = take(), False
-                continue
-            if (not failing and self.count < MESSAGES_PER_CONNECTION
-                    and self.smtp.has_extn("pipelining")):
-                follow = take()
-            payload = self._content(job)
-            if follow is not None:
-                payload += self._envelope(follow[1]).encode()
-            try:
-                self.count += follow is not None
-                self.smtp.send(payload)
-                error = None
-            except BaseException as exc:
-                error = self._failed(exc)
-            if error is None:
-                prefetch()  # build the next message while the server answers
-                try:
-                    held.append((current, self._data_reply(job, refused, reset=False)))
-                except BaseException as exc:
-                    error = self._failed(exc)
-            if error is not None:
-                held.append((current, error))
-                if follow is not None and self.smtp is None:  # gone with the session
-                    held.append((follow, error))
-                    follow = None
-            current, ahead = (follow, True) if follow is not None else (take(), False)
-
-    def _failed(self, exc):
-        """Return the SmimeToolError for *exc* (re-raising KeyboardInterrupt).
-
-        The session is kept after a server's reply that leaves it usable (the
-        transaction was reset or ended), closed otherwise: its state is unknown.
-        """
-        if isinstance(exc, KeyboardInterrupt):
-            raise exc
-        error = exc if isinstance(exc, SmimeToolError) else smtp_failure(exc, self.settings)
-        if getattr(error, "session", True) and not isinstance(error, RecipientsRefused):
-            self.close()
-        return error
-
-    def _renew(self):
-        """Open the connection if needed, a new one after MESSAGES_PER_CONNECTION."""
-        if self.smtp is not None and self.count >= MESSAGES_PER_CONNECTION:
-            self.close()
-        if self.smtp is None:
-            self.open()
-
-    def _envelope(self, job):
-        """Return MAIL FROM, one RCPT TO per recipient and DATA as one string."""
-        size = " SIZE=%d" % len(job.data) if self.smtp.has_extn("size") else ""
-        return "MAIL FROM:<%s>%s\r\n%sDATA\r\n" % (
-            job.mail_from, size, "".join("RCPT TO:<%s>\r\n" % r for r in job.recipients))
-
-    def _send_envelope(self, job):
-        """Send the envelope: in one group with PIPELINING (RFC 2920), else line by line."""
-        self.count += 1
-        if self.smtp.has_extn("pipelining"):
-            self.smtp.send(self._envelope(job))
-
-    def _envelope_replies(self, job):
-        """Read the replies to MAIL, RCPT... and DATA; return {refused recipient: reply}.
-
-        Without PIPELINING the commands are sent here, one at a time.  Raises
-        SMTPSenderRefused, SMTPDataError or RecipientsRefused (every recipient
-        refused), leaving the session ready for the next transaction.
-        """
-        import smtplib
-        smtp = self.smtp
-        commands = self._envelope(job).split("\r\n")[:-1]
-        if smtp.has_extn("pipelining"):
-            replies = [smtp.getreply() for _ in commands]
-        else:
-            replies = []
-            for command in commands:
-                smtp.send(command + "\r\n")
-                replies.append(smtp.getreply())
-                if replies[-1][0] >= 400 and command.startswith(("MAIL", "DATA")):
-                    break
-        (code, text), rcpt_replies = replies[0], replies[1:1 + len(job.recipients)]
-        refused = {r: reply for r, reply in zip(job.recipients, rcpt_replies)
-                   if reply[0] not in (250, 251)}
-        data_code, data_text = replies[-1] if len(replies) == len(commands) else (503, b"")
-        if code != 250:
-            self._abort_data(data_code)
-            raise smtplib.SMTPSenderRefused(code, text, job.mail_from)
-        if len(refused) == len(job.recipients):
-            self._abort_data(data_code)
-            raise RecipientsRefused(smtp_refusals(refused), (),
-                                    refusal_hint(refused, self.settings))
-        if data_code != 354:
-            smtp.rset()
-            raise smtplib.SMTPDataError(data_code, data_text)
-        return refused
-
-    @staticmethod
-    def _content(job):
-        """Return the message dot-stuffed where a line starts with "." (RFC 5321 4.5.2),
-        with its final <CRLF>.<CRLF> (base64 bodies never need stuffing)."""
-        data = job.data
-        if starts_a_line(data, b"."):
-            data = re.sub(rb"(?m)^\.", b"..", data)
-        return data + (b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n")
-
-    def _data_reply(self, job, refused, reset):
-        """Read the end-of-DATA reply; return it as text.
-
-        Raises SMTPDataError (after RSET when *reset*: a pipelined next
-        transaction must not be reset) or RecipientsRefused for a partial refusal.
-        """
-        import smtplib
-        code, text = self.smtp.getreply()
-        if code != 250:
-            if reset:
-                self.smtp.rset()
-            raise smtplib.SMTPDataError(code, text)
-        reply = "%d %s" % (code, text.decode("utf-8", "replace"))
-        if refused:
-            accepted = [r for r in job.recipients if r not in refused]
-            raise RecipientsRefused(smtp_refusals(refused), accepted,
-                                    refusal_hint(refused, self.settings), reply)
-        return reply
-
-    def _abort_data(self, data_code):
-        """After a refused MAIL or RCPT: end a DATA the server accepted anyway, then RSET."""
-        if data_code == 354:
-            self.smtp.send(b".\r\n")
-            self.smtp.getreply()
-        self.smtp.rset()
-
-    def close(self):
-        """QUIT politely; ignore a connection that is already gone."""
-        smtp, self.smtp = self.smtp, None
-        if smtp is None:
-            return
-        try:
-            smtp.quit()
-        except Exception:
-            try:
-                smtp.close()
-            except Exception:
-                pass
-
-
-def smtp_refusals(refused):
-    """Return {address: (code, text)} from smtplib's {address: (code, bytes)}."""
-    return {a: (code, text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text))
-            for a, (code, text) in refused.items()}
-
-
-def refusal_hint(refused, settings):
-    """Return a one-line hint for the classic causes of a refusal, or ''."""
-    for code, text in refused.values():
-        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+def refusal_hint(replies, settings):
+    """Return a one-line hint for the classic causes of refusal *replies*, or ''."""
+    for code, text in replies:
         if code in (530, 535):
             return "check SMTP_USER and SMTP_PASSWORD"
         if code >= 550 and "relay" in text.lower():
@@ -2999,123 +3279,96 @@ HOST_MISMATCH = (62, 64)
 
 
 def host_mismatch(settings, names):
-    """Return the ConfigError (78) for a certificate issued to other *names* (RFC 6125)."""
+    """Return the TlsError (78) for a certificate issued to other *names* (RFC 6125)."""
     where = "%s:%d" % (settings.host, settings.port)
     if not names:
-        return ConfigError("TLS certificate of %s is for another name than %s; connect by a "
-                           "name it carries (SMTP_HOST)" % (where, settings.host))
-    return ConfigError("TLS certificate of %s is for another name: it carries %s, not %s; set "
-                       "SMTP_HOST to one of those" % (where, ", ".join(names), settings.host))
+        return TlsError("TLS certificate of %s is for another name than %s; connect by a "
+                        "name it carries (SMTP_HOST)" % (where, settings.host))
+    return TlsError("TLS certificate of %s is for another name: it carries %s, not %s; set "
+                    "SMTP_HOST to one of those" % (where, ", ".join(names), settings.host))
 
 
-def smtp_failure(exc, settings, session=False):
-    """Translate an smtplib/socket/ssl exception into a DeliveryError or ConfigError."""
+def smtp_failure(exc, settings):
+    """Translate an smtplib/socket/ssl exception into the SmimeToolError to report."""
     import smtplib
     import socket
     import ssl
     where = "%s:%d" % (settings.host, settings.port)
-    if isinstance(exc, smtplib.SMTPRecipientsRefused):
-        refused = smtp_refusals(exc.recipients)
-        return RecipientsRefused(refused, (), refusal_hint(exc.recipients, settings))
     if isinstance(exc, smtplib.SMTPResponseException):
-        text = exc.smtp_error.decode("utf-8", "replace") if isinstance(
-            exc.smtp_error, bytes) else str(exc.smtp_error)
-        code = exc.smtp_code
+        text, code = decode_reply(exc.smtp_error), exc.smtp_code
         stage = {smtplib.SMTPAuthenticationError: "authentication refused",
-                 smtplib.SMTPSenderRefused: "sender refused",
-                 smtplib.SMTPDataError: "message refused",
                  smtplib.SMTPConnectError: "connection refused"}.get(type(exc), "refused")
-        hint = refusal_hint({"": (code, text)}, settings)
-        return DeliveryError("%s by %s: %d %s" % (stage, where, code, text),
-                             smtp_exit_code(code), session or code in (421, 530, 535), hint)
+        error = (AuthError if code in (530, 534, 535) else DeliveryError)(
+            "%s by %s: %d %s" % (stage, where, code, text))
+        if isinstance(error, DeliveryError):
+            error.exit_code = smtp_exit_code(code)
+        error.hint = refusal_hint([(code, text)], settings)
+        return error
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return DeliveryError("TLS certificate of %s not trusted: %s; set SMTP_CAFILE to your "
-                             "MTA's CA bundle" % (where, exc.verify_message or exc.reason),
-                             EX_CONFIG, True)
+        return TlsError("TLS certificate of %s not trusted: %s; set SMTP_CAFILE to your "
+                        "MTA's CA bundle" % (where, exc.verify_message or exc.reason))
     if isinstance(exc, ssl.SSLError):
-        return DeliveryError("TLS with %s failed: %s" % (where, exc.reason or exc), EX_CONFIG, True)
+        return TlsError("TLS with %s failed: %s" % (where, exc.reason or exc))
     if isinstance(exc, smtplib.SMTPNotSupportedError):
         return ConfigError("%s: %s" % (where, exc))
     if isinstance(exc, (socket.timeout, TimeoutError)) or (
             isinstance(exc, smtplib.SMTPServerDisconnected)
             and isinstance(exc.__context__, (socket.timeout, TimeoutError))):
         return DeliveryError("no answer from %s within %g seconds (SMTP_TIMEOUT)"
-                             % (where, settings.timeout), EX_TEMPFAIL, True)
+                             % (where, settings.timeout))
     if isinstance(exc, smtplib.SMTPServerDisconnected):
-        return DeliveryError("%s closed the connection: %s" % (where, exc or "unexpectedly"),
-                             EX_TEMPFAIL, True)
+        return DeliveryError("%s closed the connection: %s" % (where, exc or "unexpectedly"))
     if isinstance(exc, OSError):
-        return DeliveryError("cannot connect to %s: %s" % (where, exc.strerror or exc),
-                             EX_TEMPFAIL, True)
-    return DeliveryError("SMTP with %s failed: %s" % (where, exc), EX_TEMPFAIL, True)
+        return DeliveryError("cannot connect to %s: %s" % (where, exc.strerror or exc))
+    return DeliveryError("SMTP with %s failed: %s" % (where, exc))
 
 
-def sparkpost_smtp_header(opts, signed):
-    """Return the X-MSYS-API header for SparkPost SMTP: tracking off for signed mail.
+# -- SparkPost transmissions API ---------------------------------------------------
 
-    SparkPost rewrites links and adds an open pixel when tracking is on, which
-    would break a signature; the header sits in the outer, unsigned header.
-    """
-    import json
-    track = bool(opts.track and not signed)
-    value = json.dumps({"options": {"open_tracking": track, "click_tracking": track,
-                                    "transactional": not track},
-                        "campaign_id": opts.campaign}, separators=(",", ":"))
-    return b"X-MSYS-API: " + value.encode("ascii") + b"\r\n"
-
-
-class ApiDelivery:
-    """Send through the SparkPost transmissions API (POST /api/v1/transmissions)."""
-
+class ApiBackend(Backend):
+    """Send through the SparkPost transmissions API (POST /api/v1/transmissions), one
+    keep-alive HTTP session; requests is imported here only, so other modes start fast."""
     name = "api"
 
-    def __init__(self, settings, opts, log=None):
-        self.settings, self.opts, self.log, self.session = settings, opts, log, None
+    def __init__(self, settings, events):
+        super().__init__(settings, events)
+        self.session = None
 
     def describe(self):
-        return "Would open connection to %s (API key ***)" % self.settings.base_url
+        return "Would open connection to %s (API key ***)" % self.settings.api.base_url
 
     def open(self):
         """Create the keep-alive HTTP session; return the 'Opened connection' line."""
         import requests
         self.session = requests.Session()
-        self.session.headers.update({"Authorization": self.settings.key,
+        self.session.headers.update({"Authorization": self.settings.api.key,
                                      "Content-Type": "application/json",
                                      "User-Agent": "sparkpostSMIME/" + __version__})
-        return "Opened connection to %s" % self.settings.base_url
+        return "Opened connection to %s" % self.settings.api.base_url
 
-    def send(self, job):
-        """POST one transmission; return the report detail (id, accepted, rejected).
-
-        Raises DeliveryError: 401/403 -> 77, other 4xx -> 69, 429/5xx/network -> 75
-        (with .retry_after from the Retry-After header); the batch layer retries.
-        """
-        if self.session is None:
-            self.open()
-        outcome = self._post(transmission_body(job, self.opts))
-        if isinstance(outcome, DeliveryError):
-            raise outcome
-        return outcome
-
-    def _post(self, body):
-        """One POST; return the report detail, or a DeliveryError (not raised)."""
+    def attempt(self, job):
+        """POST one transmission; return its Outcome (api_outcome())."""
         import requests
-        url = self.settings.base_url + "/transmissions"
-        if self.log:
-            self.log("-> POST %s (%d octets, Authorization: ***)" % (url, len(body)))
+        if self.session is None:
+            self.events.session(self.open())
+        url = self.settings.api.base_url + "/transmissions"
+        body = transmission_body(job, self.settings)
+        log = self.events.transcript if self.settings.verbose else None
+        if log:
+            log("-> POST %s (%d octets, Authorization: ***)" % (url, len(body)))
         try:
-            resp = self.session.post(url, data=body, timeout=self.settings.timeout)
+            resp = self.session.post(url, data=body, timeout=self.settings.api.timeout)
         except requests.exceptions.SSLError as exc:
-            return DeliveryError("TLS with %s failed: %s" % (url, first_line(exc)), EX_CONFIG, True)
+            return Outcome(job, "halt", EX_CONFIG,
+                           detail="TLS with %s failed: %s" % (url, first_line(exc)))
         except requests.exceptions.RequestException as exc:
-            return DeliveryError("cannot reach %s: %s" % (url, first_line(exc)), EX_TEMPFAIL)
-        if self.log:
-            self.log("<- %d %s %s" % (resp.status_code, resp.reason, resp.text[:500]))
-        return api_outcome(resp)
-
+            return Outcome(job, "temporary", EX_TEMPFAIL,
+                           detail="cannot reach %s: %s" % (url, first_line(exc)))
+        if log:
+            log("<- %d %s %s" % (resp.status_code, resp.reason, resp.text[:500]))
+        return api_outcome(job, resp)
 
     def close(self):
-        """Close the keep-alive connection."""
         session, self.session = self.session, None
         if session is not None:
             session.close()
@@ -3126,7 +3379,7 @@ def first_line(exc):
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def transmission_body(job, opts):
+def transmission_body(job, settings):
     """Return the JSON request body (bytes) of a transmission for *job*."""
     import json
     msg = job.msg
@@ -3140,12 +3393,12 @@ def transmission_body(job, opts):
         if names.get(address):
             entry["name"] = names[address]
         recipients.append({"address": entry})
-    track = bool(opts.track)
+    track = bool(settings.track)
     options = {"open_tracking": track, "click_tracking": track, "transactional": not track}
-    if opts.sign_mode or opts.encrypt:  # {{...}} in a signed text part would break it
+    if settings.sign_mode or settings.encrypt:  # {{...}} in a signed text part would break it
         options["perform_substitutions"] = False
     body = {"options": options,
-            "campaign_id": opts.campaign,
+            "campaign_id": settings.campaign,
             "recipients": recipients,
             "content": {"email_rfc822": job.data.decode("ascii")}}
     return json.dumps(body).encode("ascii")
@@ -3159,33 +3412,34 @@ def visible_to(msg):
     return ""
 
 
-def api_outcome(resp):
-    """Return the report detail of a 2xx answer, or the DeliveryError of another."""
+def api_outcome(job, resp):
+    """Return the Outcome of SparkPost's answer *resp*: 2xx sent (its id and counts);
+    401/403 halt (77); 420 halts (75: the sending limit, no retry in this run);
+    429/5xx temporary (Retry-After kept); other 4xx permanent (69)."""
     try:
         data = resp.json()
     except ValueError:
         data = {}
-    if 200 <= resp.status_code < 300:
-        results = data.get("results", {}) if isinstance(data, dict) else {}
-        return "id %s, accepted %s, rejected %s" % (
-            results.get("id", "?"), results.get("total_accepted_recipients", "?"),
-            results.get("total_rejected_recipients", "?"))
-    text = "SparkPost API answered %d %s%s" % (resp.status_code, resp.reason or "",
-                                               api_errors(data))
     code = resp.status_code
+    if 200 <= code < 300:
+        results = data.get("results", {}) if isinstance(data, dict) else {}
+        return Outcome(job, "sent", reply="id %s, accepted %s, rejected %s" % (
+            results.get("id", "?"), results.get("total_accepted_recipients", "?"),
+            results.get("total_rejected_recipients", "?")), accepted=job.recipients)
+    text = "SparkPost API answered %d %s%s" % (code, resp.reason or "", api_errors(data))
     if code in (401, 403):
-        err = DeliveryError(text, EX_NOPERM, True, "check SPARKPOST_API_KEY and its permissions "
-                                                   "(Transmissions: Read/Write)")
-    elif code == 420:
-        err = DeliveryError(text, EX_TEMPFAIL, hint="SparkPost's sending limit for this account "
-                            "is exceeded (420): nothing more is sent in this run; try again "
-                            "once the limit resets, or ask SparkPost to raise it", halt=True)
-    elif code == 429 or code >= 500:
-        err = DeliveryError(text, EX_TEMPFAIL)
-        err.retry_after = retry_after(resp.headers.get("Retry-After", ""))
-    else:
-        err = DeliveryError(text, EX_UNAVAILABLE)
-    return err
+        return Outcome(job, "halt", EX_NOPERM, detail=text,
+                       hint="check SPARKPOST_API_KEY and its permissions "
+                            "(Transmissions: Read/Write)")
+    if code == 420:
+        return Outcome(job, "halt", EX_TEMPFAIL, detail=text,
+                       hint="SparkPost's sending limit for this account is exceeded (420): "
+                            "nothing more is sent in this run; try again once the limit "
+                            "resets, or ask SparkPost to raise it")
+    if code == 429 or code >= 500:
+        return Outcome(job, "temporary", EX_TEMPFAIL, detail=text,
+                       retry_after=retry_after(resp.headers.get("Retry-After", "")))
+    return Outcome(job, "permanent", EX_UNAVAILABLE, detail=text)
 
 
 def api_errors(data):
@@ -3213,51 +3467,47 @@ def retry_after(value):
         return 0.0
 
 
-class DryRun:
-    """Build everything, then describe what would be sent instead of connecting."""
+#: The back ends by name; a dry run wraps one of them.
+BACKENDS = {"smtp": SmtpBackend, "api": ApiBackend, "file": FileBackend}
 
-    name = "dry_run"
 
-    def __init__(self, backend):
-        self.backend = backend
-
-    def open(self):
-        return "Dry run, nothing is sent. " + self.backend.describe()
-
-    def send(self, job):
-        head = job.data.split(b"\r\n\r\n", 1)[0].decode("ascii", "replace")
-        lines = ["  MAIL FROM:<%s>" % job.mail_from]
-        lines += ["  RCPT TO:<%s>" % r for r in job.recipients]
-        lines.append("  size %d octets; outer header:" % len(job.data))
-        lines += ["    " + line for line in head.split("\r\n")]
-        return "\n".join(lines)
-
-    def close(self):
-        pass
+def make_backend(settings, events):
+    """Return the back end the settings ask for (not connected yet)."""
+    backend = BACKENDS[settings.send or "file"](settings, events)
+    return DryRun(backend) if settings.dry_run else backend
 
 
 ###############################################################################
 # Batch: many messages, several sessions, nothing lost ########################
 ###############################################################################
-# A Worker owns one delivery session and turns work items into Results; a Printer
-# prints, journals and counts them.  With --jobs N, N forked worker processes run
-# side by side (cryptography holds the GIL while it signs and encrypts, so threads
-# would not use a second core), each with its own Printer; the main process adds
-# up their counts for the summary (and draws the progress bar, if any).
+# One worker loop builds, delivers and retries messages over one back end and
+# turns each message's outcomes into one Result; a Recorder archives, journals,
+# counts and prints it.  With --jobs N, N forked worker processes run that loop
+# side by side (cryptography holds the GIL while it signs and encrypts, so
+# threads would not use a second core), each with its own session and Recorder;
+# the main process adds up their counts, which come up a Channel.
 
-class Result:
-    """The outcome of one work item, as printed, journaled and counted."""
-
-    def __init__(self, source, copy):
-        self.source, self.copy = source, copy
-        self.status, self.code, self.attempts, self.duration = "failed", EX_SOFTWARE, 0, 0.0
-        self.recipients, self.reply, self.abort = [], "", False
-        self.report, self.errors = [], []  #: stdout lines, stderr lines
+class Result(NamedTuple):
+    """The final word on one message, as printed, journaled and counted."""
+    source: str
+    copy: int
+    status: str                  #: "sent", "written", "partial" or "failed"
+    code: int
+    mail_from: str = ""
+    recipients: tuple = ()
+    accepted: tuple = ()
+    refused: tuple = ()          #: ((address, reply code, reply text), ...)
+    reply: str = ""
+    attempts: int = 0
+    duration: float = 0.0
+    errors: tuple = ()           #: lines for stderr: reasons, refusals, hints
+    lines: tuple = ()            #: more report lines (a dry run's envelope)
+    halt: bool = False           #: the run must stop taking messages
 
     def record(self):
         """Return the journal entry (a JSON-ready dict)."""
         entry = {"input": self.source, "status": self.status, "exit_code": self.code,
-                 "recipients": self.recipients, "reply": self.reply,
+                 "recipients": list(self.recipients), "reply": self.reply,
                  "attempts": self.attempts, "duration": round(self.duration, 4),
                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if self.copy:
@@ -3265,48 +3515,205 @@ class Result:
         return entry
 
 
-def expand_inputs(paths):
-    """Return *paths* with each directory replaced by its *.eml files (sorted)."""
-    out = []
-    for path in paths:
-        if path != "-" and os.path.isdir(path):
-            found = sorted(os.path.join(path, n) for n in os.listdir(path)
-                           if n.lower().endswith(".eml") and os.path.isfile(os.path.join(path, n)))
-            if not found:
-                raise InputError("%s: directory holds no .eml files" % path)
-            out.extend(found)
+def retry_policy(outcome, attempts, waited, retries, first_delay):
+    """Return the seconds to wait before trying *outcome*'s message again, or None.
+
+    A temporary failure, or recipients refused with 4xx, is tried again up to
+    *retries* times: *first_delay*, doubled each time, or the server's
+    Retry-After when longer; at most MAX_RETRY_WAIT per wait and MAX_TOTAL_WAIT
+    in all (*waited* so far).  A message the server accepted is never sent again.
+    """
+    if outcome.status == "refused":
+        if not any(400 <= code < 500 for _, code, _ in outcome.refused):
+            return None
+    elif outcome.status != "temporary":
+        return None
+    if attempts > retries:
+        return None
+    delay = min(max(first_delay * 2 ** (attempts - 1), outcome.retry_after), MAX_RETRY_WAIT)
+    return delay if waited + delay <= MAX_TOTAL_WAIT else None
+
+
+class Tally:
+    """One message's attempts, added up into its Result."""
+
+    def __init__(self, job):
+        self.job, self.accepted, self.refused, self.errors = job, [], {}, []
+        self.attempts, self.waited, self.last, self.reply = 0, 0.0, None, ""
+
+    def add(self, outcome):
+        self.attempts += 1
+        self.last, self.reply = outcome, outcome.reply or self.reply
+        self.accepted += [a for a in outcome.accepted if a not in self.accepted]
+        for address, code, text in outcome.refused:
+            self.refused[address] = (code, text)
+
+    def pending(self):
+        """Return the recipients still worth trying: not accepted, not refused with 5xx."""
+        return tuple(a for a in self.job.recipients
+                     if a not in self.accepted and self.refused.get(a, (400,))[0] < 500)
+
+    def retrying(self, delay, retries):
+        """Note a retry in *delay* seconds; return the Job to try (to the recipients left)."""
+        self.waited += delay
+        self.errors.append("%s; retrying in %g s (attempt %d of %d)" % (
+            self.last.detail, delay, self.attempts + 1, retries + 1))
+        return self.job._replace(recipients=self.pending())
+
+    def result(self):
+        """Return the Result: sent (or written) to all, partial, or failed."""
+        job, last = self.job, self.last
+        failed = [a for a in job.recipients if a not in self.accepted]
+        errors = list(self.errors) + ["refused %s: %d %s" % (a, self.refused[a][0],
+                                                            self.refused[a][1])
+                                      for a in failed if a in self.refused]
+        if last.status not in ("sent", "written", "refused") and last.detail:
+            errors.append(last.detail)
+        if last.hint:
+            errors.append("hint: " + last.hint)
+        if last.status == "written" or (last.status == "sent" and not failed):
+            status, code = last.status, EX_OK
         else:
-            out.append(path)
-    return out
+            status = "partial" if self.accepted else "failed"
+            code = last.code if last.status != "refused" else min(
+                smtp_exit_code(self.refused[a][0]) for a in failed if a in self.refused)
+        return Result(job.source, job.copy, status, code, job.mail_from, job.recipients, tuple(self.accepted),
+                      tuple((a,) + self.refused[a] for a in failed if a in self.refused),
+                      self.reply, self.attempts, time.perf_counter() - job.started,
+                      tuple(errors), last.lines, last.status == "halt")
 
 
-def work_items(opts):
-    """Return [(path, copy)]: every input (directories expanded), --repeat times."""
-    paths = expand_inputs(opts.inputs)
-    return [(path, copy) for path in paths for copy in range(opts.repeat)]
+def prefetch(build, items):
+    """Yield build(item) for each work item; a message that cannot be built becomes a
+    Job carrying its failure (exit code, reason)."""
+    for item in items:
+        try:
+            yield build(item)
+        except (MessageError, InputError, IdentityError) as exc:
+            yield Job(item[0], item[1], started=time.perf_counter(),
+                      failure=(exc.exit_code, str(exc)))
 
 
-class FileOutput:
-    """The 'back end' without a send option: stdout, -o FILE or one file per input in -o DIR."""
+def work(settings, backend, jobs, record, halted):
+    """The worker loop: deliver *jobs* (an iterator of Jobs, built as pulled) over
+    *backend*, retry by retry_policy(), hand each message's Result to *record*.
 
-    name = "file"
+    Retries wait in a queue while other messages go on.  Stops taking messages
+    once halted() is true; messages still waiting for a retry then get their
+    last outcome as final.
+    """
+    import heapq
+    tallies, waiting, order = {}, [], iter(range(1 << 62))
 
-    def __init__(self, opts):
-        self.opts = opts
+    def due(block):
+        while waiting and not halted():
+            pause = waiting[0][0] - time.monotonic()
+            if pause > 0:
+                if not block:
+                    return
+                time.sleep(pause)
+            yield heapq.heappop(waiting)[2]
 
-    def open(self):
-        return ""
+    def feed():
+        for job in jobs:
+            yield from due(False)
+            if halted():
+                return
+            yield job
+        yield from due(True)
 
-    def send(self, job):
-        write_output(job.data, output_path(self.opts, job.source, job.copy))
-        return ""
+    while True:
+        for outcome in backend.deliver(feed()):
+            key = (outcome.job.source, outcome.job.copy, outcome.job.started)
+            tally = tallies.setdefault(key, Tally(outcome.job))
+            tally.add(outcome)
+            delay = retry_policy(outcome, tally.attempts, tally.waited, settings.retries,
+                                 settings.retry_delay)
+            if delay is not None and not halted() and tally.pending():
+                retry = tally.retrying(delay, settings.retries)
+                heapq.heappush(waiting, (time.monotonic() + delay, next(order), retry))
+                continue
+            del tallies[key]
+            record(tally.result(), outcome.job)
+        if not waiting or halted():
+            break
+    for tally in tallies.values():
+        record(tally.result(), tally.job)
+
+
+class Journal:
+    """--results FILE: one JSON object per message, appended and synced as each one ends.
+
+    A last line cut short by a crash is ended before the first new row, so no row
+    is ever glued to it.  Raises OutputError: 73 when the file cannot be opened,
+    74 when a write fails.
+    """
+
+    def __init__(self, path):
+        self.path, self.fd = path, None
+        if not path:
+            return
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            size = os.fstat(self.fd).st_size
+            if size and os.pread(self.fd, 1, size - 1) != b"\n":
+                self.append(b"\n")
+        except OutputError:
+            raise
+        except OSError as exc:
+            raise OutputError("--results %s: cannot open: %s" % (path, exc.strerror or exc),
+                              EX_CANTCREAT)
+
+    def append(self, data):
+        """Write *data* in one write, synced; raise OutputError (74) when it fails."""
+        try:
+            if os.write(self.fd, data) != len(data):
+                raise OSError(28, "No space left on device")
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise OutputError("--results %s: cannot write: %s" % (self.path,
+                                                                  exc.strerror or exc))
+
+    def write(self, result):
+        if self.fd is not None:
+            import json
+            self.append((json.dumps(result.record(), sort_keys=True) + "\n").encode("utf-8"))
 
     def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def already_sent(path):
+    """Return {(input, copy)} recorded as sent in journal *path* (for --resume).
+
+    Lines that are not JSON (a line torn by a crash) are skipped.
+    """
+    import json
+    done = set()
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict) and entry.get("status") == "sent":
+                    done.add((entry.get("input"), entry.get("copy", 0)))
+    except FileNotFoundError:
         pass
+    except OSError as exc:
+        raise InputError("--results %s: cannot read: %s" % (path, exc.strerror or exc))
+    return done
 
 
 class Archive:
-    """A Maildir (tmp/, new/, cur/) keeping the exact bytes of every message sent."""
+    """A Maildir (tmp/, new/, cur/) keeping the exact bytes of every message sent.
+
+    Raises OutputError: 73 when the Maildir cannot be made, 74 when a message
+    cannot be stored (its partial file removed).
+    """
 
     def __init__(self, directory):
         self.directory, self.count = directory, 0
@@ -3314,8 +3721,8 @@ class Archive:
             for sub in ("tmp", "new", "cur"):
                 os.makedirs(os.path.join(directory, sub), mode=0o700, exist_ok=True)
         except OSError as exc:
-            raise ConfigError("--archive %s: cannot create the Maildir: %s"
-                              % (directory, exc.strerror or exc))
+            raise OutputError("--archive %s: cannot create the Maildir: %s"
+                              % (directory, exc.strerror or exc), EX_CANTCREAT)
 
     def store(self, data):
         """Write *data* to tmp/, then rename it into new/ (the Maildir protocol)."""
@@ -3324,263 +3731,20 @@ class Archive:
         name = "%d.P%dQ%d.%s" % (time.time(), os.getpid(), self.count,
                                  socket.gethostname().replace("/", "_"))
         tmp = os.path.join(self.directory, "tmp", name)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, os.path.join(self.directory, "new", name))
-
-
-class Worker:
-    """Owns one delivery session; turns work items into Results (never prints)."""
-
-    def __init__(self, opts, backend):
-        self.opts, self.backend = opts, backend  # not connected yet: each worker connects
-        self.archive = Archive(opts.archive) if opts.archive else None
-        self.is_open = False
-
-    def build(self, item):
-        """Return (Result, Job or None when the message cannot be built, start time)."""
-        path, copy = item
-        res, start = Result(path, copy), time.perf_counter()
         try:
-            job = make_job(path, self.opts, self.backend)
-            job.copy = copy
-        except (MessageError, InputError, IdentityError) as exc:
-            res.code, res.errors = exc.exit_code, [str(exc)]
-            return res, None, start
-        res.recipients = list(job.recipients)
-        return res, job, start
-
-    def finish(self, res, job, start, outcome=None):
-        """Deliver a built job (if any); return its completed Result.
-
-        *outcome*: the first attempt's outcome when it was already sent (stream()).
-        """
-        if job is not None:
-            if self.opts.send:
-                res.report.append(job.describe())
-            self.deliver(job, res, outcome)
-        res.duration = time.perf_counter() - start
-        return res
-
-    def run(self, items, emit, stopped):
-        """Handle *items* in order, building the next message while this one is sent.
-
-        Over SMTP with PIPELINING, SmtpDelivery.stream() overlaps the two itself.
-        Otherwise a builder thread does when sending with one worker: signing and
-        encrypting hold the GIL while sending mostly waits on the socket (with
-        several workers, the processes overlap and a thread would only contend).
-        Stops when the items end, stopped() is true or a Result asks to abort.
-        """
-        items = iter(items)
-        if isinstance(self.backend, SmtpDelivery):
-            if not self.run_each(items, emit, stopped, lambda: self.backend.smtp is not None):
-                return
-            if self.backend.smtp is not None and self.backend.smtp.has_extn("pipelining"):
-                self.run_stream(items, emit, stopped)
-                return
-        if not self.opts.send or self.opts.jobs > 1:  # nothing to overlap with a thread:
-            self.run_each(items, emit, stopped)  # or other workers already fill the cores
-            return
-        import queue
-        import threading
-        built, halt = queue.Queue(maxsize=2), threading.Event()
-
-        def builder():
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, os.path.join(self.directory, "new", name))
+        except OSError as exc:
             try:
-                for item in items:
-                    if halt.is_set():
-                        break
-                    built.put(self.build(item))
-            except BaseException as exc:  # hand any bug to the consumer, never hang it
-                built.put(exc)
-            built.put(None)
-
-        thread = threading.Thread(target=builder, daemon=True)
-        thread.start()
-        try:
-            while True:
-                entry = built.get()
-                if entry is None:
-                    break
-                if isinstance(entry, BaseException):
-                    raise entry
-                res = self.finish(*entry)
-                emit(res)
-                if res.abort or stopped():
-                    break
-        finally:
-            halt.set()
-            while thread.is_alive():  # let a blocked builder put its last entry and end
-                try:
-                    built.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-
-    def run_each(self, items, emit, stopped, until=lambda: False):
-        """Build and deliver *items* one at a time, or until until() is true after one.
-
-        Returns False when stopped() or a Result asked to abort, else True.
-        """
-        for item in items:
-            res = self.finish(*self.build(item))
-            emit(res)
-            if res.abort or stopped():
-                return False
-            if until():
-                break
-        return True
-
-    def run_stream(self, items, emit, stopped):
-        """run() over SmtpDelivery.stream(): one command group per message."""
-        aborted = []
-        entries = (self.build(item) for item in items)
-        for entry, outcome in self.backend.stream(entries, lambda: aborted or stopped()):
-            res = self.finish(*entry, outcome)
-            emit(res)
-            if res.abort:
-                aborted.append(res)
-
-    def deliver(self, job, res, first=None):
-        """Send with up to --retries retries of temporary failures (exponential backoff).
-
-        A message the server accepted is never sent again: only a failure before
-        the end-of-DATA reply (or an API error/timeout) is retried, and after a
-        partial refusal only the recipients refused with 4xx are tried again.
-        """
-        accepted, refused, pending, error, hint = [], {}, list(job.recipients), None, ""
-        waited = 0.0
-        for attempt in range(self.opts.retries + 1):
-            res.attempts, job.recipients, error = attempt + 1, pending, None
-            try:
-                if first is not None:  # the first attempt already went out: its outcome
-                    outcome, first = first, None
-                    if isinstance(outcome, BaseException):
-                        raise outcome
-                    res.reply = outcome
-                else:
-                    self.open_session(res)
-                    res.reply = self.backend.send(job)
-                accepted += pending
-            except RecipientsRefused as exc:
-                accepted += exc.accepted
-                res.reply, hint = exc.reply or res.reply, exc.hint or hint
-                refused.update(exc.refused)
-                error = exc
-            except DeliveryError as exc:
-                error, hint = exc, exc.hint or hint
-            except ConfigError as exc:  # e.g. credentials without TLS: the batch must stop
-                error = DeliveryError(str(exc), exc.exit_code, session=True)
-            pending = [a for a in pending
-                       if a not in accepted and refused.get(a, (400, ""))[0] < 500]
-            if (not pending or error.exit_code != EX_TEMPFAIL or error.halt
-                    or attempt == self.opts.retries):
-                break
-            delay = min(max(self.opts.retry_delay * 2 ** attempt, error.retry_after),
-                        MAX_RETRY_WAIT)
-            if waited + delay > MAX_TOTAL_WAIT:
-                break
-            waited += delay
-            res.errors.append("%s; retrying in %g s (attempt %d of %d)"
-                              % (error, delay, attempt + 2, self.opts.retries + 1))
-            if error.session:
-                self.close()
-            time.sleep(delay)
-        job.recipients = res.recipients
-        failed = [a for a in res.recipients if a not in accepted]
-        if accepted and self.archive is not None:
-            self.archive.store(job.data)
-        if failed:
-            self.report_failure(res, accepted, failed, refused, error, hint)
-        else:
-            self.report_success(res)
-
-    def open_session(self, res):
-        if not self.is_open:
-            line = self.backend.open()
-            self.is_open = True
-            if line:
-                res.report.insert(0, line)
-
-    def report_success(self, res):
-        res.status, res.code = "sent", EX_OK
-        if self.opts.dry_run:
-            res.report += ["OK - in {elapsed} seconds (dry run: nothing was sent)"]
-            res.report += res.reply.splitlines()
-        else:
-            api = self.opts.send == "api"
-            res.report.append("OK - in {elapsed} seconds" + (", " + res.reply if api else ""))
-
-    def report_failure(self, res, accepted, failed, refused, error, hint):
-        """Fill the Result of a message some or all recipients did not get."""
-        res.errors += ["refused %s: %d %s" % (a, refused[a][0], refused[a][1])
-                       for a in failed if a in refused]
-        if error is not None and not isinstance(error, RecipientsRefused):
-            res.errors.append(str(error))
-            res.code = error.exit_code
-            res.abort = error.halt or (error.session
-                                       and error.exit_code in (EX_CONFIG, EX_NOPERM))
-        else:
-            res.code = min(smtp_exit_code(refused[a][0]) for a in failed if a in refused)
-        if hint:
-            res.errors.append("hint: " + hint)
-        if accepted:
-            res.status = "partial"
-            res.report.append("PARTIAL - in {elapsed} seconds: accepted %s; refused %s"
-                              % (", ".join(accepted), ", ".join(failed)))
-        elif error is None or isinstance(error, RecipientsRefused):
-            res.report.append("FAILED - in {elapsed} seconds: every recipient was refused")
-        else:
-            res.report.append("FAILED - in {elapsed} seconds")
-
-    def close(self):
-        self.is_open = False
-        self.backend.close()
-
-
-class Journal:
-    """--results FILE: one JSON object per message, appended as each one finishes."""
-
-    def __init__(self, path):
-        self.path, self.fh = path, None
-        if path:
-            try:
-                self.fh = open(path, "a", encoding="utf-8")
-            except OSError as exc:
-                raise ConfigError("--results %s: cannot open: %s" % (path, exc.strerror or exc))
-
-    def write(self, res):
-        if self.fh is not None:
-            import json
-            self.fh.write(json.dumps(res.record(), sort_keys=True) + "\n")
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
-
-    def close(self):
-        if self.fh is not None:
-            self.fh.close()
-
-
-def already_sent(path):
-    """Return {(input, copy)} recorded as sent in journal *path* (for --resume)."""
-    import json
-    done = set()
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a crash
-                if isinstance(entry, dict) and entry.get("status") == "sent":
-                    done.add((entry.get("input"), entry.get("copy", 0)))
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise ConfigError("--results %s: cannot read: %s" % (path, exc.strerror or exc))
-    return done
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise OutputError("--archive %s: cannot store a message: %s"
+                              % (self.directory, exc.strerror or exc))
 
 
 class Stats:
@@ -3593,20 +3757,31 @@ class Stats:
         self.latencies, self.start = [], time.perf_counter()
 
     def add(self, res):
-        if res.status == "sent":
+        if res.status in ("sent", "written"):
             self.sent += 1
             self.latencies.append(res.duration)
         else:
             self.failed += 1
-            if not self.code:
-                self.code, self.failed_at = res.code, time.monotonic()
+            self.fault(res.code)
+
+    def fault(self, code):
+        """Note a failure's exit code: the first one wins, but a fault on our own side
+        (73, 74: output, journal, archive) wins over any other."""
+        now = time.monotonic()
+        if not self.code or rank(code, now) > rank(self.code, self.failed_at):
+            self.code, self.failed_at = code, now
 
     def merge(self, sent, failed, code, failed_at, latencies):
-        """Add a worker process's counts; the exit code is the earliest failure's."""
+        """Add a worker process's counts; its exit code wins as fault() says, the earliest
+        failure's among equals."""
         self.sent, self.failed = self.sent + sent, self.failed + failed
         self.latencies += latencies
-        if code and (not self.code or failed_at < self.failed_at):
+        if code and (not self.code or rank(code, failed_at) > rank(self.code, self.failed_at)):
             self.code, self.failed_at = code, failed_at
+
+    def counts(self):
+        """Return this process's counts, as merge() takes them."""
+        return self.sent, self.failed, self.code, self.failed_at, self.latencies
 
     def summary(self):
         """Return 'N sent, M failed[, K not sent] in S seconds (R msg/s); latency ...'."""
@@ -3624,26 +3799,128 @@ class Stats:
         return text
 
 
-class Stop:
-    """Ctrl-C: the first one stops new work (in-flight messages finish), the second aborts."""
+def rank(code, when):
+    """Order exit codes for a batch: faults on our own side (73, 74) first, then the
+    earliest failure."""
+    return (code in (EX_CANTCREAT, EX_IOERR), -when)
 
-    def __init__(self, batch=True):
-        self.halt, self.requested, self.previous = None, False, None
+
+class Recorder:
+    """Where every final Result goes, in order: the archive (for a delivered message),
+    the journal, the counts, the report (lines or a progress bar).
+
+    An archive or journal write that fails stops the run at once (exit 74): that
+    message, and every one delivered after it, is named on stderr as delivered
+    but not recorded.  *forward*: a worker's way to pass Results up to the main
+    process (which then prints them) instead of printing them itself.
+    """
+
+    def __init__(self, settings, reporter, stats, halt, forward=None):
+        self.settings, self.reporter, self.stats, self.halt = settings, reporter, stats, halt
+        self.journal, self.forward, self.broken = Journal(settings.results), forward, ""
+        self.archive = Archive(settings.archive) if settings.archive else None
+        self.progress = (sys.stderr.isatty() and stats.total >= PROGRESS_MIN
+                         and not settings.verbose)
+        self.lines = bool(settings.send) and not (self.progress and sys.stdout.isatty())
+
+    def __call__(self, res, job):
+        delivered = bool(res.accepted) and self.settings.send and not self.settings.dry_run
+        if delivered and not self.broken:
+            self.keep(lambda: self.archive and self.archive.store(job.data))
+        if not self.broken:
+            self.keep(lambda: self.journal.write(res))
+        if self.broken and delivered:
+            self.reporter.warn("delivered but not recorded (%s): %s%s" % (
+                self.broken, res.source, " (copy %d)" % res.copy if self.settings.repeat > 1
+                else ""))
+        for topic, text in job.notes:
+            self.reporter.warn(text, topic)
+        if self.forward is not None:
+            self.forward(res)
+        else:
+            self.show(res)
+        if res.halt:
+            self.halt()
+
+    def keep(self, write):
+        """Run an archive or journal *write*; on failure stop the run and remember why."""
+        try:
+            write()
+        except OutputError as exc:
+            self.broken = str(exc)
+            self.reporter.warn("%s: stopping; every message delivered from here on is named "
+                               "below" % exc)
+            self.stats.fault(exc.exit_code)
+            self.halt()
+
+    def show(self, res):
+        """Count *res* and print it: report lines (or the progress bar), errors."""
+        self.stats.add(res)
+        lines = report_lines(res, self.settings) if self.settings.send else []
+        if lines and (self.lines or res.status not in ("sent", "written")):
+            self.reporter.say("\n".join(lines))
+        for line in res.errors:
+            self.reporter.warn(line)
+        if self.progress:
+            self.bar()
+
+    def bar(self):
+        done, total = self.stats.sent + self.stats.failed, self.stats.total
+        filled = int(30 * done / total) if total else 30
+        sys.stderr.write("\r[%s%s] %d/%d, %d failed " % ("#" * filled, "." * (30 - filled),
+                                                          done, total, self.stats.failed))
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    def close(self):
+        self.journal.close()
+
+
+def report_lines(res, settings):
+    """Return the stdout lines of a Result: 'Sending ...' then OK, PARTIAL or FAILED."""
+    lines = ["Sending %s\tFrom: %s\tTo: %s" % (res.source, res.mail_from,
+                                               ", ".join(res.recipients))]
+    took = "%.3f" % res.duration
+    if res.status == "sent" and settings.dry_run:
+        lines += ["OK - in %s seconds (dry run: nothing was sent)" % took] + list(res.lines)
+    elif res.status == "sent":
+        lines.append("OK - in %s seconds%s" % (took, ", " + res.reply if settings.send == "api"
+                                               else ""))
+    elif res.status == "partial":
+        lines.append("PARTIAL - in %s seconds: accepted %s; refused %s" % (
+            took, ", ".join(res.accepted), ", ".join(a for a in res.recipients
+                                                     if a not in res.accepted)))
+    elif res.refused and len(res.refused) == len(res.recipients):
+        lines.append("FAILED - in %s seconds: every recipient was refused" % took)
+    else:
+        lines.append("FAILED - in %s seconds" % took)
+    return lines if res.recipients else []  # a message that could not be built: stderr only
+
+
+class Stop:
+    """Ctrl-C: the first one stops new work (in-flight messages finish), the second aborts.
+
+    *halt*: the one-byte flag shared with forked workers (non-zero: take no new
+    message); *warn*: the reporter's.
+    """
+
+    def __init__(self, halt, warn, batch=True):
+        self.halt, self.warn, self.requested, self.previous = halt, warn, False, None
         self.batch = batch  #: one message: plain KeyboardInterrupt (and no signal import)
 
     def __enter__(self):
         if self.batch:
             import signal
-            self.previous = signal.signal(signal.SIGINT, self._handler)
+            self.previous = signal.signal(signal.SIGINT, self.handler)
         return self
 
-    def _handler(self, signum, frame):
+    def handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        if self.halt is not None:  # the workers' shared flag
-            self.halt[0] = 1
-        warn("interrupted: finishing the messages in flight (Ctrl-C again to abort)")
+        self.halt[0] = 1
+        self.warn("interrupted: finishing the messages in flight (Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
         if self.previous is not None:
@@ -3651,91 +3928,22 @@ class Stop:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def run_sequential(opts, backend, items, emit, stop):
-    """Handle every item in this process with one Worker."""
-    worker = Worker(opts, backend)
-    try:
-        worker.run(items, emit, lambda: stop.requested)
-    finally:
-        worker.close()
-
-
-def run_parallel(opts, backend, items, printer, stop, jobs):
-    """Handle the items in *jobs* forked worker processes.
-
-    Worker k takes items k, k + jobs, k + 2 jobs, ... (no task queue to lock per
-    message).  Each worker prints its own report lines and journal rows as it
-    goes, one write per message so that lines never mix, and at the end sends
-    its counts up a pipe for the summary; only a progress bar (drawn here) needs
-    every Result sent up.  A worker asking to abort sets a shared halt flag.
-    """
-    import gc
-    import mmap
-    import select
-    import signal
-    preload(opts, backend, items[0])
-    halt = mmap.mmap(-1, 1)  # shared with the workers: non-zero = take no new message
-    stop.halt = halt
-    gc.freeze()  # the workers inherit these objects: keep their pages shared, unscanned
-    sys.stdout.flush()
-    sys.stderr.flush()
-    channels = {}  # read end -> Channel
-    try:
-        for k in range(jobs):
-            reader, writer = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.close(reader)
-                for fd in channels:
-                    os.close(fd)
-                os._exit(worker_process(opts, backend, items[k::jobs], printer, writer, halt))
-            os.close(writer)  # the child holds its own copy: EOF means the worker has ended
-            channels[reader] = Channel(pid)
-        poller = select.poll()
-        for fd in channels:
-            poller.register(fd, select.POLLIN)
-        while channels:
-            for fd, _ in poller.poll():
-                chunk, channel = os.read(fd, 65536), channels[fd]
-                for message in channel.receive(chunk):
-                    channel.counted |= collect(message, printer, halt)
-                if not chunk:
-                    poller.unregister(fd)
-                    os.close(fd)
-                    del channels[fd]
-                    channel.reap()
-    finally:
-        for channel in channels.values():  # a second Ctrl-C: stop the workers too
-            os.kill(channel.pid, signal.SIGTERM)
-            os.waitpid(channel.pid, 0)
-
-
-def preload(opts, backend, item):
-    """Build *item* once here so that forked workers inherit what it loaded.
-
-    The first message of a process pays for lazy imports and for reading and
-    checking the keys (~60 ms), the first SMTP session for smtplib, ssl and the
-    CA store: paid once before forking instead of once per worker.  Any error
-    is left for the worker that meets it to report.
-    """
-    try:
-        make_job(item[0], opts, backend)
-        if isinstance(backend, SmtpDelivery):
-            _smtp_classes()
-            if backend.settings.tls in ("tls", "starttls"):  # not "auto": maybe unused
-                tls_context(backend.settings.cafile, backend.settings.verify)  # ~35 ms
-    except Exception:  # noqa: BLE001 - a warm-up only: the worker reports it properly
-        pass
-
-
 class Channel:
-    """The parent's end of one worker's pipe: length-prefixed marshal frames."""
+    """The pipe between a forked worker and the main process, used on both ends:
+    send() frames plain data (tuples, lists, str, numbers) with marshal behind a
+    4-octet length; receive() gives back the frames completed by a chunk read."""
 
-    def __init__(self, pid):
-        self.pid, self.buffer, self.counted = pid, b"", False
+    def __init__(self, fd, pid=0):
+        self.fd, self.pid, self.buffer, self.counted = fd, pid, b"", False
+
+    def send(self, message):
+        import marshal
+        data = marshal.dumps(message)
+        data = len(data).to_bytes(4, "big") + data
+        while data:
+            data = data[os.write(self.fd, data):]
 
     def receive(self, chunk):
-        """Add *chunk*; return the messages now complete (plain data: tuples, str...)."""
         import marshal
         buf, messages = self.buffer + chunk, []
         while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
@@ -3745,141 +3953,57 @@ class Channel:
         self.buffer = buf
         return messages
 
-    def reap(self):
-        """Wait for the ended worker; warn if its counts never came."""
-        os.waitpid(self.pid, 0)
-        if not self.counted:
-            warn("a worker process (pid %d) ended without reporting its counts: the summary "
-                 "misses the messages it handled (--results FILE lists them)" % self.pid)
+
+def expand_inputs(paths):
+    """Return *paths* with each directory replaced by its *.eml files (sorted)."""
+    out = []
+    for path in paths:
+        if path != "-" and os.path.isdir(path):
+            found = sorted(os.path.join(path, n) for n in os.listdir(path)
+                           if n.lower().endswith(".eml") and os.path.isfile(os.path.join(path, n)))
+            if not found:
+                raise InputError("%s: directory holds no .eml files" % path)
+            out.extend(found)
+        else:
+            out.append(path)
+    return out
 
 
-def frame(message):
-    """Return *message* (plain data: tuples, lists, str, numbers) as a length-prefixed frame."""
-    import marshal
-    data = marshal.dumps(message)
-    return len(data).to_bytes(4, "big") + data
+def work_items(settings, reporter):
+    """Return [(path, copy)]: every input, --repeat times, less what --resume skips."""
+    items = [(path, copy) for path in expand_inputs(settings.inputs)
+             for copy in range(settings.repeat)]
+    if settings.resume:
+        done = already_sent(settings.results)
+        kept = [i for i in items if i not in done]
+        if len(kept) < len(items):
+            reporter.warn("--resume: %d message(s) already sent according to %s, skipped"
+                          % (len(items) - len(kept), settings.results))
+        items = kept
+    return items
 
 
-def collect(message, printer, halt):
-    """Act on one message from a worker; return True if it carried the worker's counts."""
-    kind = message[0]
-    if kind == "result":
-        res = Result.__new__(Result)
-        res.__dict__.update(message[1])
-        printer(res)
-        if res.abort:
-            halt[0] = 1
-    elif kind == "abort":
-        halt[0] = 1
-    elif kind == "counts":
-        printer.stats.merge(*message[1:])
-        return True
-    return False
-
-
-def worker_process(opts, backend, items, printer, pipe, halt):
-    """Run a forked worker; return its exit status (never return into the parent's code)."""
-    try:
-        worker_main(opts, backend, items, printer, pipe, halt)
-        return EX_OK
-    except BaseException as exc:  # noqa: BLE001 - a bug: say so, and let the parent count
-        warn("internal error in a worker process: %s: %s" % (type(exc).__name__, exc))
-        return EX_SOFTWARE
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-
-
-def worker_main(opts, backend, items, printer, pipe, halt):
-    """A worker process: its own session, its share of the items, its counts up *pipe*.
-
-    Prints through *printer* itself unless the parent draws a progress bar: then
-    each Result goes up *pipe* instead.
-    """
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; in-flight work finishes
-    stats, worker = printer.stats, None
-
-    def send(message):
-        data = frame(message)
-        while data:
-            data = data[os.write(pipe, data):]
-
-    def emit(res):
-        if printer.progress:
-            send(("result", dict(vars(res))))
-            return
-        printer(res)
-        if res.abort:
-            send(("abort",))
-
-    try:
-        worker = Worker(opts, backend)
-        worker.run(items, emit, lambda: halt[0])
-    except SmimeToolError as exc:  # the session could not be set up at all
-        res = Result("", 0)
-        res.code, res.errors, res.abort = exc.exit_code, [str(exc)], True
-        emit(res)
-    finally:
-        if worker is not None:
-            worker.close()
-    # the last word, even when Results went up one by one (then these counts are zeros)
-    send(("counts", stats.sent, stats.failed, stats.code, stats.failed_at, stats.latencies))
-
-
-class Printer:
-    """Prints Results as they arrive: report lines (or a progress bar), errors, journal."""
-
-    def __init__(self, opts, total, journal, stats):
-        self.opts, self.total, self.journal, self.stats = opts, total, journal, stats
-        self.progress = sys.stderr.isatty() and total >= PROGRESS_MIN and not opts.verbose
-        self.lines = bool(opts.send) and not (self.progress and sys.stdout.isatty())
-
-    def __call__(self, res):
-        self.stats.add(res)
-        self.journal.write(res)
-        if res.report and (self.lines or (res.status != "sent" and self.opts.send)):
-            say("\n".join(res.report).replace("{elapsed}", "%.3f" % res.duration))
-        for line in res.errors:
-            warn(line)
-        if self.progress:
-            self.bar()
-
-    def bar(self):
-        done = self.stats.sent + self.stats.failed
-        width = 30
-        filled = int(width * done / self.total) if self.total else width
-        sys.stderr.write("\r[%s%s] %d/%d, %d failed " % ("#" * filled, "." * (width - filled),
-                                                          done, self.total, self.stats.failed))
-        if done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-def run_batch(opts):
+def run_batch(settings, reporter):
     """Build (and send) every work item; print the report and summary; return the exit code."""
-    items = work_items(opts)
-    if opts.resume:
-        done = already_sent(opts.results)
-        skipped = [i for i in items if i in done]
-        items = [i for i in items if i not in done]
-        if skipped:
-            warn("--resume: %d message(s) already sent according to %s, skipped"
-                 % (len(skipped), opts.results))
-    backend = make_backend(opts) or FileOutput(opts)  # settings checked once, before forking
-    journal, stats = Journal(opts.results), Stats(len(items), "sent" if opts.send else "written")
-    emit = Printer(opts, len(items), journal, stats)
-    single = len(items) == 1 and not opts.results
-    try:
-        with Stop(batch=len(items) > 1) as stop:
-            if opts.jobs > 1 and len(items) > 1:
-                run_parallel(opts, backend, items, emit, stop, opts.jobs)
-            else:
-                run_sequential(opts, backend, items, emit, stop)
-    finally:
-        journal.close()
-    if not single:
-        (say if opts.send else warn)(stats.summary())
+    import mmap
+    items = work_items(settings, reporter)
+    keystore = keystore_of(settings, reporter)
+    backend, extra = make_backend(settings, reporter), extra_header(settings)
+    build = lambda item: build_job(item, settings, keystore, extra)  # noqa: E731
+    stats = Stats(len(items), "sent" if settings.send else "written")
+    halt = mmap.mmap(-1, 1)  # shared with forked workers: non-zero = take no new message
+    with Stop(halt, reporter.warn, batch=len(items) > 1) as stop:
+        if settings.jobs > 1 and len(items) > 1:
+            run_parallel(settings, backend, build, items, reporter, stats, halt)
+        else:
+            recorder = Recorder(settings, reporter, stats, lambda: halt.__setitem__(0, 1))
+            try:
+                work(settings, backend, prefetch(build, items), recorder, lambda: halt[0])
+            finally:
+                backend.close()
+                recorder.close()
+    if len(items) != 1 or settings.results:
+        (reporter.say if settings.send else reporter.warn)(stats.summary())
     if stop.requested:
         return 130
     if stats.sent + stats.failed < stats.total and not stats.code:
@@ -3887,39 +4011,133 @@ def run_batch(opts):
     return stats.code
 
 
+def run_parallel(settings, backend, build, items, reporter, stats, halt):
+    """Handle the items in settings.jobs forked worker processes.
+
+    Worker k takes items k, k + jobs, ... (no task queue to lock per message).
+    Each worker prints its own report lines and journal rows as it goes, one
+    write per message so that lines never mix, and sends its counts up its
+    Channel at the end; only a progress bar (drawn here) needs every Result
+    sent up.  Imports, keys and the CA store are loaded before forking.
+    """
+    import gc
+    import select
+    import signal
+    preload(backend, build, items[0])
+    gc.freeze()  # the workers inherit these objects: keep their pages shared, unscanned
+    sys.stdout.flush()
+    sys.stderr.flush()
+    channels, jobs = {}, settings.jobs
+    recorder = Recorder(settings, reporter, stats, lambda: halt.__setitem__(0, 1))
+    try:
+        for k in range(jobs):
+            reader, writer = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(reader)
+                for fd in channels:
+                    os.close(fd)
+                os._exit(worker_process(settings, backend, build, items[k::jobs], reporter,
+                                        Stats(stats.total, stats.done), Channel(writer), halt))
+            os.close(writer)  # the child holds its own copy: EOF means the worker has ended
+            channels[reader] = Channel(reader, pid)
+        poller = select.poll()
+        for fd in channels:
+            poller.register(fd, select.POLLIN)
+        while channels:
+            for fd, _ in poller.poll():
+                chunk, channel = os.read(fd, 65536), channels[fd]
+                for message in channel.receive(chunk):
+                    channel.counted |= collect(message, recorder, stats, halt)
+                if not chunk:
+                    poller.unregister(fd)
+                    os.close(fd)
+                    del channels[fd]
+                    reap(channel, reporter)
+    finally:
+        for channel in channels.values():  # a second Ctrl-C: stop the workers too
+            os.kill(channel.pid, signal.SIGTERM)
+            os.waitpid(channel.pid, 0)
+        recorder.close()
+
+
+def preload(backend, build, item):
+    """Build *item* once here so that forked workers inherit what it loaded.
+
+    The first message of a process pays for lazy imports and for reading and
+    checking the keys (~60 ms), the first SMTP session for smtplib, ssl and the
+    CA store: paid once before forking instead of once per worker.  Any error
+    is left for the worker that meets it to report.
+    """
+    try:
+        build(item)
+        if hasattr(backend, "preload"):
+            backend.preload()
+    except Exception:  # noqa: BLE001 - a warm-up only: the worker reports it properly
+        pass
+
+
+def collect(message, recorder, stats, halt):
+    """Act on one message from a worker; return True if it carried the worker's counts."""
+    kind = message[0]
+    if kind == "result":
+        res = Result(*message[1])
+        recorder.show(res)
+        if res.halt:
+            halt[0] = 1
+    elif kind == "counts":
+        stats.merge(*message[1:])
+        return True
+    return False
+
+
+def reap(channel, reporter):
+    """Wait for an ended worker; warn if its counts never came."""
+    os.waitpid(channel.pid, 0)
+    if not channel.counted:
+        reporter.warn("a worker process (pid %d) ended without reporting its counts: the "
+                      "summary misses the messages it handled (--results FILE lists them)"
+                      % channel.pid)
+
+
+def worker_process(settings, backend, build, items, reporter, stats, channel, halt):
+    """Run a forked worker; return its exit status (never return into the parent's code).
+
+    Prints through its own Recorder unless the parent draws a progress bar: then
+    each Result goes up *channel* instead.  Its counts go up last, always.
+    """
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; in-flight work finishes
+    recorder = None
+    try:
+        recorder = Recorder(settings, reporter, stats, lambda: halt.__setitem__(0, 1))
+        if recorder.progress:
+            recorder.forward = lambda res: channel.send(("result", tuple(res)))
+        work(settings, backend, prefetch(build, items), recorder, lambda: halt[0])
+        return EX_OK
+    except OutputError as exc:  # the journal or archive could not even be opened
+        reporter.warn(str(exc))
+        stats.fault(exc.exit_code)
+        halt[0] = 1
+        return exc.exit_code
+    except BaseException as exc:  # noqa: BLE001 - a bug: say so, and let the parent count
+        reporter.warn("internal error in a worker process: %s: %s" % (type(exc).__name__, exc))
+        return EX_SOFTWARE
+    finally:
+        backend.close()
+        if recorder is not None:
+            recorder.close()
+        channel.send(("counts",) + stats.counts())
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
-
-class Options(NamedTuple):
-    """What the command line asked for, checked and frozen."""
-    inputs: tuple
-    sign_mode: str = ""          #: "", "opaque" or "detached"
-    encrypt: bool = False
-    cipher: str = "aes256"
-    keys: tuple = ()
-    output: str = ""
-    send: str = ""               #: "", "smtp" or "api"
-    track: bool = False
-    campaign: str = "sparkpost-SMIME"
-    mail_from: str = ""
-    headers: tuple = ()          #: extra outer header lines, CRLF-terminated bytes
-    env_files: tuple = ()
-    dry_run: bool = False
-    verbose: bool = False
-    retries: int = 3
-    harvest: bool = False
-    verify: bool = False
-    decrypt: bool = False
-    ca: str = ""
-    jobs: int = 1
-    repeat: int = 1
-    results: str = ""
-    resume: bool = False
-    archive: str = ""
-    retry_delay: float = 1.0
-    debug: bool = False
-
 
 def build_parser():
     """Return the argparse parser; its errors raise UsageError (exit 64, never 2)."""
@@ -4031,7 +4249,10 @@ def parse_header_option(text):
 
 
 def parse_args(argv):
-    """Return frozen Options from *argv*.  Raises UsageError."""
+    """Return the Settings the command line *argv* asks for (environment not read yet).
+
+    Raises UsageError (64) for unknown, missing or conflicting options.
+    """
     ns = build_parser().parse_args(argv)
     sign_mode = "opaque" if ns.sign else "detached" if ns.sign_detached else ""
     send = "smtp" if ns.send_smtp else "api" if ns.send_api else ""
@@ -4067,7 +4288,7 @@ def parse_args(argv):
         raise UsageError("--archive keeps sent messages: use it with --send_smtp or --send_api")
     if ns.dry_run and (ns.results or ns.archive or not send):
         raise UsageError("--dry_run goes with a send option, without --results or --archive")
-    return Options(inputs=tuple(ns.inputs), sign_mode=sign_mode, encrypt=ns.encrypt,
+    return Settings(inputs=tuple(ns.inputs), sign_mode=sign_mode, encrypt=ns.encrypt,
                    cipher=ns.cipher, keys=tuple(ns.keys), output=ns.output, send=send,
                    track=ns.track, campaign=ns.campaign, mail_from=ns.mail_from,
                    headers=tuple(parse_header_option(h) for h in ns.header),
@@ -4075,113 +4296,49 @@ def parse_args(argv):
                    retries=ns.retries, harvest=ns.harvest, verify=ns.verify,
                    decrypt=ns.decrypt, ca=ns.ca, jobs=ns.jobs,
                    repeat=ns.repeat, results=ns.results, resume=ns.resume, archive=ns.archive,
-                   retry_delay=ns.retry_delay, debug=ns.debug)
+                   retry_delay=ns.retry_delay)
 
 
-def make_backend(opts):
-    """Return the delivery back end the options ask for, or None (write files)."""
-    if not opts.send:
-        return None
-    log = transcript if opts.verbose else None
-    if opts.send == "smtp":
-        settings = SmtpSettings.from_env()
-        if not settings.verify:
-            warn("TLS certificate verification is OFF (SMTP_TLS_VERIFY=0): anyone on the path "
-                 "can intercept the connection and the credentials")
-        backend = SmtpDelivery(settings, log)
-    else:
-        backend = ApiDelivery(ApiSettings.from_env(), opts, log)
-    return DryRun(backend) if opts.dry_run else backend
+def keystore_of(settings, reporter):
+    """Return the Keystore of a run: its key directories, password and validated-keys list."""
+    return Keystore(settings.key_dirs, settings.key_password,
+                    os.path.join(settings.cache_dir, "validated-keys"), reporter.warn)
 
 
-def make_job(path, opts, backend=None):
-    """Read, check and build one message; return its Job."""
-    msg = parse_message(read_input(path), path)
-    signer, recipients = find_identities(msg, opts)
-    extra = b"".join(opts.headers)
-    smtp = getattr(backend, "backend", backend)
-    if isinstance(smtp, SmtpDelivery) and smtp.settings.sparkpost:
-        extra += sparkpost_smtp_header(opts, bool(opts.sign_mode))
-    data = build_smime(msg, opts, signer, recipients, extra)
-    if opts.send == "api":
-        check_for_api(msg, data, opts)
-    return Job(path, data, opts.mail_from or msg.sender, msg.recipients, msg)
-
-
-def check_for_api(msg, data, opts):
-    """Refuse a message SparkPost's API would refuse; warn about headers it would change.
-
-    Raises MessageError for content over MAX_RFC822 octets.  SparkPost substitutes
-    {{...}} in the top-level header whatever perform_substitutions says.
-    """
-    if len(data) > MAX_RFC822:
-        raise MessageError("%s: the built message is %d octets; SparkPost's API accepts at "
-                           "most %d (20 MB) of RFC 822 content: send it with --send_smtp"
-                           % (msg.source, len(data), MAX_RFC822))
-    if opts.sign_mode or opts.encrypt:
-        for f in msg.outer:
-            if b"{{" in f.raw and f.name != "bcc":
-                warn_once("substitution", "%s: the %s header holds '{{': SparkPost "
-                          "substitutes {{...}} in the outer header of every message, signed "
-                          "or not (warned once)"
-                          % (msg.source, f.raw.split(b":", 1)[0].decode("ascii")))
-
-
-def output_path(opts, path, copy=0):
-    """Return where the message built from *path* goes ('' = stdout).
-
-    With -o DIR: DIR/<input name>, or DIR/<name>.<copy>.eml for --repeat copies.
-    """
-    if opts.output and os.path.isdir(opts.output):
-        name = "stdin.eml" if path == "-" else os.path.basename(path)
-        if opts.repeat > 1:
-            name = "%s.%d.eml" % (name[:-4] if name.endswith(".eml") else name, copy)
-        return os.path.join(opts.output, name)
-    return opts.output
-
-
-def write_output(data, target):
-    """Write *data* to file *target*, or to stdout when it is ''."""
-    if not target:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        return
-    try:
-        with open(target, "wb") as fh:
-            fh.write(data)
-    except OSError as exc:
-        raise ConfigError("%s: cannot write output: %s" % (target, exc.strerror or exc))
-
-
-def receive_all(opts):
+def receive_all(settings, reporter):
     """Run --verify or --decrypt over every input; print one line each; return the exit code.
 
     With several inputs each line starts with the input's name.  A message that
     passes is written to -o (the outer header, then the recovered entity).
     """
-    mode = "verify" if opts.verify else "decrypt"
-    dirs, paths = key_dirs(opts.keys), expand_inputs(opts.inputs)
-    roots = once(lambda: trust_store(opts.ca or env_text("SMIME_CA_FILE")))
-    code = EX_OK
+    mode = "verify" if settings.verify else "decrypt"
+    keystore, paths = keystore_of(settings, reporter), expand_inputs(settings.inputs)
+    roots = once(lambda: trust_store(settings.ca_file))
+    stats = Stats(len(paths), "passed")
     for path in paths:
         try:
-            received = receive(read_input(path), path, dirs, roots, mode)
+            received = receive(read_input(path), path, keystore, roots, mode)
         except (InputError, IdentityError) as exc:
             received = Received(path)
             received.problem, received.code = str(exc), exc.exit_code
-        say(("%s: " % path if len(paths) > 1 else "") + received.report(mode))
-        if opts.verbose:
+        reporter.say(("%s: " % path if len(paths) > 1 else "") + received.report(mode))
+        if settings.verbose:
             for line in received.details():
-                transcript("  " + line)
+                reporter.transcript("  " + line)
         for line in received.warnings:
-            warn("%s: %s" % (path, line))
+            reporter.warn("%s: %s" % (path, line))
         if received.problem:
             problem = received.problem
-            warn(problem if problem.startswith(path + ":") else "%s: %s" % (path, problem))
-        elif opts.output:
-            write_output(received.output, output_path(opts, path))
-        code = code or received.code
-    return code
+            reporter.warn(problem if problem.startswith(path + ":") else "%s: %s" % (path,
+                                                                                    problem))
+            stats.fault(received.code)
+        elif settings.output:
+            try:
+                write_atomically(output_path(settings, path), received.output)
+            except OutputError as exc:
+                reporter.warn(str(exc))
+                stats.fault(exc.exit_code)
+    return stats.code
 
 
 def once(load):
@@ -4195,54 +4352,70 @@ def once(load):
     return get
 
 
-def harvest_all(opts):
+def harvest_all(settings, reporter):
     """Run --harvest over every input; print one line each; return the exit code."""
-    dirs = key_dirs(opts.keys)
-    os.makedirs(dirs[0], exist_ok=True)
-    roots = trust_store(opts.ca or env_text("SMIME_CA_FILE"))
-    code = EX_OK
-    for path in expand_inputs(opts.inputs):
+    keystore = keystore_of(settings, reporter)
+    try:
+        os.makedirs(keystore.dirs[0], exist_ok=True)
+    except OSError as exc:
+        raise OutputError("%s: cannot create the key directory: %s"
+                          % (keystore.dirs[0], exc.strerror or exc), EX_CANTCREAT)
+    roots = trust_store(settings.ca_file)
+    stats = Stats(0)
+    for path in expand_inputs(settings.inputs):
         try:
-            found = save_harvested(harvest(path, dirs, roots), dirs[0])
+            found = save_harvested(harvest(path, keystore, roots), keystore.dirs[0])
         except (MessageError, InputError, IdentityError) as exc:
-            say("refused %s: %s" % (path, str(exc).split(": ", 1)[-1]))
-            warn(str(exc))
-            code = code or exc.exit_code
+            reporter.say("refused %s: %s" % (path, str(exc).split(": ", 1)[-1]))
+            reporter.warn(str(exc))
+            stats.fault(exc.exit_code)
             continue
-        say("%s %s: issuer %s, valid until %s -> %s" % (
+        except OutputError as exc:  # the key directory is full or read-only: stop here
+            reporter.warn(str(exc))
+            stats.fault(exc.exit_code)
+            break
+        reporter.say("%s %s: issuer %s, valid until %s -> %s" % (
             found.note, found.address, found.cert.issuer.rfc4514_string(),
             found.cert.not_valid_after_utc.strftime("%Y-%m-%d"), found.path))
-    return code
+    return stats.code
 
 
-def run(opts):
-    """Load settings, then write or send every input; return the exit code."""
-    load_env_files(opts.env_files)
-    if opts.harvest:
-        return harvest_all(opts)
-    if opts.verify or opts.decrypt:
-        return receive_all(opts)
-    return run_batch(opts)
+def run(settings, reporter):
+    """Write, send, verify, decrypt or harvest every input; return the exit code."""
+    for secret in settings.secrets():
+        reporter.secret(secret)
+    for notice in settings.notices:
+        reporter.warn(notice)
+    if settings.harvest:
+        return harvest_all(settings, reporter)
+    if settings.verify or settings.decrypt:
+        return receive_all(settings, reporter)
+    return run_batch(settings, reporter)
 
 
-def main(argv=None):
-    """Run the command line; return the exit code (errors are one line on stderr)."""
+def main(argv=None, environ=None):
+    """Run the command line; return the exit code (errors are one line on stderr).
+
+    The one place that turns errors into a line and an exit code.
+    """
     argv = sys.argv[1:] if argv is None else argv
+    reporter = Reporter()
     try:
-        return run(parse_args(argv))
+        return run(load_settings(argv, os.environ if environ is None else environ), reporter)
     except SmimeToolError as exc:
-        warn(str(exc))
+        reporter.warn(str(exc))
         return exc.exit_code
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EX_OK
     except KeyboardInterrupt:
-        warn("interrupted")
+        reporter.warn("interrupted")
         return 130
     except Exception as exc:  # a bug: say so in one line unless --debug
         if "--debug" in argv:
             raise
-        warn("internal error: %s: %s (run with --debug for details)" % (type(exc).__name__, exc))
+        reporter.warn("internal error: %s: %s (run with --debug for details)"
+                      % (type(exc).__name__, exc))
         return EX_SOFTWARE
 
 

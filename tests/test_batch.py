@@ -146,11 +146,9 @@ def test_drops_at_end_of_data_are_retried_without_duplicates(smtp, pki, tmp_path
     assert numbers == list(range(40))  # each message exactly once
     rows = journal(results)
     assert len(rows) == 40 and all(r["status"] == "sent" for r in rows)
-    retried = sum(r["attempts"] > 1 for r in rows)
-    if smtp.handler.pipelining:  # the next message's envelope was in flight too
-        assert smtp.handler.dropped <= retried <= 2 * smtp.handler.dropped
-    else:
-        assert retried == smtp.handler.dropped
+    # each drop costs the message in DATA one attempt; a next message whose envelope was
+    # in flight behind its dot is sent again on the new connection, as not yet tried
+    assert sum(r["attempts"] - 1 for r in rows) == smtp.handler.dropped
     assert "retrying in" in proc.stderr.decode()
     assert summary(proc)[:2] == [40, 0]
     kept = sorted(os.listdir(archive / "new"))
@@ -308,6 +306,8 @@ def test_end_of_data_tempfail_in_a_streamed_batch(smtp, pki, tmp_path):
     assert numbers == list(range(6))
     rows = journal(results)
     assert len(rows) == 6 and all(r["status"] == "sent" for r in rows)
+    # a message waiting for its retry does not hold the others up: rows come as they end
+    rows.sort(key=lambda r: r["input"])
     assert [r["attempts"] for r in rows] == [1, 1, 2, 2, 1, 1]
     assert proc.stderr.decode().count("451 4.3.0") == 2
 

@@ -330,14 +330,15 @@ def test_reconnect_never_inherits_tls_state(server, pki):
     import sparkpostSMIME as tool
     plain = SmtpServer(users={USER: PASSWORD}, auth_require_tls=False)
     try:
-        settings = tool.SmtpSettings("localhost", server.port, USER, PASSWORD,
-                                     cafile=pki.cafile, timeout=10)
-        delivery = tool.SmtpDelivery(settings)
-        assert delivery.open().startswith("Opened SMTP connection (STARTTLS)")
-        delivery.close()
-        delivery.settings = settings._replace(port=plain.port)
+        smtp = tool.SmtpSettings("localhost", server.port, USER, PASSWORD,
+                                 cafile=pki.cafile, timeout=10)
+        settings = tool.Settings(inputs=("x.eml",), send="smtp", smtp=smtp)
+        backend = tool.SmtpBackend(settings, tool.Reporter())
+        assert backend.open().startswith("Opened SMTP connection (STARTTLS)")
+        backend.close()
+        backend.settings = settings._replace(smtp=smtp._replace(port=plain.port))
         with pytest.raises(tool.ConfigError, match="unencrypted"):
-            delivery.open()
+            backend.open()
         assert plain.handler.auth_seen == []
     finally:
         plain.stop()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import engines
 import sparkpostSMIME as tool
-from conftest import run_tool
+from conftest import CACHE, run_tool
 from corpus import CORPUS
 
 PASSTHROUGH = tool.parse_args(["x.eml"])
@@ -27,7 +27,8 @@ def build_or_refuse(data, opts=PASSTHROUGH, pki=None):
         msg = tool.parse_message(data, "fuzz.eml")
         signer, recipients = (None, [])
         if pki is not None:
-            signer, recipients = tool.find_identities(msg, opts)
+            keystore = tool.Keystore([pki.keys], validated=os.path.join(CACHE, "v"))
+            signer, recipients = tool.find_identities(msg, opts, keystore)
         out = tool.build_smime(msg, opts, signer, recipients)
     except tool.SmimeToolError as exc:
         assert str(exc) and "\n" not in str(exc)

@@ -13,7 +13,6 @@ Postfix's smtp-sink on 127.0.0.1, started and stopped by this script.
 
 import argparse
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -125,23 +124,26 @@ class Sink:
 CRYPTO_FLOOR = r"""
 import sys, time, multiprocessing
 sys.path.insert(0, %(root)r)
+import os
 import sparkpostSMIME as s
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
-signer = s.load_signer("steve@thetucks.com", [%(keys)r])
-rcpt = s.load_recipient("steve.tuck@sparkpost.com", [%(keys)r])
+settings = s.load_settings([%(msg)r, "--sign_detached", "--encrypt", "--keys", %(keys)r],
+                           os.environ)
+keys = s.keystore_of(settings, s.Reporter())
+signer = keys.signer("steve@thetucks.com")
+rcpt = keys.recipient("steve.tuck@sparkpost.com")
 data = open(%(msg)r, "rb").read()
 N = %(n)d
 
-opts = s.parse_args([%(msg)r, "--sign_detached", "--encrypt", "--keys", %(keys)r])
-s.make_job(%(msg)r, opts)  # load the keys once, as a batch worker does
+s.build_job((%(msg)r, 0), settings, keys)  # load the keys once, as a batch worker does
 
 
 def build(_):
     # the tool's own sign + encrypt path: parse, canonicalise, sign, encrypt, MIME
     for _ in range(N // 2):
-        s.make_job(%(msg)r, opts)
+        s.build_job((%(msg)r, 0), settings, keys)
 
 
 def work(_):
@@ -170,7 +172,7 @@ def crypto_floor(n):
     """Return (raw, build) messages per second in two processes, keys preloaded.
 
     raw: cryptography's PKCS#7 sign + encrypt calls alone on the 19 KB message;
-    build: the tool's whole sign + encrypt path (make_job) without delivery.
+    build: the tool's whole sign + encrypt path (build_job) without delivery.
     """
     code = CRYPTO_FLOOR % {"root": ROOT, "keys": KEYS, "msg": SMALL, "n": n}
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True)
@@ -181,12 +183,15 @@ def crypto_floor(n):
 FLOOR_ONE_CORE = r"""
 import sys, time
 sys.path.insert(0, %(root)r)
+import os
 import sparkpostSMIME as s
-opts = s.parse_args([%(msg)r, "--sign_detached", "--encrypt", "--keys", %(keys)r])
-s.make_job(%(msg)r, opts)  # keys loaded, imports done
+settings = s.load_settings([%(msg)r, "--sign_detached", "--encrypt", "--keys", %(keys)r],
+                           os.environ)
+keys = s.keystore_of(settings, s.Reporter())
+s.build_job((%(msg)r, 0), settings, keys)  # keys loaded, imports done
 start = time.perf_counter()
 for _ in range(%(n)d):
-    s.make_job(%(msg)r, opts)
+    s.build_job((%(msg)r, 0), settings, keys)
 print(%(n)d / (time.perf_counter() - start))
 """
 
@@ -258,8 +263,8 @@ sys.path.insert(0, %(root)r)
 import sparkpostSMIME as s
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
-rcpts = [s.load_recipient(a, [%(keys)r]) for a in ("steve.tuck@sparkpost.com",
-                                                   "steve@thetucks.com")]
+keys = s.Keystore([%(keys)r])
+rcpts = [keys.recipient(a) for a in ("steve.tuck@sparkpost.com", "steve@thetucks.com")]
 
 
 def builder(content):
