@@ -114,7 +114,21 @@ class Recorder:
         return "250 2.0.0 Ok: queued as Q%05d" % len(self.messages)
 
 
-class SmtpServer:
+class StopOnExit:
+    """``with Server(...) as srv:`` gives the running server and stops it on leaving the block.
+
+    Only stop() is called: what the server recorded (srv.messages, srv.requests, ...)
+    stays readable after the block.
+    """
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+class SmtpServer(StopOnExit):
     """A running aiosmtpd on 127.0.0.1 with optional STARTTLS, implicit TLS and AUTH."""
 
     def __init__(self, ctx=None, implicit_tls=False, users=None, auth_require_tls=True,
@@ -149,7 +163,7 @@ class SmtpServer:
         self.controller.stop()
 
 
-class SilentServer:
+class SilentServer(StopOnExit):
     """Accepts TCP connections and never says a word (for timeouts)."""
 
     def __init__(self):
@@ -175,7 +189,7 @@ class SilentServer:
             c.close()
 
 
-class ApiServer:
+class ApiServer(StopOnExit):
     """A local HTTP server standing in for SparkPost's transmissions API.
 
     Records every request; answers from *responses* (status, headers, body dict) in

@@ -23,9 +23,8 @@ SUMMARY = re.compile(r"Summary: (\d+) sent, (\d+) failed(?:, (\d+) not sent)? in
 @pytest.fixture(params=[True, False], ids=["pipelining", "no-pipelining"])
 def smtp(request):
     """aiosmtpd, offering PIPELINING (the tool streams messages back to back) or not."""
-    srv = SmtpServer(pipelining=request.param)
-    yield srv
-    srv.stop()
+    with SmtpServer(pipelining=request.param) as srv:
+        yield srv
 
 
 def inbox(tmp_path, count, raw=CORPUS["plain-ascii"]):
@@ -82,15 +81,12 @@ def test_connection_reused_for_100_messages(smtp, pki, tmp_path):
 
 
 def test_api_batch_keeps_one_session_per_worker(pki, tmp_path):
-    api = ApiServer()
-    try:
+    with ApiServer() as api:
         d = inbox(tmp_path, 4)
         proc = run_tool([str(d), "--keys", pki.keys, "--sign", "--send_api", "--jobs", "2",
                          "--repeat", "2"],
                         env={"SPARKPOST_API_KEY": engines.plant_secret("batch-api-key-TEST-0001"),
                              "SPARKPOST_HOST": api.url})
-    finally:
-        api.stop()
     assert proc.returncode == 0, proc.stderr
     assert summary(proc)[:2] == [8, 0]
     assert len(api.requests) == 8
@@ -227,14 +223,11 @@ def test_ctrl_c_finishes_in_flight_and_prints_summary(smtp, pki, tmp_path, jobs)
 
 
 def test_config_failure_stops_the_batch(pki, tmp_path):
-    srv = SmtpServer(users={"u": "p-TEST-pw"}, auth_require_tls=False)
-    engines.plant_secret("p-TEST-pw")
-    try:
+    with SmtpServer(users={"u": "p-TEST-pw"}, auth_require_tls=False) as srv:
+        engines.plant_secret("p-TEST-pw")
         d = inbox(tmp_path, 5)
         proc = run_tool([str(d), "--keys", pki.keys, "--send_smtp"],
                         env=dict(smtp_env(srv), SMTP_USER="u", SMTP_PASSWORD="p-TEST-pw"))
-    finally:
-        srv.stop()
     assert proc.returncode == 78
     assert srv.messages == [] and proc.stderr.decode().count("refusing to send") == 1
 
@@ -253,12 +246,9 @@ def test_messages_stream_behind_each_other(pki, tmp_path):
     """With PIPELINING, a message's final dot and the next MAIL/RCPT/DATA share one group
     (RFC 2920 3.1): the transcript shows them sent before the end-of-DATA reply."""
     for pipelining in (True, False):
-        srv = SmtpServer(pipelining=pipelining)
-        try:
+        with SmtpServer(pipelining=pipelining) as srv:
             proc = run_tool([str(inbox(tmp_path, 3)), "--keys", pki.keys, "--send_smtp", "-v"],
                             env=smtp_env(srv))
-        finally:
-            srv.stop()
         assert proc.returncode == 0, proc.stderr
         assert len(srv.messages) == 3
         err = proc.stderr.decode()
@@ -338,14 +328,11 @@ def test_parallel_workers_print_whole_lines_and_journal(smtp, pki, tmp_path):
 
 
 def test_parallel_config_failure_stops_every_worker(pki, tmp_path):
-    srv = SmtpServer(users={"u": "p-TEST-pw"}, auth_require_tls=False)
-    engines.plant_secret("p-TEST-pw")
-    try:
+    with SmtpServer(users={"u": "p-TEST-pw"}, auth_require_tls=False) as srv:
+        engines.plant_secret("p-TEST-pw")
         proc = run_tool([str(inbox(tmp_path, 40)), "--keys", pki.keys, "--send_smtp",
                          "--jobs", "2"],
                         env=dict(smtp_env(srv), SMTP_USER="u", SMTP_PASSWORD="p-TEST-pw"))
-    finally:
-        srv.stop()
     assert proc.returncode == 78
     assert srv.messages == []
     assert 1 <= proc.stderr.decode().count("refusing to send") <= 2  # at most once per worker

@@ -17,9 +17,8 @@ RCPTS = ["bob@example.org", "carol@example.net", "erin@example.org", "dave@examp
 
 @pytest.fixture
 def api():
-    srv = ApiServer()
-    yield srv
-    srv.stop()
+    with ApiServer() as srv:
+        yield srv
 
 
 def send(tmp_path, pki, api, flags=("--sign", "--encrypt"), **env):

@@ -19,9 +19,8 @@ RCPTS = ["bob@example.org", "carol@example.net", "erin@example.org", "dave@examp
 
 @pytest.fixture
 def server(tls_ctx):
-    srv = SmtpServer(tls_ctx, users={USER: PASSWORD})
-    yield srv
-    srv.stop()
+    with SmtpServer(tls_ctx, users={USER: PASSWORD}) as srv:
+        yield srv
 
 
 def env_for(srv, pki, **extra):
@@ -65,11 +64,8 @@ def test_starttls_auth_send_report_and_envelope(server, pki, tmp_path, openssl):
 @pytest.mark.parametrize("mechanism", ["LOGIN", "PLAIN"])
 def test_auth_mechanisms_and_redacted_transcript(tls_ctx, pki, tmp_path, mechanism):
     other = {"LOGIN": ["PLAIN"], "PLAIN": ["LOGIN"]}[mechanism]
-    srv = SmtpServer(tls_ctx, users={USER: PASSWORD}, exclude_mechanisms=other)
-    try:
+    with SmtpServer(tls_ctx, users={USER: PASSWORD}, exclude_mechanisms=other) as srv:
         proc = send(tmp_path, pki, env_for(srv, pki), ["--sign_detached", "-v"])
-    finally:
-        srv.stop()
     assert proc.returncode == 0, proc.stderr
     assert srv.handler.auth_seen == [(mechanism, USER)]
     err = proc.stderr.decode()
@@ -83,34 +79,26 @@ def test_auth_mechanisms_and_redacted_transcript(tls_ctx, pki, tmp_path, mechani
 
 def test_implicit_tls(tls_ctx, pki, tmp_path):
     # aiosmtpd only counts STARTTLS as TLS for AUTH; this connection is TLS from the start
-    srv = SmtpServer(tls_ctx, implicit_tls=True, users={USER: PASSWORD}, auth_require_tls=False)
-    try:
+    with SmtpServer(tls_ctx, implicit_tls=True, users={USER: PASSWORD},
+                    auth_require_tls=False) as srv:
         proc = send(tmp_path, pki, env_for(srv, pki, SMTP_TLS="tls"), ["--encrypt"])
-    finally:
-        srv.stop()
     assert proc.returncode == 0, proc.stderr
     assert "Opened SMTP connection (TLS) to localhost" in proc.stdout.decode()
     assert len(srv.messages) == 1
 
 
 def test_plain_internal_mta_without_credentials(pki, tmp_path):
-    srv = SmtpServer()
-    try:
+    with SmtpServer() as srv:
         proc = send(tmp_path, pki, env_for(srv, pki, SMTP_USER=None, SMTP_PASSWORD=None,
                                            SMTP_HOST="127.0.0.1"))
-    finally:
-        srv.stop()
     assert proc.returncode == 0, proc.stderr
     assert lines(proc)[0] == "Opened SMTP connection (plain) to 127.0.0.1, port %d" % srv.port
     assert len(srv.messages) == 1
 
 
 def test_credentials_never_sent_in_clear(pki, tmp_path):
-    srv = SmtpServer(users={USER: PASSWORD}, auth_require_tls=False)  # offers AUTH in clear
-    try:
+    with SmtpServer(users={USER: PASSWORD}, auth_require_tls=False) as srv:  # offers AUTH in clear
         proc = send(tmp_path, pki, env_for(srv, pki))
-    finally:
-        srv.stop()
     assert proc.returncode == 78
     assert "refusing to send SMTP_USER/SMTP_PASSWORD over an unencrypted" in proc.stderr.decode()
     assert srv.handler.auth_seen == [] and srv.messages == []
@@ -162,24 +150,18 @@ def test_bad_password_exit_77(server, pki, tmp_path):
 
 
 def test_starttls_required_but_not_offered(pki, tmp_path):
-    srv = SmtpServer()
-    try:
+    with SmtpServer() as srv:
         proc = send(tmp_path, pki, env_for(srv, pki, SMTP_USER=None, SMTP_PASSWORD=None,
                                            SMTP_TLS="starttls"))
-    finally:
-        srv.stop()
     assert proc.returncode == 78 and "does not offer STARTTLS" in proc.stderr.decode()
 
 
 def test_connection_refused_and_silent_server(pki, tmp_path):
     proc = send(tmp_path, pki, {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(free_port())})
     assert proc.returncode == 75 and "cannot connect to 127.0.0.1" in proc.stderr.decode()
-    silent = SilentServer()
-    try:
+    with SilentServer() as silent:
         proc = send(tmp_path, pki, {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(silent.port),
                                     "SMTP_TIMEOUT": "1"})
-    finally:
-        silent.stop()
     assert proc.returncode == 75
     assert "no answer from 127.0.0.1:%d within 1 seconds" % silent.port in proc.stderr.decode()
 
@@ -328,8 +310,7 @@ def test_exposed_private_key_warns(server, pki, tmp_path):
 def test_reconnect_never_inherits_tls_state(server, pki):
     """A session renewed on a connection without STARTTLS must not send credentials."""
     import sparkpostSMIME as tool
-    plain = SmtpServer(users={USER: PASSWORD}, auth_require_tls=False)
-    try:
+    with SmtpServer(users={USER: PASSWORD}, auth_require_tls=False) as plain:
         smtp = tool.SmtpSettings("localhost", server.port, USER, PASSWORD,
                                  cafile=pki.cafile, timeout=10)
         settings = tool.Settings(inputs=("x.eml",), send="smtp", smtp=smtp)
@@ -340,5 +321,3 @@ def test_reconnect_never_inherits_tls_state(server, pki):
         with pytest.raises(tool.ConfigError, match="unencrypted"):
             backend.open()
         assert plain.handler.auth_seen == []
-    finally:
-        plain.stop()

@@ -7,6 +7,7 @@ the signature verifies with OpenSSL, NSS cmsutil and gpgsm, the content equals t
 original's MIME parts, no Bcc header arrived, and each Bcc recipient got a copy.
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -66,12 +67,11 @@ def postfix(pki, tls_ctx, tmp_path_factory):
     servers.server_context(pki.inter, base, name="localhost")  # writes server.crt/key in base
     server = mta.Postfix(base, EVERYONE + [SENDER], os.path.join(base, "server.crt"),
                          os.path.join(base, "server.key"))
-    try:
+    with contextlib.ExitStack() as cleanup:  # on leaving: server.stop(), then the rmtree
+        cleanup.callback(shutil.rmtree, base, ignore_errors=True)
+        cleanup.callback(server.stop)
         server.start()
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def dkim_ok(postfix, data):

@@ -136,15 +136,12 @@ def test_output_directory_summary_says_written(pki, tmp_path):
 def test_host_name_mismatch_names_the_certificate_names(pki, tmp_path):
     """A certificate for mx.example.test (and 127.0.0.1), reached as localhost: exit 78."""
     ctx = server_context(pki.inter, str(tmp_path), name="mx.example.test")
-    srv = SmtpServer(ctx)
-    try:
+    with SmtpServer(ctx) as srv:
         path = tmp_path / "m.eml"
         path.write_bytes(LONE_DOT)
         proc = run_tool([str(path), "--keys", pki.keys, "--send_smtp"],
                         env={"SMTP_HOST": "localhost", "SMTP_PORT": str(srv.port),
                              "SMTP_TLS": "starttls", "SMTP_CAFILE": pki.cafile})
-    finally:
-        srv.stop()
     assert proc.returncode == 78
     err = proc.stderr.decode()
     assert ("TLS certificate of localhost:%d is for another name: it carries mx.example.test, "
@@ -163,9 +160,8 @@ TEMPLATED = (b"From: alice@example.com\nTo: Bob <bob@example.org>\nSubject: Hi {
 
 @pytest.fixture
 def rules_api():
-    srv = ApiServer(rules=True)
-    yield srv
-    srv.stop()
+    with ApiServer(rules=True) as srv:
+        yield srv
 
 
 def send_api(tmp_path, pki, api, flags, data=TEMPLATED, names=("m.eml",)):
@@ -239,11 +235,8 @@ def test_message_over_20_mb_refused_before_any_request(pki, tmp_path, rules_api)
 
 
 def test_sending_limit_420_is_not_retried_and_stops_the_run(pki, tmp_path):
-    srv = ApiServer(rules=True, remaining=1)
-    try:
+    with ApiServer(rules=True, remaining=1) as srv:
         proc = send_api(tmp_path, pki, srv, ["--sign"], names=("a.eml", "b.eml", "c.eml"))
-    finally:
-        srv.stop()
     assert proc.returncode == 75
     assert len(srv.requests) == 2  # one sent, one refused with 420, the third never tried
     err = proc.stderr.decode()
