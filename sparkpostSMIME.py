@@ -48,7 +48,8 @@ Environment:
 
 Exit codes (sysexits.h):
     0 ok, 64 usage, 65 unusable message, 66 input missing or unreadable,
-    69 permanent delivery failure, 70 internal error, 75 temporary failure,
+    69 permanent delivery failure, 70 internal error, 73 an output cannot be
+    created, 74 an output could not be written (full disk), 75 temporary failure,
     77 authentication refused, 78 configuration (setting, key or certificate),
     130 interrupted.
 """
@@ -157,6 +158,14 @@ class DeliveryError(SmimeToolError):
     def __init__(self, text, exit_code=EX_TEMPFAIL):
         super().__init__(text)
         self.exit_code = exit_code
+
+
+class Finished(Exception):
+    """--help or --version has been printed: end with *status* (not an error)."""
+
+    def __init__(self, status=0):
+        super().__init__(status)
+        self.status = status
 
 
 class OutputError(SmimeToolError):
@@ -561,6 +570,7 @@ class Message:
     def __init__(self, source, outer, entity_fields, body):
         self.source, self.outer, self.entity_fields, self.body = source, outer, entity_fields, body
         self.sender, self.to, self.cc, self.bcc = "", [], [], []
+        self.binary = True  #: a part may be declared binary (see declares_binary())
 
     @property
     def recipients(self):
@@ -701,13 +711,15 @@ def parse_message(data, source="-"):
     mbox = _MBOX_FROM.match(data)
     if mbox:
         data = data[mbox.end():]
-    data = message_to_crlf(data)
+    binary = declares_binary(data)
+    data = entity_to_crlf(data) if binary else to_crlf(data)
     fields, body = split_header(data)
     if not fields or b"\x00" in data[:len(data) - len(body)]:
         raise MessageError("%s: not an RFC 5322 message (no header fields)" % source)
     outer = [f for f in fields if not f.name.startswith("content-") and f.name != "mime-version"]
     entity = [f for f in fields if f.name.startswith("content-")]
     msg = Message(source, outer, entity, body)
+    msg.binary = binary
     find_addresses(msg)
     return msg
 
@@ -743,6 +755,9 @@ def parse_addresses(values):
     return getaddresses(values)
 
 
+_SPACE = re.compile(r"\s")
+
+
 def addresses_of(msg, name):
     """Return the lower-cased addresses of every *name* field.  Raises MessageError."""
     values = [f.value.decode("utf-8", "replace") for f in msg.outer if f.name == name]
@@ -750,7 +765,7 @@ def addresses_of(msg, name):
     for display, address in parse_addresses(values):
         if not address and not display:
             continue  # empty group such as "undisclosed-recipients:;"
-        if "@" not in address or any(c.isspace() for c in address):
+        if "@" not in address or _SPACE.search(address):
             raise MessageError("%s: %s address %r is not a valid e-mail address"
                                % (msg.source, name.capitalize(), address or display))
         if not address.isascii():
@@ -827,17 +842,30 @@ def has_lone_dot(data):
 
 
 def has_long_line(data):
-    """True when a line of CRLF *data* exceeds 998 octets (RFC 5322 2.1.1)."""
-    return len(data) > MAX_LINE and max(map(len, data.split(b"\r\n"))) > MAX_LINE
+    """True when a line of CRLF *data* exceeds 998 octets (RFC 5322 2.1.1).
+
+    Such a line is 1,000 octets without a LF (its text and its CR): the search
+    jumps from the last LF of one 1,000-octet window to the next window, with
+    memrchr, instead of cutting every line out (4 times faster on 19 KB).
+    """
+    size, start = len(data), 0
+    while size - start > MAX_LINE + 1:
+        found = data.rfind(b"\n", start, start + MAX_LINE + 2)
+        if found < 0:
+            return True
+        start = found + 1
+    return (size - start > MAX_LINE and data.find(b"\n", start) < 0
+            and not data.endswith(b"\r"))
 
 
-def canonical_entity(fields, body):
+def canonical_entity(fields, body, binary=True):
     """Return the canonical bytes (header, empty line, body) of one MIME entity.
 
-    *fields* are the entity's Field objects; *body* is CRLF.  Raises MessageError.
+    *fields* are the entity's Field objects; *body* is CRLF; *binary*: False when
+    the message is known to declare no binary part.  Raises MessageError.
     """
     if (not is_transport_safe(body) or transfer_encoding(fields) == b"binary"
-            or declares_binary(body)):
+            or binary and declares_binary(body)):
         fields, body = canonical_parts(fields, body)
     return b"".join([b"".join(safe_field(f) for f in fields), b"\r\n", body])
 
@@ -1689,7 +1717,7 @@ def canonical_content(msg):
                 pass
         default = Field("content-type", b"Content-Type: text/plain; charset=%s\r\n" % charset)
         fields = [default] + fields
-    return canonical_entity(fields, msg.body)
+    return canonical_entity(fields, msg.body, msg.binary)
 
 
 def signature_hash(key):
@@ -2926,6 +2954,7 @@ class SmtpBackend(Backend):
             smtp = plain(s.host, s.port, local_hostname=helo, timeout=s.timeout, log=log)
         # Commands go out in whole groups already: do not let Nagle hold the last segment
         smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        smtp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         smtp.ehlo()
         return smtp
 
@@ -3665,12 +3694,18 @@ class Journal:
                               EX_CANTCREAT)
 
     def append(self, data):
-        """Write *data* in one write, synced; raise OutputError (74) when it fails."""
+        """Write *data* in one write, synced; raise OutputError (74) when it fails,
+        after cutting the file back to where it was (no half row is left)."""
+        size = os.fstat(self.fd).st_size
         try:
             if os.write(self.fd, data) != len(data):
                 raise OSError(28, "No space left on device")
             os.fsync(self.fd)
         except OSError as exc:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError:
+                pass
             raise OutputError("--results %s: cannot write: %s" % (self.path,
                                                                   exc.strerror or exc))
 
@@ -3970,9 +4005,15 @@ def expand_inputs(paths):
 
 
 def work_items(settings, reporter):
-    """Return [(path, copy)]: every input, --repeat times, less what --resume skips."""
+    """Return [(path, copy)]: every input, --repeat times, less what --resume skips.
+
+    Raises InputError for an input that is missing or an empty directory,
+    UsageError when several messages would be written and -o is no directory.
+    """
     items = [(path, copy) for path in expand_inputs(settings.inputs)
              for copy in range(settings.repeat)]
+    if len(items) > 1:
+        several_outputs(settings)
     if settings.resume:
         done = already_sent(settings.results)
         kept = [i for i in items if i not in done]
@@ -4147,13 +4188,21 @@ def build_parser():
         def error(self, message):
             raise UsageError("%s (see --help)" % message)
 
+        def _print_message(self, message, file=None):  # --help, --version: our stdout
+            if message:
+                write_stdout(message.encode("utf-8", "replace"))
+
+        def exit(self, status=0, message=None):  # after --help or --version
+            raise Finished(status)
+
     width = help_width()  # once: argparse makes a formatter for every add_argument()
     p = Parser(prog="sparkpostSMIME.py",
                formatter_class=lambda prog: argparse.HelpFormatter(prog, width=width),
                description="S/MIME sign and/or encrypt an email, then write or inject it.",
                epilog="Exit codes: 0 ok, 64 usage, 65 unusable message, 66 no input, "
-                      "69 permanent failure, 70 internal, 75 temporary failure, "
-                      "77 authentication refused, 78 configuration.  See README.md.")
+                      "69 permanent failure, 70 internal, 73 cannot create an output, "
+                      "74 output write failed, 75 temporary failure, 77 authentication "
+                      "refused, 78 configuration.  See README.md.")
     p.add_argument("inputs", nargs="+", metavar="EMLFILE",
                    help="RFC 5322 message file; - reads standard input")
     smime = p.add_argument_group("S/MIME")
@@ -4265,10 +4314,9 @@ def parse_args(argv):
         raise UsageError("--harvest saves certificates in the first key directory, not in -o")
     if ns.ca and not reading:
         raise UsageError("--ca is for --verify, --decrypt and --harvest")
-    several = len(ns.inputs) > 1 or ns.repeat > 1 or os.path.isdir(ns.inputs[0])
-    if several and (ns.output or not (send or reading)) and not (
-            ns.output and os.path.isdir(ns.output)):
-        raise UsageError("several inputs need -o DIR (an existing directory) for the outputs")
+    if len(ns.inputs) > 1 or ns.repeat > 1:
+        several_outputs(Settings(tuple(ns.inputs), output=ns.output, send=send,
+                                 verify=bool(reading)))
     if send and ns.output:
         raise UsageError("-o and --send_%s do not go together: the message is sent" % send)
     if ns.track and sign_mode:
@@ -4299,6 +4347,15 @@ def parse_args(argv):
                    retry_delay=ns.retry_delay)
 
 
+def several_outputs(settings):
+    """Check that a run of several messages has somewhere to put them: -o DIR when it
+    writes them, a directory for the recovered messages of --verify/--decrypt -o.
+    Raises UsageError."""
+    if (settings.output or not (settings.send or settings.verify)) and not (
+            settings.output and os.path.isdir(settings.output)):
+        raise UsageError("several inputs need -o DIR (an existing directory) for the outputs")
+
+
 def keystore_of(settings, reporter):
     """Return the Keystore of a run: its key directories, password and validated-keys list."""
     return Keystore(settings.key_dirs, settings.key_password,
@@ -4313,6 +4370,8 @@ def receive_all(settings, reporter):
     """
     mode = "verify" if settings.verify else "decrypt"
     keystore, paths = keystore_of(settings, reporter), expand_inputs(settings.inputs)
+    if len(paths) > 1 and settings.output:
+        several_outputs(settings._replace(verify=True))
     roots = once(lambda: trust_store(settings.ca_file))
     stats = Stats(len(paths), "passed")
     for path in paths:
@@ -4402,6 +4461,8 @@ def main(argv=None, environ=None):
     reporter = Reporter()
     try:
         return run(load_settings(argv, os.environ if environ is None else environ), reporter)
+    except Finished as done:
+        return done.status
     except SmimeToolError as exc:
         reporter.warn(str(exc))
         return exc.exit_code

@@ -215,11 +215,14 @@ def test_usage_errors_exit_64(argv, words):
 
 def test_input_errors(tmp_path, keys):
     refused(run_tool([str(tmp_path / "missing.eml")]), "missing.eml", "cannot read", code=66)
-    refused(run_tool([str(tmp_path)]), "need -o DIR", code=64)  # a directory is a batch
-    (tmp_path / "unreadable.eml").write_bytes(b"From: a@example.com\nTo: b@example.com\n\nx\n")
-    os.chmod(tmp_path / "unreadable.eml", 0)
-    if os.geteuid() != 0:  # root reads everything
-        refused(run_tool([str(tmp_path / "unreadable.eml")]), "cannot read", code=66)
+    refused(run_tool([str(tmp_path)]), "directory holds no .eml files", code=66)
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    for name in ("a.eml", "b.eml"):
+        (batch / name).write_bytes(b"From: a@example.com\nTo: b@example.com\n\nx\n")
+    refused(run_tool([str(batch)]), "need -o DIR", code=64)  # two messages, one stdout
+    os.symlink(tmp_path / "nowhere.eml", tmp_path / "unreadable.eml")  # unreadable, even by root
+    refused(run_tool([str(tmp_path / "unreadable.eml")]), "cannot read", code=66)
     (tmp_path / "empty.eml").write_bytes(b"")
     refused(run_tool([str(tmp_path / "empty.eml")]), "empty", code=65)
     (tmp_path / "bin.eml").write_bytes(b"\x00\x01\x02binary\xff")
