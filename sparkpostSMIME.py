@@ -579,12 +579,21 @@ class Message:
 
 
 def read_input(path):
-    """Return the bytes of *path* ("-" = stdin).  Raises InputError."""
+    """Return the bytes of *path* ("-" = stdin).  Raises InputError.
+
+    Plain os.read calls: no file object per message (a batch reads thousands).
+    """
     try:
         if path == "-":
             return sys.stdin.buffer.read()
-        with open(path, "rb") as fh:
-            return fh.read()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            chunks = [os.read(fd, os.fstat(fd).st_size + 1)]
+            while chunks[-1]:
+                chunks.append(os.read(fd, 1 << 20))
+        finally:
+            os.close(fd)
+        return chunks[0] if len(chunks) == 2 else b"".join(chunks)
     except IsADirectoryError:
         raise InputError("%s: is a directory, expected a message file" % path)
     except OSError as exc:
@@ -1110,14 +1119,38 @@ class Identity:
         self.address, self.cert, self.path = address, cert, path
         self.key, self.chain = key, list(chain)
         self.rid = issuer_and_serial(cert)
-        self.ders = None
+        self.kind, self.digest = key_kind(cert)
+        self.cert_set = None
 
-    def certificates_der(self):
-        """Return the DER of the certificate and its chain, worked out once."""
-        if self.ders is None:
+    def certificate_set(self):
+        """Return the DER [0] CertificateSet of the certificate and its chain (RFC 5652
+        10.2.3), sorted as a DER SET OF, worked out once."""
+        if self.cert_set is None:
             from cryptography.hazmat.primitives.serialization import Encoding
-            self.ders = [c.public_bytes(Encoding.DER) for c in [self.cert] + self.chain]
-        return self.ders
+            self.cert_set = der(ctx(0), *sorted(c.public_bytes(Encoding.DER)
+                                                for c in [self.cert] + self.chain))
+        return self.cert_set
+
+
+def key_kind(cert):
+    """Return ("rsa", "ec" or another key type's name, digest name) for *cert*'s key.
+
+    The digest signs with SHA-256, or for EC keys with the hash of the curve's
+    strength (P-384: SHA-384, P-521: SHA-512; RFC 5753 7.1.2, RFC 8551 2.1):
+    gpgsm refuses a P-384 signature over a 256-bit hash.
+    """
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    try:
+        public = cert.public_key()
+    except (UnsupportedAlgorithm, ValueError):
+        return "unknown", "SHA256"
+    if isinstance(public, rsa.RSAPublicKey):
+        return "rsa", "SHA256"
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return "ec", {"secp384r1": "SHA384", "secp521r1": "SHA512"}.get(public.curve.name,
+                                                                        "SHA256")
+    return type(public).__name__.replace("PublicKey", "").lstrip("_"), "SHA256"
 
 
 class Keystore:
@@ -1702,6 +1735,8 @@ def issuer_and_serial(cert):
 ID_DATA, ID_SIGNED_DATA, ID_ENVELOPED_DATA = ("1.2.840.113549.1.7.1", "1.2.840.113549.1.7.2",
                                               "1.2.840.113549.1.7.3")
 RSA_ENCRYPTION, ID_EC_PUBLIC_KEY = "1.2.840.113549.1.1.1", "1.2.840.10045.2.1"
+#: rsaEncryption with its NULL parameters: RSA key transport and signature (RFC 3370).
+RSA_ALGORITHM = algorithm(RSA_ENCRYPTION, der(NULL))
 #: Signed attributes (RFC 5652 11.1-11.3, RFC 8551 2.5.2).
 ATTR_CONTENT_TYPE, ATTR_MESSAGE_DIGEST, ATTR_SIGNING_TIME, ATTR_SMIME_CAPABILITIES = (
     "1.2.840.113549.1.9.3", "1.2.840.113549.1.9.4", "1.2.840.113549.1.9.5",
@@ -1764,27 +1799,17 @@ def canonical_content(msg):
     return canonical_entity(fields, msg.body, msg.binary)
 
 
-def signature_hash(key):
-    """Return the digest name for signing with *key*: SHA-256, or for EC keys the hash
-    of the curve's strength (P-384: SHA-384, P-521: SHA-512; RFC 5753 7.1.2, RFC 8551
-    2.1).  gpgsm refuses a P-384 signature over a 256-bit hash."""
-    from cryptography.hazmat.primitives.asymmetric import ec
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return {"secp384r1": "SHA384", "secp521r1": "SHA512"}.get(key.curve.name, "SHA256")
-    return "SHA256"
-
-
 def signed_der(content, signer, detached):
     """Return the DER ContentInfo of a SignedData over *content* (RFC 5652 5, RFC 8551 2).
 
-    One SignerInfo: version 1, the signer by issuerAndSerialNumber, the digest of
-    signature_hash(), signed attributes content-type, signing-time, message-digest
-    and S/MIME capabilities (RFC 8551 2.5), an RSA PKCS#1 v1.5 (rsaEncryption,
+    One SignerInfo: version 1, the signer by issuerAndSerialNumber, its digest
+    (key_kind()), signed attributes content-type, signing-time, message-digest and
+    S/MIME capabilities (RFC 8551 2.5), an RSA PKCS#1 v1.5 (rsaEncryption,
     RFC 3370 3.2) or ECDSA signature over their DER; the signer's certificate and
     chain.  *detached*: the content is not encapsulated (multipart/signed).
     """
     import hashlib
-    digest_name = signature_hash(signer.key)
+    digest_name = signer.digest
     attrs = der_set(attribute(ATTR_CONTENT_TYPE, der_oid(ID_DATA)),
                     attribute(ATTR_SIGNING_TIME, signing_time()),
                     attribute(ATTR_MESSAGE_DIGEST, der(OCTET_STRING, hashlib.new(
@@ -1792,14 +1817,13 @@ def signed_der(content, signer, detached):
                     smime_capabilities())
     digest_algorithm = algorithm(HASH_OIDS[digest_name], der(NULL))
     signer_info = der(SEQUENCE, der_int(1), signer.rid, digest_algorithm,
-                      bytes((ctx(0),)) + attrs[1:], *sign_attributes(signer.key, attrs,
-                                                                       digest_name))
+                      bytes((ctx(0),)) + attrs[1:], *sign_attributes(signer, attrs))
     encapsulated = [der_oid(ID_DATA)]
     if not detached:
         encapsulated.append(der_pieces(ctx(0), der_pieces(OCTET_STRING, content)))
     signed = der_pieces(SEQUENCE, der_int(1), der_set(digest_algorithm),
                         der_pieces(SEQUENCE, *encapsulated),
-                        der(ctx(0), *sorted(signer.certificates_der())),
+                        signer.certificate_set(),
                         der_set(signer_info))
     return b"".join(der_pieces(SEQUENCE, der_oid(ID_SIGNED_DATA), der_pieces(ctx(0), signed)))
 
@@ -1829,19 +1853,22 @@ def smime_capabilities():
         der(SEQUENCE, der_oid(AES_CBC[size])) for size in (32, 24, 16))))
 
 
-def sign_attributes(key, attrs, digest_name):
-    """Return (signatureAlgorithm, signature OCTET STRING) over the DER signed attributes."""
+def sign_attributes(signer, attrs):
+    """Return (signatureAlgorithm, signature OCTET STRING) over the DER signed attributes.
+
+    Raises IdentityError for a key that is neither RSA nor EC.
+    """
     from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-    digest = getattr(hashes, digest_name)()
-    if isinstance(key, rsa.RSAPrivateKey):
-        return (algorithm(RSA_ENCRYPTION, der(NULL)),
-                der(OCTET_STRING, key.sign(attrs, padding.PKCS1v15(), digest)))
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return (algorithm(ECDSA_WITH[digest_name]),
-                der(OCTET_STRING, key.sign(attrs, ec.ECDSA(digest))))
-    raise IdentityError("a %s key cannot sign S/MIME here: use an RSA or EC key"
-                        % type(key).__name__.replace("PrivateKey", "").lstrip("_"))
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+    digest = getattr(hashes, signer.digest)()
+    if signer.kind == "rsa":
+        return (RSA_ALGORITHM, der(OCTET_STRING, signer.key.sign(attrs, padding.PKCS1v15(),
+                                                                 digest)))
+    if signer.kind == "ec":
+        return (algorithm(ECDSA_WITH[signer.digest]),
+                der(OCTET_STRING, signer.key.sign(attrs, ec.ECDSA(digest))))
+    raise IdentityError("%s: a %s key cannot sign S/MIME here: use an RSA or EC key"
+                        % (signer.path, signer.kind))
 
 
 def sign_opaque(content, signer):
@@ -1859,7 +1886,7 @@ def sign_detached(content, signer):
     signature = encode_base64(signed_der(content, signer, True))
     return b"".join([  # one copy of the (possibly large) content, not one per "+"
         b'Content-Type: multipart/signed; protocol="application/pkcs7-signature";\r\n'
-        b' micalg=', signature_hash(signer.key).lower().replace("sha", "sha-").encode(),
+        b' micalg=', signer.digest.lower().replace("sha", "sha-").encode(),
         b'; boundary="', boundary, b'"\r\n\r\n'
         b"This is an S/MIME signed message\r\n\r\n--", boundary, b"\r\n", content,
         b"\r\n--", boundary, b"\r\n", SIGNATURE_PART_HEADER, b"\r\n", signature,
@@ -1905,8 +1932,7 @@ def aes_cbc(key, iv, content):
 
 def recipient_info(ident, key):
     """Return the RecipientInfo giving content-encryption *key* to *ident*."""
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    if isinstance(ident.cert.public_key(), rsa.RSAPublicKey):
+    if ident.kind == "rsa":
         return key_trans_recipient_info(ident, key)
     return key_agree_recipient_info(ident, key)
 
@@ -1916,8 +1942,8 @@ def key_trans_recipient_info(ident, key):
     (RFC 3370 4.2.1), version 0, the recipient named by issuerAndSerialNumber."""
     from cryptography.hazmat.primitives.asymmetric import padding
     encrypted_key = ident.cert.public_key().encrypt(key, padding.PKCS1v15())
-    return der(SEQUENCE, der_int(0), ident.rid,
-               algorithm(RSA_ENCRYPTION, der(NULL)), der(OCTET_STRING, encrypted_key))
+    return der(SEQUENCE, b"\x02\x01\x00", ident.rid, RSA_ALGORITHM,  # version 0
+               der(OCTET_STRING, encrypted_key))
 
 
 def key_agree_recipient_info(ident, key):
