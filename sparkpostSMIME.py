@@ -94,6 +94,8 @@ CIPHERS = ("aes256", "aes128")
 RFC2231_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 #: Messages sent on one SMTP connection before a new one (SparkPost's guidance).
 MESSAGES_PER_CONNECTION = 100
+#: Messages built ahead at most while the SMTP server has not answered yet.
+BUILT_AHEAD = 4
 #: Longest wait between two attempts at one message, and all waits for it, in seconds.
 MAX_RETRY_WAIT, MAX_TOTAL_WAIT = 30.0, 45.0
 #: Messages from which a progress bar replaces per-message lines on a terminal.
@@ -735,12 +737,17 @@ def parse_message(data, source="-"):
 
 def find_addresses(msg):
     """Fill msg.sender/to/cc/bcc from the header.  Raises MessageError."""
-    from_ = addresses_of(msg, "from")
+    values = {}
+    for f in msg.outer:  # one pass over the header for the four fields
+        if f.name in ("from", "to", "cc", "bcc"):
+            values.setdefault(f.name, []).append(f.value.decode("utf-8", "replace"))
+    from_ = addresses_of(msg, "from", values.get("from", []))
     if not from_:
         raise MessageError("%s: no From address; the sender's address selects the signing key"
                            % msg.source)
     msg.sender = from_[0]
-    msg.to, msg.cc, msg.bcc = (addresses_of(msg, name) for name in RECIPIENT_FIELDS)
+    msg.to, msg.cc, msg.bcc = (addresses_of(msg, name, values.get(name, []))
+                               for name in RECIPIENT_FIELDS)
     if not msg.recipients:
         raise MessageError("%s: no recipient: add a To, Cc or Bcc address" % msg.source)
 
@@ -767,9 +774,11 @@ def parse_addresses(values):
 _SPACE = re.compile(r"\s")
 
 
-def addresses_of(msg, name):
-    """Return the lower-cased addresses of every *name* field.  Raises MessageError."""
-    values = [f.value.decode("utf-8", "replace") for f in msg.outer if f.name == name]
+def addresses_of(msg, name, values=None):
+    """Return the lower-cased addresses of every *name* field (their decoded *values*
+    when known).  Raises MessageError."""
+    if values is None:
+        values = [f.value.decode("utf-8", "replace") for f in msg.outer if f.name == name]
     found = []
     for display, address in parse_addresses(values):
         if not address and not display:
@@ -1812,8 +1821,8 @@ def signed_der(content, signer, detached):
     digest_name = signer.digest
     attrs = der_set(attribute(ATTR_CONTENT_TYPE, der_oid(ID_DATA)),
                     attribute(ATTR_SIGNING_TIME, signing_time()),
-                    attribute(ATTR_MESSAGE_DIGEST, der(OCTET_STRING, hashlib.new(
-                        digest_name.lower(), content).digest())),
+                    attribute(ATTR_MESSAGE_DIGEST, der(OCTET_STRING, getattr(
+                        hashlib, digest_name.lower())(content).digest())),
                     smime_capabilities())
     digest_algorithm = algorithm(HASH_OIDS[digest_name], der(NULL))
     signer_info = der(SEQUENCE, der_int(1), signer.rid, digest_algorithm,
@@ -2924,8 +2933,11 @@ class Backend:
         """Open the session; return the 'Opened ...' line ('' when there is none)."""
         return ""
 
-    def deliver(self, jobs):
-        """Yield one Outcome per Job of *jobs*, in order; stop after one that halts."""
+    def deliver(self, jobs, halted=bool):
+        """Yield one Outcome per Job of *jobs*, in order; stop after one that halts.
+
+        *halted()*: true once the run must stop (jobs then stops giving any).
+        """
         for job in jobs:
             outcome = failed_build(job) if job.failure else self.attempt(job)
             yield outcome
@@ -3124,15 +3136,17 @@ class SmtpBackend(Backend):
 
     # -- the mail transaction ------------------------------------------------------
 
-    def deliver(self, jobs):
-        """Yield one Outcome per Job, in order; stop after one that halts.
+    def deliver(self, jobs, halted=bool):
+        """Yield one Outcome per Job, in order; stop after one that halts, or at once
+        when halted() turns true (messages built ahead are then not sent).
 
         MAIL, RCPT for each recipient and DATA (RFC 5321 3.3) keeping the
         end-of-DATA reply.  With PIPELINING the envelope goes in one write and,
         as RFC 2920 3.1 allows the message content to open a command group,
         each message's final dot goes out in the same write as the next
         message's envelope; the message after that is built while the server
-        answers.  Sending one message is the same code with one Job.
+        answers (more of them, up to BUILT_AHEAD, while it is slow to answer).  Sending
+        one message is the same code with one Job.
         """
         jobs, built = iter(jobs), []
 
@@ -3158,8 +3172,7 @@ class SmtpBackend(Backend):
                         payload += self.envelope(following)
                         self.count += 1
                     self.smtp.send(payload)
-                    if not built:  # build the next message while the server answers
-                        built += [j for j in (next(jobs, None),) if j is not None]
+                    self.build_while_waiting(jobs, built)
                     outcome = self.data_reply(job, refused)
             except KeyboardInterrupt:
                 raise
@@ -3169,9 +3182,25 @@ class SmtpBackend(Backend):
                 built.insert(0, following)
                 following = None
             yield outcome
-            if outcome.status == "halt":
+            if outcome.status == "halt" or halted():
+                if following is not None:  # its DATA may be open: only a drop cancels it
+                    self.drop()
                 return
             job, ahead = (following, True) if following is not None else (pull(), False)
+
+    def build_while_waiting(self, jobs, built):
+        """Build the next message, then more (up to BUILT_AHEAD) while the server has not
+        answered yet: time spent waiting for a busy server goes into useful work."""
+        import select
+        sock = self.smtp.sock
+        while len(built) < BUILT_AHEAD:
+            if built and (getattr(sock, "pending", int)() or
+                          select.select([sock], [], [], 0)[0]):
+                return  # the answer is there
+            job = next(jobs, None)
+            if job is None:
+                return
+            built.append(job)
 
     def ready(self):
         """Open a session if there is none, a new one after MESSAGES_PER_CONNECTION."""
@@ -3274,6 +3303,13 @@ class SmtpBackend(Backend):
             exc, self.settings.smtp)
         self.close()
         return error
+
+    def drop(self):
+        """Close the connection without QUIT: the server discards an open transaction
+        (RFC 5321 3.8), so a message whose content has not gone out is not delivered."""
+        smtp, self.smtp = self.smtp, None
+        if smtp is not None:
+            smtp.close()
 
     def close(self):
         """QUIT politely; ignore a connection that is already gone."""
@@ -3747,7 +3783,7 @@ def work(settings, backend, jobs, record, halted):
         yield from due(True)
 
     while True:
-        for outcome in backend.deliver(feed()):
+        for outcome in backend.deliver(feed(), halted):
             key = (outcome.job.source, outcome.job.copy, outcome.job.started)
             tally = tallies.setdefault(key, Tally(outcome.job))
             tally.add(outcome)
@@ -3790,17 +3826,26 @@ class Journal:
 
     def append(self, data):
         """Write *data* in one write, synced; raise OutputError (74) when it fails,
-        after cutting the file back to where it was (no half row is left)."""
-        size = os.fstat(self.fd).st_size
+        after cutting the file back to where it was (no half row is left).
+
+        Forked workers append to the same file: a lock makes each row's write and
+        any cut back one step, so that no worker cuts another's row.
+        """
+        import fcntl
         try:
-            if os.write(self.fd, data) != len(data):
-                raise OSError(28, "No space left on device")
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                size = os.fstat(self.fd).st_size
+                try:
+                    if os.write(self.fd, data) != len(data):
+                        raise OSError(28, "No space left on device")
+                except OSError:
+                    os.ftruncate(self.fd, size)
+                    raise
+            finally:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.fsync(self.fd)
         except OSError as exc:
-            try:
-                os.ftruncate(self.fd, size)
-            except OSError:
-                pass
             raise OutputError("--results %s: cannot write: %s" % (self.path,
                                                                   exc.strerror or exc))
 
