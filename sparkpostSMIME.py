@@ -1177,28 +1177,28 @@ class Keystore:
         self.warn = warn or (lambda text, topic=None: None)
         self.loaded, self.known = {}, None
 
-    def cached(self, kind, address, *args):
-        """Return the identity *kind* ("signer", "recipient"...) of *address*, loaded once."""
-        key = (kind, address) + args
+    def cached(self, load, address, *args):
+        """Return load(address, *args), loaded once per process."""
+        key = (load.__name__, address) + args
         if key not in self.loaded:
-            self.loaded[key] = getattr(self, "load_" + kind)(address, *args)
+            self.loaded[key] = load(address, *args)
         return self.loaded[key]
 
     def signer(self, address):
         """Return the sender's Identity with key, certificate and chain.  Raises IdentityError."""
-        return self.cached("signer", address)
+        return self.cached(self.load_signer, address)
 
     def recipient(self, address):
         """Return a recipient's Identity (certificate only).  Raises IdentityError."""
-        return self.cached("recipient", address)
+        return self.cached(self.load_recipient, address)
 
     def own_copy(self, address, signing):
         """Return the sender's Identity to encrypt its own copy to, or None."""
-        return self.cached("own_copy", address, signing)
+        return self.cached(self.load_own_copy, address, signing)
 
     def decryption(self, address):
         """Return our Identity for *address* to decrypt with.  Raises IdentityError."""
-        return self.cached("decryption", address)
+        return self.cached(self.load_decryption, address)
 
     def find(self, address, suffixes):
         """Return the first '<dir>/<address><suffix>' in the key directories, or None."""
@@ -2406,7 +2406,14 @@ def signature_problem(sig, algorithm, value, signed):
 
 def pss_parameters(params):
     """Return (hash, MGF1 hash, salt length) of RSASSA-PSS-params (RFC 4055 3.1)."""
-    hash_name, mgf_hash, salt = "SHA1", "SHA1", 20  # the defaults
+    hash_name, mgf_hash, salt = rsa_parameters(params)
+    return hash_name, mgf_hash, salt.integer() if salt is not None else 20
+
+
+def rsa_parameters(params):
+    """Return (hash, MGF1 hash, the [2] element or None) of RSASSA-PSS-params or
+    RSAES-OAEP-params (RFC 4055 3.1, 4.1): SHA-1 and MGF1 with SHA-1 by default."""
+    hash_name, mgf_hash, third = "SHA1", "SHA1", None
     for item in (params.children() if params is not None and params.tag == SEQUENCE else []):
         inner = item.children()[0]
         if item.tag == ctx(0):
@@ -2414,8 +2421,8 @@ def pss_parameters(params):
         elif item.tag == ctx(1):
             mgf_hash = DIGESTS[inner.children()[1].children()[0].oid()]
         elif item.tag == ctx(2):
-            salt = inner.integer()
-    return hash_name, mgf_hash, salt
+            third = inner
+    return hash_name, mgf_hash, third
 
 
 def signature_verdict(sig, sender, roots):
@@ -2581,16 +2588,8 @@ def key_transport_key(info, ident):
 
 def oaep_parameters(params):
     """Return (hash, MGF1 hash, label) of RSAES-OAEP-params (RFC 8017 A.2.1, RFC 4055 4.1)."""
-    hash_name, mgf_hash, label = "SHA1", "SHA1", b""
-    for item in (params.children() if params is not None and params.tag == SEQUENCE else []):
-        inner = item.children()[0]
-        if item.tag == ctx(0):
-            hash_name = DIGESTS[inner.children()[0].oid()]
-        elif item.tag == ctx(1):
-            mgf_hash = DIGESTS[inner.children()[1].children()[0].oid()]
-        elif item.tag == ctx(2):
-            label = inner.children()[1].octets()
-    return hash_name, mgf_hash, label
+    hash_name, mgf_hash, source = rsa_parameters(params)
+    return hash_name, mgf_hash, source.children()[1].octets() if source is not None else b""
 
 
 def key_agreement_key(info, ident):
