@@ -225,6 +225,8 @@ def env_number(env, name, default, kind=int, low=1, high=None):
         return default
     try:
         number = kind(value)
+        if not number == number or number in (float("inf"), float("-inf")):
+            raise ValueError  # nan or infinity
         if number < low or (high is not None and number > high):
             raise ValueError
     except ValueError:
@@ -414,7 +416,7 @@ def read_env_files(paths):
 
     python-dotenv syntax ("export" allowed).  Raises ConfigError for an unreadable file.
     """
-    files = list(paths) + ([".env"] if os.path.isfile(".env") else [])
+    files = list(paths) + ([".env"] if trusted_dot_env() else [])
     values, notices = {}, ()
     if not files:
         return values, notices
@@ -426,6 +428,19 @@ def read_env_files(paths):
         values.update((k, v) for k, v in dotenv_values(path).items()
                       if v is not None and k not in values)
     return values, notices
+
+
+def trusted_dot_env():
+    """True when ./.env exists, belongs to us and only we may change it.
+
+    It is read without being named: a file planted in the current directory must
+    not be able to set SMTP_HOST, or SMIME_CA_FILE for --verify.
+    """
+    try:
+        st = os.stat(".env")
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def exposed(path, what):
@@ -455,6 +470,7 @@ class Reporter:
 
     def __init__(self, verbose=False):
         self.verbose, self.secrets, self.warned, self.opened = verbose, [], set(), False
+        self.closed = False  #: standard output's reader has gone
 
     def secret(self, value):
         """Remember a secret and its base64 forms (at every alignment) for redact()."""
@@ -486,12 +502,20 @@ class Reporter:
             if topic in self.warned:
                 return
             self.warned.add(topic)
-        sys.stderr.write("sparkpostSMIME: %s\n" % self.redact(text))
-        sys.stderr.flush()
+        try:
+            sys.stderr.write("sparkpostSMIME: %s\n" % self.redact(text))
+            sys.stderr.flush()
+        except OSError:  # stderr is gone or full: the exit code still tells
+            pass
 
     def transcript(self, line):
         """Write one verbose transcript line (swaks-style glyphs) to stderr."""
         sys.stderr.write(self.redact(line) + "\n")
+
+    def stdout_closed(self):
+        """Standard output's reader has gone: send what would follow to /dev/null."""
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        self.closed = True
 
     def session(self, line):
         """Report an opened session: the 'Opened ...' line, the first time only."""
@@ -511,12 +535,17 @@ def write_stdout(data):
         raise OutputError("standard output: cannot write: %s" % (exc.strerror or exc))
 
 
-def write_atomically(path, data, mode=0o644):
+def write_atomically(path, data, mode=None):
     """Write *data* to *path* through a temporary file in the same directory, renamed
     into place once complete: a reader never sees a partial file, and a failure
-    leaves none behind.  Raises OutputError: 73 when the file cannot be created,
-    74 when writing fails (a full disk)."""
+    leaves none behind.  *mode*: the file's permissions (default: as the umask
+    allows, like any new file).  Raises OutputError: 73 when the file cannot be
+    created, 74 when writing fails (a full disk)."""
     import tempfile
+    if mode is None:
+        umask = os.umask(0o022)  # read it: there is no other way than setting it
+        os.umask(umask)
+        mode = 0o666 & ~umask
     directory = os.path.dirname(path) or "."
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".%s." % os.path.basename(path)[:40])
@@ -1260,6 +1289,16 @@ class Keystore:
                       "readable): %s" % problem, "own-copy")
         return None
 
+    def certificates(self, address):
+        """Return the certificates beside *address*'s private key, read without the key
+        (None for a PKCS#12 file: its certificates are behind the password)."""
+        path = self.find(address, KEY_SUFFIXES)
+        if path is None or not path.endswith(".pem"):
+            return None
+        certs = load_certificates(read_key_file(path), path)
+        crt = self.find(address, (".crt",))
+        return certs + (load_certificates(read_key_file(crt), crt) if crt else [])
+
     def load_decryption(self, address):
         """Our key and its certificate, unchecked: old mail must stay readable after
         its certificate expires."""
@@ -1448,15 +1487,28 @@ def recipient_from_file(address, path):
     return Identity(address, mine[0], path)
 
 
+def extension(cert, kind):
+    """Return the value of *cert*'s extension of class *kind*, or None when it has none.
+
+    Raises ValueError for extensions that cannot be parsed (a malformed certificate).
+    """
+    from cryptography import x509
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
 def cert_emails(cert):
-    """Return the lower-cased e-mail addresses of *cert*: SAN rfc822Name, else subject."""
+    """Return the lower-cased e-mail addresses of *cert*: SAN rfc822Name, else subject
+    ([] for a certificate whose extensions cannot be read)."""
     from cryptography import x509
     from cryptography.x509.oid import NameOID
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        emails = san.get_values_for_type(x509.RFC822Name)
-    except x509.ExtensionNotFound:
-        emails = []
+        san = extension(cert, x509.SubjectAlternativeName)
+    except ValueError:
+        return []
+    emails = san.get_values_for_type(x509.RFC822Name) if san is not None else []
     if not emails:
         emails = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)]
     return [str(e).lower() for e in emails]
@@ -1500,24 +1552,20 @@ def usage_problem(cert, purpose):
         kind = encryption_kind(cert)
         if kind not in ("rsa", "ec"):
             return kind
-    exts = cert.extensions
     try:
-        ku = exts.get_extension_for_class(x509.KeyUsage).value
+        ku, eku = extension(cert, x509.KeyUsage), extension(cert, x509.ExtendedKeyUsage)
+    except ValueError:
+        return "has extensions that cannot be read (a malformed certificate)"
+    if ku is not None:
         if kind == "sign" and not (ku.digital_signature or ku.content_commitment):
             return "does not allow digital signatures (key usage)"
         if kind == "rsa" and not ku.key_encipherment:
             return "does not allow key encipherment (key usage)"
         if kind == "ec" and not ku.key_agreement:
             return "has an EC key that does not allow key agreement (key usage)"
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        eku = exts.get_extension_for_class(x509.ExtendedKeyUsage).value
-        allowed = {ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
-        if not allowed & set(eku):
-            return "is not for e-mail protection (extended key usage)"
-    except x509.ExtensionNotFound:
-        pass
+    allowed = {ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
+    if eku is not None and not allowed & set(eku):
+        return "is not for e-mail protection (extended key usage)"
     return ""
 
 
@@ -2040,10 +2088,11 @@ class Job(NamedTuple):
                                                   ", ".join(self.recipients))
 
 
-def build_job(item, settings, keystore, extra=b""):
+def build_job(item, settings, keystore, extra=b"", served=()):
     """Read, check and build the message of work *item* (path, copy); return its Job.
 
-    *extra*: outer header lines for every message (--header, X-MSYS-API).
+    *extra*: outer header lines for every message (--header, X-MSYS-API);
+    *served*: recipients that got it already (--resume): not in the envelope.
     Raises MessageError, InputError or IdentityError.
     """
     path, copy = item
@@ -2052,8 +2101,8 @@ def build_job(item, settings, keystore, extra=b""):
     signer, recipients = find_identities(msg, settings, keystore)
     data = build_smime(msg, settings, signer, recipients, extra)
     notes = api_rules(msg, data, settings) if settings.send == "api" else ()
-    return Job(path, copy, data, settings.mail_from or msg.sender, tuple(msg.recipients), msg,
-               started, notes)
+    return Job(path, copy, data, settings.mail_from or msg.sender,
+               tuple(r for r in msg.recipients if r not in served), msg, started, notes)
 
 
 def api_rules(msg, data, settings):
@@ -2140,7 +2189,7 @@ class Signature:
 
     def __init__(self, cert, certs):
         self.cert, self.certs, self.broken = cert, certs, ""
-        self.digest = self.algorithm = self.signing_time = ""
+        self.digest = self.hash = self.algorithm = self.signing_time = ""
 
     @property
     def address(self):
@@ -2226,7 +2275,8 @@ def open_layers(fields, body, keyring, depth=0):
     from cryptography.exceptions import UnsupportedAlgorithm
     try:
         layer, inner = open_layer(kind, fields, body, keyring)
-    except (ValueError, LookupError, UnsupportedAlgorithm) as exc:  # not CMS after all
+    except (ValueError, LookupError, OverflowError, StopIteration,
+            UnsupportedAlgorithm) as exc:  # not CMS after all
         raise MessageError("the S/MIME part is malformed (%s)" % (
             first_line(exc) if isinstance(exc, ValueError) else type(exc).__name__))
     inner_fields, inner_body = split_header(message_to_crlf(inner))
@@ -2342,9 +2392,10 @@ def subject_key_id(cert):
     """Return the certificate's subjectKeyIdentifier, or None."""
     from cryptography import x509
     try:
-        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
-    except x509.ExtensionNotFound:
+        found = extension(cert, x509.SubjectKeyIdentifier)
+    except ValueError:
         return None
+    return found.digest if found is not None else None
 
 
 def attributes_problem(attrs, content_type, digest, sig):
@@ -2385,10 +2436,12 @@ def signature_problem(sig, algorithm, value, signed):
     scheme, hash_name = SIGNATURE_ALGORITHMS.get(parts[0].oid(), ("", None))
     hash_name = hash_name or sig.digest
     key = sig.cert.public_key()
+    sig.hash = hash_name
     try:
         if scheme in ("rsa", "pss") and isinstance(key, rsa.RSAPublicKey):
             if scheme == "pss":
                 hash_name, mgf_hash, salt = pss_parameters(parts[1] if len(parts) > 1 else None)
+                sig.hash = hash_name
                 pad = padding.PSS(padding.MGF1(getattr(hashes, mgf_hash)()), salt)
             else:
                 pad = padding.PKCS1v15()
@@ -2522,8 +2575,12 @@ class Keyring:
         fields = envelope.children()
         at = 2 if fields[1].tag == ctx(0) else 1  # originatorInfo [0] is optional
         infos, encrypted = fields[at].children(), fields[at + 1]
-        tried = []
+        tried, named = [], [rid for info in infos for rid in recipient_ids(info)]
         for address in self.candidates():
+            certs = self.keystore.certificates(address)
+            if certs is not None and not any(names_cert(rid, c) for rid in named for c in certs):
+                tried.append(address)
+                continue  # not one of the recipients: its private key stays unread
             ident = self.keystore.decryption(address)
             for info in infos:
                 key = unwrap_content_key(info, ident)
@@ -2553,13 +2610,29 @@ def unwrap_content_key(info, ident):
 
 def names_us(rid, ident):
     """True when a RecipientIdentifier names *ident*'s certificate (RFC 5652 6.2.1, 6.2.2)."""
+    return names_cert(rid, ident.cert, ident.rid)
+
+
+def names_cert(rid, cert, issuer_serial=None):
+    """True when a RecipientIdentifier names *cert*: by issuerAndSerialNumber, by
+    subjectKeyIdentifier, or by a RecipientKeyIdentifier (KeyAgreeRecipientInfo)."""
     if rid.tag == SEQUENCE:  # issuerAndSerialNumber
-        return rid.raw == ident.rid
+        return rid.raw == (issuer_serial or issuer_and_serial(cert))
     if rid.tag == ctx(0, constructed=False):  # subjectKeyIdentifier
-        return rid.body == subject_key_id(ident.cert)
+        return rid.body == subject_key_id(cert)
     if rid.tag == ctx(0):  # rKeyId RecipientKeyIdentifier (kari)
-        return rid.children()[0].octets() == subject_key_id(ident.cert)
+        return rid.children()[0].octets() == subject_key_id(cert)
     return False
+
+
+def recipient_ids(info):
+    """Return the RecipientIdentifiers a RecipientInfo names: the one of a
+    KeyTransRecipientInfo, each of a KeyAgreeRecipientInfo's encrypted keys."""
+    if info.tag == SEQUENCE:
+        return [info.children()[1]]
+    if info.tag == ctx(1):
+        return [entry.children()[0] for entry in info.children()[-1].children()]
+    return []
 
 
 def key_transport_key(info, ident):
@@ -2660,7 +2733,11 @@ def decrypt_auth_content(encrypted, key, rest):
         return None, ""
     nonce = algorithm[1].children()[0].octets()
     auth_attrs = next((r for r in rest if r.tag == ctx(1)), None)
-    mac = next(r for r in rest if r.tag == OCTET_STRING).octets()
+    mac = next((r for r in rest if r.tag == OCTET_STRING), None)
+    mac = mac.octets() if mac is not None else b""
+    if not 12 <= len(mac) <= 16:  # RFC 5084 3.2: the ICV is 12 to 16 octets
+        raise MessageError("AuthEnvelopedData with a %d-octet authentication tag (12 to 16 "
+                           "are allowed)" % len(mac))
     decryptor = Cipher(algorithms.AES(key), modes.GCM(nonce, mac, min_tag_length=len(mac))
                        ).decryptor()
     if auth_attrs is not None:
@@ -2684,7 +2761,7 @@ class Received:
 
     def __init__(self, source):
         self.source, self.layers, self.problem, self.code = source, [], "", EX_OK
-        self.signer, self.output, self.sender, self.warnings = None, b"", "", []
+        self.signer, self.output, self.senders, self.warnings = None, b"", [], []
 
     @property
     def decrypted_for(self):
@@ -2728,16 +2805,18 @@ def receive(data, source, keystore, roots, mode):
         if not fields:
             raise MessageError("not an RFC 5322 message (no header fields)")
         header = Message(source, fields, [], b"")
-        senders = addresses_of(header, "from")
-        out.sender = senders[0] if senders else ""
+        out.senders = addresses_of(header, "from")
         keyring = Keyring(keystore, [a for name in DELIVERY_FIELDS
                                  for a in addresses_of(header, name)])
         entity_fields = [f for f in fields if f.name.startswith("content-")]
         out.layers, inner = open_layers(entity_fields, body, keyring)
+        out.problem = judge(out, roots, mode)
     except MessageError as exc:
         out.problem, out.code = str(exc), exc.exit_code
         return out
-    out.problem = judge(out, roots, mode)
+    except (ValueError, LookupError, OverflowError) as exc:  # a certificate we cannot read
+        out.problem, out.code = "malformed: %s" % first_line(exc), EX_DATAERR
+        return out
     out.code = EX_DATAERR if out.problem else EX_OK
     outer = b"".join(f.raw for f in fields if not f.name.startswith("content-"))
     out.output = outer + (inner if inner is not None else
@@ -2753,14 +2832,16 @@ def judge(received, roots, mode):
         return broken[0].broken
     if not signatures:
         return "not signed" if mode == "verify" else ""
-    if not received.sender:
-        return "no From address to check the signature against"
-    verdicts = [(signature_verdict(s, received.sender, roots), s) for s in signatures]
+    if len(received.senders) != 1:  # RFC 5322 3.6.2: one signer cannot vouch for several
+        return ("%s: a signature can vouch for exactly one author" % (
+            "no From address" if not received.senders else "From names %d addresses (%s)"
+            % (len(received.senders), ", ".join(received.senders))))
+    verdicts = [(signature_verdict(s, received.senders[0], roots), s) for s in signatures]
     good = [s for problem, s in verdicts if not problem]
     if not good:
         return verdicts[0][0]
     received.signer = good[0]
-    if any(s.digest == "SHA1" for s in signatures):
+    if any("SHA1" in (s.digest, s.hash) for s in signatures):
         received.warnings.append("signed with SHA-1, which no longer protects a signature "
                                  "against forgery: ask the sender to use SHA-256")
     return ""
@@ -2792,8 +2873,9 @@ def harvest(path, keystore, roots):
     fields, body = split_header(message_to_crlf(read_input(path)))
     header = Message(path, fields, [], b"")
     sender = addresses_of(header, "from")
-    if not sender:
-        raise MessageError("%s: no From address" % path)
+    if len(sender) != 1:
+        raise MessageError("%s: %s: a signature can vouch for exactly one author" % (
+            path, "no From address" if not sender else "From names %d addresses" % len(sender)))
     address = safe_address(sender[0])
     keyring = Keyring(keystore, [a for name in DELIVERY_FIELDS
                                  for a in addresses_of(header, name)])
@@ -3156,6 +3238,8 @@ class SmtpBackend(Backend):
         while job is not None:
             if job.failure:
                 yield failed_build(job)
+                if halted():
+                    return
                 job, ahead = pull(), False
                 continue
             following = None
@@ -3470,6 +3554,9 @@ def smtp_failure(exc, settings):
         return TlsError("TLS with %s failed: %s" % (where, exc.reason or exc))
     if isinstance(exc, smtplib.SMTPNotSupportedError):
         return ConfigError("%s: %s" % (where, exc))
+    if type(exc) is smtplib.SMTPException:  # "No suitable authentication method found."
+        return ConfigError("%s: %s (the server offers no AUTH mechanism smtplib can use: "
+                           "PLAIN, LOGIN or CRAM-MD5)" % (where, exc))
     if isinstance(exc, (socket.timeout, TimeoutError)) or (
             isinstance(exc, smtplib.SMTPServerDisconnected)
             and isinstance(exc.__context__, (socket.timeout, TimeoutError))):
@@ -3581,10 +3668,18 @@ def api_outcome(job, resp):
         data = {}
     code = resp.status_code
     if 200 <= code < 300:
-        results = data.get("results", {}) if isinstance(data, dict) else {}
-        return Outcome(job, "sent", reply="id %s, accepted %s, rejected %s" % (
-            results.get("id", "?"), results.get("total_accepted_recipients", "?"),
-            results.get("total_rejected_recipients", "?")), accepted=job.recipients)
+        results = data.get("results") if isinstance(data, dict) else None
+        results = results if isinstance(results, dict) else {}
+        accepted = results.get("total_accepted_recipients", "?")
+        rejected = results.get("total_rejected_recipients", 0)
+        reply = "id %s, accepted %s, rejected %s" % (results.get("id", "?"), accepted,
+                                                     rejected)
+        if isinstance(rejected, int) and rejected > 0:  # which ones: SparkPost's events say
+            return Outcome(job, "permanent", EX_UNAVAILABLE, reply=reply,
+                           accepted=job.recipients if accepted not in (0, "?") else (),
+                           detail="SparkPost rejected %d recipient(s) of the transmission "
+                                  "(%s); its message events name them" % (rejected, reply))
+        return Outcome(job, "sent", reply=reply, accepted=job.recipients)
     text = "SparkPost API answered %d %s%s" % (code, resp.reason or "", api_errors(data))
     if code in (401, 403):
         return Outcome(job, "halt", EX_NOPERM, detail=text,
@@ -3666,7 +3761,8 @@ class Result(NamedTuple):
     def record(self):
         """Return the journal entry (a JSON-ready dict)."""
         entry = {"input": self.source, "status": self.status, "exit_code": self.code,
-                 "recipients": list(self.recipients), "reply": self.reply,
+                 "recipients": list(self.recipients), "accepted": list(self.accepted),
+                 "reply": self.reply,
                  "attempts": self.attempts, "duration": round(self.duration, 4),
                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if self.copy:
@@ -3732,11 +3828,13 @@ class Tally:
             errors.append("hint: " + last.hint)
         if last.status == "written" or (last.status == "sent" and not failed):
             status, code = last.status, EX_OK
-        else:
+        else:  # a refusal outlives a later success to the other recipients
             status = "partial" if self.accepted else "failed"
-            code = last.code if last.status != "refused" else min(
-                smtp_exit_code(self.refused[a][0]) for a in failed if a in self.refused)
-        return Result(job.source, job.copy, status, code, job.mail_from, job.recipients, tuple(self.accepted),
+            refusals = [smtp_exit_code(self.refused[a][0]) for a in failed if a in self.refused]
+            code = (min(refusals) if refusals and last.status in ("sent", "refused")
+                    else last.code or EX_TEMPFAIL)
+        return Result(job.source, job.copy, status, code, job.mail_from, job.recipients,
+                      tuple(self.accepted),
                       tuple((a,) + self.refused[a] for a in failed if a in self.refused),
                       self.reply, self.attempts, time.perf_counter() - job.started,
                       tuple(errors), last.lines, last.status == "halt")
@@ -3744,13 +3842,18 @@ class Tally:
 
 def prefetch(build, items):
     """Yield build(item) for each work item; a message that cannot be built becomes a
-    Job carrying its failure (exit code, reason)."""
+    Job carrying its failure (exit code, reason), whatever went wrong: a failure of
+    building is never blamed on the delivery of another message."""
     for item in items:
         try:
             yield build(item)
-        except (MessageError, InputError, IdentityError) as exc:
+        except SmimeToolError as exc:
             yield Job(item[0], item[1], started=time.perf_counter(),
                       failure=(exc.exit_code, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a bug: this message fails, not the batch
+            yield Job(item[0], item[1], started=time.perf_counter(), failure=(
+                EX_SOFTWARE, "%s: internal error while building: %s: %s"
+                % (item[0], type(exc).__name__, exc)))
 
 
 def work(settings, backend, jobs, record, halted):
@@ -3764,22 +3867,17 @@ def work(settings, backend, jobs, record, halted):
     import heapq
     tallies, waiting, order = {}, [], iter(range(1 << 62))
 
-    def due(block):
-        while waiting and not halted():
-            pause = waiting[0][0] - time.monotonic()
-            if pause > 0:
-                if not block:
-                    return
-                time.sleep(pause)
+    def due():  # never waits: the back end may be in the middle of a transaction
+        while waiting and not halted() and waiting[0][0] <= time.monotonic():
             yield heapq.heappop(waiting)[2]
 
     def feed():
         for job in jobs:
-            yield from due(False)
+            yield from due()
             if halted():
                 return
             yield job
-        yield from due(True)
+        yield from due()
 
     while True:
         for outcome in backend.deliver(feed(), halted):
@@ -3796,6 +3894,8 @@ def work(settings, backend, jobs, record, halted):
             record(tally.result(), outcome.job)
         if not waiting or halted():
             break
+        while not halted() and waiting[0][0] > time.monotonic():  # between transactions
+            time.sleep(max(0.0, min(0.2, waiting[0][0] - time.monotonic())))
     for tally in tallies.values():
         record(tally.result(), tally.job)
 
@@ -3860,12 +3960,14 @@ class Journal:
 
 
 def already_sent(path):
-    """Return {(input, copy)} recorded as sent in journal *path* (for --resume).
+    """Return {(input, copy): recipients that got it} from journal *path* (for --resume):
+    None for a message sent to all its recipients, the accepted ones of a partial one.
 
-    Lines that are not JSON (a line torn by a crash) are skipped.
+    Lines that are not JSON (a line torn by a crash) are skipped; a later row of the
+    same message wins.
     """
     import json
-    done = set()
+    done = {}
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
@@ -3873,8 +3975,14 @@ def already_sent(path):
                     entry = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(entry, dict) and entry.get("status") == "sent":
-                    done.add((entry.get("input"), entry.get("copy", 0)))
+                if not isinstance(entry, dict):
+                    continue
+                key = (entry.get("input"), entry.get("copy", 0))
+                if entry.get("status") == "sent":
+                    done[key] = None
+                elif entry.get("status") == "partial" and done.get(key, ()) is not None:
+                    done[key] = frozenset(done.get(key, ())) | frozenset(
+                        entry.get("accepted") or ())
     except FileNotFoundError:
         pass
     except OSError as exc:
@@ -4032,7 +4140,16 @@ class Recorder:
         self.stats.add(res)
         lines = report_lines(res, self.settings) if self.settings.send else []
         if lines and (self.lines or res.status not in ("sent", "written")):
-            self.reporter.say("\n".join(lines))
+            try:
+                self.reporter.say("\n".join(lines))
+            except BrokenPipeError:  # nobody reads the report: stop, say so on stderr
+                self.reporter.stdout_closed()
+                if not self.broken:
+                    self.broken = "standard output was closed"
+                    self.reporter.warn("standard output was closed: stopping (the messages "
+                                       "left are not sent)")
+                    self.stats.fault(EX_IOERR)
+                    self.halt()
         for line in res.errors:
             self.reporter.warn(line)
         if self.progress:
@@ -4073,7 +4190,8 @@ def report_lines(res, settings):
 
 
 class Stop:
-    """Ctrl-C: the first one stops new work (in-flight messages finish), the second aborts.
+    """Ctrl-C (or SIGTERM): the first one stops new work (in-flight messages finish), the
+    second aborts.
 
     *halt*: the one-byte flag shared with forked workers (non-zero: take no new
     message); *warn*: the reporter's.
@@ -4087,6 +4205,7 @@ class Stop:
         if self.batch:
             import signal
             self.previous = signal.signal(signal.SIGINT, self.handler)
+            self.terminate = signal.signal(signal.SIGTERM, self.handler)  # kill: as Ctrl-C
         return self
 
     def handler(self, signum, frame):
@@ -4100,6 +4219,7 @@ class Stop:
         if self.previous is not None:
             import signal
             signal.signal(signal.SIGINT, self.previous)
+            signal.signal(signal.SIGTERM, self.terminate)
 
 
 class Channel:
@@ -4144,7 +4264,8 @@ def expand_inputs(paths):
 
 
 def work_items(settings, reporter):
-    """Return [(path, copy)]: every input, --repeat times, less what --resume skips.
+    """Return ([(path, copy)], {item: recipients already served}): every input, --repeat
+    times, less what --resume skips (a partly sent message goes to the others only).
 
     Raises InputError for an input that is missing or an empty directory,
     UsageError when several messages would be written and -o is no directory.
@@ -4153,23 +4274,28 @@ def work_items(settings, reporter):
              for copy in range(settings.repeat)]
     if len(items) > 1:
         several_outputs(settings)
-    if settings.resume:
-        done = already_sent(settings.results)
-        kept = [i for i in items if i not in done]
-        if len(kept) < len(items):
-            reporter.warn("--resume: %d message(s) already sent according to %s, skipped"
-                          % (len(items) - len(kept), settings.results))
-        items = kept
-    return items
+    if not settings.resume:
+        return items, {}
+    done = already_sent(settings.results)
+    kept = [i for i in items if i not in done or done[i] is not None]
+    if len(kept) < len(items):
+        reporter.warn("--resume: %d message(s) already sent according to %s, skipped"
+                      % (len(items) - len(kept), settings.results))
+    served = {i: done[i] for i in kept if done.get(i)}
+    if served:
+        reporter.warn("--resume: %d message(s) partly sent, now only to the recipients that "
+                      "did not get them" % len(served))
+    return kept, served
 
 
 def run_batch(settings, reporter):
     """Build (and send) every work item; print the report and summary; return the exit code."""
     import mmap
-    items = work_items(settings, reporter)
+    items, served = work_items(settings, reporter)
     keystore = keystore_of(settings, reporter)
     backend, extra = make_backend(settings, reporter), extra_header(settings)
-    build = lambda item: build_job(item, settings, keystore, extra)  # noqa: E731
+    build = lambda item: build_job(item, settings, keystore, extra,  # noqa: E731
+                                   served.get(item, ()))
     stats = Stats(len(items), "sent" if settings.send else "written")
     halt = mmap.mmap(-1, 1)  # shared with forked workers: non-zero = take no new message
     with Stop(halt, reporter.warn, batch=len(items) > 1) as stop:
@@ -4183,7 +4309,8 @@ def run_batch(settings, reporter):
                 backend.close()
                 recorder.close()
     if len(items) != 1 or settings.results:
-        (reporter.say if settings.send else reporter.warn)(stats.summary())
+        (reporter.say if settings.send and not reporter.closed else reporter.warn)(
+            stats.summary())
     if stop.requested:
         return 130
     if stats.sent + stats.failed < stats.total and not stats.code:
@@ -4288,6 +4415,7 @@ def worker_process(settings, backend, build, items, reporter, stats, channel, ha
     """
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; in-flight work finishes
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's SIGTERM ends a worker
     recorder = None
     try:
         recorder = Recorder(settings, reporter, stats, lambda: halt.__setitem__(0, 1))
@@ -4302,6 +4430,7 @@ def worker_process(settings, backend, build, items, reporter, stats, channel, ha
         return exc.exit_code
     except BaseException as exc:  # noqa: BLE001 - a bug: say so, and let the parent count
         reporter.warn("internal error in a worker process: %s: %s" % (type(exc).__name__, exc))
+        stats.fault(EX_SOFTWARE)
         return EX_SOFTWARE
     finally:
         backend.close()
@@ -4532,7 +4661,8 @@ def receive_all(settings, reporter):
             stats.fault(received.code)
         elif settings.output:
             try:
-                write_atomically(output_path(settings, path), received.output)
+                write_atomically(output_path(settings, path), received.output,
+                                 0o600 if received.decrypted_for else None)
             except OutputError as exc:
                 reporter.warn(str(exc))
                 stats.fault(exc.exit_code)

@@ -49,7 +49,7 @@ def server_context(ca, base, name="localhost"):
 class Recorder:
     """aiosmtpd handler: records envelopes; can refuse, fail, stall or drop on purpose.
 
-    refuse: address -> reply for RCPT; drop_every: N drops the connection at the end
+    refuse: address -> reply for RCPT; refuse_once: the same, for the first RCPT only; drop_every: N drops the connection at the end
     of every Nth DATA (no reply, message not kept); tempfail_data: that many DATA
     commands get "451 4.3.0"; tempfail_once: a DATA whose content holds one of these byte
     strings gets "451 4.3.0" the first time only; delay: seconds to wait before answering DATA;
@@ -61,6 +61,7 @@ class Recorder:
         self.pipelining = pipelining
         self.messages = []      # (mail_from, [rcpt], data bytes)
         self.refuse = {}        # address -> "550 5.7.1 relaying denied"
+        self.refuse_once = {}   # address -> reply for its first RCPT only
         self.auth_seen = []     # (mechanism, login)
         self.connections = 0    # connections that sent MAIL so far
         self.drop_every = 0
@@ -90,6 +91,8 @@ class Recorder:
         return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.lower() in self.refuse_once:
+            return self.refuse_once.pop(address.lower())
         if address.lower() in self.refuse:
             return self.refuse[address.lower()]
         envelope.rcpt_tos.append(address)
