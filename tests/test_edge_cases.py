@@ -2,7 +2,6 @@
 found; each test failed before its fix.  Real servers on loopback, real OpenSSL."""
 
 import datetime
-import json
 import os
 import re
 import subprocess
