@@ -3001,7 +3001,6 @@ def error_outcome(job, error):
 class Backend:
     """The back end interface, and what is common: a Job that failed to build is
     passed on as its Outcome; every other Job gets one attempt()."""
-    name = ""
 
     def __init__(self, settings, events):
         self.settings, self.events = settings, events
@@ -3035,7 +3034,6 @@ class Backend:
 class FileBackend(Backend):
     """No send option: each message to stdout, to -o FILE, or to one file per input in
     -o DIR, written atomically."""
-    name = "file"
 
     def attempt(self, job):
         target = output_path(self.settings, job.source, job.copy)
@@ -3067,7 +3065,7 @@ class DryRun(Backend):
 
     def __init__(self, backend):
         super().__init__(backend.settings, backend.events)
-        self.backend, self.name = backend, backend.name
+        self.backend = backend
 
     def open(self):
         return "Dry run, nothing is sent. " + self.backend.describe()
@@ -3087,7 +3085,6 @@ class DryRun(Backend):
 class SmtpBackend(Backend):
     """Inject over SMTP: connect, EHLO, STARTTLS, EHLO, AUTH; then one mail transaction
     per Job.  Sessions carry MESSAGES_PER_CONNECTION messages, then reconnect."""
-    name = "smtp"
 
     def __init__(self, settings, events):
         super().__init__(settings, events)
@@ -3574,7 +3571,6 @@ def smtp_failure(exc, settings):
 class ApiBackend(Backend):
     """Send through the SparkPost transmissions API (POST /api/v1/transmissions), one
     keep-alive HTTP session; requests is imported here only, so other modes start fast."""
-    name = "api"
 
     def __init__(self, settings, events):
         super().__init__(settings, events)
