@@ -106,6 +106,11 @@ MAX_CAMPAIGN_ID, MAX_RFC822 = 64, 20_000_000
 LINES_PER_CUT = 1024
 #: Private key files tried for a sender, in this order, in each key directory.
 KEY_SUFFIXES = (".pem", ".p12", ".pfx")
+#: When signing, a Date farther than this many seconds from the signing time is replaced.
+DATE_SKEW = 300
+#: Thunderbird (NSS) calls a signature not valid when its signing-time is more than this
+#: many seconds from the message's Date, or when there is no Date it can read.
+CLIENT_DATE_SKEW = 3600
 
 
 ###############################################################################
@@ -360,6 +365,7 @@ class Settings(NamedTuple):
     headers: tuple = ()          #: extra outer header lines, CRLF-terminated bytes
     env_files: tuple = ()
     dry_run: bool = False
+    keep_date: bool = False      #: when signing, leave the input's Date as it is
     verbose: bool = False
     retries: int = 3
     harvest: bool = False
@@ -1856,19 +1862,20 @@ def canonical_content(msg):
     return canonical_entity(fields, msg.body, msg.binary)
 
 
-def signed_der(content, signer, detached):
+def signed_der(content, signer, detached, now=None):
     """Return the DER ContentInfo of a SignedData over *content* (RFC 5652 5, RFC 8551 2).
 
     One SignerInfo: version 1, the signer by issuerAndSerialNumber, its digest
     (key_kind()), signed attributes content-type, signing-time, message-digest and
     S/MIME capabilities (RFC 8551 2.5), an RSA PKCS#1 v1.5 (rsaEncryption,
     RFC 3370 3.2) or ECDSA signature over their DER; the signer's certificate and
-    chain.  *detached*: the content is not encapsulated (multipart/signed).
+    chain.  *detached*: the content is not encapsulated (multipart/signed); *now*:
+    the signing time (time.time(), default the present).
     """
     import hashlib
     digest_name = signer.digest
     attrs = der_set(attribute(ATTR_CONTENT_TYPE, der_oid(ID_DATA)),
-                    attribute(ATTR_SIGNING_TIME, signing_time()),
+                    attribute(ATTR_SIGNING_TIME, signing_time(now)),
                     attribute(ATTR_MESSAGE_DIGEST, der(OCTET_STRING, getattr(
                         hashlib, digest_name.lower())(content).digest())),
                     smime_capabilities())
@@ -1928,19 +1935,19 @@ def sign_attributes(signer, attrs):
                         % (signer.path, signer.kind))
 
 
-def sign_opaque(content, signer):
+def sign_opaque(content, signer, now=None):
     """Return an application/pkcs7-mime signed-data entity embedding *content*."""
     return b"".join([SIGNED_DATA_HEADER, b"\r\n",
-                     encode_base64(signed_der(content, signer, False))])
+                     encode_base64(signed_der(content, signer, False, now))])
 
 
-def sign_detached(content, signer):
+def sign_detached(content, signer, now=None):
     """Return a multipart/signed entity (RFC 8551 3.5.3, RFC 1847) over *content*."""
     import secrets
     boundary = b"----=_smime_" + secrets.token_hex(12).encode()
     while boundary in content:
         boundary = b"----=_smime_" + secrets.token_hex(12).encode()
-    signature = encode_base64(signed_der(content, signer, True))
+    signature = encode_base64(signed_der(content, signer, True, now))
     return b"".join([  # one copy of the (possibly large) content, not one per "+"
         b'Content-Type: multipart/signed; protocol="application/pkcs7-signature";\r\n'
         b' micalg=', signer.digest.lower().replace("sha", "sha-").encode(),
@@ -2045,22 +2052,61 @@ def ecdh_key_encryption_key(private, public, scheme, wrap, size, ukm=None):
     return X963KDF(digest, size, shared_info).derive(secret)
 
 
-def build_smime(msg, opts, signer=None, recipients=(), extra=b""):
+def build_smime(msg, opts, signer=None, recipients=(), extra=b"", now=None):
     """Return the final message bytes: outer header, MIME-Version, S/MIME entity.
 
     The outer fields keep their order, *extra* header lines follow them (outside
-    anything signed); Bcc never appears in the output.
+    anything signed); Bcc never appears in the output.  *now*: the signing time
+    (see date_at_signing(), which gives the outer Date the same time).
     """
     entity = canonical_content(msg)
     if opts.sign_mode == "opaque":
-        entity = sign_opaque(entity, signer)
+        entity = sign_opaque(entity, signer, now)
     elif opts.sign_mode == "detached":
-        entity = sign_detached(entity, signer)
+        entity = sign_detached(entity, signer, now)
     if opts.encrypt:
         entity = encrypt(entity, recipients, opts.cipher)
     outer = b"".join(safe_field(f) for f in msg.outer if f.name != "bcc")
     ending = b"" if entity.endswith(b"\r\n") else b"\r\n"  # SMTP DATA ends with CRLF
     return b"".join([outer, extra, b"MIME-Version: 1.0\r\n", entity, ending])
+
+
+def date_at_signing(msg, now, keep=False):
+    """Make the outer Date of *msg* agree with the signing time *now*; return what was done.
+
+    Clients compare the two: Thunderbird calls a good signature not valid when
+    they are more than CLIENT_DATE_SKEW apart or when there is no Date.  A
+    missing Date is added (RFC 5322 3.6 requires one), a Date more than
+    DATE_SKEW from *now* or unreadable is replaced, unless *keep*.  Returns
+    "replaced", "kept" (kept as asked, though a client will call it not valid),
+    or "" (nothing to say).
+    """
+    from email.utils import formatdate
+    found = [n for n, f in enumerate(msg.outer) if f.name == "date"]
+    stamp = Field("date", b"Date: %s\r\n" % formatdate(now, localtime=True).encode("ascii"))
+    if not found:
+        msg.outer.insert(0, stamp)
+        return ""
+    skew = date_skew(msg.outer[found[0]].value, now)
+    if keep:
+        return "kept" if skew is None or skew > CLIENT_DATE_SKEW else ""
+    if skew is not None and skew <= DATE_SKEW and len(found) == 1:
+        return ""
+    msg.outer[found[0]] = stamp
+    for n in reversed(found[1:]):  # RFC 5322 3.6: one Date only
+        del msg.outer[n]
+    return "replaced"
+
+
+def date_skew(value, when):
+    """Return how many seconds the RFC 5322 date-time *value* (bytes) is from *when*, or
+    None when it cannot be read."""
+    from email.utils import mktime_tz, parsedate_tz
+    try:
+        parsed = parsedate_tz(value.decode("ascii", "replace"))
+        return abs(mktime_tz(parsed) - when) if parsed else None
+    except (ValueError, OverflowError, TypeError):
+        return None
 
 
 # -- One message, built ----------------------------------------------------------
@@ -2081,6 +2127,7 @@ class Job(NamedTuple):
     started: float = 0.0
     notes: tuple = ()
     failure: tuple = ()
+    date: str = ""               #: "replaced" or "kept": see date_at_signing()
 
     def describe(self):
         """Return the seed's 'Sending FILE<TAB>From: a<TAB>To: b, c' line."""
@@ -2099,10 +2146,14 @@ def build_job(item, settings, keystore, extra=b"", served=()):
     started = time.perf_counter()
     msg = parse_message(read_input(path), path)
     signer, recipients = find_identities(msg, settings, keystore)
-    data = build_smime(msg, settings, signer, recipients, extra)
+    now, date = time.time(), ""
+    if settings.sign_mode:
+        date = date_at_signing(msg, now, settings.keep_date)
+    data = build_smime(msg, settings, signer, recipients, extra, now)
     notes = api_rules(msg, data, settings) if settings.send == "api" else ()
     return Job(path, copy, data, settings.mail_from or msg.sender,
-               tuple(r for r in msg.recipients if r not in served), msg, started, notes)
+               tuple(r for r in msg.recipients if r not in served), msg, started, notes,
+               date=date)
 
 
 def api_rules(msg, data, settings):
@@ -2818,6 +2869,8 @@ def receive(data, source, keystore, roots, mode):
         out.problem, out.code = "malformed: %s" % first_line(exc), EX_DATAERR
         return out
     out.code = EX_DATAERR if out.problem else EX_OK
+    if out.signer is not None and not out.problem:
+        out.warnings += date_mismatch(fields, out.signer)
     outer = b"".join(f.raw for f in fields if not f.name.startswith("content-"))
     out.output = outer + (inner if inner is not None else
                           b"".join(f.raw for f in entity_fields) + b"\r\n" + body)
@@ -2845,6 +2898,37 @@ def judge(received, roots, mode):
         received.warnings.append("signed with SHA-1, which no longer protects a signature "
                                  "against forgery: ask the sender to use SHA-256")
     return ""
+
+
+def date_mismatch(fields, signature):
+    """Return a warning (in a list) when the message's Date and the *signature*'s
+    signing-time are more than CLIENT_DATE_SKEW apart or there is no Date: the
+    signature is good, but Thunderbird shows it as not valid.  [] otherwise."""
+    if not signature.signing_time:
+        return []
+    import calendar
+    signed = calendar.timegm(time.strptime(signature.signing_time, "%Y-%m-%d %H:%M:%S UTC"))
+    dates = [f.value for f in fields if f.name == "date"]
+    if not dates:
+        return ["no Date header: Thunderbird shows the signature (signed %s) as not valid"
+                % signature.signing_time]
+    skew = date_skew(dates[0], signed)
+    if skew is not None and skew <= CLIENT_DATE_SKEW:
+        return []
+    return ["the Date header (%s) is %s the signing time (%s): Thunderbird shows the "
+            "signature as not valid" % (
+                dates[0].decode("ascii", "replace"),
+                "unreadable, unlike" if skew is None else "%s from" % duration(skew),
+                signature.signing_time)]
+
+
+def duration(seconds):
+    """Return *seconds* in words: '3 days', '2 hours', '15 minutes'."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = int(seconds // size)
+            return "%d %s%s" % (count, unit, "" if count == 1 else "s")
+    return "%d seconds" % seconds
 
 
 ###############################################################################
@@ -4033,6 +4117,7 @@ class Stats:
         self.done = done  #: what a success is called: "sent", or "written" for files
         self.failed_at = 0.0  #: time.monotonic() of the first failure (sets the exit code)
         self.latencies, self.start = [], time.perf_counter()
+        self.dates = {"replaced": 0, "kept": 0}  #: Job.date of the messages, counted
 
     def add(self, res):
         if res.status in ("sent", "written"):
@@ -4049,17 +4134,35 @@ class Stats:
         if not self.code or rank(code, now) > rank(self.code, self.failed_at):
             self.code, self.failed_at = code, now
 
-    def merge(self, sent, failed, code, failed_at, latencies):
+    def merge(self, sent, failed, code, failed_at, latencies, dates):
         """Add a worker process's counts; its exit code wins as fault() says, the earliest
         failure's among equals."""
         self.sent, self.failed = self.sent + sent, self.failed + failed
         self.latencies += latencies
+        for what, count in dates.items():
+            self.dates[what] += count
         if code and (not self.code or rank(code, failed_at) > rank(self.code, self.failed_at)):
             self.code, self.failed_at = code, failed_at
 
     def counts(self):
         """Return this process's counts, as merge() takes them."""
-        return self.sent, self.failed, self.code, self.failed_at, self.latencies
+        return self.sent, self.failed, self.code, self.failed_at, self.latencies, self.dates
+
+    def date_notices(self):
+        """Return the warnings about Date headers of the run (see date_at_signing())."""
+        plural = lambda n: "%d message%s" % (n, "" if n == 1 else "s")  # noqa: E731
+        notices = []
+        if self.dates["replaced"]:
+            notices.append("Date replaced by the signing time in %s: it was more than %d "
+                           "minutes from it, or unreadable, and Thunderbird calls a signature "
+                           "not valid when the two are over an hour apart (--keep_date keeps "
+                           "the input's Date)" % (plural(self.dates["replaced"]),
+                                                  DATE_SKEW // 60))
+        if self.dates["kept"]:
+            notices.append("--keep_date: the Date of %s is more than an hour from the signing "
+                           "time, or unreadable: Thunderbird will show their signature as not "
+                           "valid" % plural(self.dates["kept"]))
+        return notices
 
     def summary(self):
         """Return 'N sent, M failed[, K not sent] in S seconds (R msg/s); latency ...'."""
@@ -4102,6 +4205,8 @@ class Recorder:
         self.lines = bool(settings.send) and not (self.progress and sys.stdout.isatty())
 
     def __call__(self, res, job):
+        if job.date and res.status != "failed":  # what was sent or written
+            self.stats.dates[job.date] += 1
         delivered = bool(res.accepted) and self.settings.send and not self.settings.dry_run
         if delivered and not self.broken:
             self.keep(lambda: self.archive and self.archive.store(job.data))
@@ -4304,6 +4409,8 @@ def run_batch(settings, reporter):
             finally:
                 backend.close()
                 recorder.close()
+    for notice in stats.date_notices():
+        reporter.warn(notice)
     if len(items) != 1 or settings.results:
         (reporter.say if settings.send and not reporter.closed else reporter.warn)(
             stats.summary())
@@ -4481,6 +4588,9 @@ def build_parser():
                        help="content cipher for --encrypt (default aes256)")
     smime.add_argument("--keys", action="append", default=[], metavar="DIR",
                        help="directory of <address>.pem/.crt/.p12 files (repeatable)")
+    smime.add_argument("--keep_date", "--keep-date", action="store_true",
+                       help="when signing, keep the input's Date even when it is far from the "
+                            "signing time (Thunderbird then shows the signature as not valid)")
     receiving = p.add_argument_group("receiving")
     reading = receiving.add_mutually_exclusive_group()
     reading.add_argument("--verify", action="store_true",
@@ -4578,6 +4688,12 @@ def parse_args(argv):
         raise UsageError("--harvest saves certificates in the first key directory, not in -o")
     if ns.ca and not reading:
         raise UsageError("--ca is for --verify, --decrypt and --harvest")
+    if ns.keep_date and not sign_mode:
+        raise UsageError("--keep_date is for --sign and --sign_detached (the Date of a signed "
+                         "message is its signing time)")
+    if sign_mode and any(h.partition(":")[0].strip().lower() == "date" for h in ns.header):
+        raise UsageError("--header Date: a signed message's Date is its signing time (or the "
+                         "input's, with --keep_date)")
     if len(ns.inputs) > 1 or ns.repeat > 1:
         several_outputs(Settings(tuple(ns.inputs), output=ns.output, send=send,
                                  verify=bool(reading)))
@@ -4604,7 +4720,8 @@ def parse_args(argv):
                    cipher=ns.cipher, keys=tuple(ns.keys), output=ns.output, send=send,
                    track=ns.track, campaign=ns.campaign, mail_from=ns.mail_from,
                    headers=tuple(parse_header_option(h) for h in ns.header),
-                   env_files=tuple(ns.env), dry_run=ns.dry_run, verbose=ns.verbose,
+                   env_files=tuple(ns.env), dry_run=ns.dry_run, keep_date=ns.keep_date,
+                   verbose=ns.verbose,
                    retries=ns.retries, harvest=ns.harvest, verify=ns.verify,
                    decrypt=ns.decrypt, ca=ns.ca, jobs=ns.jobs,
                    repeat=ns.repeat, results=ns.results, resume=ns.resume, archive=ns.archive,

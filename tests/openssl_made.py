@@ -26,6 +26,7 @@ import random
 import re
 import subprocess
 import tempfile
+from email.utils import formatdate
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -70,7 +71,9 @@ PLAIN = (b"Content-Type: multipart/mixed; boundary=\"=-plain-=\"\r\n\r\n"
          b"Content-Transfer-Encoding: base64\r\n\r\n"
          + base64.encodebytes(bytes(range(256))).replace(b"\n", b"\r\n")
          + b"--=-plain-=--\r\n")
-DATE = b"Date: Thu, 27 Nov 2025 10:00:00 +0000"
+#: The Date of every message: when the corpus is made, as a signing client writes it, so the
+#: signing-time OpenSSL puts in is minutes from it (no Date warning from --verify).
+DATE = b"Date: " + formatdate(localtime=True).encode("ascii")
 
 
 # -- the PKI ---------------------------------------------------------------------
