@@ -1,0 +1,196 @@
+"""Direct tests of the pure core: values in, values out, no process, no server.
+
+The retry policy, one message's tally of attempts, SparkPost's answer turned into an Outcome,
+the Date rule of signed mail.  Every other test file drives the tool as a user does; these
+pin down the decisions those runs depend on, one case at a time.
+"""
+
+import time
+
+import pytest
+import requests
+
+import sparkpostSMIME as tool
+
+JOB = tool.Job("m.eml", recipients=("a@example.com", "b@example.com"),
+               started=time.perf_counter())
+
+
+def outcome(status, **kw):
+    return tool.Outcome(JOB, status, **kw)
+
+
+# -- retry_policy ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("status", ["sent", "written", "permanent", "halt", "failed"])
+def test_no_retry_unless_temporary_or_4xx(status):
+    assert tool.retry_policy(outcome(status), 1, 0.0, 3, 1.0) is None
+
+
+def test_backoff_doubles_then_stops_after_the_retries():
+    temporary = outcome("temporary", code=tool.EX_TEMPFAIL)
+    assert [tool.retry_policy(temporary, n, 0.0, 3, 1.0) for n in (1, 2, 3, 4)] == \
+        [1.0, 2.0, 4.0, None]
+
+
+def test_retry_after_wins_when_longer_and_waits_are_capped():
+    asked = outcome("temporary", retry_after=7.0)
+    assert tool.retry_policy(asked, 1, 0.0, 3, 1.0) == 7.0
+    greedy = outcome("temporary", retry_after=600.0)
+    assert tool.retry_policy(greedy, 1, 0.0, 3, 1.0) == tool.MAX_RETRY_WAIT
+    # all the waits for one message stay within MAX_TOTAL_WAIT
+    assert tool.retry_policy(greedy, 1, tool.MAX_TOTAL_WAIT - 1, 3, 1.0) is None
+
+
+def test_refusals_retry_only_for_4xx():
+    soft = outcome("refused", refused=(("a@example.com", 451, "later"),))
+    hard = outcome("refused", refused=(("a@example.com", 550, "no such user"),))
+    assert tool.retry_policy(soft, 1, 0.0, 3, 0.5) == 0.5
+    assert tool.retry_policy(hard, 1, 0.0, 3, 0.5) is None
+
+
+# -- Tally ----------------------------------------------------------------------------
+
+def test_tally_all_accepted_is_sent():
+    tally = tool.Tally(JOB)
+    tally.add(outcome("sent", accepted=JOB.recipients, reply="250 ok"))
+    res = tally.result()
+    assert (res.status, res.code, res.accepted, res.attempts) == ("sent", 0, JOB.recipients, 1)
+
+
+def test_tally_retry_goes_to_the_recipients_left_and_a_refusal_outlives_success():
+    tally = tool.Tally(JOB)
+    tally.add(outcome("refused", accepted=("a@example.com",),
+                      refused=(("b@example.com", 451, "try later"),)))
+    assert tally.pending() == ("b@example.com",)
+    retry = tally.retrying(1.0, 3)
+    assert retry.recipients == ("b@example.com",) and tally.waited == 1.0
+    tally.add(tool.Outcome(retry, "refused", refused=(("b@example.com", 550, "unknown"),)))
+    assert tally.pending() == ()
+    res = tally.result()
+    assert res.status == "partial" and res.accepted == ("a@example.com",)
+    assert res.code == tool.EX_UNAVAILABLE  # the 550 decides
+    assert res.refused == (("b@example.com", 550, "unknown"),)
+    assert any("retrying in 1 s (attempt 2 of 4)" in e for e in res.errors)
+
+
+def test_tally_temporary_failure_is_75_with_its_detail_and_hint():
+    tally = tool.Tally(JOB)
+    tally.add(outcome("temporary", code=tool.EX_TEMPFAIL, detail="connection dropped",
+                      hint="check the network"))
+    res = tally.result()
+    assert (res.status, res.code) == ("failed", tool.EX_TEMPFAIL)
+    assert res.errors == ("connection dropped", "hint: check the network")
+
+
+def test_tally_halt_is_carried_to_the_result():
+    tally = tool.Tally(JOB)
+    tally.add(outcome("halt", code=tool.EX_NOPERM, detail="535 authentication failed"))
+    res = tally.result()
+    assert res.halt and res.code == tool.EX_NOPERM and res.status == "failed"
+
+
+# -- api_outcome ----------------------------------------------------------------------
+
+def response(code, body=b"", headers=None):
+    """A requests Response as the API back end receives it (no network involved)."""
+    resp = requests.models.Response()
+    resp.status_code, resp._content = code, body
+    resp.reason = {200: "OK", 401: "Unauthorized", 420: "Enhance Your Calm",
+                   429: "Too Many Requests", 400: "Bad Request", 502: "Bad Gateway"}.get(code, "")
+    resp.headers.update(headers or {})
+    return resp
+
+
+def test_api_200_is_sent_with_id_and_counts():
+    got = tool.api_outcome(JOB, response(200, b'{"results": {"id": "84", '
+                                              b'"total_accepted_recipients": 2, '
+                                              b'"total_rejected_recipients": 0}}'))
+    assert got.status == "sent" and got.accepted == JOB.recipients
+    assert got.reply == "id 84, accepted 2, rejected 0"
+
+
+def test_api_200_with_rejected_recipients_is_permanent():
+    got = tool.api_outcome(JOB, response(200, b'{"results": {"id": "9", '
+                                              b'"total_accepted_recipients": 1, '
+                                              b'"total_rejected_recipients": 1}}'))
+    assert got.status == "permanent" and got.code == tool.EX_UNAVAILABLE
+    assert "rejected 1 recipient" in got.detail
+
+
+@pytest.mark.parametrize("code, status, exit_code", [
+    (401, "halt", tool.EX_NOPERM), (420, "halt", tool.EX_TEMPFAIL),
+    (429, "temporary", tool.EX_TEMPFAIL), (503, "temporary", tool.EX_TEMPFAIL),
+    (400, "permanent", tool.EX_UNAVAILABLE)])
+def test_api_errors(code, status, exit_code):
+    got = tool.api_outcome(JOB, response(code, b'{"errors": [{"message": "nope", '
+                                               b'"code": "1902"}]}', {"Retry-After": "12"}))
+    assert (got.status, got.code) == (status, exit_code)
+    assert got.detail.startswith("SparkPost API answered %d" % code)
+    assert "nope [1902]" in got.detail
+    assert got.retry_after == (12.0 if status == "temporary" else 0.0)
+
+
+def test_api_body_that_is_not_json():
+    got = tool.api_outcome(JOB, response(502, b"<html>bad gateway</html>"))
+    assert got.status == "temporary" and got.detail == "SparkPost API answered 502 Bad Gateway"
+
+
+# -- the Date of signed mail ----------------------------------------------------------
+
+STALE = b"Mon, 02 Nov 2026 10:00:00 +0000"
+
+
+def message(*dates):
+    head = b"".join(b"Date: %s\n" % d for d in dates)
+    return tool.parse_message(b"From: a@example.com\nTo: b@example.com\n" + head
+                              + b"Subject: s\n\nbody\n")
+
+
+def dates_of(msg):
+    return [f.value for f in msg.outer if f.name == "date"]
+
+
+def test_date_skew():
+    when = 1793613600.0  # Mon, 02 Nov 2026 10:00:00 +0000
+    assert tool.date_skew(STALE, when) == 0
+    assert tool.date_skew(b"Mon, 02 Nov 2026 11:00:00 +0100", when) == 0
+    assert tool.date_skew(STALE, when + 90) == 90
+    assert tool.date_skew(b"the day before yesterday", when) is None
+
+
+def test_date_missing_is_added_silently():
+    msg, now = message(), time.time()
+    assert tool.date_at_signing(msg, now) == ""
+    (date,) = dates_of(msg)
+    assert tool.date_skew(date, now) < 1
+
+
+def test_date_recent_is_kept_stale_replaced_in_place():
+    now = time.time()
+    recent = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(now - 60)).encode()
+    msg = message(recent)
+    assert tool.date_at_signing(msg, now) == "" and dates_of(msg) == [recent]
+    msg = message(STALE)
+    position = [f.name for f in msg.outer].index("date")
+    assert tool.date_at_signing(msg, now) == "replaced"
+    assert [f.name for f in msg.outer].index("date") == position
+    assert tool.date_skew(dates_of(msg)[0], now) < 1
+
+
+def test_date_keep():
+    now = time.time()
+    msg = message(STALE)
+    assert tool.date_at_signing(msg, now, keep=True) == "kept" and dates_of(msg) == [STALE]
+    # within Thunderbird's hour: kept without a word
+    near = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(now - 1800)).encode()
+    assert tool.date_at_signing(message(near), now, keep=True) == ""
+
+
+def test_date_notices_count_the_run():
+    stats = tool.Stats(3)
+    assert stats.date_notices() == []
+    stats.merge(0, 0, 0, 0.0, [], {"replaced": 2, "kept": 0})
+    stats.dates["replaced"] += 1
+    (notice,) = stats.date_notices()
+    assert notice.startswith("Date replaced by the signing time in 3 messages")
