@@ -1449,7 +1449,7 @@ def make_identity(address, key, certs, path):
     if leaf is None:
         raise IdentityError("%s: the certificate does not match the private key for %s"
                             % (path, address))
-    check_certificate(leaf, address, path, "sign")
+    check_certificate(leaf, address, path, "sign", certs)
     chain = [c for c in certs if c is not leaf and not is_self_signed(c)]
     return Identity(address, leaf, path, key, unique_certs(chain))
 
@@ -1474,13 +1474,7 @@ def same_key(cert, key):
 
 def is_self_signed(cert):
     """True when *cert* is a root: issuer equals subject and it signed itself."""
-    if cert.issuer != cert.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(cert)
-        return True
-    except Exception:
-        return False
+    return cert.issuer == cert.subject and issued_by(cert, cert)
 
 
 def recipient_from_file(address, path):
@@ -1489,7 +1483,7 @@ def recipient_from_file(address, path):
     if not certs:
         raise IdentityError("%s: holds no certificate" % path)
     mine = [c for c in certs if address in cert_emails(c)] or certs[:1]
-    check_certificate(mine[0], address, path, "encrypt")
+    check_certificate(mine[0], address, path, "encrypt", certs)
     return Identity(address, mine[0], path)
 
 
@@ -1520,13 +1514,16 @@ def cert_emails(cert):
     return [str(e).lower() for e in emails]
 
 
-def check_certificate(cert, address, path, purpose):
+def check_certificate(cert, address, path, purpose, certs=()):
     """Refuse a certificate unfit to *purpose* ('sign' or 'encrypt') for *address*.
 
     Checks validity dates, the e-mail address (RFC 8550 3), key usage and
-    extended key usage (RFC 8550 4.4).  Raises IdentityError naming the reason.
+    extended key usage (RFC 8550 4.4), and the rfc822Name constraints of the
+    issuers found among *certs* (the file's own chain: no trust store is read
+    when sending).  Raises IdentityError naming the reason.
     """
-    reason = certificate_problem(cert, address, purpose)
+    reason = (certificate_problem(cert, address, purpose)
+              or name_constraint_problem(cert, issuer_path(cert, certs)))
     if reason:
         raise IdentityError("%s: certificate for %s %s" % (path, address, reason))
 
@@ -1543,6 +1540,90 @@ def certificate_problem(cert, address, purpose, now=None):
     if address.lower() not in emails:
         return "is issued to %s, not to this address" % (", ".join(emails) or "no e-mail address")
     return usage_problem(cert, purpose)
+
+
+def issuer_path(cert, certs):
+    """Return the issuers of *cert* found among *certs*, nearest first, up to a root:
+    each one's subject is the issuer name of the one before and its key signed it."""
+    path, current = [], cert
+    while len(path) < len(certs) and not is_self_signed(current):
+        parent = next((c for c in certs if c.subject == current.issuer and c is not current
+                       and c not in path and issued_by(current, c)), None)
+        if parent is None:
+            break
+        path.append(parent)
+        current = parent
+    return path
+
+
+def issued_by(cert, issuer):
+    """True when *issuer*'s key signed *cert*."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+        return True
+    except Exception:  # ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm
+        return False
+
+
+def certificate_addresses(cert):
+    """Return every e-mail address of *cert*, lower-cased: its SAN rfc822Names and its
+    subject emailAddress attributes, which name constraints govern alike (RFC 5280
+    4.2.1.10).  Raises ValueError for a SAN that cannot be parsed."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+    san = extension(cert, x509.SubjectAlternativeName)
+    names = san.get_values_for_type(x509.RFC822Name) if san is not None else []
+    names += [a.value for a in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)]
+    return [str(n).lower() for n in names]
+
+
+def name_constraint_problem(cert, issuers):
+    """Return why an e-mail address of *cert* breaks the rfc822Name constraints of a CA
+    in *issuers*, or '' (RFC 5280 4.2.1.10: permitted and excluded subtrees).
+
+    cryptography applies them to SAN rfc822Names only; this applies them to the
+    subject's emailAddress attributes too, as RFC 5280 requires, and to every CA
+    of the path.  A CA with permitted rfc822Name subtrees permits nothing else.
+    """
+    from cryptography import x509
+    try:
+        addresses = certificate_addresses(cert)
+        rules = [(ca, extension(ca, x509.NameConstraints)) for ca in issuers]
+    except ValueError:
+        return "has extensions that cannot be read (a malformed certificate)"
+    for ca, rule in rules:
+        if rule is None:
+            continue
+        permitted, excluded = (
+            [n.value for n in trees if isinstance(n, x509.RFC822Name)] if trees else None
+            for trees in (rule.permitted_subtrees, rule.excluded_subtrees))
+        for address in addresses:
+            if excluded and any(in_mail_subtree(address, tree) for tree in excluded):
+                return ("names %s, which the name constraints of its issuer %s exclude"
+                        % (address, common_name(ca.subject)))
+            if permitted and not any(in_mail_subtree(address, tree) for tree in permitted):
+                return ("names %s, which the name constraints of its issuer %s do not permit "
+                        "(only %s)" % (address, common_name(ca.subject), ", ".join(permitted)))
+    return ""
+
+
+def in_mail_subtree(address, tree):
+    """True when *address* is within rfc822Name constraint *tree* (RFC 5280 4.2.1.10): a
+    mailbox ("a@example.com"), every mailbox on a host ("example.com") or on any host
+    in a domain (".example.com").  Case-insensitive, as addresses are here."""
+    tree, host = tree.lower(), address.rpartition("@")[2]
+    if "@" in tree:
+        return address == tree
+    if tree.startswith("."):
+        return host.endswith(tree)
+    return host == tree
+
+
+def common_name(name):
+    """Return the common name of an x509 Name, or its whole RFC 4514 form if it has none."""
+    from cryptography.x509.oid import NameOID
+    names = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else name.rfc4514_string()
 
 
 def usage_problem(cert, purpose):
@@ -2251,9 +2332,7 @@ class Signature:
     @property
     def issuer(self):
         """The common name of the certificate's issuer (its whole name if it has none)."""
-        from cryptography.x509.oid import NameOID
-        names = self.cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
-        return str(names[0].value) if names else self.cert.issuer.rfc4514_string()
+        return common_name(self.cert.issuer)
 
     def describe(self):
         """Return a detail line for -v."""
@@ -2529,37 +2608,49 @@ def rsa_parameters(params):
     return hash_name, mgf_hash, third
 
 
-def signature_verdict(sig, sender, roots):
-    """Return why *sig* does not vouch for a message From *sender*, or '' when it does.
+class Verdict(NamedTuple):
+    """Whether a Signature vouches for a sender: *problem* ('' when it does) and the
+    validated *chain* (the signer's certificate first, the trusted root last)."""
+    problem: str
+    chain: tuple = ()
 
-    The signature verifies, its certificate is for *sender*, valid now, allowed
-    to sign, and chains to a trusted root (roots() loads them once).
+
+def signature_verdict(sig, sender, roots):
+    """Return the Verdict of *sig* for a message From *sender*.
+
+    It vouches when the signature verifies, its certificate is for *sender*,
+    valid now, allowed to sign, chains to a trusted root (roots() loads them
+    once), and every address it names is within the rfc822Name constraints of
+    every CA on that chain (RFC 5280 4.2.1.10).
     """
     if sig.broken:
-        return sig.broken
+        return Verdict(sig.broken)
     emails = cert_emails(sig.cert)
     if sender not in emails:
-        return ("the signature carries no certificate for %s (signed by %s): the From "
-                "address is not the signer's" % (sender, ", ".join(emails) or "no address"))
+        return Verdict("the signature carries no certificate for %s (signed by %s): the From "
+                       "address is not the signer's" % (sender, ", ".join(emails) or "no address"))
     problem = certificate_problem(sig.cert, sender, "sign")
-    if problem:
-        return "the signer's certificate %s" % problem
-    problem = chain_problem(sig.cert, sig.certs, roots())
-    return "the signer's certificate %s" % problem if problem else ""
+    chain = []
+    if not problem:
+        chain, problem = validated_chain(sig.cert, sig.certs, roots())
+    problem = problem or name_constraint_problem(sig.cert, chain[1:])
+    return Verdict("the signer's certificate %s" % problem if problem else "", chain)
 
 
-def chain_problem(cert, certs, roots):
-    """Return why *cert* does not chain to a trusted root (intermediates from *certs*), or ''."""
+def validated_chain(cert, certs, roots):
+    """Return (the validated path, cert first, or [], why *cert* does not chain to a
+    trusted root with intermediates from *certs*, or '')."""
     from datetime import datetime, timezone
     from cryptography.x509 import verification as v
     builder = (v.PolicyBuilder().store(v.Store(roots)).time(datetime.now(timezone.utc))
                .extension_policies(ca_policy=v.ExtensionPolicy.webpki_defaults_ca(),
                                    ee_policy=v.ExtensionPolicy.permit_all()))
     try:
-        builder.build_client_verifier().verify(cert, [c for c in certs if c is not cert])
+        verified = builder.build_client_verifier().verify(cert, [c for c in certs
+                                                                 if c is not cert])
     except v.VerificationError as exc:
-        return "does not chain to a trusted root (%s); pass the issuing CA with --ca" % exc
-    return ""
+        return [], "does not chain to a trusted root (%s); pass the issuing CA with --ca" % exc
+    return list(verified.chain), ""
 
 
 def trust_store(cafile):
@@ -2889,7 +2980,8 @@ def judge(received, roots, mode):
         return ("%s: a signature can vouch for exactly one author" % (
             "no From address" if not received.senders else "From names %d addresses (%s)"
             % (len(received.senders), ", ".join(received.senders))))
-    verdicts = [(signature_verdict(s, received.senders[0], roots), s) for s in signatures]
+    verdicts = [(signature_verdict(s, received.senders[0], roots).problem, s)
+                for s in signatures]
     good = [s for problem, s in verdicts if not problem]
     if not good:
         return verdicts[0][0]
@@ -2970,13 +3062,12 @@ def harvest(path, keystore, roots):
         raise MessageError("%s: %s" % (path, reasons[0] if reasons else
                                        "no S/MIME signature found (the message is not signed)"))
     for sig in signatures:
-        problem = signature_verdict(sig, address, lambda: roots)
+        problem, chain = signature_verdict(sig, address, lambda: roots)
         if not problem:
             problem = certificate_problem(sig.cert, address, "encrypt")
             problem = problem and "the certificate for %s %s" % (address, problem)
-        if not problem:
-            chain = [c for c in sig.certs if c is not sig.cert and not is_self_signed(c)]
-            return Harvested(address, sig.cert, unique_certs(chain))
+        if not problem:  # the validated path only, its trusted root left out
+            return Harvested(address, sig.cert, list(chain[1:-1]))
         reasons.append(problem)
     raise MessageError("%s: %s" % (path, reasons[-len(signatures)]))
 

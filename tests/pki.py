@@ -34,7 +34,9 @@ def name(common, email=None):
 class CA:
     """A certificate authority that can issue intermediates and end-entity certificates."""
 
-    def __init__(self, common="sparkpostSMIME Test Root CA (TEST ONLY)", parent=None, days=3650):
+    def __init__(self, common="sparkpostSMIME Test Root CA (TEST ONLY)", parent=None, days=3650,
+                 constraints=None):
+        """*constraints*: an x509.NameConstraints extension for this CA (RFC 5280 4.2.1.10)."""
         self.key = new_key()
         self.name = name(common)
         issuer = parent or self
@@ -47,6 +49,8 @@ class CA:
                                                 False, False), critical=True)
                    .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()),
                                   critical=False))
+        if constraints is not None:
+            builder = builder.add_extension(constraints, critical=True)
         if parent:
             builder = builder.add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()),
@@ -54,12 +58,16 @@ class CA:
         self.cert = builder.sign((parent or self).key, hashes.SHA256())
         self.chain = ([self.cert] + parent.chain) if parent else []
 
-    def intermediate(self, common="sparkpostSMIME Test Intermediate CA (TEST ONLY)", days=3650):
-        return CA(common, parent=self, days=days)
+    def intermediate(self, common="sparkpostSMIME Test Intermediate CA (TEST ONLY)", days=3650,
+                     constraints=None):
+        return CA(common, parent=self, days=days, constraints=constraints)
 
     def issue(self, email, key=None, *, san=True, subject_email=False, key_usage="default",
               eku="default", not_before=None, not_after=None, common=None):
-        """Return (key, certificate) for *email*; keyword arguments make broken ones."""
+        """Return (key, certificate) for *email*; keyword arguments make broken ones.
+
+        *san*: True (an rfc822Name of *email*), False (no SAN) or a list of GeneralNames.
+        """
         key = key or new_key()
         builder = (x509.CertificateBuilder()
                    .subject_name(name(common or email, email if subject_email else None))
@@ -71,8 +79,8 @@ class CA:
                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                        self.key.public_key()), critical=False))
         if san:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.RFC822Name(email)]), critical=False)
+            names = san if isinstance(san, list) else [x509.RFC822Name(email)]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         if key_usage == "default":
             is_rsa = isinstance(key, rsa.RSAPrivateKey)
             key_usage = x509.KeyUsage(True, True, is_rsa, False, not is_rsa, False, False,
