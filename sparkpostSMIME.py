@@ -111,6 +111,21 @@ DATE_SKEW = 300
 #: Thunderbird (NSS) calls a signature not valid when its signing-time is more than this
 #: many seconds from the message's Date, or when there is no Date it can read.
 CLIENT_DATE_SKEW = 3600
+#: Limits on what we read: every message is hostile (README "Limits").  A header (of the
+#: message or of a MIME part) larger than this, in octets, is refused.
+MAX_HEADER_SIZE = 1 << 20
+#: MIME entities nested deeper than this (multiparts, message/rfc822) are refused.
+MAX_MIME_DEPTH = 50
+#: Longest OBJECT IDENTIFIER and INTEGER read from CMS, in contents octets.
+MAX_OID_OCTETS, MAX_INTEGER_OCTETS = 128, 128
+#: Most ASN.1 elements read from one S/MIME part (OpenSSL writes 4 KB chunks: a 20 MB
+#: message is about 5,000 of them).
+MAX_BER_ELEMENTS = 250_000
+#: Most SignerInfos and certificates in one SignedData, RecipientInfos (recipient keys)
+#: in one EnvelopedData.
+MAX_SIGNER_INFOS, MAX_CERTIFICATES, MAX_RECIPIENT_INFOS = 32, 64, 1000
+#: The smallest RSA key that may sign what we verify (CAs and signers alike).
+MIN_RSA_BITS = 2048
 
 
 ###############################################################################
@@ -678,9 +693,11 @@ def message_to_crlf(data):
     return entity_to_crlf(data) if declares_binary(data) else to_crlf(data)
 
 
-def entity_to_crlf(raw):
+def entity_to_crlf(raw, depth=0):
     """Return one raw MIME entity (header, empty line, body) with CRLF line endings
-    in its header and in every body but those declared binary."""
+    in its header and in every body but those declared binary.  Raises
+    MessageError for entities nested deeper than MAX_MIME_DEPTH."""
+    check_depth(depth)
     head, pos = [], 0
     while True:  # header lines end where split_header() ends them
         line = _RAW_LINE.match(raw, pos)
@@ -697,24 +714,30 @@ def entity_to_crlf(raw):
     ctype, params = parse_content_type(field_value(fields, "content-type") or b"text/plain")
     cte = transfer_encoding(fields)
     if ctype.startswith("multipart/") and params.get("boundary"):
-        body = multipart_to_crlf(rest, params["boundary"].encode("ascii", "replace"))
+        body = multipart_to_crlf(rest, params["boundary"].encode("ascii", "replace"), depth)
     elif cte == b"binary":
         body = rest
     elif ctype == "message/rfc822" and cte not in (b"base64", b"quoted-printable"):
-        body = entity_to_crlf(rest)
+        body = entity_to_crlf(rest, depth + 1)
     else:
         body = to_crlf(rest)
     return b"".join(head) + separator + body
 
 
-def multipart_to_crlf(raw, boundary):
+def check_depth(depth):
+    """Raise MessageError when MIME entities are nested deeper than MAX_MIME_DEPTH."""
+    if depth > MAX_MIME_DEPTH:
+        raise MessageError("MIME parts nested deeper than %d levels" % MAX_MIME_DEPTH)
+
+
+def multipart_to_crlf(raw, boundary, depth=0):
     """Return a raw multipart body with CRLF line endings, binary parts kept as they are."""
     delimiter = re.compile(rb"(?:\A|\r\n|\n|\r)--" + re.escape(boundary)
                            + rb"(--)?[ \t]*(?=\r\n|\n|\r|\Z)")
     out, pos, first = [], 0, True
     for mark in delimiter.finditer(raw):
         segment = raw[pos:mark.start()]  # the preamble, then each part
-        out.append(to_crlf(segment) if first else entity_to_crlf(segment))
+        out.append(to_crlf(segment) if first else entity_to_crlf(segment, depth + 1))
         out.append(to_crlf(mark.group(0)))
         pos, first = mark.end(), False
         if mark.group(1):  # the close delimiter: an epilogue follows
@@ -722,7 +745,7 @@ def multipart_to_crlf(raw, boundary):
         end = _RAW_LINE.match(raw, pos)  # the rest of the delimiter line
         out.append(to_crlf(end.group(0)))
         pos = end.end()
-    out.append(to_crlf(raw[pos:]) if first else entity_to_crlf(raw[pos:]))
+    out.append(to_crlf(raw[pos:]) if first else entity_to_crlf(raw[pos:], depth + 1))
     return b"".join(out)
 
 
@@ -730,24 +753,37 @@ def split_header(data):
     """Split CRLF *data* into ([Field, ...], body).
 
     The header ends at the first empty line or, as in Python's email parser,
-    at the first line that is neither a field nor a continuation.
+    at the first line that is neither a field nor a continuation.  Each field's
+    lines are joined once (linear however long it is folded).  Raises
+    MessageError for a header larger than MAX_HEADER_SIZE.
     """
-    fields, pos, size = [], 0, len(data)
+    names, firsts, pos, size = [], [], 0, len(data)
     while pos < size:
         end = data.find(b"\r\n", pos)
         end = size if end < 0 else end
-        line = data[pos:end]
-        if not line:
-            return fields, data[end + 2:]
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1].raw += line + b"\r\n"
-        else:
-            match = _FIELD_NAME.match(line)
+        if end > MAX_HEADER_SIZE:
+            raise MessageError("a header larger than %d octets (folded over too many lines?)"
+                               % MAX_HEADER_SIZE)
+        if end == pos:
+            return header_fields(names, firsts, data, pos), data[end + 2:]
+        if data[pos] not in b" \t" or not names:  # a continuation line belongs to the field
+            match = _FIELD_NAME.match(data, pos, end)
             if not match:
                 break
-            fields.append(Field(match.group(1).decode("ascii").lower(), line + b"\r\n"))
+            names.append(match.group(1).decode("ascii").lower())
+            firsts.append(pos)
         pos = end + 2
-    return fields, data[pos:]
+    return header_fields(names, firsts, data, min(pos, size)), data[pos:]
+
+
+def header_fields(names, firsts, data, end):
+    """Return the Fields named *names*, each from its first line (*firsts*) up to the next
+    field's (or *end*), CRLF-terminated."""
+    bounds = firsts + [end]
+    fields = [Field(name, data[bounds[n]:bounds[n + 1]]) for n, name in enumerate(names)]
+    if fields and not fields[-1].raw.endswith(b"\r\n"):  # the data ended inside the header
+        fields[-1].raw += b"\r\n"
+    return fields
 
 
 def parse_message(data, source="-"):
@@ -913,29 +949,31 @@ def has_long_line(data):
             and not data.endswith(b"\r"))
 
 
-def canonical_entity(fields, body, binary=True):
+def canonical_entity(fields, body, binary=True, depth=0):
     """Return the canonical bytes (header, empty line, body) of one MIME entity.
 
     *fields* are the entity's Field objects; *body* is CRLF; *binary*: False when
-    the message is known to declare no binary part.  Raises MessageError.
+    the message is known to declare no binary part; *depth*: how deep it is nested.
+    Raises MessageError.
     """
+    check_depth(depth)
     if (not is_transport_safe(body) or transfer_encoding(fields) == b"binary"
             or binary and declares_binary(body)):
-        fields, body = canonical_parts(fields, body)
+        fields, body = canonical_parts(fields, body, depth)
     return b"".join([b"".join(safe_field(f) for f in fields), b"\r\n", body])
 
 
-def canonical_parts(fields, body):
+def canonical_parts(fields, body, depth=0):
     """Return (fields, body) of an entity whose body needs work, made canonical."""
     ctype, params = parse_content_type(field_value(fields, "content-type") or b"text/plain")
     if ctype.startswith("multipart/"):
         boundary = params.get("boundary")
         if not boundary:
             raise MessageError("a %s part has no boundary parameter" % ctype)
-        return fields, canonical_multipart(body, boundary.encode("ascii", "replace"))
+        return fields, canonical_multipart(body, boundary.encode("ascii", "replace"), depth)
     if ctype == "message/rfc822":
         return (replace_field(fields, "content-transfer-encoding", None),
-                canonical_embedded(fields, body))
+                canonical_embedded(fields, body, depth))
     return reencode_leaf(fields, body, ctype)
 
 
@@ -961,7 +999,7 @@ def replace_field(fields, name, raw_value):
     return kept
 
 
-def canonical_multipart(body, boundary):
+def canonical_multipart(body, boundary, depth=0):
     """Return a multipart body with every part made canonical (RFC 2046 5.1.1)."""
     delimiter = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)")
     marks = list(delimiter.finditer(body))
@@ -974,7 +1012,8 @@ def canonical_multipart(body, boundary):
         end = after.start() if after else len(body)
         fields, part_body = split_header(body[here.end() + 2:end])
         prefix = b"\r\n" if out[0] or len(out) > 1 else b""
-        out.append(prefix + b"--" + boundary + b"\r\n" + canonical_entity(fields, part_body))
+        out.append(prefix + b"--" + boundary + b"\r\n"
+                   + canonical_entity(fields, part_body, depth=depth + 1))
     epilogue = body[marks[-1].end() + 2:] if marks[-1].group(1) else b""
     out.append(b"\r\n--" + boundary + b"--\r\n" + safe_text_block(epilogue))
     return b"".join(out)
@@ -987,22 +1026,27 @@ def safe_text_block(data):
     return b"This is a multi-part message in MIME format.\r\n" if data.strip() else b""
 
 
-def canonical_embedded(fields, body):
+def canonical_embedded(fields, body, depth=0):
     """Return an embedded message/rfc822 body made canonical (RFC 2046 5.2.1)."""
     cte = transfer_encoding(fields)
     body = to_crlf(decode_body(body, cte))
     inner_fields, inner_body = split_header(body)
     outer = [f for f in inner_fields if not f.name.startswith("content-")]
     entity = [f for f in inner_fields if f.name.startswith("content-")]
-    canonical = canonical_entity(entity, inner_body)
+    canonical = canonical_entity(entity, inner_body, depth=depth + 1)
     return b"".join(safe_field(f) for f in outer) + canonical
+
+
+#: Every octet but the base64 alphabet (RFC 2045 6.8): dropped when decoding.
+_NOT_BASE64 = bytes(set(range(256)) - set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                          b"0123456789+/"))
 
 
 def decode_body(body, cte):
     """Return *body* decoded from Content-Transfer-Encoding *cte* (bytes)."""
     import binascii
     if cte == b"base64":
-        text = re.sub(rb"[^A-Za-z0-9+/]", b"", body)  # lenient, like mail clients
+        text = body.translate(None, _NOT_BASE64)  # lenient, like mail clients: one copy
         text = text[:len(text) - len(text) % 4 if len(text) % 4 == 1 else len(text)]
         return binascii.a2b_base64(text + b"=" * (-len(text) % 4))
     if cte == b"quoted-printable":
@@ -1772,13 +1816,15 @@ class Ber:
 
     Reads definite and indefinite lengths.  Slices are taken only when asked
     for, so a large encrypted payload is copied once.  Raises ValueError for
-    anything malformed, truncated or nested deeper than MAX_BER_DEPTH.
+    anything malformed, truncated, nested deeper than MAX_BER_DEPTH or beyond
+    the limits of its BerReader.
     """
-    __slots__ = ("data", "pos", "depth", "tag", "start", "stop", "end")
+    __slots__ = ("data", "pos", "depth", "tag", "start", "stop", "end", "reader")
 
-    def __init__(self, data, pos=0, depth=0):
+    def __init__(self, data, pos=0, depth=0, reader=None):
         self.data, self.pos, self.depth = data, pos, depth
-        self.tag, self.start, self.stop, self.end = ber_bounds(data, pos, depth)
+        self.reader = reader or BerReader(data)
+        self.tag, self.start, self.stop, self.end = self.reader.bounds(pos, depth)
 
     @property
     def raw(self):
@@ -1796,19 +1842,34 @@ class Ber:
 
     def children(self):
         """Return the elements inside a constructed element."""
+        return list(self.each())
+
+    def each(self):
+        """Yield the elements inside a constructed element, one at a time."""
         if not self.constructed:
             raise ValueError("a primitive element has no elements inside")
-        items, at = [], self.start
+        at = self.start
         while at < self.stop:
-            items.append(Ber(self.data, at, self.depth + 1))
-            at = items[-1].end
-        return items
+            item = Ber(self.data, at, self.depth + 1, self.reader)
+            yield item
+            at = item.end
 
     def octets(self):
-        """Return the value of an OCTET STRING, primitive or constructed (X.690 8.7)."""
+        """Return the value of an OCTET STRING, primitive or constructed (X.690 8.7),
+        its pieces joined once."""
         if not self.constructed:
             return self.body
-        return b"".join(child.octets() for child in self.children())
+        out = bytearray()
+        self.collect(out, memoryview(self.data))
+        return bytes(out)
+
+    def collect(self, out, view):
+        """Append the pieces of a constructed string to bytearray *out*."""
+        for piece in self.each():
+            if piece.constructed:
+                piece.collect(out, view)
+            else:
+                out += view[piece.start:piece.stop]
 
     def integer(self):
         """Return the value of an INTEGER."""
@@ -1818,7 +1879,7 @@ class Ber:
 
     def oid(self):
         """Return the dotted form of an OBJECT IDENTIFIER (X.690 8.19)."""
-        if self.tag != OID or self.start == self.stop:
+        if self.tag != OID or self.start == self.stop or self.data[self.stop - 1] & 0x80:
             raise ValueError("expected an OBJECT IDENTIFIER")
         arcs, value = [], 0
         for octet in self.body:
@@ -1832,30 +1893,52 @@ class Ber:
 
 #: Deepest nesting of indefinite-length elements read (CMS needs about 10).
 MAX_BER_DEPTH = 40
+#: Longest contents of primitive elements whose value is computed, by tag.
+MAX_VALUE_OCTETS = {INTEGER: MAX_INTEGER_OCTETS, OID: MAX_OID_OCTETS}
 
 
-def ber_bounds(data, pos, depth=0):
-    """Return (tag, contents start, contents stop, end) of the element at *pos*."""
-    if depth > MAX_BER_DEPTH or pos + 2 > len(data):
-        raise ValueError("truncated or too deeply nested ASN.1")
-    tag, first, start = data[pos], data[pos + 1], pos + 2
-    if tag & 0x1F == 0x1F:
-        raise ValueError("multi-octet ASN.1 tags are not used by CMS")
-    if first == 0x80:  # indefinite length: elements up to the end-of-contents octets
-        if not tag & 0x20:
-            raise ValueError("indefinite length on a primitive element")
-        at = start
-        while data[at:at + 2] != b"\0\0":
-            at = ber_bounds(data, at, depth + 1)[3]
-        return tag, start, at, at + 2
-    if first > 0x80:
-        count, start = first & 0x7F, start + (first & 0x7F)
-        if count > 8:
-            raise ValueError("ASN.1 length too large")
-        first = int.from_bytes(data[pos + 2:start], "big")
-    if start + first > len(data):
-        raise ValueError("truncated ASN.1 element")
-    return tag, start, start + first, start + first
+class BerReader:
+    """The state of reading one encoding: how many elements were read (at most
+    MAX_BER_ELEMENTS), and where each indefinite-length element ends, found once:
+    nested indefinite lengths are scanned once, not again at every level."""
+
+    def __init__(self, data):
+        self.data, self.count, self.ends = data, 0, {}
+
+    def bounds(self, pos, depth):
+        """Return (tag, contents start, contents stop, end) of the element at *pos*."""
+        data = self.data
+        self.count += 1
+        if self.count > MAX_BER_ELEMENTS:
+            raise ValueError("more than %d ASN.1 elements" % MAX_BER_ELEMENTS)
+        if depth > MAX_BER_DEPTH or pos + 2 > len(data):
+            raise ValueError("truncated or too deeply nested ASN.1")
+        tag, first, start = data[pos], data[pos + 1], pos + 2
+        if tag & 0x1F == 0x1F:
+            raise ValueError("multi-octet ASN.1 tags are not used by CMS")
+        if first == 0x80:  # indefinite length: elements up to the end-of-contents octets
+            if not tag & 0x20:
+                raise ValueError("indefinite length on a primitive element")
+            if pos not in self.ends:
+                self.ends[pos] = self.scan(start, depth)
+            return (tag, start) + self.ends[pos]
+        if first > 0x80:
+            count, start = first & 0x7F, start + (first & 0x7F)
+            if count > 8:
+                raise ValueError("ASN.1 length too large")
+            first = int.from_bytes(data[pos + 2:start], "big")
+        if start + first > len(data):
+            raise ValueError("truncated ASN.1 element")
+        if first > MAX_VALUE_OCTETS.get(tag, first):
+            raise ValueError("an %s longer than %d octets" % (
+                "INTEGER" if tag == INTEGER else "OBJECT IDENTIFIER", MAX_VALUE_OCTETS[tag]))
+        return tag, start, start + first, start + first
+
+    def scan(self, at, depth):
+        """Return (contents stop, end) of an indefinite-length element's contents at *at*."""
+        while self.data[at:at + 2] != b"\0\0":
+            at = self.bounds(at, depth + 1)[3]
+        return at, at + 2
 
 
 def issuer_and_serial(cert):
@@ -2311,21 +2394,27 @@ MAX_LAYERS = 3
 DELIVERY_FIELDS = ("to", "cc", "bcc", "delivered-to", "x-original-to", "from")
 
 
-class Signature:
-    """One SignerInfo, checked (RFC 5652 5.3, 5.4, 5.6).
+class Signature(NamedTuple):
+    """One SignerInfo, checked (RFC 5652 5.3, 5.4, 5.6); built once by check_signer().
 
     *cert*: the signer's certificate from the message (None if absent); *certs*:
     every certificate the message carries; *broken*: why the signature itself
-    fails ('' when it verifies): the content or the signature was altered.
+    fails ('' when it verifies): the content or the signature was altered;
+    *digest*: the digest algorithm's name; *hash*: the hash the signature
+    algorithm used; *algorithm*: RSA, RSA-PSS or ECDSA; *signing_time*: as the
+    signer claims it.
     """
-
-    def __init__(self, cert, certs):
-        self.cert, self.certs, self.broken = cert, certs, ""
-        self.digest = self.hash = self.algorithm = self.signing_time = ""
+    cert: object
+    certs: list
+    broken: str
+    digest: str = ""
+    hash: str = ""
+    algorithm: str = ""
+    signing_time: str = ""
 
     @property
     def address(self):
-        """The signer's e-mail address, or a description when there is none."""
+        """The certificate's first e-mail address, or a description when there is none."""
         emails = cert_emails(self.cert) if self.cert is not None else []
         return emails[0] if emails else "an unknown signer"
 
@@ -2409,9 +2498,22 @@ def open_layers(fields, body, keyring, depth=0):
             UnsupportedAlgorithm) as exc:  # not CMS after all
         raise MessageError("the S/MIME part is malformed (%s)" % (
             first_line(exc) if isinstance(exc, ValueError) else type(exc).__name__))
-    inner_fields, inner_body = split_header(message_to_crlf(inner))
+    inner = message_to_crlf(inner)
+    if not is_mime_entity(inner):
+        raise MessageError("the %s content is not a MIME entity (RFC 8551 3.1): nothing "
+                           "vouches for what a mail client would make of it" % layer.kind)
+    inner_fields, inner_body = split_header(inner)
     layers, innermost = open_layers(inner_fields, inner_body, keyring, depth + 1)
     return [layer] + layers, inner if innermost is None else innermost
+
+
+def is_mime_entity(data):
+    """True when CRLF *data* is a MIME entity: header fields (or none), then the empty
+    line before the body, or only header fields (RFC 2045 3, RFC 5322 2.1)."""
+    if data.startswith(b"\r\n"):
+        return True
+    fields, body = split_header(data)
+    return bool(fields) and (not body or data[:len(data) - len(body)].endswith(b"\r\n\r\n"))
 
 
 def open_layer(kind, fields, body, keyring):
@@ -2442,70 +2544,165 @@ def content_info(der, expected=None):
     the content when *expected* names the type it must have."""
     if not der:
         raise MessageError("an empty S/MIME part")
-    fields = Ber(der).children()
-    oid, content = fields[0].oid(), fields[1]
-    if content.tag != ctx(0):
-        raise ValueError("ContentInfo without its [0] content")
+    fields = Fields(Ber(der))
+    oid, content = fields.take(OID).oid(), Fields(fields.take(ctx(0))).take()
     if expected is not None:
         if oid != expected:
             raise MessageError("the signature part holds content type %s, not SignedData" % oid)
-        return content.children()[0]
-    return oid, content.children()[0]
+        return content
+    return oid, content
+
+
+# -- Reading CMS: named values after their ASN.1 names (RFC 5652) -------------------
+
+class Fields:
+    """The elements of a constructed element, read in order: required ones by take(),
+    OPTIONAL ones by their tag.  Raises ValueError for a missing or unexpected one."""
+
+    def __init__(self, ber):
+        self.items, self.at = ber.children(), 0
+
+    def take(self, tag=None):
+        """Return the next element; it must have *tag* when one is given."""
+        if self.at == len(self.items) or tag is not None and self.items[self.at].tag != tag:
+            raise ValueError("a CMS structure without a required field")
+        self.at += 1
+        return self.items[self.at - 1]
+
+    def optional(self, tag):
+        """Return the next element when it has *tag*, else None."""
+        if self.at < len(self.items) and self.items[self.at].tag == tag:
+            return self.take()
+        return None
+
+    def rest(self):
+        """Return the elements not read yet."""
+        return self.items[self.at:]
+
+
+def bounded(ber, limit, what):
+    """Return the elements inside *ber*; more than *limit* raise MessageError."""
+    items = []
+    for item in ber.each():
+        if len(items) == limit:
+            raise MessageError("more than %d %s in one S/MIME part" % (limit, what))
+        items.append(item)
+    return items
+
+
+def algorithm_oid(ber):
+    """Return the algorithm OID of an AlgorithmIdentifier (RFC 5280 4.1.1.2)."""
+    return Fields(ber).take(OID).oid()
 
 
 # -- SignedData (RFC 5652 5) -------------------------------------------------------
 
-def signed_data(sd, detached=None):
+class SignedData(NamedTuple):
+    """A SignedData (RFC 5652 5.1): *e_content_type* and *e_content* of its
+    EncapsulatedContentInfo (None when detached), its *certificates* (parsed) and
+    *signer_infos*."""
+    e_content_type: str
+    e_content: object
+    certificates: list
+    signer_infos: list
+
+
+class SignerInfo(NamedTuple):
+    """A SignerInfo (RFC 5652 5.3).  *sid*: the SignerIdentifier (Ber);
+    *digest_algorithm*: its OID; *signed_attrs*: the [0] SignedAttributes (Ber) or
+    None; *signature_algorithm*: the AlgorithmIdentifier (Ber)."""
+    version: int
+    sid: object
+    digest_algorithm: str
+    signed_attrs: object
+    signature_algorithm: object
+    signature: bytes
+
+
+def read_signed_data(ber):
+    """Return the SignedData in *ber*.  Raises ValueError when malformed, MessageError
+    beyond MAX_CERTIFICATES or MAX_SIGNER_INFOS."""
+    from cryptography import x509
+    fields = Fields(ber)
+    fields.take(INTEGER)  # version
+    fields.take(SET)  # digestAlgorithms: each SignerInfo names its own
+    encap = Fields(fields.take(SEQUENCE))  # EncapsulatedContentInfo
+    e_content_type, e_content = encap.take(OID).oid(), encap.optional(ctx(0))
+    if e_content is not None:
+        e_content = Fields(e_content).take().octets()
+    certs = fields.optional(ctx(0))  # certificates [0] IMPLICIT CertificateSet
+    certs = [x509.load_der_x509_certificate(c.raw) for c in (
+        bounded(certs, MAX_CERTIFICATES, "certificates") if certs is not None else [])
+        if c.tag == SEQUENCE]  # other certificate formats are not used by S/MIME
+    fields.optional(ctx(1))  # crls
+    infos = bounded(fields.take(SET), MAX_SIGNER_INFOS, "SignerInfos")
+    return SignedData(e_content_type, e_content, certs, [read_signer_info(i) for i in infos])
+
+
+def read_signer_info(ber):
+    """Return the SignerInfo in *ber* (RFC 5652 5.3)."""
+    fields = Fields(ber)
+    version, sid = fields.take(INTEGER).integer(), fields.take()
+    digest_algorithm = algorithm_oid(fields.take(SEQUENCE))
+    signed_attrs = fields.optional(ctx(0))
+    signature_algorithm = fields.take(SEQUENCE)
+    signature = fields.take(OCTET_STRING).octets()
+    return SignerInfo(version, sid, digest_algorithm, signed_attrs, signature_algorithm,
+                      signature)
+
+
+def signed_data(ber, detached=None):
     """Return ([Signature], signed content) of a SignedData, every SignerInfo checked.
 
-    *detached*: the content of a multipart/signed; else the encapsulated one.
+    *detached*: the content of a multipart/signed; else the encapsulated one.  The
+    content is hashed once per digest algorithm.  Raises MessageError for content
+    that is not id-data (RFC 8551 2.4.1) or missing, or no signer at all.
     """
-    from cryptography import x509
-    fields = sd.children()
-    encap = fields[2].children()  # EncapsulatedContentInfo
-    content_type = encap[0].oid()
-    content = detached
+    signed = read_signed_data(ber)
+    if signed.e_content_type != ID_DATA:
+        raise MessageError("the signed content is of type %s, not id-data: S/MIME signs MIME "
+                           "entities (RFC 8551 2.4.1)" % signed.e_content_type)
+    content = detached if detached is not None else signed.e_content
     if content is None:
-        if len(encap) < 2:
-            raise MessageError("a detached signature outside a multipart/signed")
-        content = encap[1].children()[0].octets()
-    certs = []
-    for item in fields[3:-1]:
-        if item.tag == ctx(0):  # certificates [0] IMPLICIT CertificateSet
-            certs += [x509.load_der_x509_certificate(c.raw) for c in item.children()
-                      if c.tag == SEQUENCE]
-    infos = fields[-1].children()
-    if fields[-1].tag != SET or not infos:
+        raise MessageError("a detached signature outside a multipart/signed")
+    if not signed.signer_infos:
         raise MessageError("a SignedData without any signer")
-    return [signer_info(si, content, content_type, certs) for si in infos], content
+    digests = {}
+    return [check_signer(info, signed.certificates, content, digests)
+            for info in signed.signer_infos], content
 
 
-def signer_info(si, content, content_type, certs):
-    """Return the Signature of one SignerInfo over *content* (RFC 5652 5.4, 5.6)."""
+def check_signer(info, certs, content, digests):
+    """Return the Signature of SignerInfo *info* over *content* (RFC 5652 5.4, 5.6).
+
+    *certs*: the message's certificates; *digests*: the content's digest by hash
+    name, filled in as needed (each computed once per message).
+    """
+    cert = signer_certificate(info.sid, certs)
+    digest = DIGESTS.get(info.digest_algorithm, "")
+    if not digest:
+        return Signature(cert, certs, "signed with a digest algorithm this tool does not know "
+                                      "(%s)" % info.digest_algorithm)
+    if digest not in digests:
+        digests[digest] = content_digest(digest, content)
+    attrs = SignedAttributes(info.signed_attrs) if info.signed_attrs is not None else None
+    signing_time = attrs.signing_time if attrs is not None else ""
+    problem = attrs.problem(digests[digest], digest) if attrs is not None else ""
+    if not problem and cert is None:
+        problem = "the signer's certificate is not in the message"
+    algorithm = hash_name = ""
+    if not problem:  # with attributes, their DER SET OF is what was signed (RFC 5652 5.4)
+        signed = content if attrs is None else b"\x31" + info.signed_attrs.raw[1:]
+        problem, algorithm, hash_name = signature_problem(cert, info, signed, digest)
+    return Signature(cert, certs, problem, digest, hash_name, algorithm, signing_time)
+
+
+def content_digest(name, content):
+    """Return the digest *name* (a DIGESTS value) of *content*."""
     from cryptography.hazmat.primitives import hashes
-    fields = si.children()
-    attrs = fields[3] if fields[3].tag == ctx(0) else None
-    algorithm, value = fields[4:6] if attrs is not None else fields[3:5]
-    sig = Signature(signer_certificate(fields[1], certs), certs)
-    sig.digest = DIGESTS.get(fields[2].children()[0].oid(), "")
-    if not sig.digest:
-        sig.broken = "signed with a digest algorithm this tool does not know (%s)" % (
-            fields[2].children()[0].oid())
-        return sig
-    digest = hashes.Hash(getattr(hashes, sig.digest)())
+    digest = hashes.Hash(getattr(hashes, name)())
     digest.update(content)
-    digest = digest.finalize()
-    signed = content
-    if attrs is not None:
-        sig.broken = attributes_problem(attrs, content_type, digest, sig)
-        signed = b"\x31" + attrs.raw[1:]  # the DER SET OF Attribute is what was signed
-    elif content_type != ID_DATA:
-        sig.broken = "no signed attributes over content that is not plain data"
-    if sig.cert is None:
-        sig.broken = sig.broken or "the signer's certificate is not in the message"
-    if not sig.broken:
-        sig.broken = signature_problem(sig, algorithm, value.octets(), signed)
-    return sig
+    return digest.finalize()
 
 
 def signer_certificate(sid, certs):
@@ -2528,24 +2725,65 @@ def subject_key_id(cert):
     return found.digest if found is not None else None
 
 
-def attributes_problem(attrs, content_type, digest, sig):
-    """Check the signed attributes (RFC 5652 5.3, 11); note the signing time on *sig*.
+class SignedAttributes:
+    """The SignedAttributes of a SignerInfo (RFC 5652 5.3, 11): *encoding* (its Ber),
+    *values*: each attribute type's OID -> one list of values per occurrence."""
 
-    Returns why they do not match the content, or ''.
-    """
-    found = {}
-    for attr in attrs.children():
-        kind, values = attr.children()
-        found.setdefault(kind.oid(), values.children())
-    if ATTR_SIGNING_TIME in found:
-        sig.signing_time = asn1_time(found[ATTR_SIGNING_TIME][0])
-    types, digests = found.get(ATTR_CONTENT_TYPE), found.get(ATTR_MESSAGE_DIGEST)
-    if not types or types[0].oid() != content_type:
-        return "the signed content-type attribute does not match the content"
-    if not digests or digests[0].octets() != digest:
-        return ("the content was altered after signing: its %s digest does not match the "
-                "signed message-digest" % sig.digest.replace("SHA", "SHA-"))
-    return ""
+    def __init__(self, encoding):
+        self.encoding, self.values = encoding, {}
+        for attr in encoding.each():
+            fields = Fields(attr)
+            kind, values = fields.take(OID).oid(), fields.take(SET)
+            self.values.setdefault(kind, []).append(values.children())
+
+    @property
+    def signing_time(self):
+        """The signing-time attribute (RFC 5652 11.3) as text, or ''."""
+        found = self.values.get(ATTR_SIGNING_TIME)
+        return asn1_time(found[0][0]) if found and found[0] else ""
+
+    def single(self, oid):
+        """Return the one value of attribute *oid*, or None unless it occurs exactly once
+        with exactly one value (RFC 5652 11.1, 11.2)."""
+        found = self.values.get(oid, [])
+        return found[0][0] if [len(values) for values in found] == [1] else None
+
+    def problem(self, digest, digest_name):
+        """Return why the attributes do not vouch for content with *digest*, or ''."""
+        if not is_der(self.encoding, as_set=True):
+            return ("the signed attributes are not DER-encoded, so the signature cannot be "
+                    "checked (RFC 5652 5.4)")
+        content_type = self.single(ATTR_CONTENT_TYPE)
+        message_digest = self.single(ATTR_MESSAGE_DIGEST)
+        if content_type is None or message_digest is None:
+            return ("the signed attributes must hold exactly one content-type and one "
+                    "message-digest, each with one value (RFC 5652 11.1, 11.2)")
+        if content_type.oid() != ID_DATA:
+            return "the signed content-type attribute does not match the content"
+        if message_digest.octets() != digest:
+            return ("the content was altered after signing: its %s digest does not match the "
+                    "signed message-digest" % digest_name.replace("SHA", "SHA-"))
+        return ""
+
+
+def is_der(item, as_set=False):
+    """True when *item* and everything inside it is DER (X.690 10, 11): definite and
+    shortest lengths, no constructed strings, shortest INTEGERs, the elements of a
+    SET OF (and of *item* itself when *as_set*) sorted by their encodings."""
+    size = item.stop - item.start
+    if item.end != item.stop or item.data[item.pos:item.start] != der_header(item.tag, size):
+        return False
+    if not item.constructed:
+        body = item.data[item.start:item.start + 2]
+        return not (item.tag == INTEGER and len(body) == 2 and (
+            body[0] == 0 and body[1] < 0x80 or body[0] == 0xFF and body[1] >= 0x80))
+    if item.tag < 0x40 and item.tag not in (SEQUENCE, SET):  # a constructed string
+        return False
+    children = item.children()
+    if (as_set or item.tag == SET) and [c.raw for c in children] != sorted(
+            c.raw for c in children):
+        return False
+    return all(is_der(child) for child in children)
 
 
 def asn1_time(item):
@@ -2557,34 +2795,36 @@ def asn1_time(item):
                                        text[10:12], text[12:14] or "00")
 
 
-def signature_problem(sig, algorithm, value, signed):
-    """Verify *value* over *signed* with the signer's public key; return '' or why not."""
+def signature_problem(cert, info, signed, digest):
+    """Verify SignerInfo *info*'s signature over *signed* with *cert*'s public key.
+
+    Returns (why not or '', "RSA", "RSA-PSS" or "ECDSA", the hash used).
+    """
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-    parts = algorithm.children()
-    scheme, hash_name = SIGNATURE_ALGORITHMS.get(parts[0].oid(), ("", None))
-    hash_name = hash_name or sig.digest
-    key = sig.cert.public_key()
-    sig.hash = hash_name
+    parts = Fields(info.signature_algorithm)
+    oid = parts.take(OID).oid()
+    scheme, hash_name = SIGNATURE_ALGORITHMS.get(oid, ("", None))
+    hash_name = hash_name or digest
+    key = cert.public_key()
     try:
         if scheme in ("rsa", "pss") and isinstance(key, rsa.RSAPublicKey):
             if scheme == "pss":
-                hash_name, mgf_hash, salt = pss_parameters(parts[1] if len(parts) > 1 else None)
-                sig.hash = hash_name
+                params = parts.rest()
+                hash_name, mgf_hash, salt = pss_parameters(params[0] if params else None)
                 pad = padding.PSS(padding.MGF1(getattr(hashes, mgf_hash)()), salt)
             else:
                 pad = padding.PKCS1v15()
-            key.verify(value, signed, pad, getattr(hashes, hash_name)())
+            key.verify(info.signature, signed, pad, getattr(hashes, hash_name)())
         elif scheme == "ecdsa" and isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(value, signed, ec.ECDSA(getattr(hashes, hash_name)()))
+            key.verify(info.signature, signed, ec.ECDSA(getattr(hashes, hash_name)()))
         else:
-            return "signed with an algorithm this tool cannot check (%s)" % parts[0].oid()
+            return "signed with an algorithm this tool cannot check (%s)" % oid, "", hash_name
     except InvalidSignature:
-        return "the signature does not match the content (the signature or the content was " \
-               "altered)"
-    sig.algorithm = {"rsa": "RSA", "pss": "RSA-PSS", "ecdsa": "ECDSA"}[scheme]
-    return ""
+        return ("the signature does not match the content (the signature or the content was "
+                "altered)", "", hash_name)
+    return "", {"rsa": "RSA", "pss": "RSA-PSS", "ecdsa": "ECDSA"}[scheme], hash_name
 
 
 def pss_parameters(params):
@@ -2629,12 +2869,25 @@ def signature_verdict(sig, sender, roots):
     if sender not in emails:
         return Verdict("the signature carries no certificate for %s (signed by %s): the From "
                        "address is not the signer's" % (sender, ", ".join(emails) or "no address"))
-    problem = certificate_problem(sig.cert, sender, "sign")
+    problem = certificate_problem(sig.cert, sender, "sign") or signer_key_problem(sig.cert)
     chain = []
     if not problem:
         chain, problem = validated_chain(sig.cert, sig.certs, roots())
     problem = problem or name_constraint_problem(sig.cert, chain[1:])
     return Verdict("the signer's certificate %s" % problem if problem else "", chain)
+
+
+def signer_key_problem(cert):
+    """Return why the key of signer certificate *cert* is too weak to vouch, or '': RSA
+    keys of fewer than MIN_RSA_BITS, EC keys off the curves we use (ECDH_SCHEMES), as
+    the path validation refuses for CAs."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        return "has a %d-bit RSA key: at least %d bits are needed" % (key.key_size, MIN_RSA_BITS)
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in ECDH_SCHEMES:
+        return "has an EC key on curve %s: P-256, P-384 and P-521 are accepted" % key.curve.name
+    return ""
 
 
 def validated_chain(cert, certs, roots):
@@ -2713,41 +2966,184 @@ class Keyring:
 
     def open_envelope(self, oid, envelope):
         """Return (content, address, description) of an (Auth)EnvelopedData for one of
-        our keys.  Raises MessageError when none of them can open it."""
-        fields = envelope.children()
-        at = 2 if fields[1].tag == ctx(0) else 1  # originatorInfo [0] is optional
-        infos, encrypted = fields[at].children(), fields[at + 1]
-        tried, named = [], [rid for info in infos for rid in recipient_ids(info)]
+        our keys.  Raises MessageError when none of them can open it, and one uniform
+        error for any failure once a RecipientInfo naming our certificate was found:
+        a padding or tag error must not tell an attacker more (RFC 3218, EFAIL)."""
+        env = read_enveloped_data(envelope, oid == ID_AUTH_ENVELOPED_DATA)
+        named = [(info, rid, key) for info in env.recipient_infos
+                 for rid, key in info.recipients()]
+        if len(named) > MAX_RECIPIENT_INFOS:
+            raise MessageError("more than %d RecipientInfos (recipient keys) in one S/MIME "
+                               "part" % MAX_RECIPIENT_INFOS)
+        cipher = content_cipher(env)
+        tried = []
         for address in self.candidates():
             certs = self.keystore.certificates(address)
-            if certs is not None and not any(names_cert(rid, c) for rid in named for c in certs):
+            if certs is not None and not any(names_cert(rid, c) for _, rid, _ in named
+                                             for c in certs):
                 tried.append(address)
                 continue  # not one of the recipients: its private key stays unread
             ident = self.keystore.decryption(address)
-            for info in infos:
-                key = unwrap_content_key(info, ident)
-                if key is None:
-                    continue
-                if oid == ID_AUTH_ENVELOPED_DATA:
-                    content, how = decrypt_auth_content(encrypted, key, fields[at + 2:])
-                else:
-                    content, how = decrypt_content(encrypted, key)
-                if content is not None:
-                    return content, address, how
-            tried.append(address)
+            ours = next(((info, key) for info, rid, key in named if names_us(rid, ident)), None)
+            if ours is None:
+                tried.append(address)
+                continue
+            content = decrypt_envelope(env, cipher, ours[0].content_key(ident, ours[1]))
+            if content is None:
+                raise MessageError("the encrypted message is altered or corrupt: it does not "
+                                   "decrypt with the key given to %s" % address)
+            return content, address, "%s-%d-%s" % (cipher[0], cipher[1] * 8, cipher[2])
         raise MessageError("encrypted to %d recipient(s), none of them an identity whose key "
                            "is in the key directories (tried: %s)"
-                           % (len(infos), ", ".join(tried) or "no key found"))
+                           % (len(env.recipient_infos), ", ".join(tried) or "no key found"))
 
 
-def unwrap_content_key(info, ident):
-    """Return the content-encryption key RecipientInfo *info* holds for *ident*, or None."""
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    if info.tag == SEQUENCE and isinstance(ident.key, rsa.RSAPrivateKey):
-        return key_transport_key(info, ident)
-    if info.tag == ctx(1) and isinstance(ident.key, ec.EllipticCurvePrivateKey):
-        return key_agreement_key(info, ident)
-    return None  # kekri, pwri, ori, or a key of the other type
+class EnvelopedData(NamedTuple):
+    """An EnvelopedData (RFC 5652 6.1) or AuthEnvelopedData (RFC 5083 2.1): its
+    *recipient_infos* (read_recipient_info()), the *content_type*, the
+    *content_encryption_algorithm* (Ber) and the *encrypted_content* (Ber or None)
+    of its (Auth)EncryptedContentInfo; AuthEnvelopedData's *auth_attrs* (Ber or
+    None) and *mac*."""
+    version: int
+    recipient_infos: list
+    content_type: str
+    content_encryption_algorithm: object
+    encrypted_content: object
+    auth: bool
+    auth_attrs: object = None
+    mac: bytes = b""
+
+
+def read_enveloped_data(ber, auth):
+    """Return the EnvelopedData (*auth*: AuthEnvelopedData) in *ber*.  Raises ValueError
+    when malformed, MessageError beyond MAX_RECIPIENT_INFOS."""
+    fields = Fields(ber)
+    version = fields.take(INTEGER).integer()
+    fields.optional(ctx(0))  # originatorInfo
+    infos = [read_recipient_info(info) for info in bounded(
+        fields.take(SET), MAX_RECIPIENT_INFOS, "RecipientInfos (recipient keys)")]
+    encrypted = Fields(fields.take(SEQUENCE))  # (Auth)EncryptedContentInfo
+    content_type, algorithm = encrypted.take(OID).oid(), encrypted.take(SEQUENCE)
+    content = encrypted.optional(ctx(0, constructed=False)) or encrypted.optional(ctx(0))
+    if not auth:
+        return EnvelopedData(version, infos, content_type, algorithm, content, False)
+    auth_attrs, mac = fields.optional(ctx(1)), fields.take(OCTET_STRING).octets()
+    return EnvelopedData(version, infos, content_type, algorithm, content, True, auth_attrs,
+                         mac)
+
+
+def read_recipient_info(ber):
+    """Return the RecipientInfo in *ber*, read by the reader for its tag (RFC 5652 6.2):
+    a value with recipients() -> [(RecipientIdentifier, encrypted key)] and
+    content_key(identity, encrypted key) -> the content-encryption key or None."""
+    reader = RECIPIENT_INFO_READERS.get(ber.tag)
+    return reader(ber) if reader is not None else OtherRecipientInfo(ber.tag)
+
+
+class KeyTransRecipientInfo(NamedTuple):
+    """A KeyTransRecipientInfo (RFC 5652 6.2.1): *rid* (Ber) and the
+    *key_encryption_algorithm* (Ber)."""
+    version: int
+    rid: object
+    key_encryption_algorithm: object
+    encrypted_key: bytes
+
+    def recipients(self):
+        return [(self.rid, self.encrypted_key)]
+
+    def content_key(self, ident, encrypted_key):
+        """Return the key under our RSA key: PKCS#1 v1.5, or RSAES-OAEP when received
+        (RFC 3560); None when it does not decrypt.  Raises MessageError for another
+        algorithm."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+        fields = Fields(self.key_encryption_algorithm)
+        oid, params = fields.take(OID).oid(), fields.rest()
+        if oid == RSAES_OAEP:
+            hash_name, mgf_hash, label = oaep_parameters(params[0] if params else None)
+            pad = padding.OAEP(padding.MGF1(getattr(hashes, mgf_hash)()),
+                               getattr(hashes, hash_name)(), label or None)
+        elif oid == RSA_ENCRYPTION:
+            pad = padding.PKCS1v15()
+        else:
+            raise MessageError("encrypted to us with a key transport this tool does not "
+                               "support (%s)" % oid)
+        if not isinstance(ident.key, rsa.RSAPrivateKey):
+            return None
+        try:
+            return ident.key.decrypt(encrypted_key, pad)
+        except ValueError:
+            return None
+
+
+def read_key_trans_recipient_info(ber):
+    fields = Fields(ber)
+    return KeyTransRecipientInfo(fields.take(INTEGER).integer(), fields.take(),
+                                 fields.take(SEQUENCE), fields.take(OCTET_STRING).octets())
+
+
+class KeyAgreeRecipientInfo(NamedTuple):
+    """A KeyAgreeRecipientInfo (RFC 5652 6.2.2): the *originator*
+    (OriginatorIdentifierOrKey, Ber), *ukm* (bytes or None), the
+    *key_encryption_algorithm* (Ber) and *recipient_encrypted_keys*:
+    [(RecipientIdentifier, encrypted key)]."""
+    version: int
+    originator: object
+    ukm: object
+    key_encryption_algorithm: object
+    recipient_encrypted_keys: list
+
+    def recipients(self):
+        return self.recipient_encrypted_keys
+
+    def content_key(self, ident, encrypted_key):
+        """Return the key for our EC key (RFC 5753 3.1.2): ephemeral-static ECDH with
+        the originator's public key, the X9.63 KDF of the scheme, then AES key unwrap
+        (RFC 3394); None when it does not unwrap.  Raises MessageError for static
+        originator keys and other schemes."""
+        from cryptography.hazmat.primitives import keywrap
+        from cryptography.hazmat.primitives.asymmetric import ec
+        fields = Fields(self.key_encryption_algorithm)
+        scheme, wrap = fields.take(OID).oid(), algorithm_oid(fields.take(SEQUENCE))
+        sizes = {oid: size for size, oid in AES_WRAP.items()}
+        if self.originator.tag != ctx(1) or scheme not in KDF_HASHES or wrap not in sizes:
+            raise MessageError("encrypted to us with a key agreement this tool does not "
+                               "support (%s)" % scheme)
+        if not isinstance(ident.key, ec.EllipticCurvePrivateKey):
+            return None
+        point = Fields(self.originator).rest()[-1].body[1:]  # BIT STRING: unused bits, point
+        public = ec.EllipticCurvePublicKey.from_encoded_point(ident.key.curve, point)
+        kek = ecdh_key_encryption_key(ident.key, public, scheme, wrap, sizes[wrap], self.ukm)
+        try:
+            return keywrap.aes_key_unwrap(kek, encrypted_key)
+        except keywrap.InvalidUnwrap:
+            return None
+
+
+def read_key_agree_recipient_info(ber):
+    fields = Fields(ber)
+    version = fields.take(INTEGER).integer()
+    originator = Fields(fields.take(ctx(0))).take()
+    ukm = fields.optional(ctx(1))
+    ukm = Fields(ukm).take(OCTET_STRING).octets() if ukm is not None else None
+    algorithm = fields.take(SEQUENCE)
+    keys = [Fields(entry) for entry in bounded(fields.take(SEQUENCE), MAX_RECIPIENT_INFOS,
+                                               "RecipientInfos (recipient keys)")]
+    return KeyAgreeRecipientInfo(version, originator, ukm, algorithm,
+                                 [(key.take(), key.take(OCTET_STRING).octets()) for key in keys])
+
+
+class OtherRecipientInfo(NamedTuple):
+    """A RecipientInfo for other keys than ours: kekri [2], pwri [3] or ori [4]."""
+    tag: int
+
+    def recipients(self):
+        return []
+
+
+#: RecipientInfo readers by the RecipientInfo's tag (RFC 5652 6.2): ktri is a SEQUENCE.
+RECIPIENT_INFO_READERS = {SEQUENCE: read_key_trans_recipient_info,
+                          ctx(1): read_key_agree_recipient_info}
 
 
 def names_us(rid, ident):
@@ -2763,42 +3159,8 @@ def names_cert(rid, cert, issuer_serial=None):
     if rid.tag == ctx(0, constructed=False):  # subjectKeyIdentifier
         return rid.body == subject_key_id(cert)
     if rid.tag == ctx(0):  # rKeyId RecipientKeyIdentifier (kari)
-        return rid.children()[0].octets() == subject_key_id(cert)
+        return Fields(rid).take(OCTET_STRING).octets() == subject_key_id(cert)
     return False
-
-
-def recipient_ids(info):
-    """Return the RecipientIdentifiers a RecipientInfo names: the one of a
-    KeyTransRecipientInfo, each of a KeyAgreeRecipientInfo's encrypted keys."""
-    if info.tag == SEQUENCE:
-        return [info.children()[1]]
-    if info.tag == ctx(1):
-        return [entry.children()[0] for entry in info.children()[-1].children()]
-    return []
-
-
-def key_transport_key(info, ident):
-    """Return the key of a KeyTransRecipientInfo for our RSA key: PKCS#1 v1.5, or
-    RSAES-OAEP when received (RFC 3560); None when it is not ours or not readable."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding
-    fields = info.children()
-    if not names_us(fields[1], ident):
-        return None
-    algorithm = fields[2].children()
-    if algorithm[0].oid() == RSAES_OAEP:
-        hash_name, mgf_hash, label = oaep_parameters(algorithm[1] if len(algorithm) > 1
-                                                     else None)
-        pad = padding.OAEP(padding.MGF1(getattr(hashes, mgf_hash)()),
-                           getattr(hashes, hash_name)(), label or None)
-    elif algorithm[0].oid() == RSA_ENCRYPTION:
-        pad = padding.PKCS1v15()
-    else:
-        return None
-    try:
-        return ident.key.decrypt(fields[3].octets(), pad)
-    except ValueError:
-        return None
 
 
 def oaep_parameters(params):
@@ -2807,89 +3169,50 @@ def oaep_parameters(params):
     return hash_name, mgf_hash, source.children()[1].octets() if source is not None else b""
 
 
-def key_agreement_key(info, ident):
-    """Return the key of a KeyAgreeRecipientInfo for our EC key (RFC 5753 3.1.2), or None.
-
-    Ephemeral-static ECDH with the originator's public key, the X9.63 KDF of
-    the scheme, then AES key unwrap (RFC 3394) of our RecipientEncryptedKey.
-    """
-    from cryptography.hazmat.primitives import keywrap
-    from cryptography.hazmat.primitives.asymmetric import ec
-    fields = info.children()
-    originator = fields[1].children()[0]
-    ukm = fields[2].children()[0].octets() if fields[2].tag == ctx(1) else None
-    algorithm = fields[-2].children()
-    scheme, wrap = algorithm[0].oid(), algorithm[1].children()[0].oid()
-    sizes = {oid: size for size, oid in AES_WRAP.items()}
-    if originator.tag != ctx(1) or scheme not in KDF_HASHES or wrap not in sizes:
-        return None  # static originator keys and other schemes: not supported
-    point = originator.children()[1].body[1:]  # BIT STRING: unused-bits octet, then ECPoint
-    for entry in fields[-1].children():
-        rid, encrypted_key = entry.children()
-        if not names_us(rid, ident):
-            continue
-        public = ec.EllipticCurvePublicKey.from_encoded_point(ident.key.curve, point)
-        kek = ecdh_key_encryption_key(ident.key, public, scheme, wrap, sizes[wrap], ukm)
-        try:
-            return keywrap.aes_key_unwrap(kek, encrypted_key.octets())
-        except keywrap.InvalidUnwrap:
-            return None
-    return None
-
-
-def decrypt_content(encrypted, key):
-    """Return (content, description) of an EncryptedContentInfo (RFC 5652 6.1) under
-    AES-CBC (RFC 3565), or (None, '') when *key* does not fit it."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-    fields = encrypted.children()
-    algorithm = fields[1].children()
-    sizes = {oid: size for size, oid in AES_CBC.items()}
-    if algorithm[0].oid() not in sizes:
+def content_cipher(env):
+    """Return ("AES", key size, "CBC" or "GCM") of the envelope's content encryption
+    (RFC 3565, RFC 5084 3.2).  Raises MessageError for another cipher or a GCM tag
+    outside 12-16 octets."""
+    oid = algorithm_oid(env.content_encryption_algorithm)
+    sizes = AES_GCM if env.auth else {oid: size for size, oid in AES_CBC.items()}
+    if oid not in sizes:
         raise MessageError("encrypted with a content cipher this tool does not support (%s); "
-                           "AES-CBC and AES-GCM are" % algorithm[0].oid())
-    if len(key) != sizes[algorithm[0].oid()] or len(fields) < 3:
-        return None, ""
-    decryptor = Cipher(algorithms.AES(key), modes.CBC(algorithm[1].octets())).decryptor()
-    data = fields[2].octets()
-    if not data or len(data) % 16:
-        raise MessageError("the encrypted content is truncated")
-    plain = decryptor.update(data) + decryptor.finalize()
-    pad = plain[-1]
-    if not 1 <= pad <= 16 or plain[-pad:] != bytes((pad,)) * pad:
-        return None, ""  # a wrong key (RSA's implicit rejection gives one) or damage
-    return plain[:-pad], "AES-%d-CBC" % (len(key) * 8)
+                           "AES-CBC and AES-GCM are" % oid)
+    if env.auth and not 12 <= len(env.mac) <= 16:  # RFC 5084 3.2: 12 to 16 octets
+        raise MessageError("AuthEnvelopedData with a %d-octet authentication tag (12 to 16 "
+                           "are allowed)" % len(env.mac))
+    return "AES", sizes[oid], "GCM" if env.auth else "CBC"
 
 
-def decrypt_auth_content(encrypted, key, rest):
-    """Return (content, description) of AuthEnvelopedData content under AES-GCM
-    (RFC 5083 2.1, RFC 5084 3.2): the authenticated attributes, if any, are the
-    additional data; a wrong tag means altered content (MessageError)."""
+def decrypt_envelope(env, cipher, key):
+    """Return the content of *env* decrypted with content-encryption *key* under *cipher*
+    (content_cipher()), or None when anything is wrong: no key, a wrong key length, a
+    bad padding or tag, a plaintext that is not a MIME entity (RFC 5652 6.3, RFC 5083)."""
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-    fields = encrypted.children()
-    algorithm = fields[1].children()
-    if algorithm[0].oid() not in AES_GCM:
-        raise MessageError("AuthEnvelopedData with a cipher this tool does not support (%s)"
-                           % algorithm[0].oid())
-    if len(key) != AES_GCM[algorithm[0].oid()]:
-        return None, ""
-    nonce = algorithm[1].children()[0].octets()
-    auth_attrs = next((r for r in rest if r.tag == ctx(1)), None)
-    mac = next((r for r in rest if r.tag == OCTET_STRING), None)
-    mac = mac.octets() if mac is not None else b""
-    if not 12 <= len(mac) <= 16:  # RFC 5084 3.2: the ICV is 12 to 16 octets
-        raise MessageError("AuthEnvelopedData with a %d-octet authentication tag (12 to 16 "
-                           "are allowed)" % len(mac))
-    decryptor = Cipher(algorithms.AES(key), modes.GCM(nonce, mac, min_tag_length=len(mac))
-                       ).decryptor()
-    if auth_attrs is not None:
-        decryptor.authenticate_additional_data(b"\x31" + auth_attrs.raw[1:])
+    if key is None or len(key) != cipher[1] or env.encrypted_content is None:
+        return None
+    algorithm = Fields(env.content_encryption_algorithm)
+    algorithm.take(OID)
+    params, data = algorithm.rest(), env.encrypted_content.octets()
     try:
-        plain = decryptor.update(fields[2].octets()) + decryptor.finalize()
-    except InvalidTag:
-        raise MessageError("the encrypted content was altered: its AES-GCM authentication tag "
-                           "does not match")
-    return plain, "AES-%d-GCM" % (len(key) * 8)
+        if cipher[2] == "GCM":  # GCMParameters: the nonce, then the tag length
+            mode = modes.GCM(Fields(params[0]).take(OCTET_STRING).octets(), env.mac,
+                             min_tag_length=len(env.mac))
+        else:
+            mode = modes.CBC(params[0].octets())
+        decryptor = Cipher(algorithms.AES(key), mode).decryptor()
+        if env.auth_attrs is not None:  # the authenticated attributes, as a DER SET OF
+            decryptor.authenticate_additional_data(b"\x31" + env.auth_attrs.raw[1:])
+        plain = decryptor.update(data) + decryptor.finalize()
+    except (ValueError, IndexError, InvalidTag):
+        return None
+    if cipher[2] == "CBC":
+        pad = plain[-1] if plain else 0
+        if not 1 <= pad <= 16 or plain[-pad:] != bytes((pad,)) * pad:
+            return None  # a wrong key (RSA's implicit rejection gives one) or damage
+        plain = plain[:-pad]
+    return plain if is_mime_entity(message_to_crlf(plain)) else None
 
 
 # -- Whole messages ----------------------------------------------------------------

@@ -99,14 +99,17 @@ def openssl():
     return engines.OpenSSL()
 
 
-def run_tool(args, stdin=None, env=None, cwd=None, timeout=120):
-    """Run the tool; return CompletedProcess (bytes).  Never a Traceback on stderr."""
+def run_tool(args, stdin=None, env=None, cwd=None, timeout=120, preexec=None):
+    """Run the tool; return CompletedProcess (bytes).  Never a Traceback on stderr.
+
+    *preexec*: run in the child before the tool starts (resource limits)."""
     full_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("SMTP_", "SPARKPOST_", "SMIME_"))}
     full_env["XDG_CACHE_HOME"] = CACHE  # the validated-key list of the test session
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, TOOL] + list(args), input=stdin, env=full_env,
-                          cwd=cwd or ROOT, capture_output=True, timeout=timeout)
+                          cwd=cwd or ROOT, capture_output=True, timeout=timeout,
+                          preexec_fn=preexec)
     engines.OUTPUTS.append(proc.stdout + proc.stderr)
     assert b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")
     return proc

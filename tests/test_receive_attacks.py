@@ -183,3 +183,231 @@ def test_sending_refuses_a_signer_certificate_outside_its_issuer(tmp_path, corp_
                 b"Subject: s\r\n\r\nhi\r\n" % VICTIM.encode())
     proc = run_tool([msg, "--sign", "--keys", str(keys)])
     one_line_refusal(proc, 78, "name constraint|not permitted")
+
+
+# -- Medium: hostile input costs time, memory or the rest of a batch -------------------
+# Each attack is a message of a few MB.  No timing is asserted: the reader is linear and
+# every unbounded structure has a limit (tool.MAX_*), which these tests see enforced.
+# tests/bench/receive_attacks.py writes the same messages for measuring by hand.
+
+SEQ, CTX0 = tool.SEQUENCE, tool.ctx(0)
+
+
+def der(tag, *parts):
+    return tool.der(tag, *parts)
+
+
+def content_info(oid, inner):
+    return der(SEQ, tool.der_oid(oid), der(CTX0, inner))
+
+
+def pkcs7_entity(der_bytes, smime_type=b"signed-data"):
+    return (b"Content-Type: application/pkcs7-mime; smime-type=%s; name=smime.p7m\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\n" % smime_type
+            + tool.encode_base64(der_bytes))
+
+
+def detached_entity(content, der_bytes):
+    return (b'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; '
+            b'micalg=sha-256; boundary="BOUNDARY"\r\n\r\n--BOUNDARY\r\n' + content
+            + b"\r\n--BOUNDARY\r\n" + tool.SIGNATURE_PART_HEADER + b"\r\n"
+            + tool.encode_base64(der_bytes) + b"\r\n--BOUNDARY--\r\n")
+
+
+def signed_fields(ident, content=TEXT, detached=True):
+    """The raw fields of a SignedData made by the tool: version, digestAlgorithms,
+    encapContentInfo, certificates, signerInfos."""
+    sd = tool.Ber(tool.signed_der(content, ident, detached)).children()[1].children()[0]
+    return [f.raw for f in sd.children()]
+
+
+def folded_header(lines):
+    """A message whose one header field goes on over *lines* continuation lines."""
+    return (b"From: a@example.com\r\nTo: b@example.org\r\nX-Folded: start\r\n"
+            + b" more\r\n" * lines + b"\r\nbody\r\n")
+
+
+def huge_oid(size):
+    """A pkcs7-mime part whose ContentInfo type is an OID of *size* octets."""
+    oid = der(tool.OID, b"\x81" * (size - 1) + b"\x01")
+    return message("a@example.com", pkcs7_entity(der(SEQ, oid, der(CTX0, der(SEQ)))))
+
+
+def huge_integer(ident, size):
+    """A signature whose SignerInfo's version is an INTEGER of *size* octets."""
+    fields = signed_fields(ident)
+    si = tool.Ber(fields[-1]).children()[0].children()
+    version = der(tool.INTEGER, b"\x01" * size)
+    fields[-1] = der(tool.SET, der(SEQ, version, *(f.raw for f in si[1:])))
+    return message(ident.address, detached_entity(
+        TEXT, content_info(tool.ID_SIGNED_DATA, der(SEQ, *fields))))
+
+
+def many_signer_infos(ident, count, size):
+    """A multipart/signed over *size* octets of content with *count* SignerInfos."""
+    content = b"Content-Type: text/plain\r\n\r\n" + b"x" * (size - 30)
+    fields = signed_fields(ident, content)
+    one = tool.Ber(fields[-1]).children()[0].raw
+    fields[-1] = der(tool.SET, one * count)
+    return message(ident.address, detached_entity(
+        content, content_info(tool.ID_SIGNED_DATA, der(SEQ, *fields))))
+
+
+def nested_indefinite(ident, levels, chunks):
+    """An opaque SignedData whose content is *levels* nested indefinite-length OCTET
+    STRINGs around the signed text and *chunks* empty ones."""
+    inner = der(tool.OCTET_STRING, TEXT) + b"\x04\x00" * chunks
+    for _ in range(levels):
+        inner = b"\x24\x80" + inner + b"\x00\x00"
+    fields = signed_fields(ident, detached=False)
+    fields[2] = der(SEQ, tool.der_oid(tool.ID_DATA), b"\xa0\x80" + inner + b"\x00\x00")
+    return message(ident.address, pkcs7_entity(
+        content_info(tool.ID_SIGNED_DATA, der(SEQ, *fields))))
+
+
+def envelope(ours, content, before=0, after=0, chunk=0):
+    """An EnvelopedData to *ours* (an Identity) with *before*/*after* more RecipientInfos
+    naming it that hold a wrong key, the ciphertext in *chunk*-octet pieces."""
+    ci = tool.Ber(b"".join(tool.enveloped_data(content, [ours]))).children()[1].children()[0]
+    version, infos, encrypted = ci.children()
+    real = infos.children()[0]
+    parts = real.children()
+    bogus = der(SEQ, parts[0].raw, parts[1].raw, parts[2].raw,
+                der(tool.OCTET_STRING, os.urandom(len(parts[3].body))))
+    eci = encrypted.children()
+    if chunk:
+        data = eci[2].body
+        pieces = b"".join(der(tool.OCTET_STRING, data[i:i + chunk])
+                          for i in range(0, len(data), chunk))
+        eci = [eci[0].raw, eci[1].raw, der(tool.ctx(0), pieces)]
+    else:
+        eci = [e.raw for e in eci]
+    body = der(SEQ, version.raw, der(tool.SET, bogus * before + real.raw + bogus * after),
+               der(SEQ, *eci))
+    return message("a@example.com", pkcs7_entity(content_info(tool.ID_ENVELOPED_DATA, body),
+                                                 b"enveloped-data"), to=ours.address)
+
+
+def nested_multiparts(depth):
+    """A message of *depth* nested multiparts around a binary part."""
+    body = (b"Content-Type: application/octet-stream\r\n"
+            b"Content-Transfer-Encoding: binary\r\n\r\n\x00\x01\x02 binary\r\n")
+    for n in range(depth):
+        b = b"b%d" % n
+        body = (b'Content-Type: multipart/mixed; boundary="%s"\r\n\r\n--%s\r\n%s\r\n--%s--\r\n'
+                % (b, b, body, b))
+    return b"From: a@example.com\r\nTo: b@example.org\r\nMIME-Version: 1.0\r\n" + body
+
+
+def base64_junk(size):
+    """A pkcs7-mime part whose base64 body is *size* junk characters around a few bytes."""
+    return message("a@example.com",
+                   b"Content-Type: application/pkcs7-mime; smime-type=signed-data\r\n"
+                   b"Content-Transfer-Encoding: base64\r\n\r\n"
+                   + b"MIIB" + b"!*" * (size // 2) + b"AAAA\r\n")
+
+
+@pytest.fixture(scope="module")
+def signer(root):
+    ca = root.intermediate()
+    key, cert = ca.issue("alice@example.com")
+    return tool.Identity("alice@example.com", cert, "-", key, ca.chain)
+
+
+@pytest.fixture
+def bob(attack):
+    """Our own identity: bob's key and certificate in the key directory."""
+    key, cert = attack.root.issue(BOB)
+    write(os.path.join(attack.keys, BOB + ".pem"), pem_key(key) + pem_cert(cert))
+    return tool.Identity(BOB, cert, "-", key)
+
+
+def test_header_folded_over_many_lines(attack):
+    proc = attack.run("verify", attack.file("in.eml", folded_header(600000)))
+    one_line_refusal(proc, 65, r"header .*larger than %d" % tool.MAX_HEADER_SIZE)
+
+
+def test_oid_of_hundreds_of_kilobytes(attack):
+    proc = attack.run("verify", attack.file("in.eml", huge_oid(400000)))
+    one_line_refusal(proc, 65, r"OBJECT IDENTIFIER .*longer than %d" % tool.MAX_OID_OCTETS)
+
+
+def test_integer_of_hundreds_of_kilobytes(attack, signer):
+    proc = attack.run("verify", attack.file("in.eml", huge_integer(signer, 400000)))
+    one_line_refusal(proc, 65, r"INTEGER .*longer than %d" % tool.MAX_INTEGER_OCTETS)
+
+
+def test_thousands_of_signer_infos(attack, signer):
+    proc = attack.run("verify", attack.file("in.eml", many_signer_infos(signer, 2000, 3 << 20)))
+    one_line_refusal(proc, 65, r"more than %d SignerInfos" % tool.MAX_SIGNER_INFOS)
+
+
+def test_as_many_signer_infos_as_allowed_verify(attack, signer):
+    data = many_signer_infos(signer, tool.MAX_SIGNER_INFOS, 1 << 20)
+    proc = attack.run("verify", attack.file("in.eml", data))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_nested_indefinite_lengths_around_empty_chunks(attack, signer):
+    proc = attack.run("verify", attack.file("in.eml", nested_indefinite(signer, 30, 1300000)))
+    one_line_refusal(proc, 65, r"more than %d ASN.1 elements" % tool.MAX_BER_ELEMENTS)
+
+
+def test_nested_indefinite_lengths_within_limits_verify(attack, signer):
+    """Deep indefinite nesting of a few chunks is legal BER: it verifies (linearly)."""
+    data = nested_indefinite(signer, 30, 1000)
+    proc = attack.run("verify", attack.file("in.eml", data))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_dozens_of_recipient_infos_for_our_key(attack, bob):
+    """The first RecipientInfo naming our certificate is the one: its key is wrong, so
+    the message is altered or corrupt (never 'not for our keys', never a second try)."""
+    data = envelope(bob, TEXT + b"x" * (3 << 20), before=49, chunk=64)
+    proc = attack.run("decrypt", attack.file("in.eml", data))
+    one_line_refusal(proc, 65, r"altered or corrupt")
+
+
+def test_recipient_info_limit(attack, bob):
+    data = envelope(bob, TEXT, after=tool.MAX_RECIPIENT_INFOS)
+    proc = attack.run("decrypt", attack.file("in.eml", data))
+    one_line_refusal(proc, 65, r"more than %d RecipientInfos" % tool.MAX_RECIPIENT_INFOS)
+
+
+def test_our_recipient_info_first_decrypts(attack, bob):
+    data = envelope(bob, TEXT, after=30, chunk=64)
+    proc = attack.run("decrypt", attack.file("in.eml", data))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(b"OK - decrypted for " + BOB.encode())
+
+
+def test_nested_multiparts_refused_and_the_batch_goes_on(attack, signer):
+    batch = os.path.join(attack.base, "batch")
+    os.makedirs(batch)
+    write(os.path.join(batch, "1-good.eml"), signed(signer))
+    write(os.path.join(batch, "2-bomb.eml"), nested_multiparts(400))
+    write(os.path.join(batch, "3-good.eml"), signed(signer))
+    proc = attack.run("verify", batch)
+    assert proc.returncode == 65, proc.stderr
+    out = proc.stdout.decode().splitlines()
+    assert [line.split(": ", 1)[0] for line in out] == [
+        os.path.join(batch, n) for n in ("1-good.eml", "2-bomb.eml", "3-good.eml")]
+    assert out[0].endswith("verified") and out[2].endswith("verified"), out
+    assert re.search(r"nested deeper than %d" % tool.MAX_MIME_DEPTH, out[1]), out
+
+
+def test_nested_multiparts_when_sending(tmp_path):
+    path = write(str(tmp_path / "in.eml"), nested_multiparts(400))
+    proc = run_tool([path, "-o", str(tmp_path / "out.eml")])
+    one_line_refusal(proc, 65, r"nested deeper than %d" % tool.MAX_MIME_DEPTH)
+
+
+def test_base64_padded_with_megabytes_of_junk(attack):
+    """Decoding keeps memory near the input's size: the tool runs within 200 MB of address
+    space (it needed 800 MB for this message before)."""
+    import resource
+    path = attack.file("in.eml", base64_junk(9 << 20))
+    limit = 200 << 20
+    proc = run_tool(["--verify", path, "--keys", attack.keys, "--ca", attack.cafile],
+                    preexec=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    one_line_refusal(proc, 65, r"malformed|S/MIME")
