@@ -386,6 +386,7 @@ class Settings(NamedTuple):
     harvest: bool = False
     verify: bool = False
     decrypt: bool = False
+    require_signed: bool = False  #: --decrypt refuses content without a valid signature
     ca: str = ""
     jobs: int = 1
     repeat: int = 1
@@ -2498,11 +2499,11 @@ def open_layers(fields, body, keyring, depth=0):
             UnsupportedAlgorithm) as exc:  # not CMS after all
         raise MessageError("the S/MIME part is malformed (%s)" % (
             first_line(exc) if isinstance(exc, ValueError) else type(exc).__name__))
-    inner = message_to_crlf(inner)
-    if not is_mime_entity(inner):
+    entity = message_to_crlf(inner)
+    if not is_mime_entity(entity):
         raise MessageError("the %s content is not a MIME entity (RFC 8551 3.1): nothing "
                            "vouches for what a mail client would make of it" % layer.kind)
-    inner_fields, inner_body = split_header(inner)
+    inner_fields, inner_body = split_header(entity)
     layers, innermost = open_layers(inner_fields, inner_body, keyring, depth + 1)
     return [layer] + layers, inner if innermost is None else innermost
 
@@ -3240,7 +3241,7 @@ class Received:
         """Return the report line: OK - ... or FAILED - reason."""
         if self.problem:
             return "FAILED - " + self.problem
-        signed = ("signed by %s (%s), verified" % (self.signer.address, self.signer.issuer)
+        signed = ("signed by %s (%s), verified" % (self.senders[0], self.signer.issuer)
                   if self.signer else "not signed")
         if mode == "verify":
             return "OK - " + signed
@@ -3257,11 +3258,12 @@ class Received:
         return lines or ["no S/MIME layer"]
 
 
-def receive(data, source, keystore, roots, mode):
+def receive(data, source, keystore, roots, mode, require_signed=False):
     """Open and judge one received message; return its Received.
 
     *mode*: "verify" (a valid signature of the From address is required) or
-    "decrypt" (an unsigned plaintext passes; a signature present must be valid).
+    "decrypt" (an unsigned plaintext passes, with a warning, unless
+    *require_signed*; a signature present must be valid).
     Raises IdentityError (78) for a key of ours that cannot be read.
     """
     out = Received(source)
@@ -3275,7 +3277,8 @@ def receive(data, source, keystore, roots, mode):
                                  for a in addresses_of(header, name)])
         entity_fields = [f for f in fields if f.name.startswith("content-")]
         out.layers, inner = open_layers(entity_fields, body, keyring)
-        out.problem = judge(out, roots, mode)
+        out.problem = (judge(out, roots, mode == "verify" or require_signed)
+                       or inner_from_problem(out, inner))
     except MessageError as exc:
         out.problem, out.code = str(exc), exc.exit_code
         return out
@@ -3291,14 +3294,40 @@ def receive(data, source, keystore, roots, mode):
     return out
 
 
-def judge(received, roots, mode):
-    """Return why *received* fails in *mode*, or '' when it passes; set its signer."""
+def inner_from_problem(received, inner):
+    """Return why the recovered entity *inner* would misstate who signed it, or '': a
+    From field inside the signed content naming another than the verified signer
+    (a mail client may show it instead of the outer one)."""
+    if received.signer is None or inner is None:
+        return ""
+    fields = split_header(message_to_crlf(inner))[0]
+    inside = addresses_of(Message(received.source, fields, [], b""), "from")
+    if inside and inside != received.senders:
+        return ("the signed content carries its own From: %s, not the verified signer %s; "
+                "refused, as a mail client could show it instead"
+                % (", ".join(inside), received.senders[0]))
+    return ""
+
+
+def judge(received, roots, signed_only):
+    """Return why *received* fails, or '' when it passes; set its signer.
+
+    *signed_only*: a message without a signature fails; else it passes, with a
+    warning when it was decrypted (its content is not authenticated).
+    """
     signatures = received.signatures
     broken = [s for s in signatures if s.broken]
     if broken:
         return broken[0].broken
+    if not signatures and signed_only:
+        return "not signed"
     if not signatures:
-        return "not signed" if mode == "verify" else ""
+        if received.decrypted_for:
+            received.warnings.append(
+                "the content is not signed, so it is not authenticated: anyone can write to "
+                "your key, and CBC ciphertext can be altered unnoticed (EFAIL); "
+                "--require_signed refuses such messages")
+        return ""
     if len(received.senders) != 1:  # RFC 5322 3.6.2: one signer cannot vouch for several
         return ("%s: a signature can vouch for exactly one author" % (
             "no From address" if not received.senders else "From names %d addresses (%s)"
@@ -5016,6 +5045,9 @@ def build_parser():
     reading.add_argument("--harvest", action="store_true",
                          help="save the sender's certificate from signed messages as "
                               "<address>.crt in the first key directory")
+    receiving.add_argument("--require_signed", "--require-signed", action="store_true",
+                           help="with --decrypt: refuse (65) content that is not signed; "
+                                "unsigned content is not authenticated")
     receiving.add_argument("--ca", default="", metavar="FILE",
                            help="trusted roots (PEM) for --verify, --decrypt and --harvest "
                                 "(default $SMIME_CA_FILE, else the system store)")
@@ -5100,6 +5132,9 @@ def parse_args(argv):
                          "--repeat or --jobs options" % reading)
     if ns.harvest and ns.output:
         raise UsageError("--harvest saves certificates in the first key directory, not in -o")
+    if ns.require_signed and not ns.decrypt:
+        raise UsageError("--require_signed is for --decrypt (--verify always requires a "
+                         "signature)")
     if ns.ca and not reading:
         raise UsageError("--ca is for --verify, --decrypt and --harvest")
     if ns.keep_date and not sign_mode:
@@ -5137,7 +5172,7 @@ def parse_args(argv):
                    env_files=tuple(ns.env), dry_run=ns.dry_run, keep_date=ns.keep_date,
                    verbose=ns.verbose,
                    retries=ns.retries, harvest=ns.harvest, verify=ns.verify,
-                   decrypt=ns.decrypt, ca=ns.ca, jobs=ns.jobs,
+                   decrypt=ns.decrypt, require_signed=ns.require_signed, ca=ns.ca, jobs=ns.jobs,
                    repeat=ns.repeat, results=ns.results, resume=ns.resume, archive=ns.archive,
                    retry_delay=ns.retry_delay)
 
@@ -5171,7 +5206,8 @@ def receive_all(settings, reporter):
     stats = Stats(len(paths), "passed")
     for path in paths:
         try:
-            received = receive(read_input(path), path, keystore, roots, mode)
+            received = receive(read_input(path), path, keystore, roots, mode,
+                               settings.require_signed)
         except (InputError, IdentityError) as exc:
             received = Received(path)
             received.problem, received.code = str(exc), exc.exit_code

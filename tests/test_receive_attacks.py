@@ -11,6 +11,7 @@ import re
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 import engines
 import sparkpostSMIME as tool
@@ -265,9 +266,10 @@ def nested_indefinite(ident, levels, chunks):
         content_info(tool.ID_SIGNED_DATA, der(SEQ, *fields))))
 
 
-def envelope(ours, content, before=0, after=0, chunk=0):
-    """An EnvelopedData to *ours* (an Identity) with *before*/*after* more RecipientInfos
-    naming it that hold a wrong key, the ciphertext in *chunk*-octet pieces."""
+def envelope(ours, content, before=0, after=0, chunk=0, copies=0, spoil=False):
+    """An EnvelopedData to *ours* (an Identity): *before*/*after* more RecipientInfos
+    naming it that hold a wrong key, or *copies* of its own one; the ciphertext in
+    *chunk*-octet pieces, its last octet flipped when *spoil* (a bad padding)."""
     ci = tool.Ber(b"".join(tool.enveloped_data(content, [ours]))).children()[1].children()[0]
     version, infos, encrypted = ci.children()
     real = infos.children()[0]
@@ -275,15 +277,14 @@ def envelope(ours, content, before=0, after=0, chunk=0):
     bogus = der(SEQ, parts[0].raw, parts[1].raw, parts[2].raw,
                 der(tool.OCTET_STRING, os.urandom(len(parts[3].body))))
     eci = encrypted.children()
+    data = bytearray(eci[2].body)
+    data[-1] ^= spoil
+    pieces = [bytes(data)]
     if chunk:
-        data = eci[2].body
-        pieces = b"".join(der(tool.OCTET_STRING, data[i:i + chunk])
-                          for i in range(0, len(data), chunk))
-        eci = [eci[0].raw, eci[1].raw, der(tool.ctx(0), pieces)]
-    else:
-        eci = [e.raw for e in eci]
-    body = der(SEQ, version.raw, der(tool.SET, bogus * before + real.raw + bogus * after),
-               der(SEQ, *eci))
+        pieces = [der(tool.OCTET_STRING, data[i:i + chunk]) for i in range(0, len(data), chunk)]
+    body = der(SEQ, version.raw, der(tool.SET, bogus * before + real.raw * (1 + copies)
+                                     + bogus * after),
+               der(SEQ, eci[0].raw, eci[1].raw, der(tool.ctx(0, bool(chunk)), *pieces)))
     return message("a@example.com", pkcs7_entity(content_info(tool.ID_ENVELOPED_DATA, body),
                                                  b"enveloped-data"), to=ours.address)
 
@@ -323,7 +324,7 @@ def bob(attack):
 
 
 def test_header_folded_over_many_lines(attack):
-    proc = attack.run("verify", attack.file("in.eml", folded_header(600000)))
+    proc = attack.run("verify", attack.file("in.eml", folded_header(200000)))
     one_line_refusal(proc, 65, r"header .*larger than %d" % tool.MAX_HEADER_SIZE)
 
 
@@ -361,9 +362,16 @@ def test_nested_indefinite_lengths_within_limits_verify(attack, signer):
 
 
 def test_dozens_of_recipient_infos_for_our_key(attack, bob):
-    """The first RecipientInfo naming our certificate is the one: its key is wrong, so
-    the message is altered or corrupt (never 'not for our keys', never a second try)."""
-    data = envelope(bob, TEXT + b"x" * (3 << 20), before=49, chunk=64)
+    """Fifty copies of our own RecipientInfo, a spoilt padding, the ciphertext in 16-octet
+    chunks: decrypted once (the first RecipientInfo naming our certificate is the one),
+    and the failure is 'altered or corrupt', never 'not for our keys'."""
+    data = envelope(bob, TEXT + b"x" * (3 << 20), copies=49, chunk=16, spoil=True)
+    proc = attack.run("decrypt", attack.file("in.eml", data))
+    one_line_refusal(proc, 65, r"altered or corrupt")
+
+
+def test_a_wrong_key_first_is_altered_or_corrupt(attack, bob):
+    data = envelope(bob, TEXT, before=1)
     proc = attack.run("decrypt", attack.file("in.eml", data))
     one_line_refusal(proc, 65, r"altered or corrupt")
 
@@ -385,7 +393,7 @@ def test_nested_multiparts_refused_and_the_batch_goes_on(attack, signer):
     batch = os.path.join(attack.base, "batch")
     os.makedirs(batch)
     write(os.path.join(batch, "1-good.eml"), signed(signer))
-    write(os.path.join(batch, "2-bomb.eml"), nested_multiparts(400))
+    write(os.path.join(batch, "2-bomb.eml"), nested_multiparts(600))
     write(os.path.join(batch, "3-good.eml"), signed(signer))
     proc = attack.run("verify", batch)
     assert proc.returncode == 65, proc.stderr
@@ -397,7 +405,7 @@ def test_nested_multiparts_refused_and_the_batch_goes_on(attack, signer):
 
 
 def test_nested_multiparts_when_sending(tmp_path):
-    path = write(str(tmp_path / "in.eml"), nested_multiparts(400))
+    path = write(str(tmp_path / "in.eml"), nested_multiparts(600))
     proc = run_tool([path, "-o", str(tmp_path / "out.eml")])
     one_line_refusal(proc, 65, r"nested deeper than %d" % tool.MAX_MIME_DEPTH)
 
@@ -411,3 +419,188 @@ def test_base64_padded_with_megabytes_of_junk(attack):
     proc = run_tool(["--verify", path, "--keys", attack.keys, "--ca", attack.cafile],
                     preexec=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
     one_line_refusal(proc, 65, r"malformed|S/MIME")
+
+
+# -- Low: strict where the standards are strict, honest reports ------------------------
+
+ALICE = "alice@example.com"
+SHA256 = tool.algorithm(tool.HASH_OIDS["SHA256"], tool.der(tool.NULL))
+
+
+def attribute(oid, *values):
+    return der(SEQ, tool.der_oid(oid), tool.der_set(*values))
+
+
+def content_type_attr(oid=tool.ID_DATA):
+    return attribute(tool.ATTR_CONTENT_TYPE, tool.der_oid(oid))
+
+
+def digest_attr(content):
+    import hashlib
+    return attribute(tool.ATTR_MESSAGE_DIGEST, der(tool.OCTET_STRING,
+                                                    hashlib.sha256(content).digest()))
+
+
+def crafted(ident, content=TEXT, e_content_type=tool.ID_DATA, attributes=None, sort=True,
+            detached=True, sender=None):
+    """A message signed by *ident* over exactly the *attributes* given (default: one
+    content-type and one message-digest), sorted as DER wants unless not *sort*."""
+    if attributes is None:
+        attributes = [content_type_attr(e_content_type), digest_attr(content)]
+    attrs = tool.der_set(*attributes) if sort else der(tool.SET, *attributes)
+    si = der(SEQ, tool.der_int(1), ident.rid, SHA256, b"\xa0" + attrs[1:],
+             *tool.sign_attributes(ident, attrs))
+    encap = [tool.der_oid(e_content_type)]
+    if not detached:
+        encap.append(der(CTX0, der(tool.OCTET_STRING, content)))
+    sd = der(SEQ, tool.der_int(1), tool.der_set(SHA256), der(SEQ, *encap),
+             ident.certificate_set(), tool.der_set(si))
+    ci = content_info(tool.ID_SIGNED_DATA, sd)
+    entity = detached_entity(content, ci) if detached else pkcs7_entity(ci)
+    return message(sender or ident.address, entity)
+
+
+@pytest.fixture(scope="module")
+def ca(root):
+    return root.intermediate()
+
+
+def alice(ca, **kw):
+    key, cert = ca.issue(ALICE, **kw)
+    return tool.Identity(ALICE, cert, "-", key, ca.chain)
+
+
+def test_crafted_signature_verifies(attack, ca):
+    """The crafting below is sound: with nothing spoilt, it verifies."""
+    for detached in (True, False):
+        proc = attack.run("verify", attack.file("in.eml", crafted(alice(ca),
+                                                                  detached=detached)))
+        assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("key,reason", [
+    (lambda: rsa.generate_private_key(public_exponent=65537, key_size=1024), "1024-bit RSA"),
+    (lambda: ec.generate_private_key(ec.SECP256K1()), "secp256k1"),
+], ids=["rsa-1024", "secp256k1"])
+def test_weak_signer_keys_are_refused(attack, ca, key, reason):
+    ident = alice(ca, key=key())
+    one_line_refusal(attack.run("verify", attack.file("in.eml", signed(ident))), 65, reason)
+
+
+@pytest.mark.parametrize("detached", [True, False], ids=["detached", "opaque"])
+def test_signed_content_must_be_id_data(attack, ca, detached):
+    tst_info = "1.2.840.113549.1.9.16.1.4"  # a time-stamp token's content type
+    data = crafted(alice(ca), e_content_type=tst_info, detached=detached)
+    one_line_refusal(attack.run("verify", attack.file("in.eml", data)), 65, "id-data")
+
+
+def test_signed_content_must_be_a_mime_entity(attack, ca):
+    data = crafted(alice(ca), content=b"%PDF-1.4 not a MIME entity\r\n\x00\x01", detached=False)
+    one_line_refusal(attack.run("verify", attack.file("in.eml", data)), 65, "MIME entity")
+
+
+@pytest.mark.parametrize("attributes", [
+    lambda: [content_type_attr(), content_type_attr(), digest_attr(TEXT)],
+    lambda: [content_type_attr(), digest_attr(TEXT), digest_attr(TEXT)],
+    lambda: [content_type_attr(), attribute(tool.ATTR_MESSAGE_DIGEST, *(
+        digest_attr(TEXT)[-34:], der(tool.OCTET_STRING, b"\0" * 32)))],
+    lambda: [digest_attr(TEXT)],
+], ids=["two-content-types", "two-digests", "digest-with-two-values", "no-content-type"])
+def test_exactly_one_content_type_and_message_digest(attack, ca, attributes):
+    data = crafted(alice(ca), attributes=attributes())
+    one_line_refusal(attack.run("verify", attack.file("in.eml", data)), 65,
+                     "exactly one content-type and one message-digest")
+
+
+@pytest.mark.parametrize("attrs,openssl_refuses", [
+    (lambda: [digest_attr(TEXT), content_type_attr()], False),  # OpenSSL keeps the order
+    (lambda: [content_type_attr(), attribute(tool.ATTR_MESSAGE_DIGEST, b"\x04\x81\x20"
+                                             + digest_attr(TEXT)[-32:])], True),
+], ids=["unsorted-set-of", "long-form-length"])
+def test_signed_attributes_must_be_der(attack, ca, attrs, openssl_refuses):
+    """RFC 5652 5.4: the signature covers the DER of the signed attributes.  OpenSSL
+    re-encodes lengths (so it refuses a long form) but keeps the order of a SET OF."""
+    attrs = attrs()
+    path = attack.file("in.eml", crafted(alice(ca), attributes=attrs, sort=False))
+    one_line_refusal(attack.run("verify", path), 65, "not DER")
+    need("openssl")
+    check = engines.run(["openssl", "cms", "-verify", "-in", path, "-CAfile", attack.cafile,
+                         "-out", os.devnull], ok=(0, 4))
+    assert check.returncode == (4 if openssl_refuses else 0), check.stderr
+
+
+def test_inner_from_contradicting_the_signer_is_refused(attack, ca, tmp_path):
+    inner = (b"From: ceo@bank.example\r\nContent-Type: text/plain\r\n\r\n"
+             b"Wire the money.\r\n")
+    out = tmp_path / "out.eml"
+    proc = attack.run("verify", attack.file("in.eml", signed(alice(ca), inner)),
+                      extra=["-o", str(out)])
+    one_line_refusal(proc, 65, "From.*ceo@bank.example")
+    assert not out.exists()
+
+
+def test_inner_from_naming_the_signer_is_fine(attack, ca):
+    inner = b"From: Alice <alice@example.com>\r\nContent-Type: text/plain\r\n\r\nHi.\r\n"
+    proc = attack.run("verify", attack.file("in.eml", signed(alice(ca), inner)))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_report_names_the_verified_from_address(attack, ca):
+    ident = alice(ca, san=[x509.RFC822Name("other@example.net"), x509.RFC822Name(ALICE)])
+    proc = attack.run("verify", attack.file("in.eml", signed(ident)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(b"OK - signed by alice@example.com ("), proc.stdout
+
+
+def test_decrypting_unsigned_content_warns(attack, bob):
+    proc = attack.run("decrypt", attack.file("in.eml", envelope(bob, TEXT)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(b"OK - decrypted for bob@example.org, not signed")
+    err = proc.stderr.decode()
+    assert err.count("\n") == 1 and "not authenticated" in err and "--require_signed" in err
+
+
+def test_require_signed_refuses_unsigned_content(attack, bob, tmp_path):
+    out = tmp_path / "out.eml"
+    proc = attack.run("decrypt", attack.file("in.eml", envelope(bob, TEXT)),
+                      extra=["--require_signed", "-o", str(out)])
+    one_line_refusal(proc, 65, "not signed")
+    assert proc.stdout.startswith(b"FAILED - ") and not out.exists()
+
+
+def test_require_signed_passes_signed_content(attack, bob, ca):
+    inner = tool.sign_opaque(TEXT, alice(ca))
+    data = envelope(bob, inner).replace(b"From: a@example.com", b"From: " + ALICE.encode())
+    proc = attack.run("decrypt", attack.file("in.eml", data), extra=["--require_signed"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == b""
+
+
+def test_require_signed_is_for_decrypt(tmp_path):
+    proc = run_tool(["x.eml", "--require_signed"])
+    one_line_refusal(proc, 64, "--require_signed")
+
+
+@pytest.mark.parametrize("content", [b"\x00\x01 not a MIME entity at all", b""],
+                         ids=["garbage", "empty"])
+def test_garbage_plaintext_is_altered_or_corrupt(attack, bob, content):
+    proc = attack.run("decrypt", attack.file("in.eml", envelope(bob, content)))
+    one_line_refusal(proc, 65, "altered or corrupt")
+
+
+def test_corrupt_padding_is_altered_or_corrupt(attack, bob):
+    """The last ciphertext octet spoilt: a padding error looks like any other damage."""
+    proc = attack.run("decrypt", attack.file("in.eml", envelope(bob, TEXT, spoil=True)))
+    one_line_refusal(proc, 65, "altered or corrupt")
+
+
+def test_harvest_saves_the_validated_chain_only(attack, ca, root):
+    stranger_ca = root.intermediate("Stranger CA (TEST ONLY)")
+    _, stranger = stranger_ca.issue("stranger@example.net")
+    key, cert = ca.issue(ALICE)
+    ident = tool.Identity(ALICE, cert, "-", key, ca.chain + [stranger_ca.cert, stranger])
+    proc = attack.run("harvest", attack.file("in.eml", signed(ident)))
+    assert proc.returncode == 0, proc.stderr
+    with open(os.path.join(attack.keys, ALICE + ".crt"), "rb") as fh:
+        saved = x509.load_pem_x509_certificates(fh.read())
+    assert saved == [cert, ca.cert]
