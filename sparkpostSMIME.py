@@ -20,7 +20,7 @@ Usage:
     ./sparkpostSMIME.py EMLFILE|DIR [...] [--sign | --sign_detached] [--encrypt]
                         [--keys DIR] [-o FILE|DIR] [--send_smtp | --send_api] [options]
     ./sparkpostSMIME.py --verify | --decrypt EMLFILE|DIR [...] [--keys DIR] [--ca FILE]
-                        [-o FILE|DIR]
+                        [-o FILE|DIR] [--require_signed]
     ./sparkpostSMIME.py --harvest EMLFILE|DIR [...] [--keys DIR] [--ca FILE]
 
 Reads RFC 5322 messages ("-" is standard input), builds the S/MIME message
@@ -694,6 +694,12 @@ def message_to_crlf(data):
     return entity_to_crlf(data) if declares_binary(data) else to_crlf(data)
 
 
+def check_depth(depth):
+    """Raise MessageError when MIME entities are nested deeper than MAX_MIME_DEPTH."""
+    if depth > MAX_MIME_DEPTH:
+        raise MessageError("MIME parts nested deeper than %d levels" % MAX_MIME_DEPTH)
+
+
 def entity_to_crlf(raw, depth=0):
     """Return one raw MIME entity (header, empty line, body) with CRLF line endings
     in its header and in every body but those declared binary.  Raises
@@ -723,12 +729,6 @@ def entity_to_crlf(raw, depth=0):
     else:
         body = to_crlf(rest)
     return b"".join(head) + separator + body
-
-
-def check_depth(depth):
-    """Raise MessageError when MIME entities are nested deeper than MAX_MIME_DEPTH."""
-    if depth > MAX_MIME_DEPTH:
-        raise MessageError("MIME parts nested deeper than %d levels" % MAX_MIME_DEPTH)
 
 
 def multipart_to_crlf(raw, boundary, depth=0):
@@ -1942,6 +1942,46 @@ class BerReader:
         return at, at + 2
 
 
+class Fields:
+    """The elements of a constructed element, read in order: required ones by take(),
+    OPTIONAL ones by their tag.  Raises ValueError for a missing or unexpected one."""
+
+    def __init__(self, ber):
+        self.items, self.at = ber.children(), 0
+
+    def take(self, tag=None):
+        """Return the next element; it must have *tag* when one is given."""
+        if self.at == len(self.items) or tag is not None and self.items[self.at].tag != tag:
+            raise ValueError("a CMS structure without a required field")
+        self.at += 1
+        return self.items[self.at - 1]
+
+    def optional(self, tag):
+        """Return the next element when it has *tag*, else None."""
+        if self.at < len(self.items) and self.items[self.at].tag == tag:
+            return self.take()
+        return None
+
+    def rest(self):
+        """Return the elements not read yet."""
+        return self.items[self.at:]
+
+
+def bounded(ber, limit, what):
+    """Return the elements inside *ber*; more than *limit* raise MessageError."""
+    items = []
+    for item in ber.each():
+        if len(items) == limit:
+            raise MessageError("more than %d %s in one S/MIME part" % (limit, what))
+        items.append(item)
+    return items
+
+
+def algorithm_oid(ber):
+    """Return the algorithm OID of an AlgorithmIdentifier (RFC 5280 4.1.1.2)."""
+    return Fields(ber).take(OID).oid()
+
+
 def issuer_and_serial(cert):
     """Return the DER IssuerAndSerialNumber of *cert* (RFC 5652 10.2.4).
 
@@ -2479,6 +2519,15 @@ def multipart_parts(body, boundary):
     return parts
 
 
+def is_mime_entity(data):
+    """True when CRLF *data* is a MIME entity: header fields (or none), then the empty
+    line before the body, or only header fields (RFC 2045 3, RFC 5322 2.1)."""
+    if data.startswith(b"\r\n"):
+        return True
+    fields, body = split_header(data)
+    return bool(fields) and (not body or data[:len(data) - len(body)].endswith(b"\r\n\r\n"))
+
+
 def open_layers(fields, body, keyring, depth=0):
     """Return ([Layer], innermost entity or None) of the entity (*fields*, *body*).
 
@@ -2506,15 +2555,6 @@ def open_layers(fields, body, keyring, depth=0):
     inner_fields, inner_body = split_header(entity)
     layers, innermost = open_layers(inner_fields, inner_body, keyring, depth + 1)
     return [layer] + layers, inner if innermost is None else innermost
-
-
-def is_mime_entity(data):
-    """True when CRLF *data* is a MIME entity: header fields (or none), then the empty
-    line before the body, or only header fields (RFC 2045 3, RFC 5322 2.1)."""
-    if data.startswith(b"\r\n"):
-        return True
-    fields, body = split_header(data)
-    return bool(fields) and (not body or data[:len(data) - len(body)].endswith(b"\r\n\r\n"))
 
 
 def open_layer(kind, fields, body, keyring):
@@ -2552,48 +2592,6 @@ def content_info(der, expected=None):
             raise MessageError("the signature part holds content type %s, not SignedData" % oid)
         return content
     return oid, content
-
-
-# -- Reading CMS: named values after their ASN.1 names (RFC 5652) -------------------
-
-class Fields:
-    """The elements of a constructed element, read in order: required ones by take(),
-    OPTIONAL ones by their tag.  Raises ValueError for a missing or unexpected one."""
-
-    def __init__(self, ber):
-        self.items, self.at = ber.children(), 0
-
-    def take(self, tag=None):
-        """Return the next element; it must have *tag* when one is given."""
-        if self.at == len(self.items) or tag is not None and self.items[self.at].tag != tag:
-            raise ValueError("a CMS structure without a required field")
-        self.at += 1
-        return self.items[self.at - 1]
-
-    def optional(self, tag):
-        """Return the next element when it has *tag*, else None."""
-        if self.at < len(self.items) and self.items[self.at].tag == tag:
-            return self.take()
-        return None
-
-    def rest(self):
-        """Return the elements not read yet."""
-        return self.items[self.at:]
-
-
-def bounded(ber, limit, what):
-    """Return the elements inside *ber*; more than *limit* raise MessageError."""
-    items = []
-    for item in ber.each():
-        if len(items) == limit:
-            raise MessageError("more than %d %s in one S/MIME part" % (limit, what))
-        items.append(item)
-    return items
-
-
-def algorithm_oid(ber):
-    """Return the algorithm OID of an AlgorithmIdentifier (RFC 5280 4.1.1.2)."""
-    return Fields(ber).take(OID).oid()
 
 
 # -- SignedData (RFC 5652 5) -------------------------------------------------------
