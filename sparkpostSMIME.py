@@ -1989,10 +1989,11 @@ def issuer_and_serial(cert):
     (RFC 5280 4.1), so a recipient's lookup matches whatever string types its
     issuer name was written with.
     """
-    fields = Ber(cert.tbs_certificate_bytes).children()
-    if fields[0].tag == ctx(0):  # version [0] EXPLICIT
-        fields = fields[1:]
-    return der(SEQUENCE, fields[2].raw, fields[0].raw)
+    fields = Fields(Ber(cert.tbs_certificate_bytes))
+    fields.optional(ctx(0))  # version [0] EXPLICIT
+    serial_number = fields.take(INTEGER)
+    fields.take(SEQUENCE)  # signature
+    return der(SEQUENCE, fields.take(SEQUENCE).raw, serial_number.raw)
 
 
 ###############################################################################
@@ -2835,16 +2836,19 @@ def pss_parameters(params):
 def rsa_parameters(params):
     """Return (hash, MGF1 hash, the [2] element or None) of RSASSA-PSS-params or
     RSAES-OAEP-params (RFC 4055 3.1, 4.1): SHA-1 and MGF1 with SHA-1 by default."""
-    hash_name, mgf_hash, third = "SHA1", "SHA1", None
-    for item in (params.children() if params is not None and params.tag == SEQUENCE else []):
-        inner = item.children()[0]
-        if item.tag == ctx(0):
-            hash_name = DIGESTS[inner.children()[0].oid()]
-        elif item.tag == ctx(1):
-            mgf_hash = DIGESTS[inner.children()[1].children()[0].oid()]
-        elif item.tag == ctx(2):
-            third = inner
-    return hash_name, mgf_hash, third
+    if params is None or params.tag != SEQUENCE:
+        return "SHA1", "SHA1", None
+    fields = Fields(params)
+    hash_algorithm, mask_gen_algorithm = fields.optional(ctx(0)), fields.optional(ctx(1))
+    third = fields.optional(ctx(2))
+    hash_name, mgf_hash = "SHA1", "SHA1"
+    if hash_algorithm is not None:
+        hash_name = DIGESTS[algorithm_oid(Fields(hash_algorithm).take(SEQUENCE))]
+    if mask_gen_algorithm is not None:  # MGF1 and its hash's AlgorithmIdentifier
+        mgf = Fields(Fields(mask_gen_algorithm).take(SEQUENCE))
+        mgf.take(OID)
+        mgf_hash = DIGESTS[algorithm_oid(mgf.take(SEQUENCE))]
+    return hash_name, mgf_hash, Fields(third).take() if third is not None else None
 
 
 class Verdict(NamedTuple):
@@ -3165,7 +3169,11 @@ def names_cert(rid, cert, issuer_serial=None):
 def oaep_parameters(params):
     """Return (hash, MGF1 hash, label) of RSAES-OAEP-params (RFC 8017 A.2.1, RFC 4055 4.1)."""
     hash_name, mgf_hash, source = rsa_parameters(params)
-    return hash_name, mgf_hash, source.children()[1].octets() if source is not None else b""
+    if source is None:
+        return hash_name, mgf_hash, b""
+    source = Fields(source)  # pSourceFunc: id-pSpecified and the label
+    source.take(OID)
+    return hash_name, mgf_hash, source.take(OCTET_STRING).octets()
 
 
 def content_cipher(env):
