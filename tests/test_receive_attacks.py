@@ -48,9 +48,10 @@ class Attack:
 
 
 def message(sender, entity, to=BOB, extra=b""):
-    """Return an RFC 5322 message around the S/MIME *entity*."""
-    return (b"From: %s\r\nTo: %s\r\nSubject: attack\r\n%sMIME-Version: 1.0\r\n"
-            % (sender.encode(), to.encode(), extra)) + entity
+    """Return an RFC 5322 message around the S/MIME *entity*, dated now (as signed)."""
+    from email.utils import formatdate
+    return (b"From: %s\r\nTo: %s\r\nSubject: attack\r\nDate: %s\r\n%sMIME-Version: 1.0\r\n"
+            % (sender.encode(), to.encode(), formatdate().encode(), extra)) + entity
 
 
 def signed(ident, content=TEXT, sender=None, detached=True):
