@@ -3114,7 +3114,9 @@ class KeyAgreeRecipientInfo(NamedTuple):
                                "support (%s)" % scheme)
         if not isinstance(ident.key, ec.EllipticCurvePrivateKey):
             return None
-        point = Fields(self.originator).rest()[-1].body[1:]  # BIT STRING: unused bits, point
+        originator_key = Fields(self.originator)  # OriginatorPublicKey
+        originator_key.take(SEQUENCE)  # its algorithm: our curve
+        point = originator_key.take(BIT_STRING).body[1:]  # the unused-bits octet, the ECPoint
         public = ec.EllipticCurvePublicKey.from_encoded_point(ident.key.curve, point)
         kek = ecdh_key_encryption_key(ident.key, public, scheme, wrap, sizes[wrap], self.ukm)
         try:
