@@ -1222,7 +1222,7 @@ class Identity:
 
 
 def key_kind(cert):
-    """Return ("rsa", "ec" or another key type's name, digest name) for *cert*'s key.
+    """Return ("rsa", "ec", "mlkem" or another key type's name, digest name) for *cert*'s key.
 
     The digest signs with SHA-256, or for EC keys with the hash of the curve's
     strength (P-384: SHA-384, P-521: SHA-512; RFC 5753 7.1.2, RFC 8551 2.1):
@@ -1236,6 +1236,8 @@ def key_kind(cert):
         return "unknown", "SHA256"
     if isinstance(public, rsa.RSAPublicKey):
         return "rsa", "SHA256"
+    if is_ml_kem(public):
+        return "mlkem", "SHA256"
     if isinstance(public, ec.EllipticCurvePublicKey):
         return "ec", {"secp384r1": "SHA384", "secp521r1": "SHA512"}.get(public.curve.name,
                                                                         "SHA256")
@@ -1674,15 +1676,16 @@ def common_name(name):
 def usage_problem(cert, purpose):
     """Return why the key type, key usage or extended key usage forbid *purpose*, or ''.
 
-    Encryption needs an RSA key allowing keyEncipherment or an EC key on a curve
-    of ECDH_SCHEMES allowing keyAgreement (RFC 8550 4.4.2, RFC 5480 3).
+    Encryption needs an RSA key allowing keyEncipherment, an EC key on a curve
+    of ECDH_SCHEMES allowing keyAgreement (RFC 8550 4.4.2, RFC 5480 3), or an
+    ML-KEM-768/1024 key allowing keyEncipherment (RFC 9935 5, RFC 9936 3).
     """
     from cryptography import x509
     from cryptography.x509.oid import ExtendedKeyUsageOID
     kind = "sign"
     if purpose == "encrypt":
         kind = encryption_kind(cert)
-        if kind not in ("rsa", "ec"):
+        if kind not in ("rsa", "ec", "mlkem"):
             return kind
     try:
         ku, eku = extension(cert, x509.KeyUsage), extension(cert, x509.ExtendedKeyUsage)
@@ -1695,6 +1698,8 @@ def usage_problem(cert, purpose):
             return "does not allow key encipherment (key usage)"
         if kind == "ec" and not ku.key_agreement:
             return "has an EC key that does not allow key agreement (key usage)"
+        if kind == "mlkem" and not ku.key_encipherment:
+            return "has an ML-KEM key that does not allow key encipherment (key usage)"
     allowed = {ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
     if eku is not None and not allowed & set(eku):
         return "is not for e-mail protection (extended key usage)"
@@ -1702,23 +1707,45 @@ def usage_problem(cert, purpose):
 
 
 def encryption_kind(cert):
-    """Return "rsa" or "ec" for a key we can encrypt to, else why we cannot."""
+    """Return "rsa", "ec" or "mlkem" for a key we can encrypt to, else why we cannot."""
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     try:
         key = cert.public_key()
     except (UnsupportedAlgorithm, ValueError):
-        return "has a public key of a type this tool cannot read"
+        return unreadable_key(cert)
     if isinstance(key, rsa.RSAPublicKey):
         return "rsa"
+    if is_ml_kem(key):
+        return "mlkem"
     if isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name in ECDH_SCHEMES:
             return "ec"
         return ("has an EC key on curve %s: S/MIME encryption to EC keys is done on P-256, "
                 "P-384 and P-521 only" % key.curve.name)
     name = type(key).__name__.replace("PublicKey", "").lstrip("_")
-    return ("has a %s key, which S/MIME cannot encrypt to here: encryption needs an RSA key or "
-            "an EC key on P-256, P-384 or P-521" % (name or "non-RSA"))
+    return ("has a %s key, which S/MIME cannot encrypt to here: encryption needs an RSA key, "
+            "an EC key on P-256, P-384 or P-521, or an ML-KEM-768/1024 key" % (name or "non-RSA"))
+
+
+def unreadable_key(cert):
+    """Return why we cannot encrypt to *cert*, whose public key cryptography cannot load:
+    its algorithm named (ML-KEM-512, which cryptography lacks), else its OID."""
+    try:
+        oid = cert.public_key_algorithm_oid.dotted_string
+    except ValueError:
+        return "has a malformed public key"
+    if oid in ML_KEM:
+        return ("has an %s key, which this tool cannot encrypt to (cryptography has no %s): "
+                "ask for an ML-KEM-768 or ML-KEM-1024 certificate" % (ML_KEM[oid], ML_KEM[oid]))
+    return "has a public key of algorithm %s, which this tool cannot read" % oid
+
+
+def is_ml_kem(key):
+    """True when *key* (public or private) is an ML-KEM-768 or ML-KEM-1024 key (FIPS 203)."""
+    from cryptography.hazmat.primitives.asymmetric import mlkem
+    return isinstance(key, (mlkem.MLKEM768PublicKey, mlkem.MLKEM1024PublicKey,
+                            mlkem.MLKEM768PrivateKey, mlkem.MLKEM1024PrivateKey))
 
 
 def find_identities(msg, settings, keystore):
@@ -2034,6 +2061,17 @@ KDF_HASHES = {"1.3.133.16.840.63.0.2": "SHA1", "1.3.132.1.11.0": "SHA224",
 #: (RFC 8551 2.7.1.2, RFC 5753 8).
 ECDH_SCHEMES = {"secp256r1": "1.3.132.1.11.1", "secp384r1": "1.3.132.1.11.2",
                 "secp521r1": "1.3.132.1.11.3"}
+#: ML-KEM parameter sets (FIPS 203) by their key's OID (RFC 9935 3); cryptography, and so
+#: this tool, has no ML-KEM-512.
+ML_KEM = {"2.16.840.1.101.3.4.4.1": "ML-KEM-512", "2.16.840.1.101.3.4.4.2": "ML-KEM-768",
+          "2.16.840.1.101.3.4.4.3": "ML-KEM-1024"}
+#: OtherRecipientInfo type of a KEMRecipientInfo (RFC 9629 3).
+ID_ORI_KEM = "1.2.840.113549.1.9.16.13.3"
+#: HKDF KDFs of KEMRecipientInfo (RFC 8619 2) -> hash; we send HKDF-SHA256 with AES-256 key
+#: wrap and a 32-octet key-encryption key, as RFC 9936 2.2 requires for ML-KEM-768/1024.
+HKDF_HASHES = {"1.2.840.113549.1.9.16.3.28": "SHA256", "1.2.840.113549.1.9.16.3.29": "SHA384",
+               "1.2.840.113549.1.9.16.3.30": "SHA512"}
+HKDF_SHA256, KEM_KEK_SIZE = "1.2.840.113549.1.9.16.3.28", 32
 
 
 SIGNED_DATA_HEADER = (b'Content-Type: application/pkcs7-mime; smime-type=signed-data;\r\n'
@@ -2176,12 +2214,14 @@ def enveloped_data(content, recipients, key_size=32):
 
     The content is encrypted with AES-CBC under a fresh key of *key_size* octets,
     and that key is given to each recipient Identity: RSA keys by
-    KeyTransRecipientInfo, EC keys by KeyAgreeRecipientInfo.  Version 0 when
-    every RecipientInfo is a KeyTransRecipientInfo, else 2 (RFC 5652 6.1).
+    KeyTransRecipientInfo, EC keys by KeyAgreeRecipientInfo, ML-KEM keys by
+    KEMRecipientInfo.  Version 3 when there is an OtherRecipientInfo (RFC 9629 3),
+    else 0 when every RecipientInfo is a KeyTransRecipientInfo, else 2 (RFC 5652 6.1).
     """
     key, iv = os.urandom(key_size), os.urandom(16)
     infos = [recipient_info(ident, key) for ident in recipients]
-    version = 0 if all(info[0] == SEQUENCE for info in infos) else 2
+    version = 3 if any(info[0] == ctx(4) for info in infos) else \
+        0 if all(info[0] == SEQUENCE for info in infos) else 2
     encrypted_content_info = der_pieces(
         SEQUENCE, der_oid(ID_DATA), algorithm(AES_CBC[key_size], der(OCTET_STRING, iv)),
         der_pieces(ctx(0, constructed=False), aes_cbc(key, iv, content)))
@@ -2204,6 +2244,8 @@ def recipient_info(ident, key):
     """Return the RecipientInfo giving content-encryption *key* to *ident*."""
     if ident.kind == "rsa":
         return key_trans_recipient_info(ident, key)
+    if ident.kind == "mlkem":
+        return kem_recipient_info(ident, key)
     return key_agree_recipient_info(ident, key)
 
 
@@ -2256,6 +2298,40 @@ def ecdh_key_encryption_key(private, public, scheme, wrap, size, ukm=None):
                       der(ctx(2), der(OCTET_STRING, (size * 8).to_bytes(4, "big"))))
     secret = private.exchange(ec.ECDH(), public)
     return X963KDF(digest, size, shared_info).derive(secret)
+
+
+def kem_recipient_info(ident, key):
+    """Return an OtherRecipientInfo [4] of type id-ori-kem holding a KEMRecipientInfo
+    (RFC 9629 3) for an ML-KEM identity, as RFC 9936 2 specifies it.
+
+    ML-KEM.Encaps to the recipient's key gives a shared secret and the ciphertext
+    (kemct); HKDF-SHA256 derives the 32-octet key-encryption key from the secret,
+    which wraps *key* with AES-256 key wrap (RFC 3394).  Version 0, the recipient
+    named by issuerAndSerialNumber, the KEM by its certificate's key OID, no ukm.
+    """
+    from cryptography.hazmat.primitives import keywrap
+    secret, kemct = ident.cert.public_key().encapsulate()
+    wrap = algorithm(AES_WRAP[KEM_KEK_SIZE])
+    kek = kem_key_encryption_key(secret, wrap, KEM_KEK_SIZE)
+    kemri = der(SEQUENCE, b"\x02\x01\x00", ident.rid,
+                algorithm(ident.cert.public_key_algorithm_oid.dotted_string),
+                der(OCTET_STRING, kemct), algorithm(HKDF_SHA256), der_int(KEM_KEK_SIZE), wrap,
+                der(OCTET_STRING, keywrap.aes_key_wrap(kek, key)))
+    return der(ctx(4), der_oid(ID_ORI_KEM), kemri)
+
+
+def kem_key_encryption_key(secret, wrap, size, ukm=None, hash_name="SHA256"):
+    """Return the key-encryption key both ends of a KEMRecipientInfo derive (RFC 9629 5).
+
+    HKDF (RFC 5869) with *hash_name*, an empty salt, the KEM's shared *secret* as
+    input keying material and the DER CMSORIforKEMOtherInfo as info: the *wrap*
+    AlgorithmIdentifier (DER), kekLength *size*, and the optional ukm [0].
+    """
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    info = der(SEQUENCE, wrap, der_int(size),
+               der(ctx(0), der(OCTET_STRING, ukm)) if ukm is not None else b"")
+    return HKDF(getattr(hashes, hash_name)(), size, salt=b"", info=info).derive(secret)
 
 
 def build_smime(msg, opts, signer=None, recipients=(), extra=b"", now=None):

@@ -9,17 +9,21 @@ import os
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, mlkem, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+#: ML-KEM private key classes by new_key() kind.
+ML_KEM_KEYS = {"mlkem768": mlkem.MLKEM768PrivateKey, "mlkem1024": mlkem.MLKEM1024PrivateKey}
 NOW = datetime.datetime.now(datetime.timezone.utc)
 DAY = datetime.timedelta(days=1)
 
 
 def new_key(kind="rsa"):
-    """Return a new private key: 'rsa' (2048 bits) or 'ec' (P-256)."""
+    """Return a new private key: 'rsa' (2048 bits), 'ec' (P-256), 'mlkem768' or 'mlkem1024'."""
     if kind == "ec":
         return ec.generate_private_key(ec.SECP256R1())
+    if kind in ML_KEM_KEYS:
+        return ML_KEM_KEYS[kind].generate()
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
@@ -81,7 +85,11 @@ class CA:
         if san:
             names = san if isinstance(san, list) else [x509.RFC822Name(email)]
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-        if key_usage == "default":
+        if key_usage == "default" and isinstance(key, tuple(ML_KEM_KEYS.values())):
+            # RFC 9935 5: keyEncipherment only
+            key_usage = x509.KeyUsage(False, False, True, False, False, False, False, False,
+                                      False)
+        elif key_usage == "default":
             is_rsa = isinstance(key, rsa.RSAPrivateKey)
             key_usage = x509.KeyUsage(True, True, is_rsa, False, not is_rsa, False, False,
                                       False, False)
