@@ -1385,8 +1385,10 @@ class Keystore:
         except (TypeError, ValueError):
             if encrypted:
                 raise IdentityError("%s: wrong SMIME_KEY_PASSWORD for this private key" % path)
-            raise IdentityError("%s: the private key cannot be read (corrupt or unsupported)"
-                                % path)
+            key = ml_kem_private_key(data, path)  # OpenSSL's forms cryptography cannot read
+            if key is None:
+                raise IdentityError("%s: the private key cannot be read (corrupt or "
+                                    "unsupported)" % path)
         except Exception as exc:  # UnsupportedAlgorithm and friends
             raise IdentityError("%s: the private key cannot be used: %s" % (path, exc))
         if not known:
@@ -1407,6 +1409,72 @@ class Keystore:
         if key is None or cert is None:
             raise IdentityError("%s: the PKCS#12 file lacks a private key or certificate" % path)
         return key, cert, list(extra)
+
+
+def ml_kem_private_key(data, path):
+    """Return the ML-KEM private key of the unencrypted PEM PKCS#8 in *data*, or None when
+    it holds no ML-KEM key.  Raises IdentityError for one that cannot be used.
+
+    RFC 9935 6 gives ML-KEM-PrivateKey three forms: seed [0] (what cryptography
+    writes and reads), expandedKey, and both (a SEQUENCE of seed and expanded key,
+    what OpenSSL 3.5+ writes by default).  The key is made from its 64-octet seed;
+    in the 'both' form the public key inside the expanded key must be the seed's.
+    The seed cannot be recovered from an expanded key alone, nor can cryptography
+    load one: that form is refused.
+    """
+    import base64
+    match = re.search(rb"-----BEGIN PRIVATE KEY-----(.*?)-----END PRIVATE KEY-----", data, re.S)
+    try:
+        info = Ber(base64.b64decode(match.group(1), validate=False)).children()
+        oid = info[1].children()[0].oid()
+        if oid not in ML_KEM:
+            return None
+        choice = Ber(info[2].octets())
+        seed, expanded = ml_kem_key_parts(choice)
+    except (AttributeError, IndexError, ValueError):
+        return None
+    name = ML_KEM[oid]
+    if seed is None:
+        raise IdentityError("%s: the %s private key holds only the expanded key, from which "
+                            "its seed cannot be recovered and which this tool cannot load: "
+                            "write it with its seed (OpenSSL: openssl genpkey -algorithm %s "
+                            "writes seed and expanded key)" % (path, name, name))
+    key = ml_kem_from_seed(name, seed, path)
+    public = key.public_key().public_bytes_raw()
+    start = len(public) - 32  # expanded key = dk_PKE (384k) || ek (384k + 32) || H(ek) || z
+    if expanded is not None and expanded[start:start + len(public)] != public:
+        raise IdentityError("%s: the seed and the expanded key of this %s private key do not "
+                            "match (a damaged key file)" % (path, name))
+    return key
+
+
+def ml_kem_key_parts(choice):
+    """Return (seed, expanded key) of a DER ML-KEM-PrivateKey (RFC 9935 6), None for a
+    part it lacks.  Raises ValueError for anything else."""
+    if choice.tag == ctx(0, constructed=False):  # seed [0] IMPLICIT OCTET STRING
+        return choice.body, None
+    if choice.tag == OCTET_STRING:  # expandedKey
+        return None, choice.body
+    if choice.tag == SEQUENCE:  # both
+        seed, expanded = choice.children()
+        return seed.octets(), expanded.octets()
+    raise ValueError("not an ML-KEM-PrivateKey")
+
+
+def ml_kem_from_seed(name, seed, path):
+    """Return the ML-KEM private key of parameter set *name* made from its 64-octet *seed*
+    (FIPS 203 6.1).  Raises IdentityError for ML-KEM-512 or a seed of another size."""
+    from cryptography.hazmat.primitives.asymmetric import mlkem
+    make = {"ML-KEM-768": mlkem.MLKEM768PrivateKey,
+            "ML-KEM-1024": mlkem.MLKEM1024PrivateKey}.get(name)
+    if make is None:
+        raise IdentityError("%s: an %s private key, which this tool cannot use (cryptography "
+                            "has no %s)" % (path, name, name))
+    try:
+        return make.from_seed_bytes(bytes(seed))
+    except ValueError:
+        raise IdentityError("%s: the %s private key's seed is %d octets, not 64 (a damaged "
+                            "key file)" % (path, name, len(seed)))
 
 
 def safe_address(address):
@@ -2072,6 +2140,11 @@ ID_ORI_KEM = "1.2.840.113549.1.9.16.13.3"
 HKDF_HASHES = {"1.2.840.113549.1.9.16.3.28": "SHA256", "1.2.840.113549.1.9.16.3.29": "SHA384",
                "1.2.840.113549.1.9.16.3.30": "SHA512"}
 HKDF_SHA256, KEM_KEK_SIZE = "1.2.840.113549.1.9.16.3.28", 32
+#: What each KEMRecipientInfo we write holds after kemct (kdf, kekLength, wrap), and the
+#: CMSORIforKEMOtherInfo its KDF reads (RFC 9629 5; no ukm), worked out once.
+KEM_WRAP = algorithm(AES_WRAP[KEM_KEK_SIZE])
+KEM_KDF_WRAP = algorithm(HKDF_SHA256) + der_int(KEM_KEK_SIZE) + KEM_WRAP
+KEM_OTHER_INFO = der(SEQUENCE, KEM_WRAP, der_int(KEM_KEK_SIZE))
 
 
 SIGNED_DATA_HEADER = (b'Content-Type: application/pkcs7-mime; smime-type=signed-data;\r\n'
@@ -2311,26 +2384,27 @@ def kem_recipient_info(ident, key):
     """
     from cryptography.hazmat.primitives import keywrap
     secret, kemct = ident.cert.public_key().encapsulate()
-    wrap = algorithm(AES_WRAP[KEM_KEK_SIZE])
-    kek = kem_key_encryption_key(secret, wrap, KEM_KEK_SIZE)
+    kek = kem_key_encryption_key(secret, KEM_OTHER_INFO, KEM_KEK_SIZE)
     kemri = der(SEQUENCE, b"\x02\x01\x00", ident.rid,
                 algorithm(ident.cert.public_key_algorithm_oid.dotted_string),
-                der(OCTET_STRING, kemct), algorithm(HKDF_SHA256), der_int(KEM_KEK_SIZE), wrap,
+                der(OCTET_STRING, kemct), KEM_KDF_WRAP,
                 der(OCTET_STRING, keywrap.aes_key_wrap(kek, key)))
     return der(ctx(4), der_oid(ID_ORI_KEM), kemri)
 
 
-def kem_key_encryption_key(secret, wrap, size, ukm=None, hash_name="SHA256"):
-    """Return the key-encryption key both ends of a KEMRecipientInfo derive (RFC 9629 5).
+def kem_other_info(wrap, size, ukm=None):
+    """Return the DER CMSORIforKEMOtherInfo (RFC 9629 5): the *wrap* AlgorithmIdentifier
+    (DER), kekLength *size*, and the optional user keying material [0]."""
+    return der(SEQUENCE, wrap, der_int(size),
+               der(ctx(0), der(OCTET_STRING, ukm)) if ukm is not None else b"")
 
-    HKDF (RFC 5869) with *hash_name*, an empty salt, the KEM's shared *secret* as
-    input keying material and the DER CMSORIforKEMOtherInfo as info: the *wrap*
-    AlgorithmIdentifier (DER), kekLength *size*, and the optional ukm [0].
-    """
+
+def kem_key_encryption_key(secret, info, size, hash_name="SHA256"):
+    """Return the key-encryption key both ends of a KEMRecipientInfo derive (RFC 9629 5):
+    HKDF (RFC 5869) with *hash_name*, an empty salt, the KEM's shared *secret* as input
+    keying material, the DER CMSORIforKEMOtherInfo *info*, *size* octets."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-    info = der(SEQUENCE, wrap, der_int(size),
-               der(ctx(0), der(OCTET_STRING, ukm)) if ukm is not None else b"")
     return HKDF(getattr(hashes, hash_name)(), size, salt=b"", info=info).derive(secret)
 
 
@@ -3222,9 +3296,71 @@ class OtherRecipientInfo(NamedTuple):
         return []
 
 
+class KEMRecipientInfo(NamedTuple):
+    """A KEMRecipientInfo (RFC 9629 3), the value of an OtherRecipientInfo of type
+    id-ori-kem: *rid* (Ber), the *kem*, *kdf* and *wrap* AlgorithmIdentifiers (Ber),
+    *kemct*, *kek_length*, *ukm* (bytes or None) and the *encrypted_key*."""
+    version: int
+    rid: object
+    kem: object
+    kemct: bytes
+    kdf: object
+    kek_length: int
+    ukm: object
+    wrap: object
+    encrypted_key: bytes
+
+    def recipients(self):
+        return [(self.rid, self.encrypted_key)]
+
+    def content_key(self, ident, encrypted_key):
+        """Return the key for our ML-KEM key (RFC 9629 2, RFC 9936): ML-KEM.Decaps of
+        kemct, the HKDF the kdf names over the shared secret and CMSORIforKEMOtherInfo,
+        then AES key unwrap (RFC 3394); None when it does not unwrap (an altered kemct
+        or key).  Raises MessageError for another KEM, KDF or wrap, or a kekLength that
+        is not the wrap's key size (RFC 9936 2.2.1)."""
+        from cryptography.hazmat.primitives import keywrap
+        kem, kdf, wrap = (algorithm_oid(a) for a in (self.kem, self.kdf, self.wrap))
+        sizes = {oid: size for size, oid in AES_WRAP.items()}
+        if kem not in ML_KEM or kdf not in HKDF_HASHES or self.kek_length != sizes.get(wrap):
+            raise MessageError("encrypted to us with a KEMRecipientInfo this tool does not "
+                               "support (%s, KDF %s, wrap %s, kekLength %d)"
+                               % (ML_KEM.get(kem, kem), kdf, wrap, self.kek_length))
+        if not is_ml_kem(ident.key) or kem != ident.cert.public_key_algorithm_oid.dotted_string:
+            return None
+        try:
+            secret = ident.key.decapsulate(self.kemct)
+        except ValueError:  # a ciphertext of the wrong size
+            return None
+        info = kem_other_info(self.wrap.raw, self.kek_length, self.ukm)
+        kek = kem_key_encryption_key(secret, info, self.kek_length, HKDF_HASHES[kdf])
+        try:
+            return keywrap.aes_key_unwrap(kek, encrypted_key)
+        except keywrap.InvalidUnwrap:
+            return None
+
+
+def read_other_recipient_info(ber):
+    """Return the KEMRecipientInfo of an OtherRecipientInfo [4] of type id-ori-kem
+    (RFC 9629 3), else an OtherRecipientInfo (another type: not one for our keys)."""
+    fields = Fields(ber)
+    if fields.take(OID).oid() != ID_ORI_KEM:
+        return OtherRecipientInfo(ber.tag)
+    kemri = Fields(fields.take(SEQUENCE))
+    version, rid, kem = kemri.take(INTEGER).integer(), kemri.take(), kemri.take(SEQUENCE)
+    kemct, kdf = kemri.take(OCTET_STRING).octets(), kemri.take(SEQUENCE)
+    kek_length, ukm = kemri.take(INTEGER).integer(), kemri.optional(ctx(0))
+    ukm = Fields(ukm).take(OCTET_STRING).octets() if ukm is not None else None
+    wrap, encrypted_key = kemri.take(SEQUENCE), kemri.take(OCTET_STRING).octets()
+    if kemri.rest() or not 1 <= kek_length <= 65535:
+        raise ValueError("a KEMRecipientInfo unlike RFC 9629's")
+    return KEMRecipientInfo(version, rid, kem, kemct, kdf, kek_length, ukm, wrap, encrypted_key)
+
+
 #: RecipientInfo readers by the RecipientInfo's tag (RFC 5652 6.2): ktri is a SEQUENCE.
 RECIPIENT_INFO_READERS = {SEQUENCE: read_key_trans_recipient_info,
-                          ctx(1): read_key_agree_recipient_info}
+                          ctx(1): read_key_agree_recipient_info,
+                          ctx(4): read_other_recipient_info}
 
 
 def names_us(rid, ident):
