@@ -371,6 +371,7 @@ class Settings(NamedTuple):
     sign_mode: str = ""          #: "", "opaque" or "detached"
     encrypt: bool = False
     cipher: str = "aes256"
+    pq_only: bool = False        #: --pq_only: every copy post-quantum (ML-KEM)
     keys: tuple = ()             #: --keys directories
     output: str = ""
     send: str = ""               #: "", "smtp" or "api"
@@ -1323,12 +1324,13 @@ class Keystore:
         return recipient_from_file(address, path)
 
     def load_own_copy(self, address, signing):
-        """The signing certificate when it allows encryption, else <from>.crt when there
-        is one that does (a signing-only certificate beside an encryption one is
-        common); None, with a warning, when neither does."""
+        """A post-quantum (ML-KEM) <from>.crt; else the signing certificate when it allows
+        encryption, else <from>.crt when there is one that does (a signing-only
+        certificate beside an encryption one is common); None, with a warning, when
+        neither does."""
         signer = self.signer(address) if signing else None
         problem = signer and usage_problem(signer.cert, "encrypt")
-        if signer is not None and not problem:
+        if signer is not None and not problem and not self.post_quantum(address):
             return signer
         if self.find(address, (".crt",)) is not None:
             try:
@@ -1341,6 +1343,15 @@ class Keystore:
             self.warn("the message is not encrypted to its sender (the Sent copy will not be "
                       "readable): %s" % problem, "own-copy")
         return None
+
+    def post_quantum(self, address):
+        """True when <address>.crt holds a usable ML-KEM certificate for *address*."""
+        if self.find(address, (".crt",)) is None:
+            return False
+        try:
+            return self.recipient(address).kind == "mlkem"
+        except IdentityError:
+            return False
 
     def certificates(self, address):
         """Return the certificates beside *address*'s private key, read without the key
@@ -1817,7 +1828,10 @@ def is_ml_kem(key):
 
 
 def find_identities(msg, settings, keystore):
-    """Return (signer or None, [recipient Identity]) needed to build *msg*."""
+    """Return (signer or None, [recipient Identity]) needed to build *msg*.
+
+    With --pq_only, raises IdentityError unless every copy is post-quantum.
+    """
     signer = keystore.signer(msg.sender) if settings.sign_mode else None
     recipients = []
     if settings.encrypt:
@@ -1825,7 +1839,33 @@ def find_identities(msg, settings, keystore):
         own = keystore.own_copy(msg.sender, bool(signer))
         if own is not None:
             recipients.append(own)
+    if settings.pq_only:
+        classical = classical_copies(recipients, msg.sender)
+        if classical:
+            raise IdentityError("%s: --pq_only: not post-quantum (ML-KEM): %s"
+                                % (msg.source, "; ".join(classical)))
     return signer, recipients
+
+
+def classical_copies(recipients, sender):
+    """Return 'ADDRESS (KIND key, FILE)' for each recipient Identity whose copy is not
+    post-quantum (RSA or EC: readable by whoever stores it once a large quantum
+    computer exists); the sender's is marked as its own copy."""
+    return ["%s (%s%s key, %s)" % (r.address, "own copy, " if r.address == sender else "",
+                                   r.kind.upper(), r.path)
+            for r in recipients if r.kind != "mlkem"]
+
+
+def quantum_notes(msg, recipients):
+    """Return the (topic, warning) note of a message encrypted to post-quantum and
+    classical recipients alike (one per run: topic 'quantum'), else ()."""
+    classical = classical_copies(recipients, msg.sender)
+    if not classical or len(classical) == len(recipients):
+        return ()
+    return (("quantum", "%s: encrypted to post-quantum (ML-KEM) and classical recipients: the "
+             "copies for %s are not quantum-safe (recorded now, they can be read once a large "
+             "quantum computer exists); --pq_only refuses such messages (warned once)"
+             % (msg.source, ", ".join(c.split(" (")[0] for c in classical))),)
 
 
 
@@ -2507,6 +2547,7 @@ def build_job(item, settings, keystore, extra=b"", served=()):
         date = date_at_signing(msg, now, settings.keep_date)
     data = build_smime(msg, settings, signer, recipients, extra, now)
     notes = api_rules(msg, data, settings) if settings.send == "api" else ()
+    notes += quantum_notes(msg, recipients)
     return Job(path, copy, data, settings.mail_from or msg.sender,
                tuple(r for r in msg.recipients if r not in served), msg, started, notes,
                date=date)
@@ -5096,7 +5137,7 @@ def run_parallel(settings, backend, build, items, reporter, stats, halt):
     import gc
     import select
     import signal
-    preload(backend, build, items[0])
+    preload(backend, build, items[0], reporter)
     gc.freeze()  # the workers inherit these objects: keep their pages shared, unscanned
     sys.stdout.flush()
     sys.stderr.flush()
@@ -5134,16 +5175,18 @@ def run_parallel(settings, backend, build, items, reporter, stats, halt):
         recorder.close()
 
 
-def preload(backend, build, item):
+def preload(backend, build, item, reporter):
     """Build *item* once here so that forked workers inherit what it loaded.
 
     The first message of a process pays for lazy imports and for reading and
     checking the keys (~60 ms), the first SMTP session for smtplib, ssl and the
-    CA store: paid once before forking instead of once per worker.  Any error
-    is left for the worker that meets it to report.
+    CA store: paid once before forking instead of once per worker.  Its once-per-run
+    warnings are given here, so that no worker repeats them.  Any error is left for
+    the worker that meets it to report.
     """
     try:
-        build(item)
+        for topic, text in build(item).notes:
+            reporter.warn(text, topic)
         if hasattr(backend, "preload"):
             backend.preload()
     except Exception:  # noqa: BLE001 - a warm-up only: the worker reports it properly
@@ -5249,6 +5292,9 @@ def build_parser():
                        help="encrypt to every To/Cc/Bcc recipient and the sender")
     smime.add_argument("--cipher", choices=CIPHERS, default="aes256",
                        help="content cipher for --encrypt (default aes256)")
+    smime.add_argument("--pq_only", "--pq-only", action="store_true",
+                       help="with --encrypt: refuse a message unless every recipient and the "
+                            "sender's own copy are post-quantum (ML-KEM)")
     smime.add_argument("--keys", action="append", default=[], metavar="DIR",
                        help="directory of <address>.pem/.crt/.p12 files (repeatable)")
     smime.add_argument("--keep_date", "--keep-date", action="store_true",
@@ -5363,6 +5409,8 @@ def parse_args(argv):
     if sign_mode and any(h.partition(":")[0].strip().lower() == "date" for h in ns.header):
         raise UsageError("--header Date: a signed message's Date is its signing time (or the "
                          "input's, with --keep_date)")
+    if ns.pq_only and not ns.encrypt:
+        raise UsageError("--pq_only goes with --encrypt")
     if len(ns.inputs) > 1 or ns.repeat > 1:
         several_outputs(Settings(tuple(ns.inputs), output=ns.output, send=send,
                                  verify=bool(reading)))
@@ -5394,7 +5442,7 @@ def parse_args(argv):
                    retries=ns.retries, harvest=ns.harvest, verify=ns.verify,
                    decrypt=ns.decrypt, require_signed=ns.require_signed, ca=ns.ca, jobs=ns.jobs,
                    repeat=ns.repeat, results=ns.results, resume=ns.resume, archive=ns.archive,
-                   retry_delay=ns.retry_delay)
+                   retry_delay=ns.retry_delay, pq_only=ns.pq_only)
 
 
 def several_outputs(settings):
