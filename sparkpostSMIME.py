@@ -1299,7 +1299,10 @@ class Keystore:
                                                                    for c in certs):
             raise IdentityError("no certificate for %s: %s holds only the key; add %s.crt"
                                 % (address, path, safe_address(address)))
-        return make_identity(address, key, certs, cert_path)
+        signer = make_identity(address, key, certs, cert_path)
+        if self.post_quantum(address):  # published with every signature: see harvest()
+            signer.chain.append(self.recipient(address).cert)
+        return signer
 
     def key_and_certificates(self, address, path):
         """Return (private key, certificates, file of the certificate) for a key file:
@@ -3654,7 +3657,9 @@ class Harvested:
 
 
 def harvest(path, keystore, roots):
-    """Return the Harvested certificate of the sender of message *path*.
+    """Return the Harvested certificate of the sender of message *path*: its post-quantum
+    encryption certificate when the signature carries one (post_quantum_cert()), else
+    the signing certificate when it allows encryption.
 
     Raises MessageError (65) naming why no usable certificate was found,
     IdentityError (78) for a key of ours that cannot be read.
@@ -3676,6 +3681,9 @@ def harvest(path, keystore, roots):
                                        "no S/MIME signature found (the message is not signed)"))
     for sig in signatures:
         problem, chain = signature_verdict(sig, address, lambda: roots)
+        pq = None if problem else post_quantum_cert(sig, address, roots)
+        if pq is not None:  # the validated path only, its trusted root left out
+            return Harvested(address, pq[0], list(pq[1][1:-1]))
         if not problem:
             problem = certificate_problem(sig.cert, address, "encrypt")
             problem = problem and "the certificate for %s %s" % (address, problem)
@@ -3683,6 +3691,29 @@ def harvest(path, keystore, roots):
             return Harvested(address, sig.cert, list(chain[1:-1]))
         reasons.append(problem)
     raise MessageError("%s: %s" % (path, reasons[-len(signatures)]))
+
+
+def post_quantum_cert(sig, address, roots):
+    """Return (the ML-KEM certificate for *address* that verified signature *sig* carries
+    beside its signing certificate, its validated path), or None; the one valid
+    longest if several.
+
+    A KEM key cannot sign (RFC 9935), so a sender's post-quantum encryption
+    certificate travels in the certificate bag of its signed mail (RFC 8551 2.4.2,
+    as a separate encryption certificate does).  It is taken only when it names the
+    address the signature vouches for, allows encryption now, chains to a trusted
+    root through the certificates of the message, and is within its CAs' name
+    constraints.
+    """
+    found = []
+    for cert in sig.certs:
+        if cert is sig.cert or key_kind(cert)[0] != "mlkem" or \
+                certificate_problem(cert, address, "encrypt"):
+            continue
+        chain, problem = validated_chain(cert, sig.certs, roots)
+        if not problem and not name_constraint_problem(cert, chain[1:]):
+            found.append((cert, chain))
+    return max(found, key=lambda pair: pair[0].not_valid_after_utc, default=None)
 
 
 def signatures_within(fields, body, keyring, reasons, depth=0):
@@ -3716,7 +3747,8 @@ def save_harvested(found, directory):
     """Write found.cert (and its chain) to '<dir>/<address>.crt' unless a better one is there.
 
     A different certificate already saved is kept when it is valid and expires
-    later; returns found with .path and .note set.  Raises OutputError (73/74).
+    later, unless the new one is post-quantum (ML-KEM) and the old one is not;
+    returns found with .path and .note set.  Raises OutputError (73/74).
     """
     from cryptography.hazmat.primitives.serialization import Encoding
     path = os.path.join(directory, found.address + ".crt")
@@ -3728,7 +3760,8 @@ def save_harvested(found, directory):
             found.note = "unchanged (already saved)"
             return found
         if old and not certificate_problem(old[0], found.address, "encrypt") and \
-                old[0].not_valid_after_utc >= found.cert.not_valid_after_utc:
+                old[0].not_valid_after_utc >= found.cert.not_valid_after_utc and \
+                (key_kind(found.cert)[0] != "mlkem" or key_kind(old[0])[0] == "mlkem"):
             found.cert, found.note = old[0], "kept the existing certificate (valid, expires later)"
             return found
         found.note = "replaced an older certificate" if old else "replaced %s" % path
