@@ -49,6 +49,19 @@ class SidOpenSSL(debian.WorkFiles):
         """Return the PEM SubjectPublicKeyInfo of private key *key_pem*."""
         return self.openssl(["pkey", "-in", self._file("key.pem", key_pem), "-pubout"]).stdout
 
+    def certify(self, public_pem, ca_cert_pem, ca_key_pem, email):
+        """Return a PEM certificate for *email* (subject alternative name) of public key
+        *public_pem* -- of any algorithm OpenSSL knows, ML-KEM-512 too -- issued by the CA
+        of *ca_cert_pem* / *ca_key_pem*; key usage keyEncipherment, e-mail protection."""
+        ext = self._file("ext.cnf", ("subjectAltName=email:%s\nkeyUsage=critical,keyEncipherment"
+                                     "\nextendedKeyUsage=emailProtection\n" % email).encode())
+        out = self._new("cert.pem")
+        self.openssl(["x509", "-new", "-subj", "/CN=%s" % email, "-days", "30",
+                      "-force_pubkey", self._file("public.pem", public_pem),
+                      "-CA", self._file("ca.crt", ca_cert_pem),
+                      "-CAkey", self._file("ca.key", ca_key_pem), "-extfile", ext, "-out", out])
+        return self._read(out)
+
     def encrypt(self, content, cert_pems, cipher="-aes-256-cbc"):
         """Return the DER EnvelopedData of *content* for every certificate of *cert_pems*."""
         out = self._new("enveloped.der")
