@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""sparkpostSMIME benchmark: one-shot start-up, envelope writer, batch injection (1,000 and a
-steady 5,000 messages), the openssl|swaks loop, memory.
+"""sparkpostSMIME benchmark: one-shot start-up, envelope writer, ML-KEM vs RSA, batch injection
+(1,000 and a steady 5,000 messages), the openssl|swaks loop, memory.
 
 Run from the repository root (after the README's install):
 
@@ -330,6 +330,54 @@ def envelope_speed(rounds):
     return ratios
 
 
+ML_KEM_VS_RSA = r"""
+import statistics, sys, time
+sys.path.insert(0, %(root)r)
+sys.path.insert(0, %(tests)r)
+import sparkpostSMIME as s
+import pki
+ca = pki.CA().intermediate()
+rcpt = {kind: s.Identity("%%s@bench.example" %% kind, ca.issue("%%s@bench.example" %% kind,
+                                                              pki.new_key(kind))[1], "-")
+        for kind in ("rsa", "mlkem768")}
+content = s.canonical_content(s.parse_message(open(%(path)r, "rb").read(), %(path)r))
+key = bytes(32)
+steps = {"envelope": lambda ident: s.encrypt(content, [ident]),
+         "RecipientInfo": lambda ident: s.recipient_info(ident, key)}
+for step, run in steps.items():
+    n = 400 if step == "envelope" else 2000
+    ratios, totals = [], {"rsa": 0.0, "mlkem768": 0.0}
+    for _ in range(%(rounds)d):
+        times = {"rsa": 0.0, "mlkem768": 0.0}
+        for i in range(n):  # alternated, each first in turn
+            for kind in (("rsa", "mlkem768"), ("mlkem768", "rsa"))[i %% 2]:
+                start = time.perf_counter()
+                run(rcpt[kind])
+                times[kind] += time.perf_counter() - start
+        ratios.append(times["mlkem768"] / times["rsa"])
+        for kind in times:
+            totals[kind] += times[kind] / n
+    print(step, totals["rsa"] / %(rounds)d, totals["mlkem768"] / %(rounds)d,
+          statistics.median(ratios))
+"""
+
+
+def ml_kem_vs_rsa(rounds):
+    """--encrypt to one ML-KEM-768 recipient vs one RSA-2048 recipient, same message."""
+    print("\n== --encrypt to one ML-KEM-768 vs one RSA-2048 recipient, 19 KB message "
+          "(median of %d alternated rounds) ==" % rounds)
+    code = ML_KEM_VS_RSA % {"root": ROOT, "tests": os.path.dirname(KEYS), "path": SMALL,
+                            "rounds": rounds}
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True)
+    ratios = {}
+    for line in out.stdout.splitlines():
+        step, rsa, kem, ratio = line.split()
+        ratios[step] = float(ratio)
+        print("  %-13s RSA-2048 %.0f us, ML-KEM-768 %.0f us = %.2f x"
+              % (step, float(rsa) * 1e6, float(kem) * 1e6, float(ratio)))
+    return ratios
+
+
 PEAK_RSS = r"""
 import resource, subprocess, sys
 subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True)
@@ -369,6 +417,7 @@ def main():
           % (os.cpu_count(), sys.version.split()[0], time.strftime("%Y-%m-%d")))
     ratios = oneshot(9 if args.quick else 25)
     envelope = envelope_speed(3 if args.quick else 9)
+    ml_kem_vs_rsa(3 if args.quick else 9)
     n = 300 if args.quick else 1000
     sink = Sink()
     try:
