@@ -1398,7 +1398,9 @@ class Keystore:
                                        unsafe_skip_rsa_key_validation=known)
         except (TypeError, ValueError):
             if encrypted:
-                raise IdentityError("%s: wrong SMIME_KEY_PASSWORD for this private key" % path)
+                raise IdentityError("%s: wrong SMIME_KEY_PASSWORD for this private key (or an "
+                                    "encrypted ML-KEM key holding its expanded key: write it "
+                                    "seed-only, see README)" % path)
             key = ml_kem_private_key(data, path)  # OpenSSL's forms cryptography cannot read
             if key is None:
                 raise IdentityError("%s: the private key cannot be read (corrupt or "
