@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import debian
 import engines
 import sid
-from conftest import PKI, need, run_tool
+from conftest import KEY_PASSWORD, PKI, need, run_tool
 from pki import new_key, pem_cert, pem_key, write
 
 SENDER = "alice@example.com"                       # RSA signing key, RSA own copy
@@ -147,17 +147,24 @@ def test_sid_openssl_decrypts_every_recipient_of_every_mix(pq, osl, tmp_path, mo
                                                               MODES[mode][:-1]), who
 
 
+@pytest.mark.parametrize("form", ["default", "seed-only encrypted"])
 @pytest.mark.parametrize("kind", ["ML-KEM-768", "ML-KEM-1024"])
-def test_decrypt_opens_openssl_made_messages(pq, osl, tmp_path, kind):
+def test_decrypt_opens_openssl_made_messages(pq, osl, tmp_path, kind, form):
     """OpenSSL 3.6 encrypts to an ML-KEM certificate (and an RSA one); our --decrypt opens
     it with the private key file exactly as 'openssl genpkey' wrote it (seed and expanded
-    key, RFC 9935 6)."""
+    key, RFC 9935 6), or as the README's seed-only encrypted form."""
     address = "osl-%s@pq.example" % kind.lower()
     key_pem = osl.genkey(kind)
     assert len(key_pem) > 3000  # the 'both' form: seed and the expanded key
     with pytest.raises(ValueError):  # cryptography alone cannot read it
         serialization.load_pem_private_key(key_pem, None)
-    _, cert = pq.inter.issue(address, Public(osl.public_key(key_pem)))
+    public = osl.public_key(key_pem)
+    if form != "default":
+        key_pem = osl.openssl(["pkey", "-in", osl._file("k.pem", key_pem), "-provparam",
+                               "ml-kem.output_formats=seed-only", "-aes256", "-passout",
+                               "pass:" + KEY_PASSWORD]).stdout
+        assert b"ENCRYPTED PRIVATE KEY" in key_pem
+    _, cert = pq.inter.issue(address, Public(public))
     keys = tmp_path / "keys"
     keys.mkdir()
     write(str(keys / (address + ".pem")), key_pem)
@@ -168,7 +175,7 @@ def test_decrypt_opens_openssl_made_messages(pq, osl, tmp_path, kind):
     eml.write_bytes(envelope(address, der))
     out = tmp_path / "out.eml"
     proc = run_tool(["--decrypt", str(eml), "--keys", str(keys), "--ca", pq.cafile,
-                     "-o", str(out)])
+                     "-o", str(out)], env={"SMIME_KEY_PASSWORD": KEY_PASSWORD})
     assert proc.returncode == 0, proc.stderr
     assert b"decrypted for %s" % address.encode() in proc.stdout
     assert out.read_bytes().endswith(content)
@@ -255,17 +262,20 @@ def altered(out, needle, skip):
 
 @pytest.mark.parametrize("who,kemct", [(KEM768, b"\x04\x82\x04\x40"),
                                        (KEM1024, b"\x04\x82\x06\x20")])
-@pytest.mark.parametrize("damage", ["kemct", "wrapped key", "wrong key", "none"])
+@pytest.mark.parametrize("damage", ["kemct", "wrapped key", "kekLength", "wrong key", "none"])
 def test_altered_or_foreign_messages_are_65(pq, tmp_path, who, kemct, damage):
     """ML-KEM's implicit rejection gives a wrong secret for an altered ciphertext, AES key
-    wrap's check then fails; a wrapped key altered fails that check; another ML-KEM key
-    is not a recipient: each one line, exit 65."""
+    wrap's check then fails; a wrapped key altered fails that check; a kekLength that is
+    not the wrap's key size is refused; another ML-KEM key is not a recipient: each one
+    line, exit 65."""
     out = build(pq, tmp_path, message(SENDER, [who]), ["--encrypt"]).stdout
     keys = solo_keys(pq, tmp_path, who)
     if damage == "kemct":
         out = altered(out, kemct, 100)
     elif damage == "wrapped key":
         out = altered(out, WRAPPED_KEY, 5)
+    elif damage == "kekLength":  # 33, not the wrap's 32 (RFC 9936 2.2.1)
+        out = altered(out, b"\x02\x01\x20" + WRAPPED_KEY[:2], -3)
     elif damage == "wrong key":
         other = KEM1024 if who == KEM768 else KEM768
         keys = solo_keys(pq, tmp_path, other)
