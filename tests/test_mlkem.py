@@ -407,3 +407,26 @@ def test_harvest_saves_the_ml_kem_certificate(pq, tmp_path):
     saved = x509.load_pem_x509_certificates((keys / (PQ_SENDER + ".crt")).read_bytes())
     assert saved[0] == pq.ids[PQ_SENDER][1]
     assert isinstance(saved[0].public_key(), mlkem.MLKEM768PublicKey)
+
+
+def test_harvested_ml_kem_certificate_replaces_a_classical_one(pq, tmp_path):
+    """A classical certificate harvested first (mail signed without the ML-KEM one) is
+    replaced by the post-quantum one from later mail, though it expires no earlier."""
+    classical_keys = tmp_path / "classical"
+    classical_keys.mkdir()
+    pem = os.path.join(pq.keys, PQ_SENDER + ".pem")
+    write(str(classical_keys / (PQ_SENDER + ".pem")), open(pem, "rb").read())
+    harvested = tmp_path / "harvested"
+    harvested.mkdir()
+    saved = harvested / (PQ_SENDER + ".crt")
+    for keys, kind in ((str(classical_keys), "rsa"), (pq.keys, "mlkem")):
+        path = tmp_path / ("signed-%s.eml" % kind)
+        proc = run_tool(["-", "--keys", keys, "--sign"],
+                        stdin=message(PQ_SENDER, [RSA]))
+        assert proc.returncode == 0, proc.stderr
+        path.write_bytes(proc.stdout)
+        proc = run_tool(["--harvest", str(path), "--keys", str(harvested), "--ca", pq.cafile])
+        assert proc.returncode == 0, proc.stderr
+        cert = x509.load_pem_x509_certificates(saved.read_bytes())[0]
+        assert isinstance(cert.public_key(), mlkem.MLKEM768PublicKey) == (kind == "mlkem")
+    assert b"replaced" in proc.stdout
