@@ -430,3 +430,26 @@ def test_harvested_ml_kem_certificate_replaces_a_classical_one(pq, tmp_path):
         cert = x509.load_pem_x509_certificates(saved.read_bytes())[0]
         assert isinstance(cert.public_key(), mlkem.MLKEM768PublicKey) == (kind == "mlkem")
     assert b"replaced" in proc.stdout
+
+
+@pytest.mark.parametrize("kemri", [
+    b"\x02\x01\x00",                                    # a KEMRecipientInfo of one field
+    b"\x02\x01\x00" * 10,                               # ... of ten
+    b"\x02\x01\x00\x04\x00" + b"\x30\x00" * 6,          # eight fields of the wrong types
+])
+def test_malformed_kem_recipient_info_is_65(pq, tmp_path, kemri):
+    """Hostile KEMRecipientInfo structures: one line, exit 65, never a traceback."""
+    import sparkpostSMIME as tool
+    ori = tool.der(tool.ctx(4), tool.der_oid(tool.ID_ORI_KEM), tool.der(tool.SEQUENCE, kemri))
+    content = tool.der(tool.SEQUENCE, tool.der_oid(tool.ID_DATA),
+                       tool.algorithm(tool.AES_CBC[32], tool.der(tool.OCTET_STRING, bytes(16))),
+                       tool.der(tool.ctx(0, constructed=False), bytes(32)))
+    enveloped = tool.der(tool.SEQUENCE, tool.der_int(3), tool.der_set(ori), content)
+    der = tool.der(tool.SEQUENCE, tool.der_oid(tool.ID_ENVELOPED_DATA),
+                   tool.der(tool.ctx(0), enveloped))
+    eml = tmp_path / "in.eml"
+    eml.write_bytes(envelope(KEM768, der))
+    proc = run_tool(["--decrypt", str(eml), "--keys", solo_keys(pq, tmp_path, KEM768),
+                     "--ca", pq.cafile])
+    err = proc.stderr.decode()
+    assert proc.returncode == 65 and err.count("\n") == 1, err
