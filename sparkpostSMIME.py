@@ -5514,6 +5514,12 @@ def receive_all(settings, reporter):
         except (InputError, IdentityError) as exc:
             received = Received(path)
             received.problem, received.code = str(exc), exc.exit_code
+        except SmimeToolError:  # a setting at fault (the CA bundle): every input would fail
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug: this input fails, the others go on
+            received = Received(path)
+            received.problem, received.code = "internal error while reading: %s: %s" % (
+                type(exc).__name__, first_line(exc)), EX_SOFTWARE
         reporter.say(("%s: " % path if len(paths) > 1 else "") + received.report(mode))
         if settings.verbose:
             for line in received.details():
@@ -5568,6 +5574,14 @@ def harvest_all(settings, reporter):
             reporter.warn(str(exc))
             stats.fault(exc.exit_code)
             break
+        except SmimeToolError:  # a setting at fault: every input would fail
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug: this input fails, the others go on
+            reporter.say("refused %s: internal error" % path)
+            reporter.warn("%s: internal error while reading: %s: %s" % (
+                path, type(exc).__name__, first_line(exc)))
+            stats.fault(EX_SOFTWARE)
+            continue
         reporter.say("%s %s: issuer %s, valid until %s -> %s" % (
             found.note, found.address, found.cert.issuer.rfc4514_string(),
             found.cert.not_valid_after_utc.strftime("%Y-%m-%d"), found.path))

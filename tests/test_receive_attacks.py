@@ -605,3 +605,32 @@ def test_harvest_saves_the_validated_chain_only(attack, ca, root):
     with open(os.path.join(attack.keys, ALICE + ".crt"), "rb") as fh:
         saved = x509.load_pem_x509_certificates(fh.read())
     assert saved == [cert, ca.cert]
+
+
+@pytest.mark.parametrize("mode", ["--verify", "--harvest"])
+def test_a_bug_on_one_input_never_stops_the_others(tmp_path, monkeypatch, capfd, mode):
+    """A fault of ours (here injected: the reader raises on the first input) fails that
+    input with 70, and every other input of the directory is still read and reported."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name in ("a.eml", "b.eml", "c.eml"):
+        (inbox / name).write_bytes(b"From: x@example.com\r\nTo: y@example.com\r\n\r\nhi\r\n")
+    seen = []
+    real = tool.receive if mode == "--verify" else tool.harvest
+    name = "receive" if mode == "--verify" else "harvest"
+
+    def reader(path_or_data, *args):
+        source = path_or_data if mode == "--harvest" else args[0]
+        seen.append(os.path.basename(source))
+        if source.endswith("a.eml"):
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(path_or_data, *args)
+    monkeypatch.setattr(tool, name, reader)
+    code = tool.main([mode, str(inbox), "--keys", str(tmp_path / "keys"),
+                      "--ca", os.path.join(os.path.dirname(__file__), "keys", "demo-ca.crt")],
+                     {"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    out, err = capfd.readouterr()
+    assert seen == ["a.eml", "b.eml", "c.eml"]
+    assert code == tool.EX_SOFTWARE
+    assert "a.eml: internal error while reading: RecursionError" in err
+    assert "b.eml" in out and "c.eml" in out
