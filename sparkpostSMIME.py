@@ -1869,7 +1869,7 @@ def quantum_notes(msg, recipients):
         return ()
     return (("quantum", "%s: encrypted to post-quantum (ML-KEM) and classical recipients: the "
              "copies for %s are not quantum-safe (recorded now, they can be read once a large "
-             "quantum computer exists); --pq_only refuses such messages (warned once)"
+             "quantum computer exists); --pq_only refuses such messages"
              % (msg.source, ", ".join(c.split(" (")[0] for c in classical))),)
 
 
@@ -2516,7 +2516,8 @@ class Job(NamedTuple):
     """One message ready to go, never changed: a retry to fewer recipients is a new Job.
 
     *started*: time.perf_counter() when building began; *notes*: (topic, warning)
-    pairs for the reporter; *failure*: (exit code, reason) of a message that
+    pairs, counted by topic and warned once per run (Stats.notices()), or at once
+    when the topic is None; *failure*: (exit code, reason) of a message that
     could not be built, which passes through the back end only to be reported.
     """
     source: str
@@ -2528,7 +2529,6 @@ class Job(NamedTuple):
     started: float = 0.0
     notes: tuple = ()
     failure: tuple = ()
-    date: str = ""               #: "replaced" or "kept": see date_at_signing()
 
     def describe(self):
         """Return the seed's 'Sending FILE<TAB>From: a<TAB>To: b, c' line."""
@@ -2547,15 +2547,16 @@ def build_job(item, settings, keystore, extra=b"", served=()):
     started = time.perf_counter()
     msg = parse_message(read_input(path), path)
     signer, recipients = find_identities(msg, settings, keystore)
-    now, date = time.time(), ""
+    now, notes = time.time(), ()
     if settings.sign_mode:
-        date = date_at_signing(msg, now, settings.keep_date)
+        done = date_at_signing(msg, now, settings.keep_date)
+        notes = (("date-" + done, ""),) if done else ()
     data = build_smime(msg, settings, signer, recipients, extra, now)
-    notes = api_rules(msg, data, settings) if settings.send == "api" else ()
+    if settings.send == "api":
+        notes += api_rules(msg, data, settings)
     notes += quantum_notes(msg, recipients)
     return Job(path, copy, data, settings.mail_from or msg.sender,
-               tuple(r for r in msg.recipients if r not in served), msg, started, notes,
-               date=date)
+               tuple(r for r in msg.recipients if r not in served), msg, started, notes)
 
 
 def api_rules(msg, data, settings):
@@ -2571,7 +2572,7 @@ def api_rules(msg, data, settings):
     if not (settings.sign_mode or settings.encrypt):
         return ()
     return tuple(("substitution", "%s: the %s header holds '{{': SparkPost substitutes {{...}} "
-                  "in the outer header of every message, signed or not (warned once)"
+                  "in the outer header of every message, signed or not"
                   % (msg.source, f.raw.split(b":", 1)[0].decode("ascii")))
                  for f in msg.outer if b"{{" in f.raw and f.name != "bcc")[:1]
 
@@ -4856,7 +4857,7 @@ class Stats:
         self.done = done  #: what a success is called: "sent", or "written" for files
         self.failed_at = 0.0  #: time.monotonic() of the first failure (sets the exit code)
         self.latencies, self.start = [], time.perf_counter()
-        self.dates = {"replaced": 0, "kept": 0}  #: Job.date of the messages, counted
+        self.notes = {}  #: topic -> [messages, the first one's warning]: see notices()
 
     def add(self, res):
         if res.status in ("sent", "written"):
@@ -4873,34 +4874,33 @@ class Stats:
         if not self.code or rank(code, now) > rank(self.code, self.failed_at):
             self.code, self.failed_at = code, now
 
-    def merge(self, sent, failed, code, failed_at, latencies, dates):
+    def note(self, topic, text, count=1):
+        """Count a message's (topic, warning) note; the first warning of a topic is kept."""
+        self.notes.setdefault(topic, [0, text])[0] += count
+
+    def merge(self, sent, failed, code, failed_at, latencies, notes):
         """Add a worker process's counts; its exit code wins as fault() says, the earliest
         failure's among equals."""
         self.sent, self.failed = self.sent + sent, self.failed + failed
         self.latencies += latencies
-        for what, count in dates.items():
-            self.dates[what] += count
+        for topic, (count, text) in notes.items():
+            self.note(topic, text, count)
         if code and (not self.code or rank(code, failed_at) > rank(self.code, self.failed_at)):
             self.code, self.failed_at = code, failed_at
 
     def counts(self):
         """Return this process's counts, as merge() takes them."""
-        return self.sent, self.failed, self.code, self.failed_at, self.latencies, self.dates
+        return self.sent, self.failed, self.code, self.failed_at, self.latencies, self.notes
 
-    def date_notices(self):
-        """Return the warnings about Date headers of the run (see date_at_signing())."""
-        plural = lambda n: "%d message%s" % (n, "" if n == 1 else "s")  # noqa: E731
+    def notices(self):
+        """Return the run's warnings, one per topic of the messages' notes: the first
+        message's warning and how many more had it (a count for the Date topics)."""
         notices = []
-        if self.dates["replaced"]:
-            notices.append("Date replaced by the signing time in %s: it was more than %d "
-                           "minutes from it, or unreadable, and Thunderbird calls a signature "
-                           "not valid when the two are over an hour apart (--keep_date keeps "
-                           "the input's Date)" % (plural(self.dates["replaced"]),
-                                                  DATE_SKEW // 60))
-        if self.dates["kept"]:
-            notices.append("--keep_date: the Date of %s is more than an hour from the signing "
-                           "time, or unreadable: Thunderbird will show their signature as not "
-                           "valid" % plural(self.dates["kept"]))
+        for topic, (count, text) in self.notes.items():
+            if topic in RUN_NOTICES:
+                notices.append(RUN_NOTICES[topic] % plural(count))
+            else:
+                notices.append(text + (" (%s in all)" % plural(count) if count > 1 else ""))
         return notices
 
     def summary(self):
@@ -4917,6 +4917,21 @@ class Stats:
             text += "; latency min %.1f ms, median %.1f ms, p95 %.1f ms, max %.1f ms" % (
                 lat[0] * 1000, pick(0.5) * 1000, pick(0.95) * 1000, lat[-1] * 1000)
         return text
+
+
+def plural(count, noun="message"):
+    """Return '1 message', '2 messages'."""
+    return "%d %s%s" % (count, noun, "" if count == 1 else "s")
+
+
+#: Warnings of a run made from a count of messages (see date_at_signing()).
+RUN_NOTICES = {
+    "date-replaced": "Date replaced by the signing time in %%s: it was more than %d minutes "
+                     "from it, or unreadable, and Thunderbird calls a signature not valid when "
+                     "the two are over an hour apart (--keep_date keeps the input's Date)"
+                     % (DATE_SKEW // 60),
+    "date-kept": "--keep_date: the Date of %s is more than an hour from the signing time, or "
+                 "unreadable: Thunderbird will show their signature as not valid"}
 
 
 def rank(code, when):
@@ -4944,8 +4959,11 @@ class Recorder:
         self.lines = bool(settings.send) and not (self.progress and sys.stdout.isatty())
 
     def __call__(self, res, job):
-        if job.date and res.status != "failed":  # what was sent or written
-            self.stats.dates[job.date] += 1
+        for topic, text in job.notes:
+            if topic is None:  # about this message alone: now
+                self.reporter.warn(text)
+            elif res.status != "failed":  # about what went out: once, for the whole run
+                self.stats.note(topic, text)
         delivered = bool(res.accepted) and self.settings.send and not self.settings.dry_run
         if delivered and not self.broken:
             self.keep(lambda: self.archive and self.archive.store(job.data))
@@ -4955,8 +4973,6 @@ class Recorder:
             self.reporter.warn("delivered but not recorded (%s): %s%s" % (
                 self.broken, res.source, " (copy %d)" % res.copy if self.settings.repeat > 1
                 else ""))
-        for topic, text in job.notes:
-            self.reporter.warn(text, topic)
         if self.forward is not None:
             self.forward(res)
         else:
@@ -5148,7 +5164,7 @@ def run_batch(settings, reporter):
             finally:
                 backend.close()
                 recorder.close()
-    for notice in stats.date_notices():
+    for notice in stats.notices():
         reporter.warn(notice)
     if len(items) != 1 or settings.results:
         (reporter.say if settings.send and not reporter.closed else reporter.warn)(
@@ -5172,7 +5188,7 @@ def run_parallel(settings, backend, build, items, reporter, stats, halt):
     import gc
     import select
     import signal
-    preload(backend, build, items[0], reporter)
+    preload(backend, build, items[0])
     gc.freeze()  # the workers inherit these objects: keep their pages shared, unscanned
     sys.stdout.flush()
     sys.stderr.flush()
@@ -5210,18 +5226,16 @@ def run_parallel(settings, backend, build, items, reporter, stats, halt):
         recorder.close()
 
 
-def preload(backend, build, item, reporter):
+def preload(backend, build, item):
     """Build *item* once here so that forked workers inherit what it loaded.
 
     The first message of a process pays for lazy imports and for reading and
     checking the keys (~60 ms), the first SMTP session for smtplib, ssl and the
-    CA store: paid once before forking instead of once per worker.  Its once-per-run
-    warnings are given here, so that no worker repeats them.  Any error is left for
-    the worker that meets it to report.
+    CA store: paid once before forking instead of once per worker.  Any error is
+    left for the worker that meets it to report.
     """
     try:
-        for topic, text in build(item).notes:
-            reporter.warn(text, topic)
+        build(item)
         if hasattr(backend, "preload"):
             backend.preload()
     except Exception:  # noqa: BLE001 - a warm-up only: the worker reports it properly

@@ -374,9 +374,11 @@ def test_pq_only_needs_encrypt(pq, tmp_path):
     assert b"--pq_only" in proc.stderr
 
 
-def test_mixed_recipients_warned_once_per_run(pq, tmp_path):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_mixed_recipients_warned_once_per_run(pq, tmp_path, jobs):
     """Classical copies beside post-quantum ones: one warning for the whole run, naming
-    them; none for a message that is all post-quantum or all classical."""
+    them, with how many messages had them (each of the two workers meets one); none for a
+    message that is all post-quantum or all classical."""
     inputs = []
     for n, to in enumerate([[KEM768, RSA], [KEM1024, EC], [RSA], [KEM768]]):
         path = tmp_path / ("m%d.eml" % n)
@@ -384,11 +386,13 @@ def test_mixed_recipients_warned_once_per_run(pq, tmp_path):
         inputs.append(str(path))
     out = tmp_path / "out"
     out.mkdir()
-    proc = run_tool(inputs + ["--keys", pq.keys, "--encrypt", "-o", str(out)])
+    proc = run_tool(inputs + ["--keys", pq.keys, "--encrypt", "-o", str(out), "--jobs", jobs])
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.decode().splitlines() if "quantum-safe" in line]
     assert len(warnings) == 1, proc.stderr
-    assert "m0.eml" in warnings[0] and RSA in warnings[0] and SENDER in warnings[0]
+    assert "(2 messages in all)" in warnings[0], warnings
+    if jobs == "1":
+        assert "m0.eml" in warnings[0] and RSA in warnings[0] and SENDER in warnings[0]
     single = run_tool([inputs[3], "--keys", pq.keys, "--encrypt"])
     assert single.returncode == 0 and b"quantum" not in single.stderr
     classical = run_tool([inputs[2], "--keys", pq.keys, "--encrypt"])

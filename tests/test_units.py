@@ -187,10 +187,19 @@ def test_date_keep():
     assert tool.date_at_signing(message(near), now, keep=True) == ""
 
 
-def test_date_notices_count_the_run():
+def test_notices_count_the_run_across_workers():
     stats = tool.Stats(3)
-    assert stats.date_notices() == []
-    stats.merge(0, 0, 0, 0.0, [], {"replaced": 2, "kept": 0})
-    stats.dates["replaced"] += 1
-    (notice,) = stats.date_notices()
-    assert notice.startswith("Date replaced by the signing time in 3 messages")
+    assert stats.notices() == []
+    worker = tool.Stats(3)  # a forked worker's counts arrive through merge()
+    worker.note("date-replaced", "")
+    worker.note("date-replaced", "")
+    worker.note("quantum", "m1.eml: the copies for bob are not quantum-safe")
+    stats.merge(*worker.counts())
+    stats.note("date-replaced", "")
+    stats.note("quantum", "m7.eml: the copies for carol are not quantum-safe")
+    stats.note("date-kept", "")
+    assert stats.notices() == [
+        tool.RUN_NOTICES["date-replaced"] % "3 messages",
+        "m1.eml: the copies for bob are not quantum-safe (2 messages in all)",
+        tool.RUN_NOTICES["date-kept"] % "1 message"]
+    assert stats.notices()[0].startswith("Date replaced by the signing time in 3 messages")
