@@ -33,7 +33,7 @@ def postconf_default(name):
 
 
 class Postfix:
-    def __init__(self, base, addresses, certfile, keyfile):
+    def __init__(self, base, addresses, certfile, keyfile, main_extra=None, master_extra=()):
         self.base = base
         self.conf = os.path.join(base, "conf")
         self.queue = os.path.join(base, "queue")
@@ -50,6 +50,7 @@ class Postfix:
         self.dkim_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.opendkim = None
         self.started = False
+        self.main_extra, self.master_extra = dict(main_extra or {}), list(master_extra)
         self._write_config(certfile, keyfile)
 
     # -- DKIM ----------------------------------------------------------------
@@ -112,6 +113,7 @@ class Postfix:
         if postconf_default("smtpd_forbid_bare_newline") is not None:
             main["smtpd_forbid_bare_newline"] = "yes"
         self.forbids_bare_newline = "smtpd_forbid_bare_newline" in main
+        main.update(self.main_extra)
         with open(os.path.join(self.conf, "main.cf"), "w") as fh:
             for k, v in main.items():
                 fh.write("%s = %s\n" % (k, v))
@@ -127,7 +129,7 @@ class Postfix:
                 line = "  ".join(cols)
             lines.append(line)
         with open(os.path.join(self.conf, "master.cf"), "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+            fh.write("\n".join(lines + self.master_extra) + "\n")
         self._write_opendkim()
 
     def _write_opendkim(self):

@@ -66,6 +66,7 @@ class Recorder:
         self.connections = 0    # connections that sent MAIL so far
         self.drop_every = 0
         self.tempfail_data = 0
+        self.reject_data = ""   # a reply for every end of DATA, e.g. "554 5.7.0 no"
         self.tempfail_once = set()
         self.delay = 0.0
         self.dropped = 0
@@ -107,6 +108,8 @@ class Recorder:
             self.dropped += 1
             server.transport.close()  # gone before the end-of-DATA reply
             return "421 4.4.2 (never seen: the connection is closed)"
+        if self.reject_data:
+            return self.reject_data
         marked = [m for m in self.tempfail_once if m in envelope.original_content]
         if self.tempfail_data > 0 or marked:
             self.tempfail_data -= not marked

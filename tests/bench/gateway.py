@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""sparkpostSMIME gateway benchmark: --serve against the CLI batch, side by side.
+
+Run from the repository root (after the README's install):
+
+    .venv/bin/python tests/bench/gateway.py            # 3 rounds of 2,000 messages
+    .venv/bin/python tests/bench/gateway.py --quick    # 1 round of 500
+
+Each round, alternately:
+  - the CLI batch: ./sparkpostSMIME.py fancy-HTML-to-smt.eml --repeat N --jobs 2
+    --sign_detached --encrypt --send_smtp, into Postfix's smtp-sink (wall time of the
+    whole run, start-up included);
+  - the gateway: ./sparkpostSMIME.py --serve PORT --jobs 2 --sign_detached --encrypt
+    --send_smtp into the same sink, fed the same message N times by 4 concurrent SMTP
+    clients (4 processes, one connection each, smtplib); timed from the clients' first
+    connection to the last 250 reply, the gateway already listening (its keys are
+    loaded by its first message, inside the timing).
+The ratio is gateway msg/s / CLI msg/s of the same round; the median is printed.
+Traffic goes only to 127.0.0.1.  Nothing here is a pass/fail test.
+"""
+
+import argparse
+import multiprocessing
+import os
+import signal
+import smtplib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import KEYS, SMALL, TOOL, Sink, batch_rate, clean_env, free_port  # noqa: E402
+
+CLIENTS = 4
+MODE = ["--sign_detached", "--encrypt"]
+RCPT = "steve.tuck@sparkpost.com"
+
+
+def start_gateway(sink):
+    """Start the gateway into *sink*; return (process, port) once it listens."""
+    port = free_port()
+    env = clean_env(SMTP_HOST="127.0.0.1", SMTP_PORT=str(sink.port))
+    out = tempfile.TemporaryFile()  # a pipe nobody reads would fill and stop the gateway
+    proc = subprocess.Popen([TOOL, "--serve", str(port), "--jobs", "2", "--keys", KEYS,
+                             "--send_smtp"] + MODE, env=env, stdout=out,
+                            stderr=subprocess.DEVNULL)
+    proc.out = out
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        time.sleep(0.05)
+    raise SystemExit("the gateway did not start")
+
+
+def client(port, count, data, ready, go):
+    """One SMTP client: wait for *go*, send *count* messages on one connection."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+        smtp.ehlo("bench.example")
+        ready.release()
+        go.wait()
+        for _ in range(count):
+            refused = smtp.sendmail("steve@thetucks.com", [RCPT], data)
+            if refused:
+                raise SystemExit("refused: %r" % refused)
+
+
+def gateway_rate(sink, n):
+    """Return (msg/s, the gateway's summary line) for n messages from CLIENTS clients."""
+    with open(SMALL, "rb") as fh:
+        data = fh.read()
+    proc, port = start_gateway(sink)
+    ctx = multiprocessing.get_context("fork")
+    ready, go = ctx.Semaphore(0), ctx.Event()
+    clients = [ctx.Process(target=client, args=(port, n // CLIENTS, data, ready, go))
+               for _ in range(CLIENTS)]
+    for c in clients:
+        c.start()
+    for _ in clients:
+        ready.acquire()
+    start = time.perf_counter()
+    go.set()
+    for c in clients:
+        c.join()
+    wall = time.perf_counter() - start
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    proc.out.seek(0)
+    out = proc.out.read().decode(errors="replace")
+    if any(c.exitcode for c in clients) or proc.returncode != 0 or \
+            ("Summary: %d sent, 0 failed" % n) not in out:
+        raise SystemExit("gateway run failed:\n" + out[-2000:])
+    return n / wall, out.strip().splitlines()[-1]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1 round of 500 messages")
+    args = ap.parse_args()
+    n, rounds = (500, 1) if args.quick else (2000, 3)
+    print("sparkpostSMIME gateway benchmark on %d cores, Python %s, %s: %d x 19 KB, %s, "
+          "into smtp-sink on 127.0.0.1" % (os.cpu_count(), sys.version.split()[0],
+                                           time.strftime("%Y-%m-%d"), n, " ".join(MODE)))
+    sink = Sink()
+    results = []
+    try:
+        batch_rate(sink, 50)  # warm caches (page cache, __pycache__, validated keys)
+        for _ in range(rounds):
+            cli, cli_summary = batch_rate(sink, n)
+            gw, gw_summary = gateway_rate(sink, n)
+            results.append((cli, gw))
+            print("  CLI --repeat %d --jobs 2 --send_smtp: %.0f msg/s (%s)" % (n, cli,
+                                                                              cli_summary))
+            print("  gateway --jobs 2, %d clients:         %.0f msg/s (%s)" % (CLIENTS, gw,
+                                                                               gw_summary))
+    finally:
+        sink.stop()
+    print("== gateway / CLI batch, each round: %s; median %.2f x ==" % (
+        " ".join("%.0f/%.0f=%.2f" % (g, c, g / c) for c, g in results),
+        statistics.median(g / c for c, g in results)))
+
+
+if __name__ == "__main__":
+    main()
