@@ -387,8 +387,7 @@ class GatewaySettings(NamedTuple):
                    env_number(env, "SMIME_GATEWAY_TIMEOUT", 300.0, float, low=1, high=3600),
                    env_number(env, "SMIME_GATEWAY_CONNECTIONS", 100, high=10000))
 
-    def secrets(self):
-        return (self.password, "\0%s\0%s" % (self.user, self.password)) if self.password else ()
+    secrets = SmtpSettings.secrets  #: the password and the AUTH PLAIN string
 
 
 def parse_listen(text):
