@@ -41,8 +41,8 @@ MSG = (b"From: Alice Example <alice@example.com>\r\n"
 class Gateway:
     """The tool running --serve on a free loopback port; its output goes to files."""
 
-    def __init__(self, tmp_path, args, env, port=None):
-        self.port = port or free_port()
+    def __init__(self, tmp_path, args, env, port=None, host="127.0.0.1"):
+        self.port, self.host = port or free_port(), host
         self.out, self.err = tmp_path / ("gw-out-%d" % self.port), tmp_path / ("gw-err-%d"
                                                                                % self.port)
         full = {k: v for k, v in os.environ.items()
@@ -50,12 +50,13 @@ class Gateway:
         full.update(XDG_CACHE_HOME=CACHE, **env)
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, TOOL, "--serve", "127.0.0.1:%d" % self.port] + list(args),
+                [sys.executable, TOOL, "--serve", "[%s]:%d" % (host, self.port) if ":" in host
+                 else "%s:%d" % (host, self.port)] + list(args),
                 env=full, cwd=ROOT, stdout=out, stderr=err, start_new_session=True)
         deadline = time.monotonic() + 30
         while True:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection((host, self.port), timeout=1).close()
                 break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -63,7 +64,7 @@ class Gateway:
                 time.sleep(0.05)
 
     def client(self, timeout=30):
-        smtp = smtplib.SMTP("127.0.0.1", self.port, timeout=timeout)
+        smtp = smtplib.SMTP(self.host, self.port, timeout=timeout)
         smtp.ehlo("app.example")
         return smtp
 
@@ -690,3 +691,13 @@ def test_a_gateway_process_that_dies_is_replaced(start, sink):
     assert len(sink.messages) == 5
     assert gw.stop() == 0
     assert "ended (-9): starting another" in gw.stderr()
+
+
+def test_ipv6_loopback(tmp_path, pki, sink):
+    gw = Gateway(tmp_path, ["--keys", pki.keys, "--send_smtp", "--sign", "--jobs", "2"],
+                 hop_env(sink), host="::1")
+    with gw.client() as c:
+        assert c.sendmail("alice@example.com", RCPTS[:1], MSG) == {}
+    assert gw.stop() == 0
+    (_, _, data), = sink.messages
+    assert b"([::1])" in data.split(b"\r\n", 1)[0]
