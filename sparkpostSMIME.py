@@ -133,6 +133,9 @@ MAX_BER_ELEMENTS = 250_000
 MAX_SIGNER_INFOS, MAX_CERTIFICATES, MAX_RECIPIENT_INFOS = 32, 64, 1000
 #: The smallest RSA key that may sign what we verify (CAs and signers alike).
 MIN_RSA_BITS = 2048
+#: Output files of a batch made durable together (one sync of their file system): at most
+#: this many files or octets, or what is pending after this many seconds (OutputGroup).
+GROUP_FILES, GROUP_BYTES, GROUP_SECONDS = 64, 16 << 20, 0.5
 
 
 ###############################################################################
@@ -634,35 +637,145 @@ def write_stdout(data):
 
 
 def write_atomically(path, data, mode=None):
-    """Write *data* to *path* through a temporary file in the same directory, renamed
-    into place once complete: a reader never sees a partial file, and a failure
-    leaves none behind.  *mode*: the file's permissions (default: as the umask
+    """Write *data* to *path* through a temporary file in the same directory, synced,
+    then renamed into place (and the directory synced): a reader never sees a
+    partial file, a failure leaves none behind, and once this returns the file
+    outlives a crash.  *mode*: the file's permissions (default: as the umask
     allows, like any new file).  Raises OutputError: 73 when the file cannot be
     created, 74 when writing fails (a full disk)."""
-    import tempfile
-    if mode is None:
-        umask = os.umask(0o022)  # read it: there is no other way than setting it
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    directory = os.path.dirname(path) or "."
+    group = OutputGroup()
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".%s." % os.path.basename(path)[:40])
-    except OSError as exc:
-        raise OutputError("%s: cannot create: %s" % (path, exc.strerror or exc), EX_CANTCREAT)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except OSError as exc:
+        group.add(path, data, mode)
+        group.commit()
+    finally:
+        group.discard()
+
+
+class OutputGroup:
+    """Output files made durable together, as databases commit groups of transactions.
+
+    add() writes a file under a hidden temporary name beside its own
+    (``.NAME.RANDOM``), not yet synced; commit() syncs them all (one fsync for
+    one file, one syncfs(2) of their file system for several), then renames
+    each into place and syncs the directories.  A name therefore only ever
+    points at a complete file whose content is on disk, whatever moment a crash
+    comes at; a crash before commit() leaves only temporary files.  discard()
+    removes the temporary files still pending.  Raises OutputError: 73 when a
+    file cannot be created, 74 when writing or syncing fails.
+    """
+
+    def __init__(self):
+        self.pending, self.size = [], 0  #: [(fd, temporary path, path)], their octets
+        self.started = 0.0  #: time.monotonic() of the first file pending
+
+    def full(self):
+        """Return True once GROUP_FILES files or GROUP_BYTES octets are pending, or the
+        first one has waited GROUP_SECONDS."""
+        return bool(self.pending) and (
+            len(self.pending) >= GROUP_FILES or self.size >= GROUP_BYTES
+            or time.monotonic() - self.started >= GROUP_SECONDS)
+
+    def add(self, path, data, mode=None):
+        """Write *data* for *path* under a temporary name (see write_atomically)."""
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory, ".%s.%s" % (name[:40], os.urandom(6).hex()))
+        try:  # 0o666: the kernel applies the umask, as to any new file
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                         0o666 if mode is None else mode)
+        except OSError as exc:
+            raise OutputError("%s: cannot create: %s" % (path, exc.strerror or exc),
+                              EX_CANTCREAT)
         try:
-            os.unlink(tmp)
+            if mode is not None:
+                os.fchmod(fd, mode)  # exactly *mode*, whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            drop_temporary(fd, tmp)
+            raise self.fault(path, exc)
+        if not self.pending:
+            self.started = time.monotonic()
+        self.pending.append((fd, tmp, path))
+        self.size += len(data)
+
+    def commit(self):
+        """Sync the pending files, rename each into place, sync their directories."""
+        if not self.pending:
+            return
+        path = self.pending[-1][2]
+        try:
+            if len(self.pending) == 1:
+                os.fsync(self.pending[0][0])
+            else:
+                sync_file_system(self.pending[0][0])
+            directories = set()
+            while self.pending:
+                fd, tmp, path = self.pending[0]
+                os.close(fd)
+                os.rename(tmp, path)
+                self.pending.pop(0)
+                directories.add(os.path.dirname(path) or ".")
+            for directory in directories:
+                sync_directory(directory)
+        except OSError as exc:
+            raise self.fault(path, exc)
+        finally:
+            self.size = 0
+
+    def discard(self):
+        """Remove the temporary files not committed."""
+        for fd, tmp, _ in self.pending:
+            drop_temporary(fd, tmp)
+        self.pending, self.size = [], 0
+
+    @staticmethod
+    def fault(path, exc):
+        """Return the OutputError for *exc* met while writing *path*."""
+        code = EX_CANTCREAT if exc.errno in (13, 21, 30) else EX_IOERR  # EACCES EISDIR EROFS
+        return OutputError("%s: cannot write: %s" % (path, exc.strerror or exc), code)
+
+
+def drop_temporary(fd, tmp):
+    """Close *fd* and remove the temporary file *tmp*, as far as either is possible."""
+    for undo in (lambda: os.close(fd), lambda: os.unlink(tmp)):
+        try:
+            undo()
         except OSError:
             pass
-        code = EX_CANTCREAT if exc.errno in (13, 21, 30) else EX_IOERR  # EACCES EISDIR EROFS
-        raise OutputError("%s: cannot write: %s" % (path, exc.strerror or exc), code)
+
+
+def sync_file_system(fd):
+    """Flush every file of the file system holding *fd* to disk: syncfs(2), which reports
+    write-back errors (Linux 5.8); os.sync() where libc has no syncfs.  Raises OSError."""
+    if "syncfs" not in _LIBC:
+        import ctypes
+        try:
+            _LIBC["syncfs"] = ctypes.CDLL(None, use_errno=True).syncfs
+        except (AttributeError, OSError):
+            _LIBC["syncfs"] = None
+    syncfs = _LIBC["syncfs"]
+    if syncfs is None:
+        os.sync()
+    elif syncfs(fd) != 0:
+        import ctypes
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_LIBC = {}
+
+
+def sync_directory(directory):
+    """fsync *directory*, so that the names just renamed in it outlive a crash."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != 22:  # EINVAL: a file system that cannot sync a directory
+            raise
+    finally:
+        os.close(fd)
 
 
 ###############################################################################
@@ -3941,18 +4054,52 @@ class Backend:
 
 class FileBackend(Backend):
     """No send option: each message to stdout, to -o FILE, or to one file per input in
-    -o DIR, written atomically."""
+    -o DIR, written atomically.
 
-    def attempt(self, job):
+    Files are committed in groups (OutputGroup): up to GROUP_FILES files or
+    GROUP_BYTES octets, or what is pending after GROUP_SECONDS; a message is
+    "written" (reported, journaled) only once its group is on disk.
+    """
+
+    def deliver(self, jobs, halted=bool):
+        group, waiting = OutputGroup(), []
+        try:
+            for job in jobs:
+                outcome = failed_build(job) if job.failure else self.attempt(job, group)
+                waiting.append(outcome)
+                if outcome.status == "halt" or group.full():
+                    waiting = self.commit(group, waiting)
+                    yield from waiting
+                    if any(o.status == "halt" for o in waiting):
+                        return
+                    waiting = []
+            yield from self.commit(group, waiting)
+        finally:
+            group.discard()
+
+    def attempt(self, job, group):
+        """Write *job* to stdout, or into *group* (not yet committed); return its Outcome."""
         target = output_path(self.settings, job.source, job.copy)
         try:
             if target:
-                write_atomically(target, job.data)
+                group.add(target, job.data)
             else:
                 write_stdout(job.data)
         except OutputError as exc:
             return error_outcome(job, exc)
         return Outcome(job, "written")
+
+    @staticmethod
+    def commit(group, waiting):
+        """Commit *group*; return the *waiting* Outcomes, those written as halts if that
+        fails (their files are then removed)."""
+        try:
+            group.commit()
+        except OutputError as exc:
+            group.discard()
+            return [error_outcome(o.job, exc) if o.status == "written" else o
+                    for o in waiting]
+        return waiting
 
 
 def output_path(settings, path, copy=0):

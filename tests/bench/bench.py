@@ -414,10 +414,222 @@ def big_message(directory, megabytes=20):
     return path
 
 
+# -- side by side with M2Crypto ---------------------------------------------------
+
+M2_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "m2crypto_smime.py")
+
+FLOOR_LOOP = r"""
+import sys
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
+keys, path, mode, encrypt, count = sys.argv[1:]
+def load(name):
+    with open("%s/%s" % (keys, name), "rb") as fh:
+        return fh.read()
+cert = x509.load_pem_x509_certificate(load("steve@thetucks.com.crt"))
+key = serialization.load_pem_private_key(load("steve@thetucks.com.pem"), None)
+rcpt = x509.load_pem_x509_certificate(load("steve.tuck@sparkpost.com.crt"))
+with open(path, "rb") as fh:
+    data = fh.read()
+options = [pkcs7.PKCS7Options.Binary]
+if mode == "detached":
+    options.append(pkcs7.PKCS7Options.DetachedSignature)
+for _ in range(int(count)):
+    sig = (pkcs7.PKCS7SignatureBuilder().set_data(data)
+           .add_signer(cert, key, hashes.SHA256()).sign(Encoding.DER, options))
+    if encrypt == "1":
+        (pkcs7.PKCS7EnvelopeBuilder().set_data(data + sig if mode == "detached" else sig)
+         .set_content_encryption_algorithm(algorithms.AES256)
+         .add_recipient(rcpt).add_recipient(cert)
+         .encrypt(Encoding.DER, [pkcs7.PKCS7Options.Binary]))
+"""
+
+#: (signing, --encrypt, output) of every mode compared, in the order printed.
+MODES = [(sign, encrypt, out) for out in ("dir", "smtp") for sign in ("detached", "opaque")
+         for encrypt in (True, False)]
+
+
+def cpu_seconds(cmd, env=None, core=0, check=None):
+    """Run *cmd* on CPU *core*; return its CPU seconds (user + system, from wait4).
+
+    *check*: a text its standard output must hold (the tool's summary line).
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                env=env or clean_env(), preexec_fn=on_core(core))
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        text = out.read().decode(errors="replace")
+        if proc.returncode or (check and check not in text):
+            raise SystemExit("failed (%d): %s\n%s%s" % (proc.returncode, " ".join(cmd),
+                                                       text[-1000:], err.read().decode()[-2000:]))
+    return usage.ru_utime + usage.ru_stime
+
+
+def per_message(command, n, warm, env=None, check=None):
+    """Return the CPU milliseconds per message in steady state: the run of *n* messages
+    less the run of *warm* ones, over n - warm (start-up and loading cancel out).
+
+    *command(count, directory)*: the command line for *count* messages; *directory*:
+    a fresh empty one (removed afterwards) for outputs.
+    """
+    spent = []
+    for count in (n, warm):
+        directory = tempfile.mkdtemp(prefix="bench-", dir=per_message.base)
+        try:
+            spent.append(cpu_seconds(command(count, directory), env,
+                                     check=check % count if check else None))
+        finally:
+            shutil.rmtree(directory)
+    return (spent[0] - spent[1]) / (n - warm) * 1000
+
+
+per_message.base = None  #: where output directories are made (--outdir)
+
+
+def mode_name(sign, encrypt, out):
+    flags = "--sign_detached" if sign == "detached" else "--sign"
+    return "%s%s %s" % (flags, " --encrypt" if encrypt else "",
+                        "-o DIR" if out == "dir" else "--send_smtp")
+
+
+def versus_commands(sign, encrypt, out, m2python, sink):
+    """Return {name: command(count, directory)} for one mode: floor, ours, M2Crypto."""
+    flags = ["--sign_detached" if sign == "detached" else "--sign"]
+    flags += ["--encrypt"] if encrypt else []
+    enc = "1" if encrypt else "0"
+    if out == "dir":
+        ours = lambda c, d: [TOOL, SMALL, *flags, "--keys", KEYS, "--repeat", str(c),  # noqa
+                             "-o", d]
+        m2 = lambda c, d: [m2python, M2_SCRIPT, SMALL, KEYS, sign, enc, d, str(c)]  # noqa
+    else:
+        ours = lambda c, d: [TOOL, SMALL, *flags, "--keys", KEYS, "--repeat", str(c),  # noqa
+                             "--send_smtp"]
+        m2 = lambda c, d: [m2python, M2_SCRIPT, SMALL, KEYS, sign, enc,  # noqa
+                           "smtp:%d" % sink.port, str(c)]
+    floor = lambda c, d: [PY, "-c", FLOOR_LOOP, KEYS, SMALL, sign, enc, str(c)]  # noqa
+    return {"floor": floor, "ours": ours, "m2": m2}
+
+
+def versus_m2crypto(m2python, rounds, n, warm):
+    """Print CPU per message of the tool and of M2Crypto against cryptography's floor,
+    every mode, alternated rounds on one core (smtp-sink alone on the other)."""
+    print("\n== Side by side with M2Crypto: CPU ms per message in steady state (%d minus %d "
+          "messages), one core, median of %d alternated rounds ==" % (n, warm, rounds))
+    print("  outputs (-o DIR) in %s (%s); M2Crypto: %s" % (
+        per_message.base or tempfile.gettempdir(), fs_type(per_message.base or
+                                                           tempfile.gettempdir()),
+        subprocess.run([m2python, "-c", "import M2Crypto, sys; print(M2Crypto.__version__, "
+                        "sys.version.split()[0])"], capture_output=True, text=True,
+                       check=True).stdout.strip()))
+    sink = Sink()
+    os.sched_setaffinity(sink.proc.pid, {1})
+    env = clean_env(SMTP_HOST="127.0.0.1", SMTP_PORT=str(sink.port))
+    figures = {mode: {"floor": [], "ours": [], "m2": []} for mode in MODES}
+    try:
+        for r in range(rounds):
+            for mode in MODES:
+                commands = list(versus_commands(*mode, m2python, sink).items())
+                for name, command in commands[r % 3:] + commands[:r % 3]:
+                    check = ("Summary: %d sent, 0 failed" if name == "ours" and mode[2] ==
+                             "smtp" else None)
+                    figures[mode][name].append(per_message(
+                        command, n, warm, env if name == "ours" else None, check))
+            print("  round %d done" % (r + 1), file=sys.stderr)
+    finally:
+        sink.stop()
+    print("  %-40s %8s %8s %7s %9s %7s" % ("mode", "floor", "ours", "x floor", "M2Crypto",
+                                         "x floor"))
+    worst = 0.0
+    for mode in MODES:
+        f = figures[mode]
+        ours = statistics.median(o / fl for o, fl in zip(f["ours"], f["floor"]))
+        m2 = statistics.median(m / fl for m, fl in zip(f["m2"], f["floor"]))
+        worst = max(worst, ours)
+        print("  %-40s %8.3f %8.3f %7.2f %9.3f %7.2f" % (
+            mode_name(*mode), statistics.median(f["floor"]), statistics.median(f["ours"]),
+            ours, statistics.median(f["m2"]), m2))
+    print("  (ms: medians of the rounds; x floor: median of each round's ratio; floor: "
+          "cryptography's PKCS7SignatureBuilder, + PKCS7EnvelopeBuilder with --encrypt, DER)")
+    print("  worst mode: %.2f x floor" % worst)
+
+
+def fs_type(path):
+    """Return the type of the file system holding *path* (from /proc/mounts)."""
+    best, kind = "", "?"
+    try:
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                mount, fstype = line.split()[1:3]
+                if os.path.realpath(path).startswith(mount) and len(mount) > len(best):
+                    best, kind = mount, fstype
+    except OSError:
+        pass
+    return kind
+
+
+def oneshot_versus(m2python, rounds):
+    """Print one-shot wall times, the tool as ./sparkpostSMIME.py against M2Crypto's
+    script, sign and encrypt one 19 KB message, to stdout and to a file."""
+    print("\n== One-shot wall time, one core, median of %d alternated runs ==" % rounds)
+    work = tempfile.mkdtemp(prefix="bench-", dir=per_message.base)
+    try:
+        cases = []
+        for sign in ("detached", "opaque"):
+            flags = ["--sign_detached" if sign == "detached" else "--sign", "--encrypt"]
+            for target in ("-", work):
+                ours = [TOOL, SMALL, *flags, "--keys", KEYS]
+                ours += ["-o", os.path.join(work, "out.eml")] if target != "-" else []
+                m2 = [m2python, M2_SCRIPT, SMALL, KEYS, sign, "1", target, "1"]
+                cases.append(("%s --encrypt to %s" % (flags[0], "stdout" if target == "-"
+                                                      else "a file"), ours, m2))
+        times = {case[0]: ([], []) for case in cases}
+        for name, ours, m2 in cases:  # warm the page cache and __pycache__
+            for cmd in (ours, m2):
+                timed(cmd)
+        for r in range(rounds):
+            for name, ours, m2 in cases:
+                pair = ((0, ours), (1, m2)) if r % 2 == 0 else ((1, m2), (0, ours))
+                for k, cmd in pair:
+                    start = time.perf_counter()
+                    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env=clean_env(), preexec_fn=on_core(0), check=True)
+                    times[name][k].append(time.perf_counter() - start)
+        for name, (ours, m2) in times.items():
+            print("  %-40s ours %.1f ms, M2Crypto %.1f ms = %.2f x" % (
+                name, statistics.median(ours) * 1000, statistics.median(m2) * 1000,
+                statistics.median(ours) / statistics.median(m2)))
+    finally:
+        shutil.rmtree(work)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--m2crypto", action="store_true",
+                    help="only the side-by-side comparison with M2Crypto (every mode, one-shot)")
+    ap.add_argument("--m2python", default=os.environ.get("M2CRYPTO_PYTHON", PY),
+                    help="a Python that imports M2Crypto (default: $M2CRYPTO_PYTHON, or this one)")
+    ap.add_argument("--outdir", default=None,
+                    help="where -o DIR outputs go (default: the temporary directory)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternated rounds")
     args = ap.parse_args()
+    if args.m2crypto:
+        per_message.base = args.outdir
+        if subprocess.run([args.m2python, "-c", "import M2Crypto"],
+                          capture_output=True).returncode:
+            raise SystemExit("%s cannot import M2Crypto: see this script's docstring"
+                             % args.m2python)
+        print("sparkpostSMIME vs M2Crypto on %d cores, Python %s, %s"
+              % (os.cpu_count(), sys.version.split()[0], time.strftime("%Y-%m-%d %H:%M")))
+        versus_m2crypto(args.m2python, args.rounds or (1 if args.quick else 5),
+                        300 if args.quick else 1000, 30 if args.quick else 100)
+        oneshot_versus(args.m2python, 5 if args.quick else 21)
+        return
     print("sparkpostSMIME benchmark on %d cores, Python %s, %s"
           % (os.cpu_count(), sys.version.split()[0], time.strftime("%Y-%m-%d")))
     ratios = oneshot(9 if args.quick else 25)
