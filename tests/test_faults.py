@@ -16,6 +16,7 @@ import resource
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -163,6 +164,45 @@ def test_output_directory_on_a_full_disk_keeps_what_fits(pki, tmp_path, tmpfs, o
     assert leftovers(fs) == ["a-small.eml"]
     assert b"Just text." in openssl.verify((fs / "a-small.eml").read_bytes(), pki.cafile)
     assert str(fs / "b-big.eml") in proc.stderr.decode()
+
+
+def test_killed_in_the_middle_of_a_file_batch(pki, tmp_path, openssl):
+    """kill -9 while -o DIR writes a batch (files are made durable in groups, one sync per
+    group, renamed only after it): every file under its own name is whole and decrypts
+    and verifies, every journal row names such a file, and what is left of the group in
+    progress is hidden temporary files (.NAME.RANDOM) only."""
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(CORPUS["plain-ascii"])
+    out, results = tmp_path / "out", tmp_path / "results.jsonl"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, TOOL, str(msg), "--sign", "--encrypt", "--keys",
+                             pki.keys, "--repeat", "3000", "-o", str(out), "--results",
+                             str(results)], env=tool_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    names, deadline = [], time.time() + 60
+    while proc.poll() is None and time.time() < deadline:
+        names = os.listdir(out)  # wait for a group committed and the next one under way
+        if any(n.startswith(".") for n in names) and any(n[0] != "." for n in names):
+            break
+    proc.kill()
+    assert proc.wait() == -9, proc.stderr.read()
+    names = os.listdir(out)
+    final = sorted((n for n in names if not n.startswith(".")),
+                   key=lambda n: int(n.split(".")[1]))
+    temporary = [n for n in names if n.startswith(".")]
+    assert final and all(re.fullmatch(r"m\.\d+\.eml", n) for n in final), names
+    assert all(re.fullmatch(r"\.m\.\d+\.eml\.[0-9a-f]{12}", n) for n in temporary), names
+    # the same message each time: every whole output has the same size
+    assert len({(out / n).stat().st_size for n in final}) == 1
+    with open(results) as fh:
+        rows = [json.loads(line) for line in fh]  # a row is one write: none torn by a kill
+    claimed = {"m.%d.eml" % row.get("copy", 0) for row in rows}
+    assert all(row["status"] == "written" for row in rows)
+    assert claimed <= set(final)  # the journal claims only files already on disk
+    bob = pki.cert_path("bob@example.org"), pki.key_path("bob@example.org")
+    for name in {final[0], final[-1]} | set(sorted(claimed)[-1:]):
+        inner = openssl.decrypt((out / name).read_bytes(), *bob)
+        assert b"Just text." in openssl.verify(inner, pki.cafile)
 
 
 def test_verify_output_on_a_full_disk(pki, tmp_path, tmpfs):
