@@ -2432,18 +2432,17 @@ def signed_der(content, signer, detached, now=None):
     """
     import hashlib
     digest_name = signer.digest
-    attrs = der_set(attribute(ATTR_CONTENT_TYPE, der_oid(ID_DATA)),
-                    attribute(ATTR_SIGNING_TIME, signing_time(now)),
+    content_type, capabilities, digest_algorithm, digest_set = signed_constants(digest_name)
+    attrs = der_set(content_type, attribute(ATTR_SIGNING_TIME, signing_time(now)),
                     attribute(ATTR_MESSAGE_DIGEST, der(OCTET_STRING, getattr(
                         hashlib, digest_name.lower())(content).digest())),
-                    smime_capabilities())
-    digest_algorithm = algorithm(HASH_OIDS[digest_name], der(NULL))
-    signer_info = der(SEQUENCE, der_int(1), signer.rid, digest_algorithm,
+                    capabilities)
+    signer_info = der(SEQUENCE, b"\x02\x01\x01", signer.rid, digest_algorithm,  # version 1
                       bytes((ctx(0),)) + attrs[1:], *sign_attributes(signer, attrs))
     encapsulated = [der_oid(ID_DATA)]
     if not detached:
         encapsulated.append(der_pieces(ctx(0), der_pieces(OCTET_STRING, content)))
-    signed = der_pieces(SEQUENCE, der_int(1), der_set(digest_algorithm),
+    signed = der_pieces(SEQUENCE, b"\x02\x01\x01", digest_set,  # version 1
                         der_pieces(SEQUENCE, *encapsulated),
                         signer.certificate_set(),
                         der_set(signer_info))
@@ -2452,6 +2451,21 @@ def signed_der(content, signer, detached, now=None):
 
 #: Digest names -> their algorithm identifiers (RFC 5754 2).
 HASH_OIDS = {name: oid for oid, name in DIGESTS.items()}
+
+
+def signed_constants(digest_name):
+    """Return what every SignedData with digest *digest_name* repeats, worked out once:
+    (the content-type attribute, the SMIMECapabilities attribute, the digest
+    AlgorithmIdentifier, the SET of it)."""
+    if digest_name not in _SIGNED_CONSTANTS:
+        digest_algorithm = algorithm(HASH_OIDS[digest_name], der(NULL))
+        _SIGNED_CONSTANTS[digest_name] = (attribute(ATTR_CONTENT_TYPE, der_oid(ID_DATA)),
+                                          smime_capabilities(), digest_algorithm,
+                                          der_set(digest_algorithm))
+    return _SIGNED_CONSTANTS[digest_name]
+
+
+_SIGNED_CONSTANTS = {}
 
 
 def attribute(oid, value):
@@ -4498,7 +4512,7 @@ def starts_a_line(data, char, probes=16):
         if at == 0 or data[at - 1] == 10:  # after b"\n"
             return True
         at = data.find(char, at + 1)
-    return at == 0 or at > 0 and b"\n" + char in data[at - 1:]
+    return at == 0 or at > 0 and data.find(b"\n" + char, at - 1) >= 0
 
 
 def transcript_classes():
