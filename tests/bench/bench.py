@@ -10,6 +10,21 @@ Run from the repository root (after the README's install):
 Everything is measured side by side in one run on this machine and printed as
 absolute figures and ratios; nothing here is a pass/fail test.  Traffic goes only to
 Postfix's smtp-sink on 127.0.0.1, started and stopped by this script.
+
+Side by side with M2Crypto (--m2crypto): the tool and m2crypto_smime.py (what a Python
+user would write with M2Crypto) against cryptography's floor, CPU per message in steady
+state on one core, in every mode (-o DIR, --send_smtp; detached and opaque; with and
+without --encrypt), then one-shot wall times.  M2Crypto is a bench-only dependency, never
+one of the tool's: it builds from PyPI with Debian's swig, best in a venv of the same
+Python as the tool's (Debian's python3-m2crypto, 0.38, serves Debian's /usr/bin/python3
+only):
+
+    sudo apt-get install -y swig libssl-dev postfix
+    python3 -m venv /tmp/m2venv && /tmp/m2venv/bin/pip install M2Crypto
+    .venv/bin/python tests/bench/bench.py --m2crypto --m2python /tmp/m2venv/bin/python
+
+It takes 5-10 minutes (--rounds 3 or --quick for less); outputs go to a fresh directory
+under --outdir (default: the temporary directory; its file system type is printed).
 """
 
 import argparse
