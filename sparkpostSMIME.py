@@ -136,7 +136,7 @@ MAX_SIGNER_INFOS, MAX_CERTIFICATES, MAX_RECIPIENT_INFOS = 32, 64, 1000
 MIN_RSA_BITS = 2048
 #: Output files of a batch made durable together (one sync of their file system): at most
 #: this many files or octets, or what is pending after this many seconds (OutputGroup).
-GROUP_FILES, GROUP_BYTES, GROUP_SECONDS = 64, 16 << 20, 0.5
+GROUP_FILES, GROUP_BYTES, GROUP_SECONDS = 256, 16 << 20, 0.5
 
 
 ###############################################################################
@@ -666,7 +666,8 @@ class OutputGroup:
     """
 
     def __init__(self):
-        self.pending, self.size = [], 0  #: [(fd, temporary path, path)], their octets
+        self.pending, self.size = [], 0  #: [(temporary path, path)], their octets
+        self.fd = None  #: the last file's, still open: what commit() syncs
         self.started = 0.0  #: time.monotonic() of the first file pending
 
     def full(self):
@@ -693,41 +694,48 @@ class OutputGroup:
             while view:
                 view = view[os.write(fd, view):]
         except OSError as exc:
-            drop_temporary(fd, tmp)
+            os.close(fd)
+            remove_quietly(tmp)
             raise self.fault(path, exc)
+        self.close()  # one descriptor open at a time, however big the group
         if not self.pending:
             self.started = time.monotonic()
-        self.pending.append((fd, tmp, path))
+        self.fd = fd
+        self.pending.append((tmp, path))
         self.size += len(data)
 
     def commit(self):
         """Sync the pending files, rename each into place, sync their directories."""
         if not self.pending:
             return
-        path = self.pending[-1][2]
+        path = self.pending[-1][1]
         try:
             if len(self.pending) == 1:
-                os.fsync(self.pending[0][0])
+                os.fsync(self.fd)
             else:
-                sync_file_system(self.pending[0][0])
+                sync_file_system(self.fd)
+            self.close()
             directories = set()
-            while self.pending:
-                fd, tmp, path = self.pending[0]
-                os.close(fd)
+            for tmp, path in self.pending:
                 os.rename(tmp, path)
-                self.pending.pop(0)
                 directories.add(os.path.dirname(path) or ".")
+            self.pending, self.size = [], 0
             for directory in directories:
                 sync_directory(directory)
         except OSError as exc:
             raise self.fault(path, exc)
-        finally:
-            self.size = 0
+
+    def close(self):
+        """Close the last file written, if it is still open."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def discard(self):
-        """Remove the temporary files not committed."""
-        for fd, tmp, _ in self.pending:
-            drop_temporary(fd, tmp)
+        """Remove the temporary files not committed (those renamed are kept)."""
+        self.close()
+        for tmp, _ in self.pending:
+            remove_quietly(tmp)
         self.pending, self.size = [], 0
 
     @staticmethod
@@ -737,13 +745,12 @@ class OutputGroup:
         return OutputError("%s: cannot write: %s" % (path, exc.strerror or exc), code)
 
 
-def drop_temporary(fd, tmp):
-    """Close *fd* and remove the temporary file *tmp*, as far as either is possible."""
-    for undo in (lambda: os.close(fd), lambda: os.unlink(tmp)):
-        try:
-            undo()
-        except OSError:
-            pass
+def remove_quietly(path):
+    """Remove the temporary file *path*, if it is there and can be removed."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def sync_file_system(fd):
