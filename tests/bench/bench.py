@@ -461,6 +461,15 @@ for _ in range(int(count)):
          .encrypt(Encoding.DER, [pkcs7.PKCS7Options.Binary]))
 """
 
+PLAIN_WRITES = r"""
+import os, sys
+directory, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+data = os.urandom(size)
+for n in range(count):  # what most code does, M2Crypto's script too: no temporary file, no sync
+    with open(os.path.join(directory, "m.%d.eml" % n), "wb") as fh:
+        fh.write(data)
+"""
+
 #: (signing, --encrypt, output) of every mode compared, in the order printed.
 MODES = [(sign, encrypt, out) for out in ("dir", "smtp") for sign in ("detached", "opaque")
          for encrypt in (True, False)]
@@ -495,15 +504,17 @@ def per_message(command, n, warm, env=None, check=None):
     spent = []
     for count in (n, warm):
         directory = tempfile.mkdtemp(prefix="bench-", dir=per_message.base)
-        try:
-            spent.append(cpu_seconds(command(count, directory), env,
-                                     check=check % count if check else None))
-        finally:
-            shutil.rmtree(directory)
+        per_message.made.append(directory)
+        spent.append(cpu_seconds(command(count, directory), env,
+                                 check=check % count if check else None))
     return (spent[0] - spent[1]) / (n - warm) * 1000
 
 
 per_message.base = None  #: where output directories are made (--outdir)
+#: Output directories, removed only at the end: ext4 makes a new file slow to create
+#: while many inodes near it were deleted recently (its allocator skips each of them),
+#: so removing them between runs would slow down the next ones.
+per_message.made = []
 
 
 def mode_name(sign, encrypt, out):
@@ -527,7 +538,12 @@ def versus_commands(sign, encrypt, out, m2python, sink):
         m2 = lambda c, d: [m2python, M2_SCRIPT, SMALL, KEYS, sign, enc,  # noqa
                            "smtp:%d" % sink.port, str(c)]
     floor = lambda c, d: [PY, "-c", FLOOR_LOOP, KEYS, SMALL, sign, enc, str(c)]  # noqa
-    return {"floor": floor, "ours": ours, "m2": m2}
+    commands = {"floor": floor, "ours": ours, "m2": m2}
+    if out == "dir":  # the file system's own share: plain writes of files of that size
+        size = len(subprocess.run([TOOL, SMALL, *flags, "--keys", KEYS], capture_output=True,
+                                  env=clean_env(), check=True).stdout)
+        commands["files"] = lambda c, d: [PY, "-c", PLAIN_WRITES, d, str(c), str(size)]  # noqa
+    return commands
 
 
 def versus_m2crypto(m2python, rounds, n, warm):
@@ -544,12 +560,13 @@ def versus_m2crypto(m2python, rounds, n, warm):
     sink = Sink()
     os.sched_setaffinity(sink.proc.pid, {1})
     env = clean_env(SMTP_HOST="127.0.0.1", SMTP_PORT=str(sink.port))
-    figures = {mode: {"floor": [], "ours": [], "m2": []} for mode in MODES}
+    figures = {mode: {"floor": [], "ours": [], "m2": [], "files": []} for mode in MODES}
     try:
         for r in range(rounds):
             for mode in MODES:
                 commands = list(versus_commands(*mode, m2python, sink).items())
-                for name, command in commands[r % 3:] + commands[:r % 3]:
+                turn = r % len(commands)  # each takes its turn at going first
+                for name, command in commands[turn:] + commands[:turn]:
                     check = ("Summary: %d sent, 0 failed" if name == "ours" and mode[2] ==
                              "smtp" else None)
                     figures[mode][name].append(per_message(
@@ -557,19 +574,25 @@ def versus_m2crypto(m2python, rounds, n, warm):
             print("  round %d done" % (r + 1), file=sys.stderr)
     finally:
         sink.stop()
-    print("  %-40s %8s %8s %7s %9s %7s" % ("mode", "floor", "ours", "x floor", "M2Crypto",
-                                         "x floor"))
+        for directory in per_message.made:
+            shutil.rmtree(directory, ignore_errors=True)
+    print("  %-40s %7s %7s %7s %8s %7s %6s %7s" % ("mode", "floor", "ours", "x floor",
+                                                  "M2Crypto", "x floor", "ours/M2", "files"))
     worst = 0.0
     for mode in MODES:
         f = figures[mode]
         ours = statistics.median(o / fl for o, fl in zip(f["ours"], f["floor"]))
         m2 = statistics.median(m / fl for m, fl in zip(f["m2"], f["floor"]))
         worst = max(worst, ours)
-        print("  %-40s %8.3f %8.3f %7.2f %9.3f %7.2f" % (
+        print("  %-40s %7.3f %7.3f %7.2f %8.3f %7.2f %6.2f %7s" % (
             mode_name(*mode), statistics.median(f["floor"]), statistics.median(f["ours"]),
-            ours, statistics.median(f["m2"]), m2))
-    print("  (ms: medians of the rounds; x floor: median of each round's ratio; floor: "
-          "cryptography's PKCS7SignatureBuilder, + PKCS7EnvelopeBuilder with --encrypt, DER)")
+            ours, statistics.median(f["m2"]), m2,
+            statistics.median(o / m for o, m in zip(f["ours"], f["m2"])),
+            "%.3f" % statistics.median(f["files"]) if f["files"] else "-"))
+    print("  (ms: CPU per message, medians of the rounds; x floor and ours/M2: medians of each "
+          "round's ratio;\n   floor: cryptography's PKCS7SignatureBuilder, + "
+          "PKCS7EnvelopeBuilder with --encrypt, DER, no I/O;\n   files: plain open/write/close "
+          "of a file of our output's size in Python, the file system's own share)")
     print("  worst mode: %.2f x floor" % worst)
 
 
