@@ -661,8 +661,9 @@ class OutputGroup:
     each into place and syncs the directories.  A name therefore only ever
     points at a complete file whose content is on disk, whatever moment a crash
     comes at; a crash before commit() leaves only temporary files.  discard()
-    removes the temporary files still pending.  Raises OutputError: 73 when a
-    file cannot be created, 74 when writing or syncing fails.
+    removes the temporary files still pending.  The files of a group share one
+    file system (FileBackend's are all in -o DIR).  Raises OutputError: 73 when
+    a file cannot be created, 74 when writing or syncing fails.
     """
 
     def __init__(self):
