@@ -6745,6 +6745,8 @@ def run(settings, reporter):
         reporter.secret(secret)
     for notice in settings.notices:
         reporter.warn(notice)
+    if settings.harvest or settings.verify or settings.decrypt or settings.serve:
+        gc.enable()  # main() paused it for a single message's start-up; these may run long
     if settings.harvest:
         return harvest_all(settings, reporter)
     if settings.verify or settings.decrypt:
