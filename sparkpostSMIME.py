@@ -555,6 +555,15 @@ def exposed(path, what):
     return ()
 
 
+def several_outputs(settings):
+    """Check that a run of several messages has somewhere to put them: -o DIR when it
+    writes them, a directory for the recovered messages of --verify/--decrypt -o.
+    Raises UsageError."""
+    if (settings.output or not (settings.send or settings.verify)) and not (
+            settings.output and os.path.isdir(settings.output)):
+        raise UsageError("several inputs need -o DIR (an existing directory) for the outputs")
+
+
 ###############################################################################
 # Output: the one reporter, atomic files ######################################
 ###############################################################################
@@ -635,6 +644,11 @@ def write_stdout(data):
         raise
     except OSError as exc:
         raise OutputError("standard output: cannot write: %s" % (exc.strerror or exc))
+
+
+def first_line(exc):
+    """Return the first line of an exception's text (requests' are long)."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def write_atomically(path, data, mode=None):
@@ -754,6 +768,9 @@ def remove_quietly(path):
         pass
 
 
+_LIBC = {}
+
+
 def sync_file_system(fd):
     """Flush every file of the file system holding *fd* to disk: syncfs(2), which reports
     write-back errors (Linux 5.8); os.sync() where libc has no syncfs.  Raises OSError."""
@@ -770,9 +787,6 @@ def sync_file_system(fd):
         import ctypes
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-_LIBC = {}
 
 
 def sync_directory(directory):
@@ -1301,15 +1315,15 @@ def encode_base64(data):
     return b"\r\n".join(chunks)
 
 
+_LINE_SPLITTERS = {}
+
+
 def line_splitter(count):
     """Return a struct.Struct cutting *count* base64 lines (one per count, cached)."""
     if count not in _LINE_SPLITTERS:
         import struct
         _LINE_SPLITTERS[count] = struct.Struct("%ds" % BASE64_LINE * count)
     return _LINE_SPLITTERS[count]
-
-
-_LINE_SPLITTERS = {}
 
 
 ###############################################################################
@@ -1396,10 +1410,280 @@ def fold_field(raw):
 
 
 ###############################################################################
+# DER: the few ASN.1 structures of CMS we write and read (X.690, RFC 5652) ####
+###############################################################################
+# cryptography signs (SignedData) and encrypts to RSA keys, but it cannot
+# encrypt to EC keys, verify a signature or decrypt for an EC key.  For those
+# we build and read the CMS structures ourselves from its primitives: a short
+# DER encoder, and a BER reader (OpenSSL writes indefinite lengths).  Single
+# octet tags only: CMS needs no other.
+
+SEQUENCE, SET, INTEGER, BIT_STRING, OCTET_STRING, NULL, OID = 0x30, 0x31, 2, 3, 4, 5, 6
+
+
+def ctx(number, constructed=True):
+    """Return the tag octet of context-specific [number], constructed or primitive."""
+    return (0xA0 if constructed else 0x80) | number
+
+
+def der_header(tag, size):
+    """Return the identifier and definite length octets of an element (X.690 8.1.3)."""
+    if size < 0x80:
+        return bytes((tag, size))
+    octets = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(octets))) + octets
+
+
+def der_pieces(tag, *parts):
+    """Return one DER element as a list of pieces, its header first.
+
+    A part is bytes (or a memoryview) or such a list: a large payload is never
+    copied until the whole structure is joined once, at the end.
+    """
+    pieces = []
+    for part in parts:
+        pieces.extend(part if isinstance(part, list) else [part])
+    return [der_header(tag, sum(map(len, pieces)))] + pieces
+
+
+def der(tag, *parts):
+    """Return one DER element (bytes): *tag*, the length, *parts* (bytes) concatenated."""
+    body = b"".join(parts)
+    if len(body) < 0x80:
+        return bytes((tag, len(body))) + body
+    return der_header(tag, len(body)) + body
+
+
+def der_int(number):
+    """Return a DER INTEGER (two's complement, shortest form)."""
+    return der(INTEGER, number.to_bytes(number.bit_length() // 8 + 1, "big", signed=True))
+
+
+_OIDS = {}
+
+
+def der_oid(dotted):
+    """Return a DER OBJECT IDENTIFIER from its dotted form (X.690 8.19)."""
+    if dotted not in _OIDS:
+        arcs = [int(a) for a in dotted.split(".")]
+        body = bytearray()
+        for arc in [arcs[0] * 40 + arcs[1]] + arcs[2:]:
+            group = [arc & 0x7F]
+            while arc > 0x7F:
+                arc >>= 7
+                group.append(0x80 | arc & 0x7F)
+            body += bytes(reversed(group))
+        _OIDS[dotted] = der(OID, bytes(body))
+    return _OIDS[dotted]
+
+
+def algorithm(oid, parameters=b""):
+    """Return an AlgorithmIdentifier (RFC 5280 4.1.1.2); no *parameters* = absent."""
+    return der(SEQUENCE, der_oid(oid), parameters)
+
+
+def der_set(*elements):
+    """Return a DER SET OF: its elements sorted by their encodings (X.690 11.6)."""
+    return der(SET, *sorted(elements))
+
+
+class Ber:
+    """One BER element of *data* at *pos* (X.690 8.1): tag, contents, whole encoding.
+
+    Reads definite and indefinite lengths.  Slices are taken only when asked
+    for, so a large encrypted payload is copied once.  Raises ValueError for
+    anything malformed, truncated, nested deeper than MAX_BER_DEPTH or beyond
+    the limits of its BerReader.
+    """
+    __slots__ = ("data", "pos", "depth", "tag", "start", "stop", "end", "reader")
+
+    def __init__(self, data, pos=0, depth=0, reader=None):
+        self.data, self.pos, self.depth = data, pos, depth
+        self.reader = reader or BerReader(data)
+        self.tag, self.start, self.stop, self.end = self.reader.bounds(pos, depth)
+
+    @property
+    def raw(self):
+        """The whole encoding: identifier, length, contents (and end-of-contents)."""
+        return self.data[self.pos:self.end]
+
+    @property
+    def body(self):
+        """The contents octets."""
+        return self.data[self.start:self.stop]
+
+    @property
+    def constructed(self):
+        return bool(self.tag & 0x20)
+
+    def children(self):
+        """Return the elements inside a constructed element."""
+        return list(self.each())
+
+    def each(self):
+        """Yield the elements inside a constructed element, one at a time."""
+        if not self.constructed:
+            raise ValueError("a primitive element has no elements inside")
+        at = self.start
+        while at < self.stop:
+            item = Ber(self.data, at, self.depth + 1, self.reader)
+            yield item
+            at = item.end
+
+    def octets(self):
+        """Return the value of an OCTET STRING, primitive or constructed (X.690 8.7),
+        its pieces joined once."""
+        if not self.constructed:
+            return self.body
+        out = bytearray()
+        self.collect(out, memoryview(self.data))
+        return bytes(out)
+
+    def collect(self, out, view):
+        """Append the pieces of a constructed string to bytearray *out*."""
+        for piece in self.each():
+            if piece.constructed:
+                piece.collect(out, view)
+            else:
+                out += view[piece.start:piece.stop]
+
+    def integer(self):
+        """Return the value of an INTEGER."""
+        if self.tag != INTEGER or self.start == self.stop:
+            raise ValueError("expected an INTEGER")
+        return int.from_bytes(self.body, "big", signed=True)
+
+    def oid(self):
+        """Return the dotted form of an OBJECT IDENTIFIER (X.690 8.19)."""
+        if self.tag != OID or self.start == self.stop or self.data[self.stop - 1] & 0x80:
+            raise ValueError("expected an OBJECT IDENTIFIER")
+        arcs, value = [], 0
+        for octet in self.body:
+            value = value << 7 | octet & 0x7F
+            if not octet & 0x80:
+                arcs.append(value)
+                value = 0
+        first = min(arcs[0] // 40, 2)
+        return ".".join(map(str, [first, arcs[0] - 40 * first] + arcs[1:]))
+
+
+#: Deepest nesting of indefinite-length elements read (CMS needs about 10).
+MAX_BER_DEPTH = 40
+#: Longest contents of primitive elements whose value is computed, by tag.
+MAX_VALUE_OCTETS = {INTEGER: MAX_INTEGER_OCTETS, OID: MAX_OID_OCTETS}
+
+
+class BerReader:
+    """The state of reading one encoding: how many elements were read (at most
+    MAX_BER_ELEMENTS), and where each indefinite-length element ends, found once:
+    nested indefinite lengths are scanned once, not again at every level."""
+
+    def __init__(self, data):
+        self.data, self.count, self.ends = data, 0, {}
+
+    def bounds(self, pos, depth):
+        """Return (tag, contents start, contents stop, end) of the element at *pos*."""
+        data = self.data
+        self.count += 1
+        if self.count > MAX_BER_ELEMENTS:
+            raise ValueError("more than %d ASN.1 elements" % MAX_BER_ELEMENTS)
+        if depth > MAX_BER_DEPTH or pos + 2 > len(data):
+            raise ValueError("truncated or too deeply nested ASN.1")
+        tag, first, start = data[pos], data[pos + 1], pos + 2
+        if tag & 0x1F == 0x1F:
+            raise ValueError("multi-octet ASN.1 tags are not used by CMS")
+        if first == 0x80:  # indefinite length: elements up to the end-of-contents octets
+            if not tag & 0x20:
+                raise ValueError("indefinite length on a primitive element")
+            if pos not in self.ends:
+                self.ends[pos] = self.scan(start, depth)
+            return (tag, start) + self.ends[pos]
+        if first > 0x80:
+            count, start = first & 0x7F, start + (first & 0x7F)
+            if count > 8:
+                raise ValueError("ASN.1 length too large")
+            first = int.from_bytes(data[pos + 2:start], "big")
+        if start + first > len(data):
+            raise ValueError("truncated ASN.1 element")
+        if first > MAX_VALUE_OCTETS.get(tag, first):
+            raise ValueError("an %s longer than %d octets" % (
+                "INTEGER" if tag == INTEGER else "OBJECT IDENTIFIER", MAX_VALUE_OCTETS[tag]))
+        return tag, start, start + first, start + first
+
+    def scan(self, at, depth):
+        """Return (contents stop, end) of an indefinite-length element's contents at *at*."""
+        while self.data[at:at + 2] != b"\0\0":
+            at = self.bounds(at, depth + 1)[3]
+        return at, at + 2
+
+
+class Fields:
+    """The elements of a constructed element, read in order: required ones by take(),
+    OPTIONAL ones by their tag.  Raises ValueError for a missing or unexpected one."""
+
+    def __init__(self, ber):
+        self.items, self.at = ber.children(), 0
+
+    def take(self, tag=None):
+        """Return the next element; it must have *tag* when one is given."""
+        if self.at == len(self.items) or tag is not None and self.items[self.at].tag != tag:
+            raise ValueError("a CMS structure without a required field")
+        self.at += 1
+        return self.items[self.at - 1]
+
+    def optional(self, tag):
+        """Return the next element when it has *tag*, else None."""
+        if self.at < len(self.items) and self.items[self.at].tag == tag:
+            return self.take()
+        return None
+
+    def rest(self):
+        """Return the elements not read yet."""
+        return self.items[self.at:]
+
+
+def bounded(ber, limit, what):
+    """Return the elements inside *ber*; more than *limit* raise MessageError."""
+    items = []
+    for item in ber.each():
+        if len(items) == limit:
+            raise MessageError("more than %d %s in one S/MIME part" % (limit, what))
+        items.append(item)
+    return items
+
+
+def algorithm_oid(ber):
+    """Return the algorithm OID of an AlgorithmIdentifier (RFC 5280 4.1.1.2)."""
+    return Fields(ber).take(OID).oid()
+
+
+def issuer_and_serial(cert):
+    """Return the DER IssuerAndSerialNumber of *cert* (RFC 5652 10.2.4).
+
+    Both come byte for byte from the certificate's own TBSCertificate
+    (RFC 5280 4.1), so a recipient's lookup matches whatever string types its
+    issuer name was written with.
+    """
+    fields = Fields(Ber(cert.tbs_certificate_bytes))
+    fields.optional(ctx(0))  # version [0] EXPLICIT
+    serial_number = fields.take(INTEGER)
+    fields.take(SEQUENCE)  # signature
+    return der(SEQUENCE, fields.take(SEQUENCE).raw, serial_number.raw)
+
+
+###############################################################################
 # Identities: keys and certificates ###########################################
 ###############################################################################
 
 _SAFE_ADDRESS = re.compile(r"[a-z0-9!#$%&'*+=?^_`{|}~.-]+@[a-z0-9.-]+\.?[a-z0-9-]*\Z")
+#: The curves we encrypt to -> the scheme we use, its KDF hash as strong as the curve
+#: (RFC 8551 2.7.1.2, RFC 5753 8).
+ECDH_SCHEMES = {"secp256r1": "1.3.132.1.11.1", "secp384r1": "1.3.132.1.11.2",
+                "secp521r1": "1.3.132.1.11.3"}
+#: ML-KEM parameter sets (FIPS 203) by their key's OID (RFC 9935 3); cryptography, and so
+#: this tool, has no ML-KEM-512.
+ML_KEM = {"2.16.840.1.101.3.4.4.1": "ML-KEM-512", "2.16.840.1.101.3.4.4.2": "ML-KEM-768",
+          "2.16.840.1.101.3.4.4.3": "ML-KEM-1024"}
 
 
 class Identity:
@@ -1648,6 +1932,12 @@ class Keystore:
         if key is None or cert is None:
             raise IdentityError("%s: the PKCS#12 file lacks a private key or certificate" % path)
         return key, cert, list(extra)
+
+
+def keystore_of(settings, reporter):
+    """Return the Keystore of a run: its key directories, password and validated-keys list."""
+    return Keystore(settings.key_dirs, settings.key_password,
+                    os.path.join(settings.cache_dir, "validated-keys"), reporter.warn)
 
 
 def ml_kem_private_key(data, path):
@@ -2096,269 +2386,6 @@ def quantum_notes(msg, recipients):
              % (msg.source, ", ".join(c.split(" (")[0] for c in classical))),)
 
 
-
-###############################################################################
-# DER: the few ASN.1 structures of CMS we write and read (X.690, RFC 5652) ####
-###############################################################################
-# cryptography signs (SignedData) and encrypts to RSA keys, but it cannot
-# encrypt to EC keys, verify a signature or decrypt for an EC key.  For those
-# we build and read the CMS structures ourselves from its primitives: a short
-# DER encoder, and a BER reader (OpenSSL writes indefinite lengths).  Single
-# octet tags only: CMS needs no other.
-
-SEQUENCE, SET, INTEGER, BIT_STRING, OCTET_STRING, NULL, OID = 0x30, 0x31, 2, 3, 4, 5, 6
-
-
-def ctx(number, constructed=True):
-    """Return the tag octet of context-specific [number], constructed or primitive."""
-    return (0xA0 if constructed else 0x80) | number
-
-
-def der_header(tag, size):
-    """Return the identifier and definite length octets of an element (X.690 8.1.3)."""
-    if size < 0x80:
-        return bytes((tag, size))
-    octets = size.to_bytes((size.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(octets))) + octets
-
-
-def der_pieces(tag, *parts):
-    """Return one DER element as a list of pieces, its header first.
-
-    A part is bytes (or a memoryview) or such a list: a large payload is never
-    copied until the whole structure is joined once, at the end.
-    """
-    pieces = []
-    for part in parts:
-        pieces.extend(part if isinstance(part, list) else [part])
-    return [der_header(tag, sum(map(len, pieces)))] + pieces
-
-
-def der(tag, *parts):
-    """Return one DER element (bytes): *tag*, the length, *parts* (bytes) concatenated."""
-    body = b"".join(parts)
-    if len(body) < 0x80:
-        return bytes((tag, len(body))) + body
-    return der_header(tag, len(body)) + body
-
-
-def der_int(number):
-    """Return a DER INTEGER (two's complement, shortest form)."""
-    return der(INTEGER, number.to_bytes(number.bit_length() // 8 + 1, "big", signed=True))
-
-
-_OIDS = {}
-
-
-def der_oid(dotted):
-    """Return a DER OBJECT IDENTIFIER from its dotted form (X.690 8.19)."""
-    if dotted not in _OIDS:
-        arcs = [int(a) for a in dotted.split(".")]
-        body = bytearray()
-        for arc in [arcs[0] * 40 + arcs[1]] + arcs[2:]:
-            group = [arc & 0x7F]
-            while arc > 0x7F:
-                arc >>= 7
-                group.append(0x80 | arc & 0x7F)
-            body += bytes(reversed(group))
-        _OIDS[dotted] = der(OID, bytes(body))
-    return _OIDS[dotted]
-
-
-def algorithm(oid, parameters=b""):
-    """Return an AlgorithmIdentifier (RFC 5280 4.1.1.2); no *parameters* = absent."""
-    return der(SEQUENCE, der_oid(oid), parameters)
-
-
-def der_set(*elements):
-    """Return a DER SET OF: its elements sorted by their encodings (X.690 11.6)."""
-    return der(SET, *sorted(elements))
-
-
-class Ber:
-    """One BER element of *data* at *pos* (X.690 8.1): tag, contents, whole encoding.
-
-    Reads definite and indefinite lengths.  Slices are taken only when asked
-    for, so a large encrypted payload is copied once.  Raises ValueError for
-    anything malformed, truncated, nested deeper than MAX_BER_DEPTH or beyond
-    the limits of its BerReader.
-    """
-    __slots__ = ("data", "pos", "depth", "tag", "start", "stop", "end", "reader")
-
-    def __init__(self, data, pos=0, depth=0, reader=None):
-        self.data, self.pos, self.depth = data, pos, depth
-        self.reader = reader or BerReader(data)
-        self.tag, self.start, self.stop, self.end = self.reader.bounds(pos, depth)
-
-    @property
-    def raw(self):
-        """The whole encoding: identifier, length, contents (and end-of-contents)."""
-        return self.data[self.pos:self.end]
-
-    @property
-    def body(self):
-        """The contents octets."""
-        return self.data[self.start:self.stop]
-
-    @property
-    def constructed(self):
-        return bool(self.tag & 0x20)
-
-    def children(self):
-        """Return the elements inside a constructed element."""
-        return list(self.each())
-
-    def each(self):
-        """Yield the elements inside a constructed element, one at a time."""
-        if not self.constructed:
-            raise ValueError("a primitive element has no elements inside")
-        at = self.start
-        while at < self.stop:
-            item = Ber(self.data, at, self.depth + 1, self.reader)
-            yield item
-            at = item.end
-
-    def octets(self):
-        """Return the value of an OCTET STRING, primitive or constructed (X.690 8.7),
-        its pieces joined once."""
-        if not self.constructed:
-            return self.body
-        out = bytearray()
-        self.collect(out, memoryview(self.data))
-        return bytes(out)
-
-    def collect(self, out, view):
-        """Append the pieces of a constructed string to bytearray *out*."""
-        for piece in self.each():
-            if piece.constructed:
-                piece.collect(out, view)
-            else:
-                out += view[piece.start:piece.stop]
-
-    def integer(self):
-        """Return the value of an INTEGER."""
-        if self.tag != INTEGER or self.start == self.stop:
-            raise ValueError("expected an INTEGER")
-        return int.from_bytes(self.body, "big", signed=True)
-
-    def oid(self):
-        """Return the dotted form of an OBJECT IDENTIFIER (X.690 8.19)."""
-        if self.tag != OID or self.start == self.stop or self.data[self.stop - 1] & 0x80:
-            raise ValueError("expected an OBJECT IDENTIFIER")
-        arcs, value = [], 0
-        for octet in self.body:
-            value = value << 7 | octet & 0x7F
-            if not octet & 0x80:
-                arcs.append(value)
-                value = 0
-        first = min(arcs[0] // 40, 2)
-        return ".".join(map(str, [first, arcs[0] - 40 * first] + arcs[1:]))
-
-
-#: Deepest nesting of indefinite-length elements read (CMS needs about 10).
-MAX_BER_DEPTH = 40
-#: Longest contents of primitive elements whose value is computed, by tag.
-MAX_VALUE_OCTETS = {INTEGER: MAX_INTEGER_OCTETS, OID: MAX_OID_OCTETS}
-
-
-class BerReader:
-    """The state of reading one encoding: how many elements were read (at most
-    MAX_BER_ELEMENTS), and where each indefinite-length element ends, found once:
-    nested indefinite lengths are scanned once, not again at every level."""
-
-    def __init__(self, data):
-        self.data, self.count, self.ends = data, 0, {}
-
-    def bounds(self, pos, depth):
-        """Return (tag, contents start, contents stop, end) of the element at *pos*."""
-        data = self.data
-        self.count += 1
-        if self.count > MAX_BER_ELEMENTS:
-            raise ValueError("more than %d ASN.1 elements" % MAX_BER_ELEMENTS)
-        if depth > MAX_BER_DEPTH or pos + 2 > len(data):
-            raise ValueError("truncated or too deeply nested ASN.1")
-        tag, first, start = data[pos], data[pos + 1], pos + 2
-        if tag & 0x1F == 0x1F:
-            raise ValueError("multi-octet ASN.1 tags are not used by CMS")
-        if first == 0x80:  # indefinite length: elements up to the end-of-contents octets
-            if not tag & 0x20:
-                raise ValueError("indefinite length on a primitive element")
-            if pos not in self.ends:
-                self.ends[pos] = self.scan(start, depth)
-            return (tag, start) + self.ends[pos]
-        if first > 0x80:
-            count, start = first & 0x7F, start + (first & 0x7F)
-            if count > 8:
-                raise ValueError("ASN.1 length too large")
-            first = int.from_bytes(data[pos + 2:start], "big")
-        if start + first > len(data):
-            raise ValueError("truncated ASN.1 element")
-        if first > MAX_VALUE_OCTETS.get(tag, first):
-            raise ValueError("an %s longer than %d octets" % (
-                "INTEGER" if tag == INTEGER else "OBJECT IDENTIFIER", MAX_VALUE_OCTETS[tag]))
-        return tag, start, start + first, start + first
-
-    def scan(self, at, depth):
-        """Return (contents stop, end) of an indefinite-length element's contents at *at*."""
-        while self.data[at:at + 2] != b"\0\0":
-            at = self.bounds(at, depth + 1)[3]
-        return at, at + 2
-
-
-class Fields:
-    """The elements of a constructed element, read in order: required ones by take(),
-    OPTIONAL ones by their tag.  Raises ValueError for a missing or unexpected one."""
-
-    def __init__(self, ber):
-        self.items, self.at = ber.children(), 0
-
-    def take(self, tag=None):
-        """Return the next element; it must have *tag* when one is given."""
-        if self.at == len(self.items) or tag is not None and self.items[self.at].tag != tag:
-            raise ValueError("a CMS structure without a required field")
-        self.at += 1
-        return self.items[self.at - 1]
-
-    def optional(self, tag):
-        """Return the next element when it has *tag*, else None."""
-        if self.at < len(self.items) and self.items[self.at].tag == tag:
-            return self.take()
-        return None
-
-    def rest(self):
-        """Return the elements not read yet."""
-        return self.items[self.at:]
-
-
-def bounded(ber, limit, what):
-    """Return the elements inside *ber*; more than *limit* raise MessageError."""
-    items = []
-    for item in ber.each():
-        if len(items) == limit:
-            raise MessageError("more than %d %s in one S/MIME part" % (limit, what))
-        items.append(item)
-    return items
-
-
-def algorithm_oid(ber):
-    """Return the algorithm OID of an AlgorithmIdentifier (RFC 5280 4.1.1.2)."""
-    return Fields(ber).take(OID).oid()
-
-
-def issuer_and_serial(cert):
-    """Return the DER IssuerAndSerialNumber of *cert* (RFC 5652 10.2.4).
-
-    Both come byte for byte from the certificate's own TBSCertificate
-    (RFC 5280 4.1), so a recipient's lookup matches whatever string types its
-    issuer name was written with.
-    """
-    fields = Fields(Ber(cert.tbs_certificate_bytes))
-    fields.optional(ctx(0))  # version [0] EXPLICIT
-    serial_number = fields.take(INTEGER)
-    fields.take(SEQUENCE)  # signature
-    return der(SEQUENCE, fields.take(SEQUENCE).raw, serial_number.raw)
-
-
 ###############################################################################
 # S/MIME (RFC 8551) ###########################################################
 ###############################################################################
@@ -2393,14 +2420,6 @@ KDF_HASHES = {"1.3.133.16.840.63.0.2": "SHA1", "1.3.132.1.11.0": "SHA224",
               "1.3.133.16.840.63.0.3": "SHA1", "1.3.132.1.14.0": "SHA224",
               "1.3.132.1.14.1": "SHA256", "1.3.132.1.14.2": "SHA384",
               "1.3.132.1.14.3": "SHA512"}
-#: The curves we encrypt to -> the scheme we use, its KDF hash as strong as the curve
-#: (RFC 8551 2.7.1.2, RFC 5753 8).
-ECDH_SCHEMES = {"secp256r1": "1.3.132.1.11.1", "secp384r1": "1.3.132.1.11.2",
-                "secp521r1": "1.3.132.1.11.3"}
-#: ML-KEM parameter sets (FIPS 203) by their key's OID (RFC 9935 3); cryptography, and so
-#: this tool, has no ML-KEM-512.
-ML_KEM = {"2.16.840.1.101.3.4.4.1": "ML-KEM-512", "2.16.840.1.101.3.4.4.2": "ML-KEM-768",
-          "2.16.840.1.101.3.4.4.3": "ML-KEM-1024"}
 #: OtherRecipientInfo type of a KEMRecipientInfo (RFC 9629 3).
 ID_ORI_KEM = "1.2.840.113549.1.9.16.13.3"
 #: HKDF KDFs of KEMRecipientInfo (RFC 8619 2) -> hash; we send HKDF-SHA256 with AES-256 key
@@ -2480,6 +2499,9 @@ def signed_der(content, signer, detached, now=None):
 HASH_OIDS = {name: oid for oid, name in DIGESTS.items()}
 
 
+_SIGNED_CONSTANTS = {}
+
+
 def signed_constants(digest_name):
     """Return what every SignedData with digest *digest_name* repeats, worked out once:
     (the content-type attribute, the SMIMECapabilities attribute, the digest
@@ -2490,9 +2512,6 @@ def signed_constants(digest_name):
                                           smime_capabilities(), digest_algorithm,
                                           der_set(digest_algorithm))
     return _SIGNED_CONSTANTS[digest_name]
-
-
-_SIGNED_CONSTANTS = {}
 
 
 def attribute(oid, value):
@@ -2766,11 +2785,6 @@ class Job(NamedTuple):
     notes: tuple = ()
     failure: tuple = ()
 
-    def describe(self):
-        """Return the seed's 'Sending FILE<TAB>From: a<TAB>To: b, c' line."""
-        return "Sending %s\tFrom: %s\tTo: %s" % (self.source, self.mail_from,
-                                                  ", ".join(self.recipients))
-
 
 def build_job(item, settings, keystore, extra=b"", served=(), msg=None):
     """Read, check and build the message of work *item* (path, copy); return its Job.
@@ -2835,1179 +2849,6 @@ def sparkpost_smtp_header(settings):
                                     "transactional": not track},
                         "campaign_id": settings.campaign}, separators=(",", ":"))
     return b"X-MSYS-API: " + value.encode("ascii") + b"\r\n"
-
-
-###############################################################################
-# Receiving: decrypt and verify (RFC 5652 5-6, RFC 5083, RFC 8551 3) ##########
-###############################################################################
-# --verify, --decrypt and --harvest open what others send.  cryptography has no
-# CMS verification and cannot decrypt for an EC key, so SignedData is checked
-# here and EnvelopedData / AuthEnvelopedData decrypted for our own keys, with
-# the DER layer the writer uses.  Layers and signatures are values; only a
-# message that is not what it claims to be raises MessageError.
-
-SIGNATURE_TYPES = ("application/pkcs7-signature", "application/x-pkcs7-signature")
-SMIME_TYPES = ("application/pkcs7-mime", "application/x-pkcs7-mime")
-ID_AUTH_ENVELOPED_DATA = "1.2.840.113549.1.9.16.1.23"
-#: Signature algorithms -> (scheme, hash; None: the SignerInfo's digest algorithm)
-#: (RFC 3370 3, RFC 4056, RFC 5753 7.1.3, RFC 5754 3).
-SIGNATURE_ALGORITHMS = {
-    "1.2.840.113549.1.1.1": ("rsa", None), "1.2.840.113549.1.1.5": ("rsa", "SHA1"),
-    "1.2.840.113549.1.1.14": ("rsa", "SHA224"), "1.2.840.113549.1.1.11": ("rsa", "SHA256"),
-    "1.2.840.113549.1.1.12": ("rsa", "SHA384"), "1.2.840.113549.1.1.13": ("rsa", "SHA512"),
-    "1.2.840.113549.1.1.10": ("pss", None),
-    "1.2.840.10045.2.1": ("ecdsa", None), "1.2.840.10045.4.1": ("ecdsa", "SHA1"),
-    "1.2.840.10045.4.3.1": ("ecdsa", "SHA224"), "1.2.840.10045.4.3.2": ("ecdsa", "SHA256"),
-    "1.2.840.10045.4.3.3": ("ecdsa", "SHA384"), "1.2.840.10045.4.3.4": ("ecdsa", "SHA512")}
-#: RSAES-OAEP key transport and its MGF1 (RFC 8017 A.2.1, RFC 3560).
-RSAES_OAEP, MGF1 = "1.2.840.113549.1.1.7", "1.2.840.113549.1.1.8"
-#: AES-GCM content encryption for AuthEnvelopedData, by key length (RFC 5084 3.2).
-AES_GCM = {"2.16.840.1.101.3.4.1.6": 16, "2.16.840.1.101.3.4.1.26": 24,
-           "2.16.840.1.101.3.4.1.46": 32}
-#: S/MIME layers opened at most: a triple wrap is signed, encrypted, signed (RFC 8551 3.7).
-MAX_LAYERS = 3
-#: Header fields naming who a received message may be encrypted to.
-DELIVERY_FIELDS = ("to", "cc", "bcc", "delivered-to", "x-original-to", "from")
-
-
-class Signature(NamedTuple):
-    """One SignerInfo, checked (RFC 5652 5.3, 5.4, 5.6); built once by check_signer().
-
-    *cert*: the signer's certificate from the message (None if absent); *certs*:
-    every certificate the message carries; *broken*: why the signature itself
-    fails ('' when it verifies): the content or the signature was altered;
-    *digest*: the digest algorithm's name; *hash*: the hash the signature
-    algorithm used; *algorithm*: RSA, RSA-PSS or ECDSA; *signing_time*: as the
-    signer claims it.
-    """
-    cert: object
-    certs: list
-    broken: str
-    digest: str = ""
-    hash: str = ""
-    algorithm: str = ""
-    signing_time: str = ""
-
-    @property
-    def address(self):
-        """The certificate's first e-mail address, or a description when there is none."""
-        emails = cert_emails(self.cert) if self.cert is not None else []
-        return emails[0] if emails else "an unknown signer"
-
-    @property
-    def issuer(self):
-        """The common name of the certificate's issuer (its whole name if it has none)."""
-        return common_name(self.cert.issuer)
-
-    def describe(self):
-        """Return a detail line for -v."""
-        if self.cert is None:
-            return "signer: certificate not in the message"
-        text = "signer %s, issuer %s, serial %x, %s with %s" % (
-            self.address, self.cert.issuer.rfc4514_string(), self.cert.serial_number,
-            self.algorithm or "?", self.digest or "?")
-        return text + (", signed %s" % self.signing_time if self.signing_time else "")
-
-
-class Layer:
-    """One S/MIME layer opened: "signed" (its Signatures) or "encrypted" (for *address*)."""
-
-    def __init__(self, kind, signatures=(), address="", how=""):
-        self.kind, self.signatures, self.address, self.how = kind, list(signatures), address, how
-
-    def describe(self):
-        """Return the detail lines for -v."""
-        if self.kind == "encrypted":
-            return ["encrypted (%s) for %s" % (self.how, self.address)]
-        return ["signed (%s)" % self.how] + ["  " + s.describe() for s in self.signatures]
-
-
-def smime_kind(fields):
-    """Return "multipart/signed", "pkcs7" (application/pkcs7-mime, also x-pkcs7 and
-    .p7m names: RFC 8551 3.2.1) or "" for the entity with header *fields*."""
-    ctype, params = parse_content_type(field_value(fields, "content-type") or b"text/plain")
-    if ctype == "multipart/signed":
-        return ctype
-    name = params.get("name") or parse_content_type(
-        field_value(fields, "content-disposition") or b"")[1].get("filename") or ""
-    if ctype in SMIME_TYPES or (ctype == "application/octet-stream"
-                                and name.lower().endswith(".p7m")):
-        return "pkcs7"
-    return ""
-
-
-def multipart_parts(body, boundary):
-    """Return the exact bytes of each part of a CRLF multipart body (RFC 2046 5.1.1).
-
-    The CRLF before each delimiter belongs to the delimiter, not to the part.
-    """
-    delimiter = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)")
-    parts, start = [], None
-    for mark in delimiter.finditer(body):
-        if start is not None:
-            parts.append(body[start:mark.start()])
-        if mark.group(1):
-            return parts
-        start = mark.end() + 2
-    if start is not None:
-        parts.append(body[start:])
-    return parts
-
-
-def is_mime_entity(data):
-    """True when CRLF *data* is a MIME entity: header fields (or none), then the empty
-    line before the body, or only header fields (RFC 2045 3, RFC 5322 2.1)."""
-    if data.startswith(b"\r\n"):
-        return True
-    fields, body = split_header(data)
-    return bool(fields) and (not body or data[:len(data) - len(body)].endswith(b"\r\n\r\n"))
-
-
-def open_layers(fields, body, keyring, depth=0):
-    """Return ([Layer], innermost entity or None) of the entity (*fields*, *body*).
-
-    Each S/MIME layer is opened in turn: a signature checked, an envelope
-    decrypted for one of our keys.  None: the entity itself is not S/MIME.
-    Raises MessageError for a malformed layer, one we cannot decrypt, or more
-    than MAX_LAYERS; IdentityError (78) for a key of ours that cannot be read.
-    """
-    kind = smime_kind(fields)
-    if not kind:
-        return [], None
-    if depth == MAX_LAYERS:
-        raise MessageError("more than %d S/MIME layers nested" % MAX_LAYERS)
-    from cryptography.exceptions import UnsupportedAlgorithm
-    try:
-        layer, inner = open_layer(kind, fields, body, keyring)
-    except (ValueError, LookupError, OverflowError, StopIteration,
-            UnsupportedAlgorithm) as exc:  # not CMS after all
-        raise MessageError("the S/MIME part is malformed (%s)" % (
-            first_line(exc) if isinstance(exc, ValueError) else type(exc).__name__))
-    entity = message_to_crlf(inner)
-    if not is_mime_entity(entity):
-        raise MessageError("the %s content is not a MIME entity (RFC 8551 3.1): nothing "
-                           "vouches for what a mail client would make of it" % layer.kind)
-    inner_fields, inner_body = split_header(entity)
-    layers, innermost = open_layers(inner_fields, inner_body, keyring, depth + 1)
-    return [layer] + layers, inner if innermost is None else innermost
-
-
-def open_layer(kind, fields, body, keyring):
-    """Return (Layer, the entity inside it) for one S/MIME layer."""
-    if kind == "multipart/signed":
-        boundary = parse_content_type(field_value(fields, "content-type"))[1].get("boundary")
-        parts = multipart_parts(body, (boundary or "").encode("ascii", "replace"))
-        if not boundary or len(parts) < 2:
-            raise MessageError("a multipart/signed entity without its two parts")
-        sig_fields, sig_body = split_header(parts[1])
-        der = decode_body(sig_body, transfer_encoding(sig_fields))
-        signatures, _ = signed_data(content_info(der, ID_SIGNED_DATA), parts[0])
-        return Layer("signed", signatures, how="multipart/signed"), parts[0]
-    der = decode_body(body, transfer_encoding(fields))
-    oid, content = content_info(der)
-    if oid == ID_SIGNED_DATA:
-        signatures, inner = signed_data(content)
-        return Layer("signed", signatures, how="opaque SignedData"), inner
-    if oid in (ID_ENVELOPED_DATA, ID_AUTH_ENVELOPED_DATA):
-        inner, address, how = keyring.open_envelope(oid, content)
-        return Layer("encrypted", address=address, how=how), inner
-    raise MessageError("an application/pkcs7-mime part holding neither signed nor enveloped "
-                       "data (content type %s)" % oid)
-
-
-def content_info(der, expected=None):
-    """Return (content type, content) of a DER or BER ContentInfo (RFC 5652 3), or only
-    the content when *expected* names the type it must have."""
-    if not der:
-        raise MessageError("an empty S/MIME part")
-    fields = Fields(Ber(der))
-    oid, content = fields.take(OID).oid(), Fields(fields.take(ctx(0))).take()
-    if expected is not None:
-        if oid != expected:
-            raise MessageError("the signature part holds content type %s, not SignedData" % oid)
-        return content
-    return oid, content
-
-
-# -- SignedData (RFC 5652 5) -------------------------------------------------------
-
-class SignedData(NamedTuple):
-    """A SignedData (RFC 5652 5.1): *e_content_type* and *e_content* of its
-    EncapsulatedContentInfo (None when detached), its *certificates* (parsed) and
-    *signer_infos*."""
-    e_content_type: str
-    e_content: object
-    certificates: list
-    signer_infos: list
-
-
-class SignerInfo(NamedTuple):
-    """A SignerInfo (RFC 5652 5.3).  *sid*: the SignerIdentifier (Ber);
-    *digest_algorithm*: its OID; *signed_attrs*: the [0] SignedAttributes (Ber) or
-    None; *signature_algorithm*: the AlgorithmIdentifier (Ber)."""
-    version: int
-    sid: object
-    digest_algorithm: str
-    signed_attrs: object
-    signature_algorithm: object
-    signature: bytes
-
-
-def read_signed_data(ber):
-    """Return the SignedData in *ber*.  Raises ValueError when malformed, MessageError
-    beyond MAX_CERTIFICATES or MAX_SIGNER_INFOS."""
-    from cryptography import x509
-    fields = Fields(ber)
-    fields.take(INTEGER)  # version
-    fields.take(SET)  # digestAlgorithms: each SignerInfo names its own
-    encap = Fields(fields.take(SEQUENCE))  # EncapsulatedContentInfo
-    e_content_type, e_content = encap.take(OID).oid(), encap.optional(ctx(0))
-    if e_content is not None:
-        e_content = Fields(e_content).take().octets()
-    certs = fields.optional(ctx(0))  # certificates [0] IMPLICIT CertificateSet
-    certs = [x509.load_der_x509_certificate(c.raw) for c in (
-        bounded(certs, MAX_CERTIFICATES, "certificates") if certs is not None else [])
-        if c.tag == SEQUENCE]  # other certificate formats are not used by S/MIME
-    fields.optional(ctx(1))  # crls
-    infos = bounded(fields.take(SET), MAX_SIGNER_INFOS, "SignerInfos")
-    return SignedData(e_content_type, e_content, certs, [read_signer_info(i) for i in infos])
-
-
-def read_signer_info(ber):
-    """Return the SignerInfo in *ber* (RFC 5652 5.3)."""
-    fields = Fields(ber)
-    version, sid = fields.take(INTEGER).integer(), fields.take()
-    digest_algorithm = algorithm_oid(fields.take(SEQUENCE))
-    signed_attrs = fields.optional(ctx(0))
-    signature_algorithm = fields.take(SEQUENCE)
-    signature = fields.take(OCTET_STRING).octets()
-    return SignerInfo(version, sid, digest_algorithm, signed_attrs, signature_algorithm,
-                      signature)
-
-
-def signed_data(ber, detached=None):
-    """Return ([Signature], signed content) of a SignedData, every SignerInfo checked.
-
-    *detached*: the content of a multipart/signed; else the encapsulated one.  The
-    content is hashed once per digest algorithm.  Raises MessageError for content
-    that is not id-data (RFC 8551 2.4.1) or missing, or no signer at all.
-    """
-    signed = read_signed_data(ber)
-    if signed.e_content_type != ID_DATA:
-        raise MessageError("the signed content is of type %s, not id-data: S/MIME signs MIME "
-                           "entities (RFC 8551 2.4.1)" % signed.e_content_type)
-    content = detached if detached is not None else signed.e_content
-    if content is None:
-        raise MessageError("a detached signature outside a multipart/signed")
-    if not signed.signer_infos:
-        raise MessageError("a SignedData without any signer")
-    digests = {}
-    return [check_signer(info, signed.certificates, content, digests)
-            for info in signed.signer_infos], content
-
-
-def check_signer(info, certs, content, digests):
-    """Return the Signature of SignerInfo *info* over *content* (RFC 5652 5.4, 5.6).
-
-    *certs*: the message's certificates; *digests*: the content's digest by hash
-    name, filled in as needed (each computed once per message).
-    """
-    cert = signer_certificate(info.sid, certs)
-    digest = DIGESTS.get(info.digest_algorithm, "")
-    if not digest:
-        return Signature(cert, certs, "signed with a digest algorithm this tool does not know "
-                                      "(%s)" % info.digest_algorithm)
-    if digest not in digests:
-        digests[digest] = content_digest(digest, content)
-    attrs = SignedAttributes(info.signed_attrs) if info.signed_attrs is not None else None
-    signing_time = attrs.signing_time if attrs is not None else ""
-    problem = attrs.problem(digests[digest], digest) if attrs is not None else ""
-    if not problem and cert is None:
-        problem = "the signer's certificate is not in the message"
-    algorithm = hash_name = ""
-    if not problem:  # with attributes, their DER SET OF is what was signed (RFC 5652 5.4)
-        signed = content if attrs is None else b"\x31" + info.signed_attrs.raw[1:]
-        problem, algorithm, hash_name = signature_problem(cert, info, signed, digest)
-    return Signature(cert, certs, problem, digest, hash_name, algorithm, signing_time)
-
-
-def content_digest(name, content):
-    """Return the digest *name* (a DIGESTS value) of *content*."""
-    from cryptography.hazmat.primitives import hashes
-    digest = hashes.Hash(getattr(hashes, name)())
-    digest.update(content)
-    return digest.finalize()
-
-
-def signer_certificate(sid, certs):
-    """Return the certificate SignerIdentifier *sid* names, or None (RFC 5652 5.3)."""
-    for cert in certs:
-        if sid.tag == SEQUENCE and sid.raw == issuer_and_serial(cert):
-            return cert
-        if sid.tag == ctx(0, constructed=False) and subject_key_id(cert) == sid.body:
-            return cert
-    return None
-
-
-def subject_key_id(cert):
-    """Return the certificate's subjectKeyIdentifier, or None."""
-    from cryptography import x509
-    try:
-        found = extension(cert, x509.SubjectKeyIdentifier)
-    except ValueError:
-        return None
-    return found.digest if found is not None else None
-
-
-class SignedAttributes:
-    """The SignedAttributes of a SignerInfo (RFC 5652 5.3, 11): *encoding* (its Ber),
-    *values*: each attribute type's OID -> one list of values per occurrence."""
-
-    def __init__(self, encoding):
-        self.encoding, self.values = encoding, {}
-        for attr in encoding.each():
-            fields = Fields(attr)
-            kind, values = fields.take(OID).oid(), fields.take(SET)
-            self.values.setdefault(kind, []).append(values.children())
-
-    @property
-    def signing_time(self):
-        """The signing-time attribute (RFC 5652 11.3) as text, or ''."""
-        found = self.values.get(ATTR_SIGNING_TIME)
-        return asn1_time(found[0][0]) if found and found[0] else ""
-
-    def single(self, oid):
-        """Return the one value of attribute *oid*, or None unless it occurs exactly once
-        with exactly one value (RFC 5652 11.1, 11.2)."""
-        found = self.values.get(oid, [])
-        return found[0][0] if [len(values) for values in found] == [1] else None
-
-    def problem(self, digest, digest_name):
-        """Return why the attributes do not vouch for content with *digest*, or ''."""
-        if not is_der(self.encoding, as_set=True):
-            return ("the signed attributes are not DER-encoded, so the signature cannot be "
-                    "checked (RFC 5652 5.4)")
-        content_type = self.single(ATTR_CONTENT_TYPE)
-        message_digest = self.single(ATTR_MESSAGE_DIGEST)
-        if content_type is None or message_digest is None:
-            return ("the signed attributes must hold exactly one content-type and one "
-                    "message-digest, each with one value (RFC 5652 11.1, 11.2)")
-        if content_type.oid() != ID_DATA:
-            return "the signed content-type attribute does not match the content"
-        if message_digest.octets() != digest:
-            return ("the content was altered after signing: its %s digest does not match the "
-                    "signed message-digest" % digest_name.replace("SHA", "SHA-"))
-        return ""
-
-
-def is_der(item, as_set=False):
-    """True when *item* and everything inside it is DER (X.690 10, 11): definite and
-    shortest lengths, no constructed strings, shortest INTEGERs, the elements of a
-    SET OF (and of *item* itself when *as_set*) sorted by their encodings."""
-    size = item.stop - item.start
-    if item.end != item.stop or item.data[item.pos:item.start] != der_header(item.tag, size):
-        return False
-    if not item.constructed:
-        body = item.data[item.start:item.start + 2]
-        return not (item.tag == INTEGER and len(body) == 2 and (
-            body[0] == 0 and body[1] < 0x80 or body[0] == 0xFF and body[1] >= 0x80))
-    if item.tag < 0x40 and item.tag not in (SEQUENCE, SET):  # a constructed string
-        return False
-    children = item.children()
-    if (as_set or item.tag == SET) and [c.raw for c in children] != sorted(
-            c.raw for c in children):
-        return False
-    return all(is_der(child) for child in children)
-
-
-def asn1_time(item):
-    """Return a UTCTime or GeneralizedTime (RFC 5280 4.1.2.5) as 'YYYY-MM-DD HH:MM:SS UTC'."""
-    text = item.body.decode("ascii", "replace").rstrip("Z")
-    if item.tag == 0x17:  # UTCTime: two-digit years, 1950-2049
-        text = ("19" if text[:2] >= "50" else "20") + text
-    return "%s-%s-%s %s:%s:%s UTC" % (text[:4], text[4:6], text[6:8], text[8:10],
-                                       text[10:12], text[12:14] or "00")
-
-
-def signature_problem(cert, info, signed, digest):
-    """Verify SignerInfo *info*'s signature over *signed* with *cert*'s public key.
-
-    Returns (why not or '', "RSA", "RSA-PSS" or "ECDSA", the hash used).
-    """
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-    parts = Fields(info.signature_algorithm)
-    oid = parts.take(OID).oid()
-    scheme, hash_name = SIGNATURE_ALGORITHMS.get(oid, ("", None))
-    hash_name = hash_name or digest
-    key = cert.public_key()
-    try:
-        if scheme in ("rsa", "pss") and isinstance(key, rsa.RSAPublicKey):
-            if scheme == "pss":
-                params = parts.rest()
-                hash_name, mgf_hash, salt = pss_parameters(params[0] if params else None)
-                pad = padding.PSS(padding.MGF1(getattr(hashes, mgf_hash)()), salt)
-            else:
-                pad = padding.PKCS1v15()
-            key.verify(info.signature, signed, pad, getattr(hashes, hash_name)())
-        elif scheme == "ecdsa" and isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(info.signature, signed, ec.ECDSA(getattr(hashes, hash_name)()))
-        else:
-            return "signed with an algorithm this tool cannot check (%s)" % oid, "", hash_name
-    except InvalidSignature:
-        return ("the signature does not match the content (the signature or the content was "
-                "altered)", "", hash_name)
-    return "", {"rsa": "RSA", "pss": "RSA-PSS", "ecdsa": "ECDSA"}[scheme], hash_name
-
-
-def pss_parameters(params):
-    """Return (hash, MGF1 hash, salt length) of RSASSA-PSS-params (RFC 4055 3.1)."""
-    hash_name, mgf_hash, salt = rsa_parameters(params)
-    return hash_name, mgf_hash, salt.integer() if salt is not None else 20
-
-
-def rsa_parameters(params):
-    """Return (hash, MGF1 hash, the [2] element or None) of RSASSA-PSS-params or
-    RSAES-OAEP-params (RFC 4055 3.1, 4.1): SHA-1 and MGF1 with SHA-1 by default."""
-    if params is None or params.tag != SEQUENCE:
-        return "SHA1", "SHA1", None
-    fields = Fields(params)
-    hash_algorithm, mask_gen_algorithm = fields.optional(ctx(0)), fields.optional(ctx(1))
-    third = fields.optional(ctx(2))
-    hash_name, mgf_hash = "SHA1", "SHA1"
-    if hash_algorithm is not None:
-        hash_name = DIGESTS[algorithm_oid(Fields(hash_algorithm).take(SEQUENCE))]
-    if mask_gen_algorithm is not None:  # MGF1 and its hash's AlgorithmIdentifier
-        mgf = Fields(Fields(mask_gen_algorithm).take(SEQUENCE))
-        mgf.take(OID)
-        mgf_hash = DIGESTS[algorithm_oid(mgf.take(SEQUENCE))]
-    return hash_name, mgf_hash, Fields(third).take() if third is not None else None
-
-
-class Verdict(NamedTuple):
-    """Whether a Signature vouches for a sender: *problem* ('' when it does) and the
-    validated *chain* (the signer's certificate first, the trusted root last)."""
-    problem: str
-    chain: tuple = ()
-
-
-def signature_verdict(sig, sender, roots):
-    """Return the Verdict of *sig* for a message From *sender*.
-
-    It vouches when the signature verifies, its certificate is for *sender*,
-    valid now, allowed to sign, chains to a trusted root (roots() loads them
-    once), and every address it names is within the rfc822Name constraints of
-    every CA on that chain (RFC 5280 4.2.1.10).
-    """
-    if sig.broken:
-        return Verdict(sig.broken)
-    emails = cert_emails(sig.cert)
-    if sender not in emails:
-        return Verdict("the signature carries no certificate for %s (signed by %s): the From "
-                       "address is not the signer's" % (sender, ", ".join(emails) or "no address"))
-    problem = certificate_problem(sig.cert, sender, "sign") or signer_key_problem(sig.cert)
-    chain = []
-    if not problem:
-        chain, problem = validated_chain(sig.cert, sig.certs, roots())
-    problem = problem or name_constraint_problem(sig.cert, chain[1:])
-    return Verdict("the signer's certificate %s" % problem if problem else "", chain)
-
-
-def signer_key_problem(cert):
-    """Return why the key of signer certificate *cert* is too weak to vouch, or '': RSA
-    keys of fewer than MIN_RSA_BITS, EC keys off the curves we use (ECDH_SCHEMES), as
-    the path validation refuses for CAs."""
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    key = cert.public_key()
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
-        return "has a %d-bit RSA key: at least %d bits are needed" % (key.key_size, MIN_RSA_BITS)
-    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in ECDH_SCHEMES:
-        return "has an EC key on curve %s: P-256, P-384 and P-521 are accepted" % key.curve.name
-    return ""
-
-
-def validated_chain(cert, certs, roots):
-    """Return (the validated path, cert first, or [], why *cert* does not chain to a
-    trusted root with intermediates from *certs*, or '')."""
-    from datetime import datetime, timezone
-    from cryptography.x509 import verification as v
-    builder = (v.PolicyBuilder().store(v.Store(roots)).time(datetime.now(timezone.utc))
-               .extension_policies(ca_policy=v.ExtensionPolicy.webpki_defaults_ca(),
-                                   ee_policy=v.ExtensionPolicy.permit_all()))
-    try:
-        verified = builder.build_client_verifier().verify(cert, [c for c in certs
-                                                                 if c is not cert])
-    except v.VerificationError as exc:
-        return [], "does not chain to a trusted root (%s); pass the issuing CA with --ca" % exc
-    return list(verified.chain), ""
-
-
-def trust_store(cafile):
-    """Return the trusted roots: --ca / $SMIME_CA_FILE, else the system bundle.
-
-    Raises ConfigError (78) when there is none or it cannot be read.
-    """
-    import ssl
-    from cryptography import x509
-    paths = ssl.get_default_verify_paths()
-    path = cafile or paths.cafile or paths.openssl_cafile
-    if not path or not os.path.isfile(path):
-        raise ConfigError("%s: no trusted CA bundle there: pass --ca FILE or set SMIME_CA_FILE"
-                          % (path or "(none)"))
-    import warnings
-    try:
-        with open(path, "rb") as fh, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # system bundles hold old roots with odd serials
-            roots = x509.load_pem_x509_certificates(fh.read())
-    except (OSError, ValueError) as exc:
-        raise ConfigError("%s: cannot read the CA bundle: %s" % (path, exc))
-    return roots
-
-
-# -- EnvelopedData and AuthEnvelopedData for our keys (RFC 5652 6, RFC 5083) --------
-
-class Keyring:
-    """Our private keys for decryption, found by address in the key directories.
-
-    Candidates are the addresses of the message's header (DELIVERY_FIELDS), then
-    every other <address>.pem/.p12/.pfx in the directories (a Bcc copy names
-    nobody).  A key is loaded only when a RecipientInfo names its certificate.
-    """
-
-    def __init__(self, keystore, addresses=()):
-        self.keystore, self.addresses = keystore, list(dict.fromkeys(addresses))
-
-    def candidates(self):
-        """Yield the addresses that have a private key file, header ones first."""
-        seen = set()
-        for address in self.addresses + self.directory_addresses():
-            try:
-                if address not in seen and self.keystore.find(address, KEY_SUFFIXES):
-                    seen.add(address)
-                    yield address
-            except MessageError:  # not an address that can name a file
-                continue
-
-    def directory_addresses(self):
-        """Return the addresses named by key files in the key directories."""
-        found = []
-        for directory in self.keystore.dirs:
-            try:
-                names = sorted(os.listdir(directory))
-            except OSError:
-                continue
-            found += [n.rsplit(".", 1)[0].lower() for n in names
-                      if n.lower().endswith(KEY_SUFFIXES) and "@" in n]
-        return found
-
-    def open_envelope(self, oid, envelope):
-        """Return (content, address, description) of an (Auth)EnvelopedData for one of
-        our keys.  Raises MessageError when none of them can open it, and one uniform
-        error for any failure once a RecipientInfo naming our certificate was found:
-        a padding or tag error must not tell an attacker more (RFC 3218, EFAIL)."""
-        env = read_enveloped_data(envelope, oid == ID_AUTH_ENVELOPED_DATA)
-        named = [(info, rid, key) for info in env.recipient_infos
-                 for rid, key in info.recipients()]
-        if len(named) > MAX_RECIPIENT_INFOS:
-            raise MessageError("more than %d RecipientInfos (recipient keys) in one S/MIME "
-                               "part" % MAX_RECIPIENT_INFOS)
-        cipher = content_cipher(env)
-        tried = []
-        for address in self.candidates():
-            certs = self.keystore.certificates(address)
-            if certs is not None and not any(names_cert(rid, c) for _, rid, _ in named
-                                             for c in certs):
-                tried.append(address)
-                continue  # not one of the recipients: its private key stays unread
-            ident = self.keystore.decryption(address)
-            ours = next(((info, key) for info, rid, key in named if names_us(rid, ident)), None)
-            if ours is None:
-                tried.append(address)
-                continue
-            content = decrypt_envelope(env, cipher, ours[0].content_key(ident, ours[1]))
-            if content is None:
-                raise MessageError("the encrypted message is altered or corrupt: it does not "
-                                   "decrypt with the key given to %s" % address)
-            return content, address, "%s-%d-%s" % (cipher[0], cipher[1] * 8, cipher[2])
-        raise MessageError("encrypted to %d recipient(s), none of them an identity whose key "
-                           "is in the key directories (tried: %s)"
-                           % (len(env.recipient_infos), ", ".join(tried) or "no key found"))
-
-
-class EnvelopedData(NamedTuple):
-    """An EnvelopedData (RFC 5652 6.1) or AuthEnvelopedData (RFC 5083 2.1): its
-    *recipient_infos* (read_recipient_info()), the *content_type*, the
-    *content_encryption_algorithm* (Ber) and the *encrypted_content* (Ber or None)
-    of its (Auth)EncryptedContentInfo; AuthEnvelopedData's *auth_attrs* (Ber or
-    None) and *mac*."""
-    version: int
-    recipient_infos: list
-    content_type: str
-    content_encryption_algorithm: object
-    encrypted_content: object
-    auth: bool
-    auth_attrs: object = None
-    mac: bytes = b""
-
-
-def read_enveloped_data(ber, auth):
-    """Return the EnvelopedData (*auth*: AuthEnvelopedData) in *ber*.  Raises ValueError
-    when malformed, MessageError beyond MAX_RECIPIENT_INFOS."""
-    fields = Fields(ber)
-    version = fields.take(INTEGER).integer()
-    fields.optional(ctx(0))  # originatorInfo
-    infos = [read_recipient_info(info) for info in bounded(
-        fields.take(SET), MAX_RECIPIENT_INFOS, "RecipientInfos (recipient keys)")]
-    encrypted = Fields(fields.take(SEQUENCE))  # (Auth)EncryptedContentInfo
-    content_type, algorithm = encrypted.take(OID).oid(), encrypted.take(SEQUENCE)
-    content = encrypted.optional(ctx(0, constructed=False)) or encrypted.optional(ctx(0))
-    if not auth:
-        return EnvelopedData(version, infos, content_type, algorithm, content, False)
-    auth_attrs, mac = fields.optional(ctx(1)), fields.take(OCTET_STRING).octets()
-    return EnvelopedData(version, infos, content_type, algorithm, content, True, auth_attrs,
-                         mac)
-
-
-def read_recipient_info(ber):
-    """Return the RecipientInfo in *ber*, read by the reader for its tag (RFC 5652 6.2):
-    a value with recipients() -> [(RecipientIdentifier, encrypted key)] and
-    content_key(identity, encrypted key) -> the content-encryption key or None."""
-    reader = RECIPIENT_INFO_READERS.get(ber.tag)
-    return reader(ber) if reader is not None else OtherRecipientInfo(ber.tag)
-
-
-class KeyTransRecipientInfo(NamedTuple):
-    """A KeyTransRecipientInfo (RFC 5652 6.2.1): *rid* (Ber) and the
-    *key_encryption_algorithm* (Ber)."""
-    version: int
-    rid: object
-    key_encryption_algorithm: object
-    encrypted_key: bytes
-
-    def recipients(self):
-        return [(self.rid, self.encrypted_key)]
-
-    def content_key(self, ident, encrypted_key):
-        """Return the key under our RSA key: PKCS#1 v1.5, or RSAES-OAEP when received
-        (RFC 3560); None when it does not decrypt.  Raises MessageError for another
-        algorithm."""
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric import padding, rsa
-        fields = Fields(self.key_encryption_algorithm)
-        oid, params = fields.take(OID).oid(), fields.rest()
-        if oid == RSAES_OAEP:
-            hash_name, mgf_hash, label = oaep_parameters(params[0] if params else None)
-            pad = padding.OAEP(padding.MGF1(getattr(hashes, mgf_hash)()),
-                               getattr(hashes, hash_name)(), label or None)
-        elif oid == RSA_ENCRYPTION:
-            pad = padding.PKCS1v15()
-        else:
-            raise MessageError("encrypted to us with a key transport this tool does not "
-                               "support (%s)" % oid)
-        if not isinstance(ident.key, rsa.RSAPrivateKey):
-            return None
-        try:
-            return ident.key.decrypt(encrypted_key, pad)
-        except ValueError:
-            return None
-
-
-def read_key_trans_recipient_info(ber):
-    fields = Fields(ber)
-    return KeyTransRecipientInfo(fields.take(INTEGER).integer(), fields.take(),
-                                 fields.take(SEQUENCE), fields.take(OCTET_STRING).octets())
-
-
-class KeyAgreeRecipientInfo(NamedTuple):
-    """A KeyAgreeRecipientInfo (RFC 5652 6.2.2): the *originator*
-    (OriginatorIdentifierOrKey, Ber), *ukm* (bytes or None), the
-    *key_encryption_algorithm* (Ber) and *recipient_encrypted_keys*:
-    [(RecipientIdentifier, encrypted key)]."""
-    version: int
-    originator: object
-    ukm: object
-    key_encryption_algorithm: object
-    recipient_encrypted_keys: list
-
-    def recipients(self):
-        return self.recipient_encrypted_keys
-
-    def content_key(self, ident, encrypted_key):
-        """Return the key for our EC key (RFC 5753 3.1.2): ephemeral-static ECDH with
-        the originator's public key, the X9.63 KDF of the scheme, then AES key unwrap
-        (RFC 3394); None when it does not unwrap.  Raises MessageError for static
-        originator keys and other schemes."""
-        from cryptography.hazmat.primitives import keywrap
-        from cryptography.hazmat.primitives.asymmetric import ec
-        fields = Fields(self.key_encryption_algorithm)
-        scheme, wrap = fields.take(OID).oid(), algorithm_oid(fields.take(SEQUENCE))
-        sizes = {oid: size for size, oid in AES_WRAP.items()}
-        if self.originator.tag != ctx(1) or scheme not in KDF_HASHES or wrap not in sizes:
-            raise MessageError("encrypted to us with a key agreement this tool does not "
-                               "support (%s)" % scheme)
-        if not isinstance(ident.key, ec.EllipticCurvePrivateKey):
-            return None
-        originator_key = Fields(self.originator)  # OriginatorPublicKey
-        originator_key.take(SEQUENCE)  # its algorithm: our curve
-        point = originator_key.take(BIT_STRING).body[1:]  # the unused-bits octet, the ECPoint
-        public = ec.EllipticCurvePublicKey.from_encoded_point(ident.key.curve, point)
-        kek = ecdh_key_encryption_key(ident.key, public, scheme, wrap, sizes[wrap], self.ukm)
-        try:
-            return keywrap.aes_key_unwrap(kek, encrypted_key)
-        except keywrap.InvalidUnwrap:
-            return None
-
-
-def read_key_agree_recipient_info(ber):
-    fields = Fields(ber)
-    version = fields.take(INTEGER).integer()
-    originator = Fields(fields.take(ctx(0))).take()
-    ukm = fields.optional(ctx(1))
-    ukm = Fields(ukm).take(OCTET_STRING).octets() if ukm is not None else None
-    algorithm = fields.take(SEQUENCE)
-    keys = [Fields(entry) for entry in bounded(fields.take(SEQUENCE), MAX_RECIPIENT_INFOS,
-                                               "RecipientInfos (recipient keys)")]
-    return KeyAgreeRecipientInfo(version, originator, ukm, algorithm,
-                                 [(key.take(), key.take(OCTET_STRING).octets()) for key in keys])
-
-
-class OtherRecipientInfo(NamedTuple):
-    """A RecipientInfo for other keys than ours: kekri [2], pwri [3] or ori [4]."""
-    tag: int
-
-    def recipients(self):
-        return []
-
-
-class KEMRecipientInfo(NamedTuple):
-    """A KEMRecipientInfo (RFC 9629 3), the value of an OtherRecipientInfo of type
-    id-ori-kem: *rid* (Ber), the *kem*, *kdf* and *wrap* AlgorithmIdentifiers (Ber),
-    *kemct*, *kek_length*, *ukm* (bytes or None) and the *encrypted_key*."""
-    version: int
-    rid: object
-    kem: object
-    kemct: bytes
-    kdf: object
-    kek_length: int
-    ukm: object
-    wrap: object
-    encrypted_key: bytes
-
-    def recipients(self):
-        return [(self.rid, self.encrypted_key)]
-
-    def content_key(self, ident, encrypted_key):
-        """Return the key for our ML-KEM key (RFC 9629 2, RFC 9936): ML-KEM.Decaps of
-        kemct, the HKDF the kdf names over the shared secret and CMSORIforKEMOtherInfo,
-        then AES key unwrap (RFC 3394); None when it does not unwrap (an altered kemct
-        or key).  Raises MessageError for another KEM, KDF or wrap, or a kekLength that
-        is not the wrap's key size (RFC 9936 2.2.1)."""
-        from cryptography.hazmat.primitives import keywrap
-        kem, kdf, wrap = (algorithm_oid(a) for a in (self.kem, self.kdf, self.wrap))
-        sizes = {oid: size for size, oid in AES_WRAP.items()}
-        if kem not in ML_KEM or kdf not in HKDF_HASHES or self.kek_length != sizes.get(wrap):
-            raise MessageError("encrypted to us with a KEMRecipientInfo this tool does not "
-                               "support (%s, KDF %s, wrap %s, kekLength %d)"
-                               % (ML_KEM.get(kem, kem), kdf, wrap, self.kek_length))
-        if not is_ml_kem(ident.key) or kem != ident.cert.public_key_algorithm_oid.dotted_string:
-            return None
-        try:
-            secret = ident.key.decapsulate(self.kemct)
-        except ValueError:  # a ciphertext of the wrong size
-            return None
-        info = kem_other_info(self.wrap.raw, self.kek_length, self.ukm)
-        kek = kem_key_encryption_key(secret, info, self.kek_length, HKDF_HASHES[kdf])
-        try:
-            return keywrap.aes_key_unwrap(kek, encrypted_key)
-        except keywrap.InvalidUnwrap:
-            return None
-
-
-def read_other_recipient_info(ber):
-    """Return the KEMRecipientInfo of an OtherRecipientInfo [4] of type id-ori-kem
-    (RFC 9629 3), else an OtherRecipientInfo (another type: not one for our keys)."""
-    fields = Fields(ber)
-    if fields.take(OID).oid() != ID_ORI_KEM:
-        return OtherRecipientInfo(ber.tag)
-    kemri = Fields(fields.take(SEQUENCE))
-    version, rid, kem = kemri.take(INTEGER).integer(), kemri.take(), kemri.take(SEQUENCE)
-    kemct, kdf = kemri.take(OCTET_STRING).octets(), kemri.take(SEQUENCE)
-    kek_length, ukm = kemri.take(INTEGER).integer(), kemri.optional(ctx(0))
-    ukm = Fields(ukm).take(OCTET_STRING).octets() if ukm is not None else None
-    wrap, encrypted_key = kemri.take(SEQUENCE), kemri.take(OCTET_STRING).octets()
-    if kemri.rest() or not 1 <= kek_length <= 65535:
-        raise ValueError("a KEMRecipientInfo unlike RFC 9629's")
-    return KEMRecipientInfo(version, rid, kem, kemct, kdf, kek_length, ukm, wrap, encrypted_key)
-
-
-#: RecipientInfo readers by the RecipientInfo's tag (RFC 5652 6.2): ktri is a SEQUENCE.
-RECIPIENT_INFO_READERS = {SEQUENCE: read_key_trans_recipient_info,
-                          ctx(1): read_key_agree_recipient_info,
-                          ctx(4): read_other_recipient_info}
-
-
-def names_us(rid, ident):
-    """True when a RecipientIdentifier names *ident*'s certificate (RFC 5652 6.2.1, 6.2.2)."""
-    return names_cert(rid, ident.cert, ident.rid)
-
-
-def names_cert(rid, cert, issuer_serial=None):
-    """True when a RecipientIdentifier names *cert*: by issuerAndSerialNumber, by
-    subjectKeyIdentifier, or by a RecipientKeyIdentifier (KeyAgreeRecipientInfo)."""
-    if rid.tag == SEQUENCE:  # issuerAndSerialNumber
-        return rid.raw == (issuer_serial or issuer_and_serial(cert))
-    if rid.tag == ctx(0, constructed=False):  # subjectKeyIdentifier
-        return rid.body == subject_key_id(cert)
-    if rid.tag == ctx(0):  # rKeyId RecipientKeyIdentifier (kari)
-        return Fields(rid).take(OCTET_STRING).octets() == subject_key_id(cert)
-    return False
-
-
-def oaep_parameters(params):
-    """Return (hash, MGF1 hash, label) of RSAES-OAEP-params (RFC 8017 A.2.1, RFC 4055 4.1)."""
-    hash_name, mgf_hash, source = rsa_parameters(params)
-    if source is None:
-        return hash_name, mgf_hash, b""
-    source = Fields(source)  # pSourceFunc: id-pSpecified and the label
-    source.take(OID)
-    return hash_name, mgf_hash, source.take(OCTET_STRING).octets()
-
-
-def content_cipher(env):
-    """Return ("AES", key size, "CBC" or "GCM") of the envelope's content encryption
-    (RFC 3565, RFC 5084 3.2).  Raises MessageError for another cipher or a GCM tag
-    outside 12-16 octets."""
-    oid = algorithm_oid(env.content_encryption_algorithm)
-    sizes = AES_GCM if env.auth else {oid: size for size, oid in AES_CBC.items()}
-    if oid not in sizes:
-        raise MessageError("encrypted with a content cipher this tool does not support (%s); "
-                           "AES-CBC and AES-GCM are" % oid)
-    if env.auth and not 12 <= len(env.mac) <= 16:  # RFC 5084 3.2: 12 to 16 octets
-        raise MessageError("AuthEnvelopedData with a %d-octet authentication tag (12 to 16 "
-                           "are allowed)" % len(env.mac))
-    return "AES", sizes[oid], "GCM" if env.auth else "CBC"
-
-
-def decrypt_envelope(env, cipher, key):
-    """Return the content of *env* decrypted with content-encryption *key* under *cipher*
-    (content_cipher()), or None when anything is wrong: no key, a wrong key length, a
-    bad padding or tag, a plaintext that is not a MIME entity (RFC 5652 6.3, RFC 5083)."""
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-    if key is None or len(key) != cipher[1] or env.encrypted_content is None:
-        return None
-    algorithm = Fields(env.content_encryption_algorithm)
-    algorithm.take(OID)
-    params, data = algorithm.rest(), env.encrypted_content.octets()
-    try:
-        if cipher[2] == "GCM":  # GCMParameters: the nonce, then the tag length
-            mode = modes.GCM(Fields(params[0]).take(OCTET_STRING).octets(), env.mac,
-                             min_tag_length=len(env.mac))
-        else:
-            mode = modes.CBC(params[0].octets())
-        decryptor = Cipher(algorithms.AES(key), mode).decryptor()
-        if env.auth_attrs is not None:  # the authenticated attributes, as a DER SET OF
-            decryptor.authenticate_additional_data(b"\x31" + env.auth_attrs.raw[1:])
-        plain = decryptor.update(data) + decryptor.finalize()
-    except (ValueError, IndexError, InvalidTag):
-        return None
-    if cipher[2] == "CBC":
-        pad = plain[-1] if plain else 0
-        if not 1 <= pad <= 16 or plain[-pad:] != bytes((pad,)) * pad:
-            return None  # a wrong key (RSA's implicit rejection gives one) or damage
-        plain = plain[:-pad]
-    return plain if is_mime_entity(message_to_crlf(plain)) else None
-
-
-# -- Whole messages ----------------------------------------------------------------
-
-class Received:
-    """What opening one received message found, judged: the outcome of --verify/--decrypt.
-
-    *problem*: why it fails ('' when it passes); *code*: its exit code; *signer*:
-    the Signature that vouches for it; *output*: the recovered message for -o.
-    """
-
-    def __init__(self, source):
-        self.source, self.layers, self.problem, self.code = source, [], "", EX_OK
-        self.signer, self.output, self.senders, self.warnings = None, b"", [], []
-
-    @property
-    def decrypted_for(self):
-        return next((l.address for l in self.layers if l.kind == "encrypted"), "")
-
-    @property
-    def signatures(self):
-        return [s for layer in self.layers if layer.kind == "signed" for s in layer.signatures]
-
-    def report(self, mode):
-        """Return the report line: OK - ... or FAILED - reason."""
-        if self.problem:
-            return "FAILED - " + self.problem
-        signed = ("signed by %s (%s), verified" % (self.senders[0], self.signer.issuer)
-                  if self.signer else "not signed")
-        if mode == "verify":
-            return "OK - " + signed
-        where = ("decrypted for %s" % self.decrypted_for if self.decrypted_for
-                 else "not encrypted")
-        return "OK - %s, %s" % (where, signed)
-
-    def details(self):
-        """Return the -v detail lines: one per layer and signer."""
-        lines = []
-        for n, layer in enumerate(self.layers, 1):
-            first, *rest = layer.describe()
-            lines += ["layer %d: %s" % (n, first)] + rest
-        return lines or ["no S/MIME layer"]
-
-
-def receive(data, source, keystore, roots, mode, require_signed=False):
-    """Open and judge one received message; return its Received.
-
-    *mode*: "verify" (a valid signature of the From address is required) or
-    "decrypt" (an unsigned plaintext passes, with a warning, unless
-    *require_signed*; a signature present must be valid).
-    Raises IdentityError (78) for a key of ours that cannot be read.
-    """
-    out = Received(source)
-    try:
-        fields, body = split_header(message_to_crlf(data))
-        if not fields:
-            raise MessageError("not an RFC 5322 message (no header fields)")
-        header = Message(source, fields, [], b"")
-        out.senders = addresses_of(header, "from")
-        keyring = Keyring(keystore, [a for name in DELIVERY_FIELDS
-                                 for a in addresses_of(header, name)])
-        entity_fields = [f for f in fields if f.name.startswith("content-")]
-        out.layers, inner = open_layers(entity_fields, body, keyring)
-        out.problem = (judge(out, roots, mode == "verify" or require_signed)
-                       or inner_from_problem(out, inner))
-    except MessageError as exc:
-        out.problem, out.code = str(exc), exc.exit_code
-        return out
-    except (ValueError, LookupError, OverflowError) as exc:  # a certificate we cannot read
-        out.problem, out.code = "malformed: %s" % first_line(exc), EX_DATAERR
-        return out
-    out.code = EX_DATAERR if out.problem else EX_OK
-    if out.signer is not None and not out.problem:
-        out.warnings += date_mismatch(fields, out.signer)
-    outer = b"".join(f.raw for f in fields if not f.name.startswith("content-"))
-    out.output = outer + (inner if inner is not None else
-                          b"".join(f.raw for f in entity_fields) + b"\r\n" + body)
-    return out
-
-
-def inner_from_problem(received, inner):
-    """Return why the recovered entity *inner* would misstate who signed it, or '': a
-    From field inside the signed content naming another than the verified signer
-    (a mail client may show it instead of the outer one)."""
-    if received.signer is None or inner is None:
-        return ""
-    fields = split_header(message_to_crlf(inner))[0]
-    inside = addresses_of(Message(received.source, fields, [], b""), "from")
-    if inside and inside != received.senders:
-        return ("the signed content carries its own From: %s, not the verified signer %s; "
-                "refused, as a mail client could show it instead"
-                % (", ".join(inside), received.senders[0]))
-    return ""
-
-
-def judge(received, roots, signed_only):
-    """Return why *received* fails, or '' when it passes; set its signer.
-
-    *signed_only*: a message without a signature fails; else it passes, with a
-    warning when it was decrypted (its content is not authenticated).
-    """
-    signatures = received.signatures
-    broken = [s for s in signatures if s.broken]
-    if broken:
-        return broken[0].broken
-    if not signatures and signed_only:
-        return "not signed"
-    if not signatures:
-        if received.decrypted_for:
-            received.warnings.append(
-                "the content is not signed, so it is not authenticated: anyone can write to "
-                "your key, and CBC ciphertext can be altered unnoticed (EFAIL); "
-                "--require_signed refuses such messages")
-        return ""
-    if len(received.senders) != 1:  # RFC 5322 3.6.2: one signer cannot vouch for several
-        return ("%s: a signature can vouch for exactly one author" % (
-            "no From address" if not received.senders else "From names %d addresses (%s)"
-            % (len(received.senders), ", ".join(received.senders))))
-    verdicts = [(signature_verdict(s, received.senders[0], roots).problem, s)
-                for s in signatures]
-    good = [s for problem, s in verdicts if not problem]
-    if not good:
-        return verdicts[0][0]
-    received.signer = good[0]
-    if any("SHA1" in (s.digest, s.hash) for s in signatures):
-        received.warnings.append("signed with SHA-1, which no longer protects a signature "
-                                 "against forgery: ask the sender to use SHA-256")
-    return ""
-
-
-def date_mismatch(fields, signature):
-    """Return a warning (in a list) when the message's Date and the *signature*'s
-    signing-time are more than CLIENT_DATE_SKEW apart or there is no Date: the
-    signature is good, but Thunderbird shows it as not valid.  [] otherwise."""
-    if not signature.signing_time:
-        return []
-    import calendar
-    signed = calendar.timegm(time.strptime(signature.signing_time, "%Y-%m-%d %H:%M:%S UTC"))
-    dates = [f.value for f in fields if f.name == "date"]
-    if not dates:
-        return ["no Date header: Thunderbird shows the signature (signed %s) as not valid"
-                % signature.signing_time]
-    skew = date_skew(dates[0], signed)
-    if skew is not None and skew <= CLIENT_DATE_SKEW:
-        return []
-    return ["the Date header (%s) is %s the signing time (%s): Thunderbird shows the "
-            "signature as not valid" % (
-                dates[0].decode("ascii", "replace"),
-                "unreadable, unlike" if skew is None else "%s from" % duration(skew),
-                signature.signing_time)]
-
-
-def duration(seconds):
-    """Return *seconds* in words: '3 days', '2 hours', '15 minutes'."""
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds >= size:
-            count = int(seconds // size)
-            return "%d %s%s" % (count, unit, "" if count == 1 else "s")
-    return "%d seconds" % seconds
-
-
-###############################################################################
-# Harvest: recipients' certificates from the signed mail they send ###########
-###############################################################################
-# To encrypt to someone you need their certificate; the usual way to get it is
-# a signed message from them.  --harvest finds the signatures (also inside an
-# encrypted message addressed to one of our identities, or a forwarded part),
-# verifies them as --verify does, and saves the sender's certificate as
-# <address>.crt once signature, certificate and chain are good.
-
-class Harvested:
-    """What --harvest found in one input, and where it went."""
-
-    def __init__(self, address, cert, chain):
-        self.address, self.cert, self.chain = address, cert, chain
-        self.path = self.note = ""
-
-
-def harvest(path, keystore, roots):
-    """Return the Harvested certificate of the sender of message *path*: its post-quantum
-    encryption certificate when the signature carries one (post_quantum_cert()), else
-    the signing certificate when it allows encryption.
-
-    Raises MessageError (65) naming why no usable certificate was found,
-    IdentityError (78) for a key of ours that cannot be read.
-    """
-    fields, body = split_header(message_to_crlf(read_input(path)))
-    header = Message(path, fields, [], b"")
-    sender = addresses_of(header, "from")
-    if len(sender) != 1:
-        raise MessageError("%s: %s: a signature can vouch for exactly one author" % (
-            path, "no From address" if not sender else "From names %d addresses" % len(sender)))
-    address = safe_address(sender[0])
-    keyring = Keyring(keystore, [a for name in DELIVERY_FIELDS
-                                 for a in addresses_of(header, name)])
-    reasons = []
-    signatures = list(signatures_within([f for f in fields if f.name.startswith("content-")],
-                                        body, keyring, reasons))
-    if not signatures:
-        raise MessageError("%s: %s" % (path, reasons[0] if reasons else
-                                       "no S/MIME signature found (the message is not signed)"))
-    for sig in signatures:
-        problem, chain = signature_verdict(sig, address, lambda: roots)
-        pq = None if problem else post_quantum_cert(sig, address, roots)
-        if pq is not None:  # the validated path only, its trusted root left out
-            return Harvested(address, pq[0], list(pq[1][1:-1]))
-        if not problem:
-            problem = certificate_problem(sig.cert, address, "encrypt")
-            problem = problem and "the certificate for %s %s" % (address, problem)
-        if not problem:  # the validated path only, its trusted root left out
-            return Harvested(address, sig.cert, list(chain[1:-1]))
-        reasons.append(problem)
-    raise MessageError("%s: %s" % (path, reasons[-len(signatures)]))
-
-
-def post_quantum_cert(sig, address, roots):
-    """Return (the ML-KEM certificate for *address* that verified signature *sig* carries
-    beside its signing certificate, its validated path), or None; the one valid
-    longest if several.
-
-    A KEM key cannot sign (RFC 9935), so a sender's post-quantum encryption
-    certificate travels in the certificate bag of its signed mail (RFC 8551 2.4.2,
-    as a separate encryption certificate does).  It is taken only when it names the
-    address the signature vouches for, allows encryption now, chains to a trusted
-    root through the certificates of the message, and is within its CAs' name
-    constraints.
-    """
-    found = []
-    for cert in sig.certs:
-        if cert is sig.cert or key_kind(cert)[0] != "mlkem" or \
-                certificate_problem(cert, address, "encrypt"):
-            continue
-        chain, problem = validated_chain(cert, sig.certs, roots)
-        if not problem and not name_constraint_problem(cert, chain[1:]):
-            found.append((cert, chain))
-    return max(found, key=lambda pair: pair[0].not_valid_after_utc, default=None)
-
-
-def signatures_within(fields, body, keyring, reasons, depth=0):
-    """Yield every Signature of the S/MIME entities in a MIME tree (forwards included).
-
-    What keeps an S/MIME entity from being opened is appended to *reasons*.
-    """
-    if smime_kind(fields):
-        try:
-            layers = open_layers(fields, body, keyring)[0]
-        except MessageError as exc:
-            reasons.append(str(exc))
-            return
-        for layer in layers:
-            yield from layer.signatures
-        return
-    ctype, params = parse_content_type(field_value(fields, "content-type") or b"text/plain")
-    if depth > 8:
-        return
-    if ctype.startswith("multipart/") and params.get("boundary"):
-        for part in multipart_parts(body, params["boundary"].encode("ascii", "replace")):
-            yield from signatures_within(*split_header(part), keyring, reasons, depth + 1)
-    elif ctype == "message/rfc822":
-        inner_fields, inner_body = split_header(to_crlf(decode_body(
-            body, transfer_encoding(fields))))
-        yield from signatures_within([f for f in inner_fields if f.name.startswith("content-")],
-                                     inner_body, keyring, reasons, depth + 1)
-
-
-def save_harvested(found, directory):
-    """Write found.cert (and its chain) to '<dir>/<address>.crt' unless a better one is there.
-
-    A different certificate already saved is kept when it is valid and expires
-    later, unless the new one is post-quantum (ML-KEM) and the old one is not;
-    returns found with .path and .note set.  Raises OutputError (73/74).
-    """
-    from cryptography.hazmat.primitives.serialization import Encoding
-    path = os.path.join(directory, found.address + ".crt")
-    found.path, found.note = path, "saved"
-    if os.path.isfile(path):
-        old = [c for c in load_certificates(read_key_file(path), path)
-               if found.address in cert_emails(c)]
-        if old and cert_digest(old[0]) == cert_digest(found.cert):
-            found.note = "unchanged (already saved)"
-            return found
-        if old and not certificate_problem(old[0], found.address, "encrypt") and \
-                old[0].not_valid_after_utc >= found.cert.not_valid_after_utc and \
-                (key_kind(found.cert)[0] != "mlkem" or key_kind(old[0])[0] == "mlkem"):
-            found.cert, found.note = old[0], "kept the existing certificate (valid, expires later)"
-            return found
-        found.note = "replaced an older certificate" if old else "replaced %s" % path
-    pem = b"".join(c.public_bytes(Encoding.PEM) for c in [found.cert] + found.chain)
-    write_atomically(path, pem)
-    return found
 
 
 ###############################################################################
@@ -4176,6 +3017,10 @@ class DryRun(Backend):
 
 
 # -- SMTP (RFC 5321, 3207, 4954, 2920) ---------------------------------------------
+
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+HOST_MISMATCH = (62, 64)
+
 
 class SmtpBackend(Backend):
     """Inject over SMTP: connect, EHLO, STARTTLS, EHLO, AUTH; then one mail transaction
@@ -4612,10 +3457,6 @@ def refusal_hint(replies, settings):
     return ""
 
 
-#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
-HOST_MISMATCH = (62, 64)
-
-
 def host_mismatch(settings, names):
     """Return the TlsError (78) for a certificate issued to other *names* (RFC 6125)."""
     where = "%s:%d" % (settings.host, settings.port)
@@ -4712,11 +3553,6 @@ class ApiBackend(Backend):
         session, self.session = self.session, None
         if session is not None:
             session.close()
-
-
-def first_line(exc):
-    """Return the first line of an exception's text (requests' are long)."""
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def transmission_body(job, settings):
@@ -5123,6 +3959,16 @@ class Archive:
                               % (self.directory, exc.strerror or exc))
 
 
+#: Warnings of a run made from a count of messages (see date_at_signing()).
+RUN_NOTICES = {
+    "date-replaced": "Date replaced by the signing time in %%s: it was more than %d minutes "
+                     "from it, or unreadable, and Thunderbird calls a signature not valid when "
+                     "the two are over an hour apart (--keep_date keeps the input's Date)"
+                     % (DATE_SKEW // 60),
+    "date-kept": "--keep_date: the Date of %s is more than an hour from the signing time, or "
+                 "unreadable: Thunderbird will show their signature as not valid"}
+
+
 class Stats:
     """Counts and latencies for the summary line."""
 
@@ -5196,16 +4042,6 @@ class Stats:
 def plural(count, noun="message"):
     """Return '1 message', '2 messages'."""
     return "%d %s%s" % (count, noun, "" if count == 1 else "s")
-
-
-#: Warnings of a run made from a count of messages (see date_at_signing()).
-RUN_NOTICES = {
-    "date-replaced": "Date replaced by the signing time in %%s: it was more than %d minutes "
-                     "from it, or unreadable, and Thunderbird calls a signature not valid when "
-                     "the two are over an hour apart (--keep_date keeps the input's Date)"
-                     % (DATE_SKEW // 60),
-    "date-kept": "--keep_date: the Date of %s is more than an hour from the signing time, or "
-                 "unreadable: Thunderbird will show their signature as not valid"}
 
 
 def rank(code, when):
@@ -6401,6 +5237,1271 @@ HOPS = {"smtp": SmtpHop, "api": ApiHop}
 
 
 ###############################################################################
+# Receiving: decrypt and verify (RFC 5652 5-6, RFC 5083, RFC 8551 3) ##########
+###############################################################################
+# --verify, --decrypt and --harvest open what others send.  cryptography has no
+# CMS verification and cannot decrypt for an EC key, so SignedData is checked
+# here and EnvelopedData / AuthEnvelopedData decrypted for our own keys, with
+# the DER layer the writer uses.  Layers and signatures are values; only a
+# message that is not what it claims to be raises MessageError.
+
+SMIME_TYPES = ("application/pkcs7-mime", "application/x-pkcs7-mime")
+ID_AUTH_ENVELOPED_DATA = "1.2.840.113549.1.9.16.1.23"
+#: Signature algorithms -> (scheme, hash; None: the SignerInfo's digest algorithm)
+#: (RFC 3370 3, RFC 4056, RFC 5753 7.1.3, RFC 5754 3).
+SIGNATURE_ALGORITHMS = {
+    "1.2.840.113549.1.1.1": ("rsa", None), "1.2.840.113549.1.1.5": ("rsa", "SHA1"),
+    "1.2.840.113549.1.1.14": ("rsa", "SHA224"), "1.2.840.113549.1.1.11": ("rsa", "SHA256"),
+    "1.2.840.113549.1.1.12": ("rsa", "SHA384"), "1.2.840.113549.1.1.13": ("rsa", "SHA512"),
+    "1.2.840.113549.1.1.10": ("pss", None),
+    "1.2.840.10045.2.1": ("ecdsa", None), "1.2.840.10045.4.1": ("ecdsa", "SHA1"),
+    "1.2.840.10045.4.3.1": ("ecdsa", "SHA224"), "1.2.840.10045.4.3.2": ("ecdsa", "SHA256"),
+    "1.2.840.10045.4.3.3": ("ecdsa", "SHA384"), "1.2.840.10045.4.3.4": ("ecdsa", "SHA512")}
+#: RSAES-OAEP key transport and its MGF1 (RFC 8017 A.2.1, RFC 3560).
+RSAES_OAEP, MGF1 = "1.2.840.113549.1.1.7", "1.2.840.113549.1.1.8"
+#: AES-GCM content encryption for AuthEnvelopedData, by key length (RFC 5084 3.2).
+AES_GCM = {"2.16.840.1.101.3.4.1.6": 16, "2.16.840.1.101.3.4.1.26": 24,
+           "2.16.840.1.101.3.4.1.46": 32}
+#: S/MIME layers opened at most: a triple wrap is signed, encrypted, signed (RFC 8551 3.7).
+MAX_LAYERS = 3
+#: Header fields naming who a received message may be encrypted to.
+DELIVERY_FIELDS = ("to", "cc", "bcc", "delivered-to", "x-original-to", "from")
+
+
+class Signature(NamedTuple):
+    """One SignerInfo, checked (RFC 5652 5.3, 5.4, 5.6); built once by check_signer().
+
+    *cert*: the signer's certificate from the message (None if absent); *certs*:
+    every certificate the message carries; *broken*: why the signature itself
+    fails ('' when it verifies): the content or the signature was altered;
+    *digest*: the digest algorithm's name; *hash*: the hash the signature
+    algorithm used; *algorithm*: RSA, RSA-PSS or ECDSA; *signing_time*: as the
+    signer claims it.
+    """
+    cert: object
+    certs: list
+    broken: str
+    digest: str = ""
+    hash: str = ""
+    algorithm: str = ""
+    signing_time: str = ""
+
+    @property
+    def address(self):
+        """The certificate's first e-mail address, or a description when there is none."""
+        emails = cert_emails(self.cert) if self.cert is not None else []
+        return emails[0] if emails else "an unknown signer"
+
+    @property
+    def issuer(self):
+        """The common name of the certificate's issuer (its whole name if it has none)."""
+        return common_name(self.cert.issuer)
+
+    def describe(self):
+        """Return a detail line for -v."""
+        if self.cert is None:
+            return "signer: certificate not in the message"
+        text = "signer %s, issuer %s, serial %x, %s with %s" % (
+            self.address, self.cert.issuer.rfc4514_string(), self.cert.serial_number,
+            self.algorithm or "?", self.digest or "?")
+        return text + (", signed %s" % self.signing_time if self.signing_time else "")
+
+
+class Layer:
+    """One S/MIME layer opened: "signed" (its Signatures) or "encrypted" (for *address*)."""
+
+    def __init__(self, kind, signatures=(), address="", how=""):
+        self.kind, self.signatures, self.address, self.how = kind, list(signatures), address, how
+
+    def describe(self):
+        """Return the detail lines for -v."""
+        if self.kind == "encrypted":
+            return ["encrypted (%s) for %s" % (self.how, self.address)]
+        return ["signed (%s)" % self.how] + ["  " + s.describe() for s in self.signatures]
+
+
+def smime_kind(fields):
+    """Return "multipart/signed", "pkcs7" (application/pkcs7-mime, also x-pkcs7 and
+    .p7m names: RFC 8551 3.2.1) or "" for the entity with header *fields*."""
+    ctype, params = parse_content_type(field_value(fields, "content-type") or b"text/plain")
+    if ctype == "multipart/signed":
+        return ctype
+    name = params.get("name") or parse_content_type(
+        field_value(fields, "content-disposition") or b"")[1].get("filename") or ""
+    if ctype in SMIME_TYPES or (ctype == "application/octet-stream"
+                                and name.lower().endswith(".p7m")):
+        return "pkcs7"
+    return ""
+
+
+def multipart_parts(body, boundary):
+    """Return the exact bytes of each part of a CRLF multipart body (RFC 2046 5.1.1).
+
+    The CRLF before each delimiter belongs to the delimiter, not to the part.
+    """
+    delimiter = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)")
+    parts, start = [], None
+    for mark in delimiter.finditer(body):
+        if start is not None:
+            parts.append(body[start:mark.start()])
+        if mark.group(1):
+            return parts
+        start = mark.end() + 2
+    if start is not None:
+        parts.append(body[start:])
+    return parts
+
+
+def is_mime_entity(data):
+    """True when CRLF *data* is a MIME entity: header fields (or none), then the empty
+    line before the body, or only header fields (RFC 2045 3, RFC 5322 2.1)."""
+    if data.startswith(b"\r\n"):
+        return True
+    fields, body = split_header(data)
+    return bool(fields) and (not body or data[:len(data) - len(body)].endswith(b"\r\n\r\n"))
+
+
+def open_layers(fields, body, keyring, depth=0):
+    """Return ([Layer], innermost entity or None) of the entity (*fields*, *body*).
+
+    Each S/MIME layer is opened in turn: a signature checked, an envelope
+    decrypted for one of our keys.  None: the entity itself is not S/MIME.
+    Raises MessageError for a malformed layer, one we cannot decrypt, or more
+    than MAX_LAYERS; IdentityError (78) for a key of ours that cannot be read.
+    """
+    kind = smime_kind(fields)
+    if not kind:
+        return [], None
+    if depth == MAX_LAYERS:
+        raise MessageError("more than %d S/MIME layers nested" % MAX_LAYERS)
+    from cryptography.exceptions import UnsupportedAlgorithm
+    try:
+        layer, inner = open_layer(kind, fields, body, keyring)
+    except (ValueError, LookupError, OverflowError, StopIteration,
+            UnsupportedAlgorithm) as exc:  # not CMS after all
+        raise MessageError("the S/MIME part is malformed (%s)" % (
+            first_line(exc) if isinstance(exc, ValueError) else type(exc).__name__))
+    entity = message_to_crlf(inner)
+    if not is_mime_entity(entity):
+        raise MessageError("the %s content is not a MIME entity (RFC 8551 3.1): nothing "
+                           "vouches for what a mail client would make of it" % layer.kind)
+    inner_fields, inner_body = split_header(entity)
+    layers, innermost = open_layers(inner_fields, inner_body, keyring, depth + 1)
+    return [layer] + layers, inner if innermost is None else innermost
+
+
+def open_layer(kind, fields, body, keyring):
+    """Return (Layer, the entity inside it) for one S/MIME layer."""
+    if kind == "multipart/signed":
+        boundary = parse_content_type(field_value(fields, "content-type"))[1].get("boundary")
+        parts = multipart_parts(body, (boundary or "").encode("ascii", "replace"))
+        if not boundary or len(parts) < 2:
+            raise MessageError("a multipart/signed entity without its two parts")
+        sig_fields, sig_body = split_header(parts[1])
+        der = decode_body(sig_body, transfer_encoding(sig_fields))
+        signatures, _ = signed_data(content_info(der, ID_SIGNED_DATA), parts[0])
+        return Layer("signed", signatures, how="multipart/signed"), parts[0]
+    der = decode_body(body, transfer_encoding(fields))
+    oid, content = content_info(der)
+    if oid == ID_SIGNED_DATA:
+        signatures, inner = signed_data(content)
+        return Layer("signed", signatures, how="opaque SignedData"), inner
+    if oid in (ID_ENVELOPED_DATA, ID_AUTH_ENVELOPED_DATA):
+        inner, address, how = keyring.open_envelope(oid, content)
+        return Layer("encrypted", address=address, how=how), inner
+    raise MessageError("an application/pkcs7-mime part holding neither signed nor enveloped "
+                       "data (content type %s)" % oid)
+
+
+def content_info(der, expected=None):
+    """Return (content type, content) of a DER or BER ContentInfo (RFC 5652 3), or only
+    the content when *expected* names the type it must have."""
+    if not der:
+        raise MessageError("an empty S/MIME part")
+    fields = Fields(Ber(der))
+    oid, content = fields.take(OID).oid(), Fields(fields.take(ctx(0))).take()
+    if expected is not None:
+        if oid != expected:
+            raise MessageError("the signature part holds content type %s, not SignedData" % oid)
+        return content
+    return oid, content
+
+
+# -- SignedData (RFC 5652 5) -------------------------------------------------------
+
+class SignedData(NamedTuple):
+    """A SignedData (RFC 5652 5.1): *e_content_type* and *e_content* of its
+    EncapsulatedContentInfo (None when detached), its *certificates* (parsed) and
+    *signer_infos*."""
+    e_content_type: str
+    e_content: object
+    certificates: list
+    signer_infos: list
+
+
+class SignerInfo(NamedTuple):
+    """A SignerInfo (RFC 5652 5.3).  *sid*: the SignerIdentifier (Ber);
+    *digest_algorithm*: its OID; *signed_attrs*: the [0] SignedAttributes (Ber) or
+    None; *signature_algorithm*: the AlgorithmIdentifier (Ber)."""
+    version: int
+    sid: object
+    digest_algorithm: str
+    signed_attrs: object
+    signature_algorithm: object
+    signature: bytes
+
+
+def read_signed_data(ber):
+    """Return the SignedData in *ber*.  Raises ValueError when malformed, MessageError
+    beyond MAX_CERTIFICATES or MAX_SIGNER_INFOS."""
+    from cryptography import x509
+    fields = Fields(ber)
+    fields.take(INTEGER)  # version
+    fields.take(SET)  # digestAlgorithms: each SignerInfo names its own
+    encap = Fields(fields.take(SEQUENCE))  # EncapsulatedContentInfo
+    e_content_type, e_content = encap.take(OID).oid(), encap.optional(ctx(0))
+    if e_content is not None:
+        e_content = Fields(e_content).take().octets()
+    certs = fields.optional(ctx(0))  # certificates [0] IMPLICIT CertificateSet
+    certs = [x509.load_der_x509_certificate(c.raw) for c in (
+        bounded(certs, MAX_CERTIFICATES, "certificates") if certs is not None else [])
+        if c.tag == SEQUENCE]  # other certificate formats are not used by S/MIME
+    fields.optional(ctx(1))  # crls
+    infos = bounded(fields.take(SET), MAX_SIGNER_INFOS, "SignerInfos")
+    return SignedData(e_content_type, e_content, certs, [read_signer_info(i) for i in infos])
+
+
+def read_signer_info(ber):
+    """Return the SignerInfo in *ber* (RFC 5652 5.3)."""
+    fields = Fields(ber)
+    version, sid = fields.take(INTEGER).integer(), fields.take()
+    digest_algorithm = algorithm_oid(fields.take(SEQUENCE))
+    signed_attrs = fields.optional(ctx(0))
+    signature_algorithm = fields.take(SEQUENCE)
+    signature = fields.take(OCTET_STRING).octets()
+    return SignerInfo(version, sid, digest_algorithm, signed_attrs, signature_algorithm,
+                      signature)
+
+
+def signed_data(ber, detached=None):
+    """Return ([Signature], signed content) of a SignedData, every SignerInfo checked.
+
+    *detached*: the content of a multipart/signed; else the encapsulated one.  The
+    content is hashed once per digest algorithm.  Raises MessageError for content
+    that is not id-data (RFC 8551 2.4.1) or missing, or no signer at all.
+    """
+    signed = read_signed_data(ber)
+    if signed.e_content_type != ID_DATA:
+        raise MessageError("the signed content is of type %s, not id-data: S/MIME signs MIME "
+                           "entities (RFC 8551 2.4.1)" % signed.e_content_type)
+    content = detached if detached is not None else signed.e_content
+    if content is None:
+        raise MessageError("a detached signature outside a multipart/signed")
+    if not signed.signer_infos:
+        raise MessageError("a SignedData without any signer")
+    digests = {}
+    return [check_signer(info, signed.certificates, content, digests)
+            for info in signed.signer_infos], content
+
+
+def check_signer(info, certs, content, digests):
+    """Return the Signature of SignerInfo *info* over *content* (RFC 5652 5.4, 5.6).
+
+    *certs*: the message's certificates; *digests*: the content's digest by hash
+    name, filled in as needed (each computed once per message).
+    """
+    cert = signer_certificate(info.sid, certs)
+    digest = DIGESTS.get(info.digest_algorithm, "")
+    if not digest:
+        return Signature(cert, certs, "signed with a digest algorithm this tool does not know "
+                                      "(%s)" % info.digest_algorithm)
+    if digest not in digests:
+        digests[digest] = content_digest(digest, content)
+    attrs = SignedAttributes(info.signed_attrs) if info.signed_attrs is not None else None
+    signing_time = attrs.signing_time if attrs is not None else ""
+    problem = attrs.problem(digests[digest], digest) if attrs is not None else ""
+    if not problem and cert is None:
+        problem = "the signer's certificate is not in the message"
+    algorithm = hash_name = ""
+    if not problem:  # with attributes, their DER SET OF is what was signed (RFC 5652 5.4)
+        signed = content if attrs is None else b"\x31" + info.signed_attrs.raw[1:]
+        problem, algorithm, hash_name = signature_problem(cert, info, signed, digest)
+    return Signature(cert, certs, problem, digest, hash_name, algorithm, signing_time)
+
+
+def content_digest(name, content):
+    """Return the digest *name* (a DIGESTS value) of *content*."""
+    from cryptography.hazmat.primitives import hashes
+    digest = hashes.Hash(getattr(hashes, name)())
+    digest.update(content)
+    return digest.finalize()
+
+
+def signer_certificate(sid, certs):
+    """Return the certificate SignerIdentifier *sid* names, or None (RFC 5652 5.3)."""
+    for cert in certs:
+        if sid.tag == SEQUENCE and sid.raw == issuer_and_serial(cert):
+            return cert
+        if sid.tag == ctx(0, constructed=False) and subject_key_id(cert) == sid.body:
+            return cert
+    return None
+
+
+def subject_key_id(cert):
+    """Return the certificate's subjectKeyIdentifier, or None."""
+    from cryptography import x509
+    try:
+        found = extension(cert, x509.SubjectKeyIdentifier)
+    except ValueError:
+        return None
+    return found.digest if found is not None else None
+
+
+class SignedAttributes:
+    """The SignedAttributes of a SignerInfo (RFC 5652 5.3, 11): *encoding* (its Ber),
+    *values*: each attribute type's OID -> one list of values per occurrence."""
+
+    def __init__(self, encoding):
+        self.encoding, self.values = encoding, {}
+        for attr in encoding.each():
+            fields = Fields(attr)
+            kind, values = fields.take(OID).oid(), fields.take(SET)
+            self.values.setdefault(kind, []).append(values.children())
+
+    @property
+    def signing_time(self):
+        """The signing-time attribute (RFC 5652 11.3) as text, or ''."""
+        found = self.values.get(ATTR_SIGNING_TIME)
+        return asn1_time(found[0][0]) if found and found[0] else ""
+
+    def single(self, oid):
+        """Return the one value of attribute *oid*, or None unless it occurs exactly once
+        with exactly one value (RFC 5652 11.1, 11.2)."""
+        found = self.values.get(oid, [])
+        return found[0][0] if [len(values) for values in found] == [1] else None
+
+    def problem(self, digest, digest_name):
+        """Return why the attributes do not vouch for content with *digest*, or ''."""
+        if not is_der(self.encoding, as_set=True):
+            return ("the signed attributes are not DER-encoded, so the signature cannot be "
+                    "checked (RFC 5652 5.4)")
+        content_type = self.single(ATTR_CONTENT_TYPE)
+        message_digest = self.single(ATTR_MESSAGE_DIGEST)
+        if content_type is None or message_digest is None:
+            return ("the signed attributes must hold exactly one content-type and one "
+                    "message-digest, each with one value (RFC 5652 11.1, 11.2)")
+        if content_type.oid() != ID_DATA:
+            return "the signed content-type attribute does not match the content"
+        if message_digest.octets() != digest:
+            return ("the content was altered after signing: its %s digest does not match the "
+                    "signed message-digest" % digest_name.replace("SHA", "SHA-"))
+        return ""
+
+
+def is_der(item, as_set=False):
+    """True when *item* and everything inside it is DER (X.690 10, 11): definite and
+    shortest lengths, no constructed strings, shortest INTEGERs, the elements of a
+    SET OF (and of *item* itself when *as_set*) sorted by their encodings."""
+    size = item.stop - item.start
+    if item.end != item.stop or item.data[item.pos:item.start] != der_header(item.tag, size):
+        return False
+    if not item.constructed:
+        body = item.data[item.start:item.start + 2]
+        return not (item.tag == INTEGER and len(body) == 2 and (
+            body[0] == 0 and body[1] < 0x80 or body[0] == 0xFF and body[1] >= 0x80))
+    if item.tag < 0x40 and item.tag not in (SEQUENCE, SET):  # a constructed string
+        return False
+    children = item.children()
+    if (as_set or item.tag == SET) and [c.raw for c in children] != sorted(
+            c.raw for c in children):
+        return False
+    return all(is_der(child) for child in children)
+
+
+def asn1_time(item):
+    """Return a UTCTime or GeneralizedTime (RFC 5280 4.1.2.5) as 'YYYY-MM-DD HH:MM:SS UTC'."""
+    text = item.body.decode("ascii", "replace").rstrip("Z")
+    if item.tag == 0x17:  # UTCTime: two-digit years, 1950-2049
+        text = ("19" if text[:2] >= "50" else "20") + text
+    return "%s-%s-%s %s:%s:%s UTC" % (text[:4], text[4:6], text[6:8], text[8:10],
+                                       text[10:12], text[12:14] or "00")
+
+
+def signature_problem(cert, info, signed, digest):
+    """Verify SignerInfo *info*'s signature over *signed* with *cert*'s public key.
+
+    Returns (why not or '', "RSA", "RSA-PSS" or "ECDSA", the hash used).
+    """
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+    parts = Fields(info.signature_algorithm)
+    oid = parts.take(OID).oid()
+    scheme, hash_name = SIGNATURE_ALGORITHMS.get(oid, ("", None))
+    hash_name = hash_name or digest
+    key = cert.public_key()
+    try:
+        if scheme in ("rsa", "pss") and isinstance(key, rsa.RSAPublicKey):
+            if scheme == "pss":
+                params = parts.rest()
+                hash_name, mgf_hash, salt = pss_parameters(params[0] if params else None)
+                pad = padding.PSS(padding.MGF1(getattr(hashes, mgf_hash)()), salt)
+            else:
+                pad = padding.PKCS1v15()
+            key.verify(info.signature, signed, pad, getattr(hashes, hash_name)())
+        elif scheme == "ecdsa" and isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(info.signature, signed, ec.ECDSA(getattr(hashes, hash_name)()))
+        else:
+            return "signed with an algorithm this tool cannot check (%s)" % oid, "", hash_name
+    except InvalidSignature:
+        return ("the signature does not match the content (the signature or the content was "
+                "altered)", "", hash_name)
+    return "", {"rsa": "RSA", "pss": "RSA-PSS", "ecdsa": "ECDSA"}[scheme], hash_name
+
+
+def pss_parameters(params):
+    """Return (hash, MGF1 hash, salt length) of RSASSA-PSS-params (RFC 4055 3.1)."""
+    hash_name, mgf_hash, salt = rsa_parameters(params)
+    return hash_name, mgf_hash, salt.integer() if salt is not None else 20
+
+
+def rsa_parameters(params):
+    """Return (hash, MGF1 hash, the [2] element or None) of RSASSA-PSS-params or
+    RSAES-OAEP-params (RFC 4055 3.1, 4.1): SHA-1 and MGF1 with SHA-1 by default."""
+    if params is None or params.tag != SEQUENCE:
+        return "SHA1", "SHA1", None
+    fields = Fields(params)
+    hash_algorithm, mask_gen_algorithm = fields.optional(ctx(0)), fields.optional(ctx(1))
+    third = fields.optional(ctx(2))
+    hash_name, mgf_hash = "SHA1", "SHA1"
+    if hash_algorithm is not None:
+        hash_name = DIGESTS[algorithm_oid(Fields(hash_algorithm).take(SEQUENCE))]
+    if mask_gen_algorithm is not None:  # MGF1 and its hash's AlgorithmIdentifier
+        mgf = Fields(Fields(mask_gen_algorithm).take(SEQUENCE))
+        mgf.take(OID)
+        mgf_hash = DIGESTS[algorithm_oid(mgf.take(SEQUENCE))]
+    return hash_name, mgf_hash, Fields(third).take() if third is not None else None
+
+
+class Verdict(NamedTuple):
+    """Whether a Signature vouches for a sender: *problem* ('' when it does) and the
+    validated *chain* (the signer's certificate first, the trusted root last)."""
+    problem: str
+    chain: tuple = ()
+
+
+def signature_verdict(sig, sender, roots):
+    """Return the Verdict of *sig* for a message From *sender*.
+
+    It vouches when the signature verifies, its certificate is for *sender*,
+    valid now, allowed to sign, chains to a trusted root (roots() loads them
+    once), and every address it names is within the rfc822Name constraints of
+    every CA on that chain (RFC 5280 4.2.1.10).
+    """
+    if sig.broken:
+        return Verdict(sig.broken)
+    emails = cert_emails(sig.cert)
+    if sender not in emails:
+        return Verdict("the signature carries no certificate for %s (signed by %s): the From "
+                       "address is not the signer's" % (sender, ", ".join(emails) or "no address"))
+    problem = certificate_problem(sig.cert, sender, "sign") or signer_key_problem(sig.cert)
+    chain = []
+    if not problem:
+        chain, problem = validated_chain(sig.cert, sig.certs, roots())
+    problem = problem or name_constraint_problem(sig.cert, chain[1:])
+    return Verdict("the signer's certificate %s" % problem if problem else "", chain)
+
+
+def signer_key_problem(cert):
+    """Return why the key of signer certificate *cert* is too weak to vouch, or '': RSA
+    keys of fewer than MIN_RSA_BITS, EC keys off the curves we use (ECDH_SCHEMES), as
+    the path validation refuses for CAs."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        return "has a %d-bit RSA key: at least %d bits are needed" % (key.key_size, MIN_RSA_BITS)
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in ECDH_SCHEMES:
+        return "has an EC key on curve %s: P-256, P-384 and P-521 are accepted" % key.curve.name
+    return ""
+
+
+def validated_chain(cert, certs, roots):
+    """Return (the validated path, cert first, or [], why *cert* does not chain to a
+    trusted root with intermediates from *certs*, or '')."""
+    from datetime import datetime, timezone
+    from cryptography.x509 import verification as v
+    builder = (v.PolicyBuilder().store(v.Store(roots)).time(datetime.now(timezone.utc))
+               .extension_policies(ca_policy=v.ExtensionPolicy.webpki_defaults_ca(),
+                                   ee_policy=v.ExtensionPolicy.permit_all()))
+    try:
+        verified = builder.build_client_verifier().verify(cert, [c for c in certs
+                                                                 if c is not cert])
+    except v.VerificationError as exc:
+        return [], "does not chain to a trusted root (%s); pass the issuing CA with --ca" % exc
+    return list(verified.chain), ""
+
+
+def trust_store(cafile):
+    """Return the trusted roots: --ca / $SMIME_CA_FILE, else the system bundle.
+
+    Raises ConfigError (78) when there is none or it cannot be read.
+    """
+    import ssl
+    from cryptography import x509
+    paths = ssl.get_default_verify_paths()
+    path = cafile or paths.cafile or paths.openssl_cafile
+    if not path or not os.path.isfile(path):
+        raise ConfigError("%s: no trusted CA bundle there: pass --ca FILE or set SMIME_CA_FILE"
+                          % (path or "(none)"))
+    import warnings
+    try:
+        with open(path, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # system bundles hold old roots with odd serials
+            roots = x509.load_pem_x509_certificates(fh.read())
+    except (OSError, ValueError) as exc:
+        raise ConfigError("%s: cannot read the CA bundle: %s" % (path, exc))
+    return roots
+
+
+# -- EnvelopedData and AuthEnvelopedData for our keys (RFC 5652 6, RFC 5083) --------
+
+class Keyring:
+    """Our private keys for decryption, found by address in the key directories.
+
+    Candidates are the addresses of the message's header (DELIVERY_FIELDS), then
+    every other <address>.pem/.p12/.pfx in the directories (a Bcc copy names
+    nobody).  A key is loaded only when a RecipientInfo names its certificate.
+    """
+
+    def __init__(self, keystore, addresses=()):
+        self.keystore, self.addresses = keystore, list(dict.fromkeys(addresses))
+
+    def candidates(self):
+        """Yield the addresses that have a private key file, header ones first."""
+        seen = set()
+        for address in self.addresses + self.directory_addresses():
+            try:
+                if address not in seen and self.keystore.find(address, KEY_SUFFIXES):
+                    seen.add(address)
+                    yield address
+            except MessageError:  # not an address that can name a file
+                continue
+
+    def directory_addresses(self):
+        """Return the addresses named by key files in the key directories."""
+        found = []
+        for directory in self.keystore.dirs:
+            try:
+                names = sorted(os.listdir(directory))
+            except OSError:
+                continue
+            found += [n.rsplit(".", 1)[0].lower() for n in names
+                      if n.lower().endswith(KEY_SUFFIXES) and "@" in n]
+        return found
+
+    def open_envelope(self, oid, envelope):
+        """Return (content, address, description) of an (Auth)EnvelopedData for one of
+        our keys.  Raises MessageError when none of them can open it, and one uniform
+        error for any failure once a RecipientInfo naming our certificate was found:
+        a padding or tag error must not tell an attacker more (RFC 3218, EFAIL)."""
+        env = read_enveloped_data(envelope, oid == ID_AUTH_ENVELOPED_DATA)
+        named = [(info, rid, key) for info in env.recipient_infos
+                 for rid, key in info.recipients()]
+        if len(named) > MAX_RECIPIENT_INFOS:
+            raise MessageError("more than %d RecipientInfos (recipient keys) in one S/MIME "
+                               "part" % MAX_RECIPIENT_INFOS)
+        cipher = content_cipher(env)
+        tried = []
+        for address in self.candidates():
+            certs = self.keystore.certificates(address)
+            if certs is not None and not any(names_cert(rid, c) for _, rid, _ in named
+                                             for c in certs):
+                tried.append(address)
+                continue  # not one of the recipients: its private key stays unread
+            ident = self.keystore.decryption(address)
+            ours = next(((info, key) for info, rid, key in named if names_us(rid, ident)), None)
+            if ours is None:
+                tried.append(address)
+                continue
+            content = decrypt_envelope(env, cipher, ours[0].content_key(ident, ours[1]))
+            if content is None:
+                raise MessageError("the encrypted message is altered or corrupt: it does not "
+                                   "decrypt with the key given to %s" % address)
+            return content, address, "%s-%d-%s" % (cipher[0], cipher[1] * 8, cipher[2])
+        raise MessageError("encrypted to %d recipient(s), none of them an identity whose key "
+                           "is in the key directories (tried: %s)"
+                           % (len(env.recipient_infos), ", ".join(tried) or "no key found"))
+
+
+class EnvelopedData(NamedTuple):
+    """An EnvelopedData (RFC 5652 6.1) or AuthEnvelopedData (RFC 5083 2.1): its
+    *recipient_infos* (read_recipient_info()), the *content_type*, the
+    *content_encryption_algorithm* (Ber) and the *encrypted_content* (Ber or None)
+    of its (Auth)EncryptedContentInfo; AuthEnvelopedData's *auth_attrs* (Ber or
+    None) and *mac*."""
+    version: int
+    recipient_infos: list
+    content_type: str
+    content_encryption_algorithm: object
+    encrypted_content: object
+    auth: bool
+    auth_attrs: object = None
+    mac: bytes = b""
+
+
+def read_enveloped_data(ber, auth):
+    """Return the EnvelopedData (*auth*: AuthEnvelopedData) in *ber*.  Raises ValueError
+    when malformed, MessageError beyond MAX_RECIPIENT_INFOS."""
+    fields = Fields(ber)
+    version = fields.take(INTEGER).integer()
+    fields.optional(ctx(0))  # originatorInfo
+    infos = [read_recipient_info(info) for info in bounded(
+        fields.take(SET), MAX_RECIPIENT_INFOS, "RecipientInfos (recipient keys)")]
+    encrypted = Fields(fields.take(SEQUENCE))  # (Auth)EncryptedContentInfo
+    content_type, algorithm = encrypted.take(OID).oid(), encrypted.take(SEQUENCE)
+    content = encrypted.optional(ctx(0, constructed=False)) or encrypted.optional(ctx(0))
+    if not auth:
+        return EnvelopedData(version, infos, content_type, algorithm, content, False)
+    auth_attrs, mac = fields.optional(ctx(1)), fields.take(OCTET_STRING).octets()
+    return EnvelopedData(version, infos, content_type, algorithm, content, True, auth_attrs,
+                         mac)
+
+
+class KeyTransRecipientInfo(NamedTuple):
+    """A KeyTransRecipientInfo (RFC 5652 6.2.1): *rid* (Ber) and the
+    *key_encryption_algorithm* (Ber)."""
+    version: int
+    rid: object
+    key_encryption_algorithm: object
+    encrypted_key: bytes
+
+    def recipients(self):
+        return [(self.rid, self.encrypted_key)]
+
+    def content_key(self, ident, encrypted_key):
+        """Return the key under our RSA key: PKCS#1 v1.5, or RSAES-OAEP when received
+        (RFC 3560); None when it does not decrypt.  Raises MessageError for another
+        algorithm."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding, rsa
+        fields = Fields(self.key_encryption_algorithm)
+        oid, params = fields.take(OID).oid(), fields.rest()
+        if oid == RSAES_OAEP:
+            hash_name, mgf_hash, label = oaep_parameters(params[0] if params else None)
+            pad = padding.OAEP(padding.MGF1(getattr(hashes, mgf_hash)()),
+                               getattr(hashes, hash_name)(), label or None)
+        elif oid == RSA_ENCRYPTION:
+            pad = padding.PKCS1v15()
+        else:
+            raise MessageError("encrypted to us with a key transport this tool does not "
+                               "support (%s)" % oid)
+        if not isinstance(ident.key, rsa.RSAPrivateKey):
+            return None
+        try:
+            return ident.key.decrypt(encrypted_key, pad)
+        except ValueError:
+            return None
+
+
+def read_key_trans_recipient_info(ber):
+    fields = Fields(ber)
+    return KeyTransRecipientInfo(fields.take(INTEGER).integer(), fields.take(),
+                                 fields.take(SEQUENCE), fields.take(OCTET_STRING).octets())
+
+
+class KeyAgreeRecipientInfo(NamedTuple):
+    """A KeyAgreeRecipientInfo (RFC 5652 6.2.2): the *originator*
+    (OriginatorIdentifierOrKey, Ber), *ukm* (bytes or None), the
+    *key_encryption_algorithm* (Ber) and *recipient_encrypted_keys*:
+    [(RecipientIdentifier, encrypted key)]."""
+    version: int
+    originator: object
+    ukm: object
+    key_encryption_algorithm: object
+    recipient_encrypted_keys: list
+
+    def recipients(self):
+        return self.recipient_encrypted_keys
+
+    def content_key(self, ident, encrypted_key):
+        """Return the key for our EC key (RFC 5753 3.1.2): ephemeral-static ECDH with
+        the originator's public key, the X9.63 KDF of the scheme, then AES key unwrap
+        (RFC 3394); None when it does not unwrap.  Raises MessageError for static
+        originator keys and other schemes."""
+        from cryptography.hazmat.primitives import keywrap
+        from cryptography.hazmat.primitives.asymmetric import ec
+        fields = Fields(self.key_encryption_algorithm)
+        scheme, wrap = fields.take(OID).oid(), algorithm_oid(fields.take(SEQUENCE))
+        sizes = {oid: size for size, oid in AES_WRAP.items()}
+        if self.originator.tag != ctx(1) or scheme not in KDF_HASHES or wrap not in sizes:
+            raise MessageError("encrypted to us with a key agreement this tool does not "
+                               "support (%s)" % scheme)
+        if not isinstance(ident.key, ec.EllipticCurvePrivateKey):
+            return None
+        originator_key = Fields(self.originator)  # OriginatorPublicKey
+        originator_key.take(SEQUENCE)  # its algorithm: our curve
+        point = originator_key.take(BIT_STRING).body[1:]  # the unused-bits octet, the ECPoint
+        public = ec.EllipticCurvePublicKey.from_encoded_point(ident.key.curve, point)
+        kek = ecdh_key_encryption_key(ident.key, public, scheme, wrap, sizes[wrap], self.ukm)
+        try:
+            return keywrap.aes_key_unwrap(kek, encrypted_key)
+        except keywrap.InvalidUnwrap:
+            return None
+
+
+def read_key_agree_recipient_info(ber):
+    fields = Fields(ber)
+    version = fields.take(INTEGER).integer()
+    originator = Fields(fields.take(ctx(0))).take()
+    ukm = fields.optional(ctx(1))
+    ukm = Fields(ukm).take(OCTET_STRING).octets() if ukm is not None else None
+    algorithm = fields.take(SEQUENCE)
+    keys = [Fields(entry) for entry in bounded(fields.take(SEQUENCE), MAX_RECIPIENT_INFOS,
+                                               "RecipientInfos (recipient keys)")]
+    return KeyAgreeRecipientInfo(version, originator, ukm, algorithm,
+                                 [(key.take(), key.take(OCTET_STRING).octets()) for key in keys])
+
+
+class OtherRecipientInfo(NamedTuple):
+    """A RecipientInfo for other keys than ours: kekri [2], pwri [3] or ori [4]."""
+    tag: int
+
+    def recipients(self):
+        return []
+
+
+class KEMRecipientInfo(NamedTuple):
+    """A KEMRecipientInfo (RFC 9629 3), the value of an OtherRecipientInfo of type
+    id-ori-kem: *rid* (Ber), the *kem*, *kdf* and *wrap* AlgorithmIdentifiers (Ber),
+    *kemct*, *kek_length*, *ukm* (bytes or None) and the *encrypted_key*."""
+    version: int
+    rid: object
+    kem: object
+    kemct: bytes
+    kdf: object
+    kek_length: int
+    ukm: object
+    wrap: object
+    encrypted_key: bytes
+
+    def recipients(self):
+        return [(self.rid, self.encrypted_key)]
+
+    def content_key(self, ident, encrypted_key):
+        """Return the key for our ML-KEM key (RFC 9629 2, RFC 9936): ML-KEM.Decaps of
+        kemct, the HKDF the kdf names over the shared secret and CMSORIforKEMOtherInfo,
+        then AES key unwrap (RFC 3394); None when it does not unwrap (an altered kemct
+        or key).  Raises MessageError for another KEM, KDF or wrap, or a kekLength that
+        is not the wrap's key size (RFC 9936 2.2.1)."""
+        from cryptography.hazmat.primitives import keywrap
+        kem, kdf, wrap = (algorithm_oid(a) for a in (self.kem, self.kdf, self.wrap))
+        sizes = {oid: size for size, oid in AES_WRAP.items()}
+        if kem not in ML_KEM or kdf not in HKDF_HASHES or self.kek_length != sizes.get(wrap):
+            raise MessageError("encrypted to us with a KEMRecipientInfo this tool does not "
+                               "support (%s, KDF %s, wrap %s, kekLength %d)"
+                               % (ML_KEM.get(kem, kem), kdf, wrap, self.kek_length))
+        if not is_ml_kem(ident.key) or kem != ident.cert.public_key_algorithm_oid.dotted_string:
+            return None
+        try:
+            secret = ident.key.decapsulate(self.kemct)
+        except ValueError:  # a ciphertext of the wrong size
+            return None
+        info = kem_other_info(self.wrap.raw, self.kek_length, self.ukm)
+        kek = kem_key_encryption_key(secret, info, self.kek_length, HKDF_HASHES[kdf])
+        try:
+            return keywrap.aes_key_unwrap(kek, encrypted_key)
+        except keywrap.InvalidUnwrap:
+            return None
+
+
+def read_other_recipient_info(ber):
+    """Return the KEMRecipientInfo of an OtherRecipientInfo [4] of type id-ori-kem
+    (RFC 9629 3), else an OtherRecipientInfo (another type: not one for our keys)."""
+    fields = Fields(ber)
+    if fields.take(OID).oid() != ID_ORI_KEM:
+        return OtherRecipientInfo(ber.tag)
+    kemri = Fields(fields.take(SEQUENCE))
+    version, rid, kem = kemri.take(INTEGER).integer(), kemri.take(), kemri.take(SEQUENCE)
+    kemct, kdf = kemri.take(OCTET_STRING).octets(), kemri.take(SEQUENCE)
+    kek_length, ukm = kemri.take(INTEGER).integer(), kemri.optional(ctx(0))
+    ukm = Fields(ukm).take(OCTET_STRING).octets() if ukm is not None else None
+    wrap, encrypted_key = kemri.take(SEQUENCE), kemri.take(OCTET_STRING).octets()
+    if kemri.rest() or not 1 <= kek_length <= 65535:
+        raise ValueError("a KEMRecipientInfo unlike RFC 9629's")
+    return KEMRecipientInfo(version, rid, kem, kemct, kdf, kek_length, ukm, wrap, encrypted_key)
+
+
+#: RecipientInfo readers by the RecipientInfo's tag (RFC 5652 6.2): ktri is a SEQUENCE.
+RECIPIENT_INFO_READERS = {SEQUENCE: read_key_trans_recipient_info,
+                          ctx(1): read_key_agree_recipient_info,
+                          ctx(4): read_other_recipient_info}
+
+
+def read_recipient_info(ber):
+    """Return the RecipientInfo in *ber*, read by the reader for its tag (RFC 5652 6.2):
+    a value with recipients() -> [(RecipientIdentifier, encrypted key)] and
+    content_key(identity, encrypted key) -> the content-encryption key or None."""
+    reader = RECIPIENT_INFO_READERS.get(ber.tag)
+    return reader(ber) if reader is not None else OtherRecipientInfo(ber.tag)
+
+
+def names_us(rid, ident):
+    """True when a RecipientIdentifier names *ident*'s certificate (RFC 5652 6.2.1, 6.2.2)."""
+    return names_cert(rid, ident.cert, ident.rid)
+
+
+def names_cert(rid, cert, issuer_serial=None):
+    """True when a RecipientIdentifier names *cert*: by issuerAndSerialNumber, by
+    subjectKeyIdentifier, or by a RecipientKeyIdentifier (KeyAgreeRecipientInfo)."""
+    if rid.tag == SEQUENCE:  # issuerAndSerialNumber
+        return rid.raw == (issuer_serial or issuer_and_serial(cert))
+    if rid.tag == ctx(0, constructed=False):  # subjectKeyIdentifier
+        return rid.body == subject_key_id(cert)
+    if rid.tag == ctx(0):  # rKeyId RecipientKeyIdentifier (kari)
+        return Fields(rid).take(OCTET_STRING).octets() == subject_key_id(cert)
+    return False
+
+
+def oaep_parameters(params):
+    """Return (hash, MGF1 hash, label) of RSAES-OAEP-params (RFC 8017 A.2.1, RFC 4055 4.1)."""
+    hash_name, mgf_hash, source = rsa_parameters(params)
+    if source is None:
+        return hash_name, mgf_hash, b""
+    source = Fields(source)  # pSourceFunc: id-pSpecified and the label
+    source.take(OID)
+    return hash_name, mgf_hash, source.take(OCTET_STRING).octets()
+
+
+def content_cipher(env):
+    """Return ("AES", key size, "CBC" or "GCM") of the envelope's content encryption
+    (RFC 3565, RFC 5084 3.2).  Raises MessageError for another cipher or a GCM tag
+    outside 12-16 octets."""
+    oid = algorithm_oid(env.content_encryption_algorithm)
+    sizes = AES_GCM if env.auth else {oid: size for size, oid in AES_CBC.items()}
+    if oid not in sizes:
+        raise MessageError("encrypted with a content cipher this tool does not support (%s); "
+                           "AES-CBC and AES-GCM are" % oid)
+    if env.auth and not 12 <= len(env.mac) <= 16:  # RFC 5084 3.2: 12 to 16 octets
+        raise MessageError("AuthEnvelopedData with a %d-octet authentication tag (12 to 16 "
+                           "are allowed)" % len(env.mac))
+    return "AES", sizes[oid], "GCM" if env.auth else "CBC"
+
+
+def decrypt_envelope(env, cipher, key):
+    """Return the content of *env* decrypted with content-encryption *key* under *cipher*
+    (content_cipher()), or None when anything is wrong: no key, a wrong key length, a
+    bad padding or tag, a plaintext that is not a MIME entity (RFC 5652 6.3, RFC 5083)."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    if key is None or len(key) != cipher[1] or env.encrypted_content is None:
+        return None
+    algorithm = Fields(env.content_encryption_algorithm)
+    algorithm.take(OID)
+    params, data = algorithm.rest(), env.encrypted_content.octets()
+    try:
+        if cipher[2] == "GCM":  # GCMParameters: the nonce, then the tag length
+            mode = modes.GCM(Fields(params[0]).take(OCTET_STRING).octets(), env.mac,
+                             min_tag_length=len(env.mac))
+        else:
+            mode = modes.CBC(params[0].octets())
+        decryptor = Cipher(algorithms.AES(key), mode).decryptor()
+        if env.auth_attrs is not None:  # the authenticated attributes, as a DER SET OF
+            decryptor.authenticate_additional_data(b"\x31" + env.auth_attrs.raw[1:])
+        plain = decryptor.update(data) + decryptor.finalize()
+    except (ValueError, IndexError, InvalidTag):
+        return None
+    if cipher[2] == "CBC":
+        pad = plain[-1] if plain else 0
+        if not 1 <= pad <= 16 or plain[-pad:] != bytes((pad,)) * pad:
+            return None  # a wrong key (RSA's implicit rejection gives one) or damage
+        plain = plain[:-pad]
+    return plain if is_mime_entity(message_to_crlf(plain)) else None
+
+
+# -- Whole messages ----------------------------------------------------------------
+
+class Received:
+    """What opening one received message found, judged: the outcome of --verify/--decrypt.
+
+    *problem*: why it fails ('' when it passes); *code*: its exit code; *signer*:
+    the Signature that vouches for it; *output*: the recovered message for -o.
+    """
+
+    def __init__(self, source):
+        self.source, self.layers, self.problem, self.code = source, [], "", EX_OK
+        self.signer, self.output, self.senders, self.warnings = None, b"", [], []
+
+    @property
+    def decrypted_for(self):
+        return next((l.address for l in self.layers if l.kind == "encrypted"), "")
+
+    @property
+    def signatures(self):
+        return [s for layer in self.layers if layer.kind == "signed" for s in layer.signatures]
+
+    def report(self, mode):
+        """Return the report line: OK - ... or FAILED - reason."""
+        if self.problem:
+            return "FAILED - " + self.problem
+        signed = ("signed by %s (%s), verified" % (self.senders[0], self.signer.issuer)
+                  if self.signer else "not signed")
+        if mode == "verify":
+            return "OK - " + signed
+        where = ("decrypted for %s" % self.decrypted_for if self.decrypted_for
+                 else "not encrypted")
+        return "OK - %s, %s" % (where, signed)
+
+    def details(self):
+        """Return the -v detail lines: one per layer and signer."""
+        lines = []
+        for n, layer in enumerate(self.layers, 1):
+            first, *rest = layer.describe()
+            lines += ["layer %d: %s" % (n, first)] + rest
+        return lines or ["no S/MIME layer"]
+
+
+def receive(data, source, keystore, roots, mode, require_signed=False):
+    """Open and judge one received message; return its Received.
+
+    *mode*: "verify" (a valid signature of the From address is required) or
+    "decrypt" (an unsigned plaintext passes, with a warning, unless
+    *require_signed*; a signature present must be valid).
+    Raises IdentityError (78) for a key of ours that cannot be read.
+    """
+    out = Received(source)
+    try:
+        fields, body = split_header(message_to_crlf(data))
+        if not fields:
+            raise MessageError("not an RFC 5322 message (no header fields)")
+        header = Message(source, fields, [], b"")
+        out.senders = addresses_of(header, "from")
+        keyring = Keyring(keystore, [a for name in DELIVERY_FIELDS
+                                 for a in addresses_of(header, name)])
+        entity_fields = [f for f in fields if f.name.startswith("content-")]
+        out.layers, inner = open_layers(entity_fields, body, keyring)
+        out.problem = (judge(out, roots, mode == "verify" or require_signed)
+                       or inner_from_problem(out, inner))
+    except MessageError as exc:
+        out.problem, out.code = str(exc), exc.exit_code
+        return out
+    except (ValueError, LookupError, OverflowError) as exc:  # a certificate we cannot read
+        out.problem, out.code = "malformed: %s" % first_line(exc), EX_DATAERR
+        return out
+    out.code = EX_DATAERR if out.problem else EX_OK
+    if out.signer is not None and not out.problem:
+        out.warnings += date_mismatch(fields, out.signer)
+    outer = b"".join(f.raw for f in fields if not f.name.startswith("content-"))
+    out.output = outer + (inner if inner is not None else
+                          b"".join(f.raw for f in entity_fields) + b"\r\n" + body)
+    return out
+
+
+def inner_from_problem(received, inner):
+    """Return why the recovered entity *inner* would misstate who signed it, or '': a
+    From field inside the signed content naming another than the verified signer
+    (a mail client may show it instead of the outer one)."""
+    if received.signer is None or inner is None:
+        return ""
+    fields = split_header(message_to_crlf(inner))[0]
+    inside = addresses_of(Message(received.source, fields, [], b""), "from")
+    if inside and inside != received.senders:
+        return ("the signed content carries its own From: %s, not the verified signer %s; "
+                "refused, as a mail client could show it instead"
+                % (", ".join(inside), received.senders[0]))
+    return ""
+
+
+def judge(received, roots, signed_only):
+    """Return why *received* fails, or '' when it passes; set its signer.
+
+    *signed_only*: a message without a signature fails; else it passes, with a
+    warning when it was decrypted (its content is not authenticated).
+    """
+    signatures = received.signatures
+    broken = [s for s in signatures if s.broken]
+    if broken:
+        return broken[0].broken
+    if not signatures and signed_only:
+        return "not signed"
+    if not signatures:
+        if received.decrypted_for:
+            received.warnings.append(
+                "the content is not signed, so it is not authenticated: anyone can write to "
+                "your key, and CBC ciphertext can be altered unnoticed (EFAIL); "
+                "--require_signed refuses such messages")
+        return ""
+    if len(received.senders) != 1:  # RFC 5322 3.6.2: one signer cannot vouch for several
+        return ("%s: a signature can vouch for exactly one author" % (
+            "no From address" if not received.senders else "From names %d addresses (%s)"
+            % (len(received.senders), ", ".join(received.senders))))
+    verdicts = [(signature_verdict(s, received.senders[0], roots).problem, s)
+                for s in signatures]
+    good = [s for problem, s in verdicts if not problem]
+    if not good:
+        return verdicts[0][0]
+    received.signer = good[0]
+    if any("SHA1" in (s.digest, s.hash) for s in signatures):
+        received.warnings.append("signed with SHA-1, which no longer protects a signature "
+                                 "against forgery: ask the sender to use SHA-256")
+    return ""
+
+
+def date_mismatch(fields, signature):
+    """Return a warning (in a list) when the message's Date and the *signature*'s
+    signing-time are more than CLIENT_DATE_SKEW apart or there is no Date: the
+    signature is good, but Thunderbird shows it as not valid.  [] otherwise."""
+    if not signature.signing_time:
+        return []
+    import calendar
+    signed = calendar.timegm(time.strptime(signature.signing_time, "%Y-%m-%d %H:%M:%S UTC"))
+    dates = [f.value for f in fields if f.name == "date"]
+    if not dates:
+        return ["no Date header: Thunderbird shows the signature (signed %s) as not valid"
+                % signature.signing_time]
+    skew = date_skew(dates[0], signed)
+    if skew is not None and skew <= CLIENT_DATE_SKEW:
+        return []
+    return ["the Date header (%s) is %s the signing time (%s): Thunderbird shows the "
+            "signature as not valid" % (
+                dates[0].decode("ascii", "replace"),
+                "unreadable, unlike" if skew is None else "%s from" % duration(skew),
+                signature.signing_time)]
+
+
+def duration(seconds):
+    """Return *seconds* in words: '3 days', '2 hours', '15 minutes'."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = int(seconds // size)
+            return "%d %s%s" % (count, unit, "" if count == 1 else "s")
+    return "%d seconds" % seconds
+
+
+def receive_all(settings, reporter):
+    """Run --verify or --decrypt over every input; print one line each; return the exit code.
+
+    With several inputs each line starts with the input's name.  A message that
+    passes is written to -o (the outer header, then the recovered entity).
+    """
+    mode = "verify" if settings.verify else "decrypt"
+    keystore, paths = keystore_of(settings, reporter), expand_inputs(settings.inputs)
+    if len(paths) > 1 and settings.output:
+        several_outputs(settings._replace(verify=True))
+    roots = once(lambda: trust_store(settings.ca_file))
+    stats = Stats(len(paths), "passed")
+    for path in paths:
+        try:
+            received = receive(read_input(path), path, keystore, roots, mode,
+                               settings.require_signed)
+        except (InputError, IdentityError) as exc:
+            received = Received(path)
+            received.problem, received.code = str(exc), exc.exit_code
+        except SmimeToolError:  # a setting at fault (the CA bundle): every input would fail
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug: this input fails, the others go on
+            received = Received(path)
+            received.problem, received.code = "internal error while reading: %s: %s" % (
+                type(exc).__name__, first_line(exc)), EX_SOFTWARE
+        reporter.say(("%s: " % path if len(paths) > 1 else "") + received.report(mode))
+        if settings.verbose:
+            for line in received.details():
+                reporter.transcript("  " + line)
+        for line in received.warnings:
+            reporter.warn("%s: %s" % (path, line))
+        if received.problem:
+            problem = received.problem
+            reporter.warn(problem if problem.startswith(path + ":") else "%s: %s" % (path,
+                                                                                    problem))
+            stats.fault(received.code)
+        elif settings.output:
+            try:
+                write_atomically(output_path(settings, path), received.output,
+                                 0o600 if received.decrypted_for else None)
+            except OutputError as exc:
+                reporter.warn(str(exc))
+                stats.fault(exc.exit_code)
+    return stats.code
+
+
+def once(load):
+    """Return a function calling *load* the first time only, then returning its value."""
+    value = []
+
+    def get():
+        if not value:
+            value.append(load())
+        return value[0]
+    return get
+
+
+###############################################################################
+# Harvest: recipients' certificates from the signed mail they send ###########
+###############################################################################
+# To encrypt to someone you need their certificate; the usual way to get it is
+# a signed message from them.  --harvest finds the signatures (also inside an
+# encrypted message addressed to one of our identities, or a forwarded part),
+# verifies them as --verify does, and saves the sender's certificate as
+# <address>.crt once signature, certificate and chain are good.
+
+class Harvested:
+    """What --harvest found in one input, and where it went."""
+
+    def __init__(self, address, cert, chain):
+        self.address, self.cert, self.chain = address, cert, chain
+        self.path = self.note = ""
+
+
+def harvest(path, keystore, roots):
+    """Return the Harvested certificate of the sender of message *path*: its post-quantum
+    encryption certificate when the signature carries one (post_quantum_cert()), else
+    the signing certificate when it allows encryption.
+
+    Raises MessageError (65) naming why no usable certificate was found,
+    IdentityError (78) for a key of ours that cannot be read.
+    """
+    fields, body = split_header(message_to_crlf(read_input(path)))
+    header = Message(path, fields, [], b"")
+    sender = addresses_of(header, "from")
+    if len(sender) != 1:
+        raise MessageError("%s: %s: a signature can vouch for exactly one author" % (
+            path, "no From address" if not sender else "From names %d addresses" % len(sender)))
+    address = safe_address(sender[0])
+    keyring = Keyring(keystore, [a for name in DELIVERY_FIELDS
+                                 for a in addresses_of(header, name)])
+    reasons = []
+    signatures = list(signatures_within([f for f in fields if f.name.startswith("content-")],
+                                        body, keyring, reasons))
+    if not signatures:
+        raise MessageError("%s: %s" % (path, reasons[0] if reasons else
+                                       "no S/MIME signature found (the message is not signed)"))
+    for sig in signatures:
+        problem, chain = signature_verdict(sig, address, lambda: roots)
+        pq = None if problem else post_quantum_cert(sig, address, roots)
+        if pq is not None:  # the validated path only, its trusted root left out
+            return Harvested(address, pq[0], list(pq[1][1:-1]))
+        if not problem:
+            problem = certificate_problem(sig.cert, address, "encrypt")
+            problem = problem and "the certificate for %s %s" % (address, problem)
+        if not problem:  # the validated path only, its trusted root left out
+            return Harvested(address, sig.cert, list(chain[1:-1]))
+        reasons.append(problem)
+    raise MessageError("%s: %s" % (path, reasons[-len(signatures)]))
+
+
+def post_quantum_cert(sig, address, roots):
+    """Return (the ML-KEM certificate for *address* that verified signature *sig* carries
+    beside its signing certificate, its validated path), or None; the one valid
+    longest if several.
+
+    A KEM key cannot sign (RFC 9935), so a sender's post-quantum encryption
+    certificate travels in the certificate bag of its signed mail (RFC 8551 2.4.2,
+    as a separate encryption certificate does).  It is taken only when it names the
+    address the signature vouches for, allows encryption now, chains to a trusted
+    root through the certificates of the message, and is within its CAs' name
+    constraints.
+    """
+    found = []
+    for cert in sig.certs:
+        if cert is sig.cert or key_kind(cert)[0] != "mlkem" or \
+                certificate_problem(cert, address, "encrypt"):
+            continue
+        chain, problem = validated_chain(cert, sig.certs, roots)
+        if not problem and not name_constraint_problem(cert, chain[1:]):
+            found.append((cert, chain))
+    return max(found, key=lambda pair: pair[0].not_valid_after_utc, default=None)
+
+
+def signatures_within(fields, body, keyring, reasons, depth=0):
+    """Yield every Signature of the S/MIME entities in a MIME tree (forwards included).
+
+    What keeps an S/MIME entity from being opened is appended to *reasons*.
+    """
+    if smime_kind(fields):
+        try:
+            layers = open_layers(fields, body, keyring)[0]
+        except MessageError as exc:
+            reasons.append(str(exc))
+            return
+        for layer in layers:
+            yield from layer.signatures
+        return
+    ctype, params = parse_content_type(field_value(fields, "content-type") or b"text/plain")
+    if depth > 8:
+        return
+    if ctype.startswith("multipart/") and params.get("boundary"):
+        for part in multipart_parts(body, params["boundary"].encode("ascii", "replace")):
+            yield from signatures_within(*split_header(part), keyring, reasons, depth + 1)
+    elif ctype == "message/rfc822":
+        inner_fields, inner_body = split_header(to_crlf(decode_body(
+            body, transfer_encoding(fields))))
+        yield from signatures_within([f for f in inner_fields if f.name.startswith("content-")],
+                                     inner_body, keyring, reasons, depth + 1)
+
+
+def save_harvested(found, directory):
+    """Write found.cert (and its chain) to '<dir>/<address>.crt' unless a better one is there.
+
+    A different certificate already saved is kept when it is valid and expires
+    later, unless the new one is post-quantum (ML-KEM) and the old one is not;
+    returns found with .path and .note set.  Raises OutputError (73/74).
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding
+    path = os.path.join(directory, found.address + ".crt")
+    found.path, found.note = path, "saved"
+    if os.path.isfile(path):
+        old = [c for c in load_certificates(read_key_file(path), path)
+               if found.address in cert_emails(c)]
+        if old and cert_digest(old[0]) == cert_digest(found.cert):
+            found.note = "unchanged (already saved)"
+            return found
+        if old and not certificate_problem(old[0], found.address, "encrypt") and \
+                old[0].not_valid_after_utc >= found.cert.not_valid_after_utc and \
+                (key_kind(found.cert)[0] != "mlkem" or key_kind(old[0])[0] == "mlkem"):
+            found.cert, found.note = old[0], "kept the existing certificate (valid, expires later)"
+            return found
+        found.note = "replaced an older certificate" if old else "replaced %s" % path
+    pem = b"".join(c.public_bytes(Encoding.PEM) for c in [found.cert] + found.chain)
+    write_atomically(path, pem)
+    return found
+
+
+def harvest_all(settings, reporter):
+    """Run --harvest over every input; print one line each; return the exit code."""
+    keystore = keystore_of(settings, reporter)
+    try:
+        os.makedirs(keystore.dirs[0], exist_ok=True)
+    except OSError as exc:
+        raise OutputError("%s: cannot create the key directory: %s"
+                          % (keystore.dirs[0], exc.strerror or exc), EX_CANTCREAT)
+    roots = trust_store(settings.ca_file)
+    stats = Stats(0)
+    for path in expand_inputs(settings.inputs):
+        try:
+            found = save_harvested(harvest(path, keystore, roots), keystore.dirs[0])
+        except (MessageError, InputError, IdentityError) as exc:
+            reporter.say("refused %s: %s" % (path, str(exc).split(": ", 1)[-1]))
+            reporter.warn(str(exc))
+            stats.fault(exc.exit_code)
+            continue
+        except OutputError as exc:  # the key directory is full or read-only: stop here
+            reporter.warn(str(exc))
+            stats.fault(exc.exit_code)
+            break
+        except SmimeToolError:  # a setting at fault: every input would fail
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug: this input fails, the others go on
+            reporter.say("refused %s: internal error" % path)
+            reporter.warn("%s: internal error while reading: %s: %s" % (
+                path, type(exc).__name__, first_line(exc)))
+            stats.fault(EX_SOFTWARE)
+            continue
+        reporter.say("%s %s: issuer %s, valid until %s -> %s" % (
+            found.note, found.address, found.cert.issuer.rfc4514_string(),
+            found.cert.not_valid_after_utc.strftime("%Y-%m-%d"), found.path))
+    return stats.code
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -6629,114 +6730,6 @@ def gateway_options(ns, sign_mode, send):
     if not 1000 <= ns.max_size <= 1 << 31:
         raise UsageError("--max_size must be 1000 to %d octets" % (1 << 31))
     return parse_listen(ns.serve)
-
-
-def several_outputs(settings):
-    """Check that a run of several messages has somewhere to put them: -o DIR when it
-    writes them, a directory for the recovered messages of --verify/--decrypt -o.
-    Raises UsageError."""
-    if (settings.output or not (settings.send or settings.verify)) and not (
-            settings.output and os.path.isdir(settings.output)):
-        raise UsageError("several inputs need -o DIR (an existing directory) for the outputs")
-
-
-def keystore_of(settings, reporter):
-    """Return the Keystore of a run: its key directories, password and validated-keys list."""
-    return Keystore(settings.key_dirs, settings.key_password,
-                    os.path.join(settings.cache_dir, "validated-keys"), reporter.warn)
-
-
-def receive_all(settings, reporter):
-    """Run --verify or --decrypt over every input; print one line each; return the exit code.
-
-    With several inputs each line starts with the input's name.  A message that
-    passes is written to -o (the outer header, then the recovered entity).
-    """
-    mode = "verify" if settings.verify else "decrypt"
-    keystore, paths = keystore_of(settings, reporter), expand_inputs(settings.inputs)
-    if len(paths) > 1 and settings.output:
-        several_outputs(settings._replace(verify=True))
-    roots = once(lambda: trust_store(settings.ca_file))
-    stats = Stats(len(paths), "passed")
-    for path in paths:
-        try:
-            received = receive(read_input(path), path, keystore, roots, mode,
-                               settings.require_signed)
-        except (InputError, IdentityError) as exc:
-            received = Received(path)
-            received.problem, received.code = str(exc), exc.exit_code
-        except SmimeToolError:  # a setting at fault (the CA bundle): every input would fail
-            raise
-        except Exception as exc:  # noqa: BLE001 - a bug: this input fails, the others go on
-            received = Received(path)
-            received.problem, received.code = "internal error while reading: %s: %s" % (
-                type(exc).__name__, first_line(exc)), EX_SOFTWARE
-        reporter.say(("%s: " % path if len(paths) > 1 else "") + received.report(mode))
-        if settings.verbose:
-            for line in received.details():
-                reporter.transcript("  " + line)
-        for line in received.warnings:
-            reporter.warn("%s: %s" % (path, line))
-        if received.problem:
-            problem = received.problem
-            reporter.warn(problem if problem.startswith(path + ":") else "%s: %s" % (path,
-                                                                                    problem))
-            stats.fault(received.code)
-        elif settings.output:
-            try:
-                write_atomically(output_path(settings, path), received.output,
-                                 0o600 if received.decrypted_for else None)
-            except OutputError as exc:
-                reporter.warn(str(exc))
-                stats.fault(exc.exit_code)
-    return stats.code
-
-
-def once(load):
-    """Return a function calling *load* the first time only, then returning its value."""
-    value = []
-
-    def get():
-        if not value:
-            value.append(load())
-        return value[0]
-    return get
-
-
-def harvest_all(settings, reporter):
-    """Run --harvest over every input; print one line each; return the exit code."""
-    keystore = keystore_of(settings, reporter)
-    try:
-        os.makedirs(keystore.dirs[0], exist_ok=True)
-    except OSError as exc:
-        raise OutputError("%s: cannot create the key directory: %s"
-                          % (keystore.dirs[0], exc.strerror or exc), EX_CANTCREAT)
-    roots = trust_store(settings.ca_file)
-    stats = Stats(0)
-    for path in expand_inputs(settings.inputs):
-        try:
-            found = save_harvested(harvest(path, keystore, roots), keystore.dirs[0])
-        except (MessageError, InputError, IdentityError) as exc:
-            reporter.say("refused %s: %s" % (path, str(exc).split(": ", 1)[-1]))
-            reporter.warn(str(exc))
-            stats.fault(exc.exit_code)
-            continue
-        except OutputError as exc:  # the key directory is full or read-only: stop here
-            reporter.warn(str(exc))
-            stats.fault(exc.exit_code)
-            break
-        except SmimeToolError:  # a setting at fault: every input would fail
-            raise
-        except Exception as exc:  # noqa: BLE001 - a bug: this input fails, the others go on
-            reporter.say("refused %s: internal error" % path)
-            reporter.warn("%s: internal error while reading: %s: %s" % (
-                path, type(exc).__name__, first_line(exc)))
-            stats.fault(EX_SOFTWARE)
-            continue
-        reporter.say("%s %s: issuer %s, valid until %s -> %s" % (
-            found.note, found.address, found.cert.issuer.rfc4514_string(),
-            found.cert.not_valid_after_utc.strftime("%Y-%m-%d"), found.path))
-    return stats.code
 
 
 def run(settings, reporter):
