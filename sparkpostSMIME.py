@@ -2786,12 +2786,13 @@ class Job(NamedTuple):
     failure: tuple = ()
 
 
-def build_job(item, settings, keystore, extra=b"", served=(), msg=None):
+def build_job(item, settings, keystore, extra=b"", served=(), msg=None, check=None):
     """Read, check and build the message of work *item* (path, copy); return its Job.
 
-    *extra*: outer header lines for every message (--header, X-MSYS-API);
+    *extra*: outer header lines for every message (extra_header());
     *served*: recipients that got it already (--resume): not in the envelope;
-    *msg*: the Message when it is parsed already (received by --serve).
+    *msg*: the Message when it is parsed already (received by --serve);
+    *check*: the back end's check of the built message (Backend.check).
     Raises MessageError, InputError or IdentityError.
     """
     path, copy = item
@@ -2803,52 +2804,18 @@ def build_job(item, settings, keystore, extra=b"", served=(), msg=None):
         done = date_at_signing(msg, now, settings.keep_date)
         notes = (("date-" + done, ""),) if done else ()
     data = build_smime(msg, settings, signer, recipients, extra, now)
-    if settings.send == "api":
-        notes += api_rules(msg, data, settings)
+    if check is not None:
+        notes += check(msg, data)
     notes += quantum_notes(msg, recipients)
     return Job(path, copy, data, settings.mail_from or msg.sender,
                tuple(r for r in msg.recipients if r not in served), msg, started, notes)
 
 
-def api_rules(msg, data, settings):
-    """Refuse a message SparkPost's API would refuse; return (topic, warning) notes.
+def extra_header(settings, backend):
+    """Return the outer header lines added to every message: --header, then the
+    back end's own (Backend.outer_header())."""
+    return b"".join(settings.headers) + backend.outer_header()
 
-    Raises MessageError for content over MAX_RFC822 octets.  SparkPost substitutes
-    {{...}} in the top-level header whatever perform_substitutions says.
-    """
-    if len(data) > MAX_RFC822:
-        raise MessageError("%s: the built message is %d octets; SparkPost's API accepts at "
-                           "most %d (20 MB) of RFC 822 content: send it with --send_smtp"
-                           % (msg.source, len(data), MAX_RFC822))
-    if not (settings.sign_mode or settings.encrypt):
-        return ()
-    return tuple(("substitution", "%s: the %s header holds '{{': SparkPost substitutes {{...}} "
-                  "in the outer header of every message, signed or not"
-                  % (msg.source, f.raw.split(b":", 1)[0].decode("ascii")))
-                 for f in msg.outer if b"{{" in f.raw and f.name != "bcc")[:1]
-
-
-def extra_header(settings):
-    """Return the outer header lines added to every message: --header, and SparkPost's
-    X-MSYS-API over SparkPost SMTP."""
-    extra = b"".join(settings.headers)
-    if settings.smtp is not None and settings.smtp.sparkpost:
-        extra += sparkpost_smtp_header(settings)
-    return extra
-
-
-def sparkpost_smtp_header(settings):
-    """Return the X-MSYS-API header for SparkPost SMTP: tracking off for signed mail.
-
-    SparkPost rewrites links and adds an open pixel when tracking is on, which
-    would break a signature; the header sits in the outer, unsigned header.
-    """
-    import json
-    track = bool(settings.track and not settings.sign_mode)
-    value = json.dumps({"options": {"open_tracking": track, "click_tracking": track,
-                                    "transactional": not track},
-                        "campaign_id": settings.campaign}, separators=(",", ":"))
-    return b"X-MSYS-API: " + value.encode("ascii") + b"\r\n"
 
 
 ###############################################################################
@@ -2910,6 +2877,20 @@ class Backend:
     def describe(self):
         """Return what open() would do, for --dry_run."""
         return ""
+
+    def preload(self):
+        """Load now what the first session would load (before forking workers)."""
+
+    def outer_header(self):
+        """Return the outer header lines this back end adds to every message."""
+        return b""
+
+    def check(self, msg, data):
+        """Return (topic, warning) notes on the built message *data* of *msg*.
+
+        Raises MessageError for a message this back end would refuse.
+        """
+        return ()
 
     def open(self):
         """Open the session; return the 'Opened ...' line ('' when there is none)."""
@@ -3003,6 +2984,12 @@ class DryRun(Backend):
         super().__init__(backend.settings, backend.events)
         self.backend = backend
 
+    def outer_header(self):
+        return self.backend.outer_header()
+
+    def check(self, msg, data):
+        return self.backend.check(msg, data)
+
     def open(self):
         return "Dry run, nothing is sent. " + self.backend.describe()
 
@@ -3042,6 +3029,12 @@ class SmtpBackend(Backend):
         self.transcript_classes()
         if self.settings.smtp.tls in ("tls", "starttls"):  # "auto" may never need it
             self.tls_context()
+
+    def outer_header(self):
+        """SparkPost's X-MSYS-API header over SparkPost SMTP (sparkpost_smtp_header())."""
+        if self.settings.smtp is not None and self.settings.smtp.sparkpost:
+            return sparkpost_smtp_header(self.settings)
+        return b""
 
     def open(self):
         """Connect, secure and authenticate; return the 'Opened SMTP connection' line.
@@ -3347,6 +3340,19 @@ class SmtpBackend(Backend):
             except Exception:  # noqa: BLE001
                 pass
 
+def sparkpost_smtp_header(settings):
+    """Return the X-MSYS-API header for SparkPost SMTP: tracking off for signed mail.
+
+    SparkPost rewrites links and adds an open pixel when tracking is on, which
+    would break a signature; the header sits in the outer, unsigned header.
+    """
+    import json
+    track = bool(settings.track and not settings.sign_mode)
+    value = json.dumps({"options": {"open_tracking": track, "click_tracking": track,
+                                    "transactional": not track},
+                        "campaign_id": settings.campaign}, separators=(",", ":"))
+    return b"X-MSYS-API: " + value.encode("ascii") + b"\r\n"
+
 
 def refusal(job, accepted, refused, reply, settings):
     """Return the Outcome of recipients refused at RCPT (all, or some: *accepted* got it)."""
@@ -3518,6 +3524,10 @@ class ApiBackend(Backend):
     def describe(self):
         return "Would open connection to %s (API key ***)" % self.settings.api.base_url
 
+    def check(self, msg, data):
+        """SparkPost's API rules (api_rules())."""
+        return api_rules(msg, data, self.settings)
+
     def open(self):
         """Create the keep-alive HTTP session; return the 'Opened connection' line."""
         import requests
@@ -3553,6 +3563,24 @@ class ApiBackend(Backend):
         session, self.session = self.session, None
         if session is not None:
             session.close()
+
+def api_rules(msg, data, settings):
+    """Refuse a message SparkPost's API would refuse; return (topic, warning) notes.
+
+    Raises MessageError for content over MAX_RFC822 octets.  SparkPost substitutes
+    {{...}} in the top-level header whatever perform_substitutions says.
+    """
+    if len(data) > MAX_RFC822:
+        raise MessageError("%s: the built message is %d octets; SparkPost's API accepts at "
+                           "most %d (20 MB) of RFC 822 content: send it with --send_smtp"
+                           % (msg.source, len(data), MAX_RFC822))
+    if not (settings.sign_mode or settings.encrypt):
+        return ()
+    return tuple(("substitution", "%s: the %s header holds '{{': SparkPost substitutes {{...}} "
+                  "in the outer header of every message, signed or not"
+                  % (msg.source, f.raw.split(b":", 1)[0].decode("ascii")))
+                 for f in msg.outer if b"{{" in f.raw and f.name != "bcc")[:1]
+
 
 
 def transmission_body(job, settings):
@@ -4259,9 +4287,10 @@ def run_batch(settings, reporter):
     import mmap
     items, served = work_items(settings, reporter)
     keystore = keystore_of(settings, reporter)
-    backend, extra = make_backend(settings, reporter), extra_header(settings)
+    backend = make_backend(settings, reporter)
+    extra = extra_header(settings, backend)
     build = lambda item: build_job(item, settings, keystore, extra,  # noqa: E731
-                                   served.get(item, ()))
+                                   served.get(item, ()), check=backend.check)
     stats = Stats(len(items), "sent" if settings.send else "written")
     if len(items) > 1:
         gc.enable()  # main() paused it for the start-up; a batch makes garbage as it goes
@@ -4348,8 +4377,7 @@ def preload(backend, build, item):
     """
     try:
         build(item)
-        if hasattr(backend, "preload"):
-            backend.preload()
+        backend.preload()
     except Exception:  # noqa: BLE001 - a warm-up only: the worker reports it properly
         pass
 
@@ -4465,7 +4493,8 @@ class Gateway:
         self.name = socket.gethostname()  # getfqdn() can stall on reverse DNS
         self.prefix = "%X" % int(time.time())  #: message ids: <prefix>.<n>
         self.options = self.smtp_options()
-        self.extra = extra_header(settings)
+        self.rules = make_backend(settings, reporter)  #: the next hop's rules; never opened
+        self.extra = extra_header(settings, self.rules)
         self.stats, self.stopping, self.spawned = Stats(0), False, 0
         self.keystore = self.recorder = self.threads = self.done = None
         self.clients, self.flights, self.uploads = set(), set(), 0
@@ -4828,7 +4857,8 @@ class Gateway:
             if smime_kind(msg.entity_fields):
                 return Job(source, 0, data, msg.sender, tuple(recipients), msg, notes=(
                     (None, "%s: already S/MIME, passed on unchanged" % source),))
-            return build_job(item, settings, self.keystore, self.extra, msg=msg)
+            return build_job(item, settings, self.keystore, self.extra, msg=msg,
+                             check=self.rules.check)
         return next(prefetch(build, [(source, 0)]))
 
     async def hop(self, server, action, *args):
