@@ -61,6 +61,7 @@ Exit codes (sysexits.h):
     130 interrupted.
 """
 
+import collections
 import gc
 import os
 import re
@@ -2896,7 +2897,7 @@ class Backend:
         """Open the session; return the 'Opened ...' line ('' when there is none)."""
         return ""
 
-    def deliver(self, jobs, halted=bool):
+    def deliver(self, jobs, halted):
         """Yield one Outcome per Job of *jobs*, in order; stop after one that halts.
 
         *halted()*: true once the run must stop (jobs then stops giving any).
@@ -2923,7 +2924,7 @@ class FileBackend(Backend):
     "written" (reported, journaled) only once its group is on disk.
     """
 
-    def deliver(self, jobs, halted=bool):
+    def deliver(self, jobs, halted):
         group, waiting = OutputGroup(), []
         try:
             for job in jobs:
@@ -3007,6 +3008,33 @@ class DryRun(Backend):
 
 #: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
 HOST_MISMATCH = (62, 64)
+
+
+class JobQueue:
+    """The Jobs a back end has still to send, in order: those built ahead (a small
+    queue, BUILT_AHEAD at most) first, then the rest of *jobs*, built as taken."""
+
+    def __init__(self, jobs):
+        self.jobs, self.built = iter(jobs), collections.deque()
+
+    def __len__(self):
+        """Return how many Jobs are built ahead."""
+        return len(self.built)
+
+    def take(self):
+        """Return the next Job, or None when there is none left."""
+        return self.built.popleft() if self.built else next(self.jobs, None)
+
+    def put_back(self, job):
+        """Make *job* the next one taken again."""
+        self.built.appendleft(job)
+
+    def build(self):
+        """Build one more Job ahead; return False when *jobs* has none left."""
+        job = next(self.jobs, None)
+        if job is not None:
+            self.built.append(job)
+        return job is not None
 
 
 class SmtpBackend(Backend):
@@ -3147,7 +3175,7 @@ class SmtpBackend(Backend):
 
     # -- the mail transaction ------------------------------------------------------
 
-    def deliver(self, jobs, halted=bool):
+    def deliver(self, jobs, halted):
         """Yield one Outcome per Job, in order; stop after one that halts, or at once
         when halted() turns true (messages built ahead are then not sent).
 
@@ -3159,61 +3187,67 @@ class SmtpBackend(Backend):
         answers (more of them, up to BUILT_AHEAD, while it is slow to answer).  Sending
         one message is the same code with one Job.
         """
-        jobs, built = iter(jobs), []
-
-        def pull():
-            return built.pop(0) if built else next(jobs, None)
-
-        job, ahead = pull(), False  # ahead: its envelope went out behind the last dot
+        queue = JobQueue(jobs)
+        job, pipelined = queue.take(), False  # pipelined: its envelope went out behind a dot
         while job is not None:
             if job.failure:
-                yield failed_build(job)
-                if halted():
-                    return
-                job, ahead = pull(), False
-                continue
-            following = None
-            try:
-                if not ahead:
-                    self.ready()
-                    self.send_envelope(job)
-                outcome, refused = self.envelope_replies(job)
-                if outcome is None:
-                    following = self.next_to_pipeline(pull, built)
-                    payload = dot_terminated(job.data)
-                    if following is not None:
-                        payload += self.envelope(following)
-                        self.count += 1
-                    self.smtp.send(payload)
-                    self.build_while_waiting(jobs, built)
-                    outcome = self.data_reply(job, refused)
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # noqa: BLE001 - every failure becomes an Outcome
-                outcome = error_outcome(job, self.failure(exc))
-            if following is not None and self.smtp is None:  # its envelope died with the session
-                built.insert(0, following)
-                following = None
+                outcome, following = failed_build(job), None
+            else:
+                outcome, following = self.transaction(job, pipelined, queue)
             yield outcome
             if outcome.status == "halt" or halted():
                 if following is not None:  # its DATA may be open: only a drop cancels it
                     self.drop()
                 return
-            job, ahead = (following, True) if following is not None else (pull(), False)
+            job, pipelined = (following, True) if following is not None else (queue.take(),
+                                                                              False)
 
-    def build_while_waiting(self, jobs, built):
+    def transaction(self, job, pipelined, queue):
+        """Run the mail transaction of *job*; return (its Outcome, the Job whose envelope
+        went out behind its dot, or None).
+
+        *pipelined*: the envelope of *job* went out already, behind the last dot.
+        """
+        following = None
+        try:
+            if not pipelined:
+                self.ready()
+                self.send_envelope(job)
+            outcome, refused = self.envelope_replies(job)
+            if outcome is None:
+                following = self.next_to_pipeline(queue)
+                payload = dot_terminated(job.data)
+                if following is not None:
+                    payload += self.counted_envelope(following)
+                self.smtp.send(payload)
+                self.build_while_waiting(queue)
+                outcome = self.data_reply(job, refused)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an Outcome
+            outcome = error_outcome(job, self.failure(exc))
+        if following is not None and self.smtp is None:  # its envelope died with the session
+            queue.put_back(following)
+            following = None
+        return outcome, following
+
+    def build_while_waiting(self, queue):
         """Build the next message, then more (up to BUILT_AHEAD) while the server has not
         answered yet: time spent waiting for a busy server goes into useful work."""
+        while len(queue) < BUILT_AHEAD:
+            if len(queue) and self.answered():
+                return
+            if not queue.build():
+                return
+
+    def answered(self):
+        """Return True when the server's answer is here: decrypted already by TLS, or
+        waiting on the socket."""
         import select
         sock = self.smtp.sock
-        while len(built) < BUILT_AHEAD:
-            if built and (getattr(sock, "pending", int)() or
-                          select.select([sock], [], [], 0)[0]):
-                return  # the answer is there
-            job = next(jobs, None)
-            if job is None:
-                return
-            built.append(job)
+        if self.mode != "plain" and sock.pending():
+            return True
+        return bool(select.select([sock], [], [], 0)[0])
 
     def ready(self):
         """Open a session if there is none, a new one after MESSAGES_PER_CONNECTION."""
@@ -3222,13 +3256,13 @@ class SmtpBackend(Backend):
         if self.smtp is None:
             self.events.session(self.open())
 
-    def next_to_pipeline(self, pull, built):
+    def next_to_pipeline(self, queue):
         """Return the next good Job to send behind this message's dot, or None."""
         if not self.smtp.has_extn("pipelining") or self.count >= MESSAGES_PER_CONNECTION:
             return None
-        following = pull()
+        following = queue.take()
         if following is not None and following.failure:
-            built.insert(0, following)
+            queue.put_back(following)
             return None
         return following
 
@@ -3239,12 +3273,18 @@ class SmtpBackend(Backend):
             job.mail_from, size, "".join("RCPT TO:<%s>\r\n" % r for r in job.recipients))
         ).encode("ascii")
 
+    def counted_envelope(self, job):
+        """Return the envelope of *job* (envelope()), counting its transaction as one
+        of this session's MESSAGES_PER_CONNECTION."""
+        self.count += 1
+        return self.envelope(job)
+
     def send_envelope(self, job):
         """Send the envelope in one group with PIPELINING (RFC 2920); without it the
         commands go one at a time in envelope_replies()."""
-        self.count += 1
+        envelope = self.counted_envelope(job)
         if self.smtp.has_extn("pipelining"):
-            self.smtp.send(self.envelope(job))
+            self.smtp.send(envelope)
 
     def envelope_replies(self, job):
         """Read the replies to MAIL, RCPT... and DATA; return (Outcome, None) when the
@@ -3823,7 +3863,8 @@ def work(settings, backend, jobs, record, halted):
     last outcome as final.
     """
     import heapq
-    tallies, waiting, order = {}, [], iter(range(1 << 62))
+    import itertools
+    tallies, waiting, order = {}, [], itertools.count()  #: order: ties in the heap
 
     def due():  # never waits: the back end may be in the middle of a transaction
         while waiting and not halted() and waiting[0][0] <= time.monotonic():
