@@ -61,12 +61,26 @@ Exit codes (sysexits.h):
     130 interrupted.
 """
 
+import argparse
+import base64
+import binascii
+import calendar
 import collections
 import gc
+import heapq
+import itertools
+import marshal
+import mmap
 import os
 import re
+import select
+import socket
+import struct
 import sys
 import time
+import warnings
+from datetime import datetime, timezone
+from urllib.parse import urlsplit
 from typing import NamedTuple
 
 __version__ = "1.0.0"
@@ -413,7 +427,6 @@ def api_base_url(host):
     A bare host gets https://; a trailing '/' or '/api/v1' is tolerated;
     http:// is accepted only for loopback, so the API key never travels in clear.
     """
-    from urllib.parse import urlsplit
     url = host if "://" in host else "https://" + host
     url = url.rstrip("/")
     if url.endswith("/api/v1"):
@@ -588,7 +601,6 @@ class Reporter:
         """Remember a secret and its base64 forms (at every alignment) for redact()."""
         if not value or len(value) < 3:
             return
-        import base64
         raw = value.encode("utf-8")
         forms = {value}
         for pad in range(3):  # the secret's base64 at each of the three byte alignments
@@ -1266,7 +1278,6 @@ _NOT_BASE64 = bytes(set(range(256)) - set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghij
 
 def decode_body(body, cte):
     """Return *body* decoded from Content-Transfer-Encoding *cte* (bytes)."""
-    import binascii
     if cte == b"base64":
         text = body.translate(None, _NOT_BASE64)  # lenient, like mail clients: one copy
         text = text[:len(text) - len(text) % 4 if len(text) % 4 == 1 else len(text)]
@@ -1292,7 +1303,6 @@ def reencode_leaf(fields, body, ctype):
 
 def encode_qp(data):
     """Return CRLF text *data* as quoted-printable (RFC 2045 6.7), "From " quoted."""
-    import binascii
     encoded = binascii.b2a_qp(data, istext=True)  # soft breaks are LF when data has no CRLF
     return to_crlf(re.sub(rb"(?m)^From ", b"=46rom ", encoded))
 
@@ -1304,7 +1314,6 @@ def encode_base64(data):
     a time, instead of a slice per line: this runs on every message, twice when
     signing and encrypting, and a 577 KB attachment has 10,000 lines.
     """
-    import binascii
     text = binascii.b2a_base64(data, newline=False)
     full = len(text) // BASE64_LINE
     chunks = [b"\r\n".join(line_splitter(min(LINES_PER_CUT, full - n)).unpack_from(
@@ -1322,7 +1331,6 @@ _LINE_SPLITTERS = {}
 def line_splitter(count):
     """Return a struct.Struct cutting *count* base64 lines (one per count, cached)."""
     if count not in _LINE_SPLITTERS:
-        import struct
         _LINE_SPLITTERS[count] = struct.Struct("%ds" % BASE64_LINE * count)
     return _LINE_SPLITTERS[count]
 
@@ -1952,7 +1960,6 @@ def ml_kem_private_key(data, path):
     The seed cannot be recovered from an expanded key alone, nor can cryptography
     load one: that form is refused.
     """
-    import base64
     match = re.search(rb"-----BEGIN PRIVATE KEY-----(.*?)-----END PRIVATE KEY-----", data, re.S)
     try:
         info = Ber(base64.b64decode(match.group(1), validate=False)).children()
@@ -2175,7 +2182,6 @@ def check_certificate(cert, address, path, purpose, certs=()):
 
 def certificate_problem(cert, address, purpose, now=None):
     """Return why *cert* cannot serve *address* for *purpose*, or '' when it can."""
-    from datetime import datetime, timezone
     now = now or datetime.now(timezone.utc)
     if now < cert.not_valid_before_utc:
         return "is not valid yet (valid from %s)" % cert.not_valid_before_utc.date()
@@ -3086,7 +3092,6 @@ class SmtpBackend(Backend):
 
     def connect(self, context=None):
         """Return a connected, greeted smtplib session (implicit TLS for SMTP_TLS=tls)."""
-        import socket
         s = self.settings.smtp
         self.count, self.mode = 0, "plain"  # a new connection is in clear until TLS says not
         plain, secure = self.transcript_classes()
@@ -3243,7 +3248,6 @@ class SmtpBackend(Backend):
     def answered(self):
         """Return True when the server's answer is here: decrypted already by TLS, or
         waiting on the socket."""
-        import select
         sock = self.smtp.sock
         if self.mode != "plain" and sock.pending():
             return True
@@ -3516,7 +3520,6 @@ def host_mismatch(settings, names):
 def smtp_failure(exc, settings):
     """Translate an smtplib/socket/ssl exception into the SmimeToolError to report."""
     import smtplib
-    import socket
     import ssl
     where = "%s:%d" % (settings.host, settings.port)
     if isinstance(exc, smtplib.SMTPResponseException):
@@ -3862,8 +3865,6 @@ def work(settings, backend, jobs, record, halted):
     once halted() is true; messages still waiting for a retry then get their
     last outcome as final.
     """
-    import heapq
-    import itertools
     tallies, waiting, order = {}, [], itertools.count()  #: order: ties in the heap
 
     def due():  # never waits: the back end may be in the middle of a transaction
@@ -4007,7 +4008,6 @@ class Archive:
 
     def store(self, data):
         """Write *data* to tmp/, then rename it into new/ (the Maildir protocol)."""
-        import socket
         self.count += 1
         name = "%d.P%dQ%d.%s" % (time.time(), os.getpid(), self.count,
                                  socket.gethostname().replace("/", "_"))
@@ -4266,14 +4266,12 @@ class Channel:
         self.fd, self.pid, self.buffer, self.counted = fd, pid, b"", False
 
     def send(self, message):
-        import marshal
         data = marshal.dumps(message)
         data = len(data).to_bytes(4, "big") + data
         while data:
             data = data[os.write(self.fd, data):]
 
     def receive(self, chunk):
-        import marshal
         buf, messages = self.buffer + chunk, []
         while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
             size = int.from_bytes(buf[:4], "big")
@@ -4325,7 +4323,6 @@ def work_items(settings, reporter):
 
 def run_batch(settings, reporter):
     """Build (and send) every work item; print the report and summary; return the exit code."""
-    import mmap
     items, served = work_items(settings, reporter)
     keystore = keystore_of(settings, reporter)
     backend = make_backend(settings, reporter)
@@ -4367,8 +4364,6 @@ def run_parallel(settings, backend, build, items, reporter, stats, halt):
     Channel at the end; only a progress bar (drawn here) needs every Result
     sent up.  Imports, keys and the CA store are loaded before forking.
     """
-    import gc
-    import select
     import signal
     preload(backend, build, items[0])
     gc.freeze()  # the workers inherit these objects: keep their pages shared, unscanned
@@ -4529,7 +4524,6 @@ class Gateway:
     """
 
     def __init__(self, settings, reporter):
-        import socket
         self.settings, self.reporter, self.gw = settings, reporter, settings.gateway
         self.name = socket.gethostname()  # getfqdn() can stall on reverse DNS
         self.prefix = "%X" % int(time.time())  #: message ids: <prefix>.<n>
@@ -4561,7 +4555,6 @@ class Gateway:
     def bind(self):
         """Return the listening socket.  Raises ConfigError when the address cannot be
         used (taken, not ours)."""
-        import socket
         family = socket.AF_INET6 if ":" in self.gw.host else socket.AF_INET
         try:
             return socket.create_server((self.gw.host, self.gw.port), family=family,
@@ -4576,10 +4569,7 @@ class Gateway:
         first process to wake take every connection); forward SIGTERM, Ctrl-C and
         SIGHUP to them; replace one that dies.  Return the exit code (74 when one
         could not record a message: then all stop)."""
-        import gc
-        import select
         import signal
-        import socket
         gc.freeze()  # the processes share these pages: keep them unscanned
         children, poller, code, turn = {}, select.poll(), [EX_OK], [0]
         sock.setblocking(False)
@@ -5123,7 +5113,6 @@ class HandedOver:
         loop.add_reader(control.fileno(), self.take)
 
     def take(self):
-        import socket
         try:
             _, fds, _, _ = socket.recv_fds(self.control, 1, 4)
         except BlockingIOError:
@@ -5799,7 +5788,6 @@ def signer_key_problem(cert):
 def validated_chain(cert, certs, roots):
     """Return (the validated path, cert first, or [], why *cert* does not chain to a
     trusted root with intermediates from *certs*, or '')."""
-    from datetime import datetime, timezone
     from cryptography.x509 import verification as v
     builder = (v.PolicyBuilder().store(v.Store(roots)).time(datetime.now(timezone.utc))
                .extension_policies(ca_policy=v.ExtensionPolicy.webpki_defaults_ca(),
@@ -5824,7 +5812,6 @@ def trust_store(cafile):
     if not path or not os.path.isfile(path):
         raise ConfigError("%s: no trusted CA bundle there: pass --ca FILE or set SMIME_CA_FILE"
                           % (path or "(none)"))
-    import warnings
     try:
         with open(path, "rb") as fh, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # system bundles hold old roots with odd serials
@@ -6323,7 +6310,6 @@ def date_mismatch(fields, signature):
     signature is good, but Thunderbird shows it as not valid.  [] otherwise."""
     if not signature.signing_time:
         return []
-    import calendar
     signed = calendar.timegm(time.strptime(signature.signing_time, "%Y-%m-%d %H:%M:%S UTC"))
     dates = [f.value for f in fields if f.name == "date"]
     if not dates:
@@ -6578,7 +6564,6 @@ def harvest_all(settings, reporter):
 
 def build_parser():
     """Return the argparse parser; its errors raise UsageError (exit 64, never 2)."""
-    import argparse
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):
