@@ -101,6 +101,9 @@ EX_IOERR = 74        #: an output could not be written (a full disk)
 EX_TEMPFAIL = 75     #: temporary failure: try again later
 EX_NOPERM = 77       #: authentication refused
 EX_CONFIG = 78       #: missing/bad setting, key or certificate
+#: SMTP replies that put authentication at fault (RFC 4954 6): required, mechanism too
+#: weak, credentials invalid.
+AUTH_CODES = (530, 534, 535)
 
 #: RFC 5322 2.1.1: lines must not exceed 998 octets, CRLF excluded.
 MAX_LINE = 998
@@ -230,7 +233,7 @@ def smtp_exit_code(code):
 
     530/534/535 (authentication) -> 77; 4xx (transient) -> 75; anything else -> 69.
     """
-    if code in (530, 534, 535):
+    if code in AUTH_CODES:
         return EX_NOPERM
     return EX_TEMPFAIL if 400 <= code < 500 else EX_UNAVAILABLE
 
@@ -1233,10 +1236,17 @@ def replace_field(fields, name, raw_value):
     return kept
 
 
+def delimiters(body, boundary):
+    """Return an iterator over the delimiter lines of a CRLF multipart *body*, as re
+    matches; group(1) is "--" on the close delimiter.  The CRLF before each
+    delimiter belongs to it, not to the part before (RFC 2046 5.1.1)."""
+    return re.finditer(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)",
+                       body)
+
+
 def canonical_multipart(body, boundary, depth=0):
     """Return a multipart body with every part made canonical (RFC 2046 5.1.1)."""
-    delimiter = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)")
-    marks = list(delimiter.finditer(body))
+    marks = list(delimiters(body, boundary))
     if not marks:
         return safe_text_block(body)
     out = [safe_text_block(body[:marks[0].start()])]
@@ -3345,14 +3355,14 @@ class SmtpBackend(Backend):
 
     def reply_outcome(self, job, stage, code, text):
         """Return the Outcome of a failure reply: 4xx temporary, 5xx permanent; a 421
-        closes the session, 530/535 halt the run (credentials)."""
+        closes the session, AUTH_CODES halt the run (credentials)."""
         s = self.settings.smtp
         text = decode_reply(text)
         hint = refusal_hint([(code, text)], s)
         detail = "%s by %s:%d: %d %s" % (stage, s.host, s.port, code, text)
         if code == 421:
             self.close()
-        if code in (530, 534, 535):
+        if code in AUTH_CODES:
             return Outcome(job, "halt", EX_NOPERM, detail=detail, hint=hint)
         status = "temporary" if 400 <= code < 500 else "permanent"
         return Outcome(job, status, smtp_exit_code(code), detail=detail, hint=hint)
@@ -3497,7 +3507,7 @@ def transcript_classes():
 def refusal_hint(replies, settings):
     """Return a one-line hint for the classic causes of refusal *replies*, or ''."""
     for code, text in replies:
-        if code in (530, 535):
+        if code in AUTH_CODES and code != 534:  # 534: a mechanism too weak, not the password
             return "check SMTP_USER and SMTP_PASSWORD"
         if code >= 550 and "relay" in text.lower():
             if settings.port == 25 and not settings.user:
@@ -3526,7 +3536,7 @@ def smtp_failure(exc, settings):
         text, code = decode_reply(exc.smtp_error), exc.smtp_code
         stage = {smtplib.SMTPAuthenticationError: "authentication refused",
                  smtplib.SMTPConnectError: "connection refused"}.get(type(exc), "refused")
-        error = (AuthError if code in (530, 534, 535) else DeliveryError)(
+        error = (AuthError if code in AUTH_CODES else DeliveryError)(
             "%s by %s: %d %s" % (stage, where, code, text))
         if isinstance(error, DeliveryError):
             error.exit_code = smtp_exit_code(code)
@@ -4020,10 +4030,7 @@ class Archive:
                 os.fsync(fh.fileno())
             os.rename(tmp, os.path.join(self.directory, "new", name))
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            remove_quietly(tmp)
             raise OutputError("--archive %s: cannot store a message: %s"
                               % (self.directory, exc.strerror or exc))
 
@@ -5399,9 +5406,8 @@ def multipart_parts(body, boundary):
 
     The CRLF before each delimiter belongs to the delimiter, not to the part.
     """
-    delimiter = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)")
     parts, start = [], None
-    for mark in delimiter.finditer(body):
+    for mark in delimiters(body, boundary):
         if start is not None:
             parts.append(body[start:mark.start()])
         if mark.group(1):
