@@ -115,6 +115,20 @@ def run_tool(args, stdin=None, env=None, cwd=None, timeout=120, preexec=None):
     return proc
 
 
+def build(pki, tmp_path, raw, flags, name="in.eml", ok=0, safe=False):
+    """Write *raw* to tmp_path/name and run the tool on it with pki's keys and *flags*;
+    return the CompletedProcess.  Its exit code must be *ok* (unless None); with
+    *safe*, a message built (exit 0) must be transport-safe (engines)."""
+    path = tmp_path / name
+    path.write_bytes(raw)
+    proc = run_tool([str(path), "--keys", pki.keys] + list(flags))
+    if ok is not None:
+        assert proc.returncode == ok, proc.stderr
+    if safe and proc.returncode == 0:
+        engines.check_transport_safe(proc.stdout)
+    return proc
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_secret_in_any_output():
     """After the whole session: no planted secret appeared in any output of the tool."""

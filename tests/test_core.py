@@ -6,7 +6,7 @@ import re
 import pytest
 
 import engines
-from conftest import run_tool
+from conftest import build, run_tool
 from corpus import CORPUS, SENDER
 
 MODES = {
@@ -23,14 +23,6 @@ def recipients_of(raw):
     from email.utils import getaddresses
     found = getaddresses(msg.get_all("to", []) + msg.get_all("cc", []) + msg.get_all("bcc", []))
     return [a.lower() for _, a in found if a]
-
-
-def build(pki, tmp_path, raw, flags, name="in.eml"):
-    path = tmp_path / name
-    path.write_bytes(raw)
-    proc = run_tool([str(path), "--keys", pki.keys] + flags)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 def outer_names(raw):
@@ -60,7 +52,7 @@ def open_message(openssl, pki, out, flags, raw):
 @pytest.mark.parametrize("name", CORPUS)
 def test_openssl_reads_every_mode(pki, openssl, tmp_path, name, mode):
     raw = CORPUS[name]
-    out = build(pki, tmp_path, raw, MODES[mode])
+    out = build(pki, tmp_path, raw, MODES[mode]).stdout
     engines.check_transport_safe(out)
     head = out.split(b"\r\n\r\n", 1)[0]
     assert head.count(b"\r\nMIME-Version: 1.0\r\n") == 1
@@ -72,7 +64,7 @@ def test_openssl_reads_every_mode(pki, openssl, tmp_path, name, mode):
 
 def test_outer_headers_stay_outside_and_are_encoded(pki, openssl, tmp_path):
     raw = CORPUS["non-ascii-headers"]
-    out = build(pki, tmp_path, raw, ["--sign", "--encrypt"])
+    out = build(pki, tmp_path, raw, ["--sign", "--encrypt"]).stdout
     msg = engines.parse(out)
     assert engines.header_text(msg, "subject") == "Réunion demain — ordre du jour ✓"
     assert engines.header_text(msg, "x-note") == "naïve"
@@ -84,11 +76,11 @@ def test_outer_headers_stay_outside_and_are_encoded(pki, openssl, tmp_path):
 
 def test_opaque_and_detached_structure(pki, openssl, tmp_path):
     raw = CORPUS["plain-ascii"]
-    opaque = engines.parse(build(pki, tmp_path, raw, ["--sign"]))
+    opaque = engines.parse(build(pki, tmp_path, raw, ["--sign"]).stdout)
     assert opaque.get_content_type() == "application/pkcs7-mime"
     assert opaque.get_param("smime-type") == "signed-data"
     assert opaque["content-transfer-encoding"] == "base64"
-    detached = engines.parse(build(pki, tmp_path, raw, ["--sign_detached"]))
+    detached = engines.parse(build(pki, tmp_path, raw, ["--sign_detached"]).stdout)
     assert detached.get_content_type() == "multipart/signed"
     assert detached.get_param("protocol") == "application/pkcs7-signature"
     assert detached.get_param("micalg") == "sha-256"
@@ -96,7 +88,7 @@ def test_opaque_and_detached_structure(pki, openssl, tmp_path):
 
 
 def test_signature_carries_chain_but_not_root(pki, openssl, tmp_path):
-    out = build(pki, tmp_path, CORPUS["plain-ascii"], ["--sign"])
+    out = build(pki, tmp_path, CORPUS["plain-ascii"], ["--sign"]).stdout
     printed = openssl.cms_print(out)
     assert "Test Intermediate CA" in printed and "CN=alice@example.com" in printed
     assert "subject: O=sparkpostSMIME TEST ONLY, CN=sparkpostSMIME Test Root CA" not in printed
@@ -105,15 +97,15 @@ def test_signature_carries_chain_but_not_root(pki, openssl, tmp_path):
 
 def test_cipher_choice(pki, openssl, tmp_path):
     for flag, oid in (([], "aes-256-cbc"), (["--cipher", "aes128"], "aes-128-cbc")):
-        out = build(pki, tmp_path, CORPUS["plain-ascii"], ["--encrypt"] + flag)
+        out = build(pki, tmp_path, CORPUS["plain-ascii"], ["--encrypt"] + flag).stdout
         assert oid in openssl.cms_print(out)
 
 
 def test_passthrough_normalises_only(pki, tmp_path):
-    out = build(pki, tmp_path, CORPUS["no-trailing-newline"], [])
+    out = build(pki, tmp_path, CORPUS["no-trailing-newline"], []).stdout
     engines.check_transport_safe(out)
     assert out.endswith(b"last line has no newline\r\n")
-    out = build(pki, tmp_path, CORPUS["many-recipients"], [])
+    out = build(pki, tmp_path, CORPUS["many-recipients"], []).stdout
     assert b"Bcc" not in out and b"Hi all.\r\n" in out
 
 
@@ -129,7 +121,7 @@ def test_stdin_and_output_file(pki, openssl, tmp_path):
 @pytest.mark.parametrize("name", ["attachments", "non-ascii-headers", "forwarded", "nested"])
 def test_nss_and_gpgsm_decrypt_and_verify(pki, nss, gpgsm, tmp_path, name, mode):
     raw = CORPUS[name]
-    out = build(pki, tmp_path, raw, [mode, "--encrypt"])
+    out = build(pki, tmp_path, raw, [mode, "--encrypt"]).stdout
     der = engines.der_of(out)
     for engine in (nss, gpgsm):
         content = engines.verify_signed(engine, engine.decrypt(der))
@@ -138,7 +130,7 @@ def test_nss_and_gpgsm_decrypt_and_verify(pki, nss, gpgsm, tmp_path, name, mode)
 
 def test_nss_detects_tampering(pki, nss, tmp_path):
     """The engines used above really check: a changed byte is a bad signature."""
-    out = build(pki, tmp_path, CORPUS["plain-ascii"], ["--sign_detached"])
+    out = build(pki, tmp_path, CORPUS["plain-ascii"], ["--sign_detached"]).stdout
     content, sig = engines.split_signed(out)
     status, _ = nss.verify(sig, content.replace(b"Just text", b"Just test"))
     assert "GoodSignature" not in status

@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, x25519
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import conftest
 import engines
 from conftest import PKI, need, run_tool
 from pki import pem_cert, pem_key, write
@@ -58,12 +59,7 @@ def message(sender, to, cc=(), bcc=(), body="Hello from an EC test.\n"):
 
 
 def build(pki, tmp_path, raw, flags):
-    path = tmp_path / "m.eml"
-    path.write_bytes(raw)
-    proc = run_tool([str(path), "--keys", pki.keys] + flags)
-    assert proc.returncode == 0, proc.stderr
-    engines.check_transport_safe(proc.stdout)
-    return proc.stdout
+    return conftest.build(pki, tmp_path, raw, flags, name="m.eml", safe=True).stdout
 
 
 def text_of(entity):

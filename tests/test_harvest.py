@@ -4,6 +4,7 @@ import os
 import re
 
 import pytest
+from cryptography import x509
 
 import engines
 from conftest import run_tool
@@ -54,8 +55,8 @@ def test_harvest_openssl_signed_then_encrypt_to_it(pki, frank, tmp_path, openssl
     out = proc.stdout.decode()
     assert out.startswith("saved %s: issuer " % FRANK) and "Test Intermediate CA" in out
     assert "valid until %s" % frank["obj"].not_valid_after_utc.strftime("%Y-%m-%d") in out
-    saved = keys / (FRANK + ".crt")
-    assert saved.exists()
+    saved = x509.load_pem_x509_certificate((keys / (FRANK + ".crt")).read_bytes())
+    assert saved == frank["obj"]  # Frank's own certificate, not the intermediate's
     # the round trip: encrypt to the harvested certificate, Frank decrypts with OpenSSL
     msg = tmp_path / "reply.eml"
     msg.write_bytes(b"From: alice@example.com\r\nTo: frank@example.net\r\nSubject: re\r\n\r\n"

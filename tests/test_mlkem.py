@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import mlkem
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import debian
+import conftest
 import engines
 import sid
 from conftest import KEY_PASSWORD, PKI, need, run_tool
@@ -95,13 +96,7 @@ def message(sender, to, body=BODY):
 
 
 def build(pki, tmp_path, raw, flags, ok=0):
-    path = tmp_path / "m.eml"
-    path.write_bytes(raw)
-    proc = run_tool([str(path), "--keys", pki.keys] + flags)
-    assert proc.returncode == ok, proc.stderr
-    if ok == 0:
-        engines.check_transport_safe(proc.stdout)
-    return proc
+    return conftest.build(pki, tmp_path, raw, flags, name="m.eml", ok=ok, safe=True)
 
 
 def der_of(out):

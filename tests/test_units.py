@@ -1,7 +1,7 @@
 """Direct tests of the pure core: values in, values out, no process, no server.
 
 The retry policy, one message's tally of attempts, SparkPost's answer turned into an Outcome,
-the Date rule of signed mail.  Every other test file drives the tool as a user does; these
+the Date rule of signed mail, the DER encoder read back by the BER reader.  Every other test file drives the tool as a user does; these
 pin down the decisions those runs depend on, one case at a time.
 """
 
@@ -203,3 +203,52 @@ def test_notices_count_the_run_across_workers():
         "m1.eml: the copies for bob are not quantum-safe (2 messages in all)",
         tool.RUN_NOTICES["date-kept"] % "1 message"]
     assert stats.notices()[0].startswith("Date replaced by the signing time in 3 messages")
+
+
+# -- DER encoder <-> BER reader (X.690) -------------------------------------------------
+
+@pytest.mark.parametrize("number", [0, 1, -1, 127, 128, -128, -129, 255, 256, 2 ** 64 + 5,
+                                    -(2 ** 70)])
+def test_der_integer_reads_back(number):
+    element = tool.Ber(tool.der_int(number))
+    assert element.tag == tool.INTEGER and element.integer() == number
+    assert element.end == len(element.data)
+
+
+@pytest.mark.parametrize("dotted", ["1.2.840.113549.1.7.2", "2.16.840.1.101.3.4.4.2",
+                                    "1.3.132.1.11.1", "2.999.3", "0.9.2342"])
+def test_der_oid_reads_back(dotted):
+    assert tool.Ber(tool.der_oid(dotted)).oid() == dotted
+
+
+def test_der_structure_reads_back_by_field():
+    long_octets = bytes(range(256)) * 3  # a long form length (X.690 8.1.3.5)
+    encoded = tool.der(tool.SEQUENCE, tool.der_int(3), tool.der_oid("1.2.3.4"),
+                       tool.der(tool.ctx(0), tool.der(tool.OCTET_STRING, long_octets)),
+                       tool.der_set(tool.der_int(2), tool.der_int(1)))
+    fields = tool.Fields(tool.Ber(encoded))
+    assert fields.take(tool.INTEGER).integer() == 3
+    assert fields.take(tool.OID).oid() == "1.2.3.4"
+    assert fields.optional(tool.ctx(1)) is None
+    tagged = fields.take(tool.ctx(0))
+    (inner,) = tagged.children()
+    assert inner.octets() == long_octets and inner.raw[:4] == b"\x04\x82\x03\x00"
+    assert [e.integer() for e in fields.take(tool.SET).children()] == [1, 2]  # sorted
+    assert fields.rest() == []
+    with pytest.raises(ValueError):
+        fields.take()
+
+
+def test_ber_reads_what_der_never_writes_indefinite_and_constructed():
+    pieces = tool.der(tool.OCTET_STRING, b"ab") + tool.der(tool.OCTET_STRING, b"cd")
+    indefinite = bytes((tool.OCTET_STRING | 0x20, 0x80)) + pieces + b"\0\0"
+    element = tool.Ber(bytes((tool.SEQUENCE, 0x80)) + indefinite + b"\0\0")
+    (string,) = element.children()
+    assert string.octets() == b"abcd" and element.end == len(element.data)
+
+
+@pytest.mark.parametrize("data", [b"\x30\x05\x02\x01", b"\x02\x00", b"\x30\x80\x02\x01\x01"])
+def test_ber_refuses_truncated_or_empty(data):
+    with pytest.raises(ValueError):
+        element = tool.Ber(data)
+        element.children() if element.constructed else element.integer()
