@@ -6314,9 +6314,10 @@ def date_mismatch(fields, signature):
     """Return a warning (in a list) when the message's Date and the *signature*'s
     signing-time are more than CLIENT_DATE_SKEW apart or there is no Date: the
     signature is good, but Thunderbird shows it as not valid.  [] otherwise."""
-    if not signature.signing_time:
+    try:  # the signer chose the attribute: it may hold anything
+        signed = calendar.timegm(time.strptime(signature.signing_time, "%Y-%m-%d %H:%M:%S UTC"))
+    except (ValueError, OverflowError):
         return []
-    signed = calendar.timegm(time.strptime(signature.signing_time, "%Y-%m-%d %H:%M:%S UTC"))
     dates = [f.value for f in fields if f.name == "date"]
     if not dates:
         return ["no Date header: Thunderbird shows the signature (signed %s) as not valid"

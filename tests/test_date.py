@@ -211,3 +211,17 @@ def test_verify_is_quiet_when_date_and_signing_time_agree(pki, tmp_path):
     proc = verify(pki, tmp_path, signed.stdout)
     assert proc.returncode == 0, proc.stderr
     assert b"Thunderbird" not in proc.stderr
+
+
+def test_verify_with_an_unreadable_signing_time(pki, tmp_path, monkeypatch):
+    """A good signature whose signed signing-time attribute is garbage (the signer chose
+    it): --verify passes it, quietly about the Date, never an internal error."""
+    monkeypatch.setattr(tool, "signing_time", lambda now=None: tool.der(0x17, b"20XX13Z"))
+    keystore = tool.Keystore([pki.keys])
+    msg = tool.parse_message(message("Date: %s\n" % STALE))
+    data = tool.build_smime(msg, tool.Settings(("-",), sign_mode="opaque"),
+                            keystore.signer(SENDER))
+    proc = verify(pki, tmp_path, data)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(b"OK - signed by %s" % SENDER.encode())
+    assert b"internal error" not in proc.stderr
