@@ -1683,11 +1683,8 @@ def issuer_and_serial(cert):
     (RFC 5280 4.1), so a recipient's lookup matches whatever string types its
     issuer name was written with.
     """
-    fields = Fields(Ber(cert.tbs_certificate_bytes))
-    fields.optional(ctx(0))  # version [0] EXPLICIT
-    serial_number = fields.take(INTEGER)
-    fields.take(SEQUENCE)  # signature
-    return der(SEQUENCE, fields.take(SEQUENCE).raw, serial_number.raw)
+    cert = Certificate.of(cert)
+    return der(SEQUENCE, cert.issuer_der, cert.serial)
 
 
 ###############################################################################
@@ -1705,6 +1702,196 @@ ML_KEM = {"2.16.840.1.101.3.4.4.1": "ML-KEM-512", "2.16.840.1.101.3.4.4.2": "ML-
           "2.16.840.1.101.3.4.4.3": "ML-KEM-1024"}
 
 
+#: Signature algorithms of certificates checked here without cryptography.x509 (RFC 4055
+#: 5, RFC 5758 3.2, RFC 8410 3): OID -> (key type, hash name or None); others are
+#: checked by cryptography.
+CERT_SIGNATURES = {
+    "1.2.840.113549.1.1.5": ("rsa", "SHA1"), "1.2.840.113549.1.1.14": ("rsa", "SHA224"),
+    "1.2.840.113549.1.1.11": ("rsa", "SHA256"), "1.2.840.113549.1.1.12": ("rsa", "SHA384"),
+    "1.2.840.113549.1.1.13": ("rsa", "SHA512"), "1.2.840.10045.4.3.1": ("ec", "SHA224"),
+    "1.2.840.10045.4.3.2": ("ec", "SHA256"), "1.2.840.10045.4.3.3": ("ec", "SHA384"),
+    "1.2.840.10045.4.3.4": ("ec", "SHA512"), "1.3.101.112": ("ed", None),
+    "1.3.101.113": ("ed", None)}
+#: Certificate extensions read here (RFC 5280 4.2.1).
+EXT_KEY_USAGE, EXT_SUBJECT_ALT_NAME, EXT_NAME_CONSTRAINTS, EXT_EXTENDED_KEY_USAGE = (
+    "2.5.29.15", "2.5.29.17", "2.5.29.30", "2.5.29.37")
+#: Attribute types of names read here: emailAddress (RFC 5280 A.1), commonName.
+ATTR_EMAIL_ADDRESS, ATTR_COMMON_NAME = "1.2.840.113549.1.9.1", "2.5.4.3"
+#: extKeyUsage purposes that allow S/MIME: emailProtection, anyExtendedKeyUsage.
+EMAIL_PURPOSES = {"1.3.6.1.5.5.7.3.4", "2.5.29.37.0"}
+#: KeyUsage bits (RFC 5280 4.2.1.3), numbered from the first.
+KU_DIGITAL_SIGNATURE, KU_CONTENT_COMMITMENT, KU_KEY_ENCIPHERMENT, KU_KEY_AGREEMENT = 0, 1, 2, 4
+#: Character string types of names and their Python codecs (X.680 41).
+NAME_STRINGS = {0x0C: "utf-8", 0x13: "ascii", 0x14: "latin-1", 0x16: "ascii",
+                0x1A: "ascii", 0x1C: "utf-32-be", 0x1E: "utf-16-be"}
+
+
+class Certificate:
+    """An X.509 certificate (RFC 5280 4.1) read with the DER layer: the fields the checks
+    of a sending run need, without importing cryptography.x509 (~25 ms of a single
+    run's start-up, most of it compiling regular expressions).
+
+    Certificates compare and hash by their DER, as cryptography's do.  Anything
+    else (names as text, PEM) comes from cryptography's own certificate, made on
+    first use (see x509()).  Raises ValueError for DER that is not a certificate
+    or uses indefinite lengths.
+    """
+
+    def __init__(self, data, x509=None):
+        self.der, self._x509, self._public = bytes(data), x509, None
+        top = Ber(self.der)
+        outer = Fields(top)
+        tbs, signature_algorithm, signature = (outer.take(SEQUENCE), outer.take(SEQUENCE),
+                                               outer.take(BIT_STRING))
+        fields = Fields(tbs)
+        fields.optional(ctx(0))  # version [0] EXPLICIT
+        self.serial = fields.take(INTEGER).raw
+        self.inner_algorithm = fields.take(SEQUENCE).raw
+        self.issuer_der = fields.take(SEQUENCE).raw
+        self.not_valid_before_utc, self.not_valid_after_utc = map(
+            der_time, Fields(fields.take(SEQUENCE)).rest())
+        self.subject_der, self.spki = fields.take(SEQUENCE).raw, fields.take(SEQUENCE).raw
+        self.key_algorithm = algorithm_oid(Fields(Ber(self.spki)).take(SEQUENCE))
+        fields.optional(ctx(1, constructed=False))  # issuerUniqueID
+        fields.optional(ctx(2, constructed=False))  # subjectUniqueID
+        extensions = fields.optional(ctx(3))
+        self.extensions_der = read_extensions(extensions) if extensions else {}
+        if top.end != len(self.der) or top.reader.ends or fields.rest():
+            raise ValueError("not a DER certificate")
+        self.tbs = tbs.raw
+        self.signature_algorithm = signature_algorithm.raw
+        if not signature.body or signature.body[0]:
+            raise ValueError("a certificate signature with unused bits")
+        self.signature = signature.body[1:]
+
+    @classmethod
+    def of(cls, cert):
+        """Return *cert* itself if it is one of ours, else ours of cryptography's *cert*."""
+        if isinstance(cert, cls):
+            return cert
+        return cls(cert.public_bytes(serialization_api()[0].DER), cert)
+
+    def __eq__(self, other):
+        return isinstance(other, Certificate) and other.der == self.der
+
+    def __hash__(self):
+        return hash(self.der)
+
+    def x509(self):
+        """Return cryptography's certificate of the same DER (imports cryptography.x509)."""
+        if self._x509 is None:
+            from cryptography import x509
+            self._x509 = x509.load_der_x509_certificate(self.der)
+        return self._x509
+
+    def __getattr__(self, name):
+        """What this class does not read (issuer and subject as Names, public_bytes,
+        fingerprint...): cryptography's certificate's."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.x509(), name)
+
+    def public_key(self):
+        """Return the public key (cryptography's object), loaded once.  Raises ValueError
+        or UnsupportedAlgorithm for one cryptography cannot load."""
+        if self._public is None:
+            from cryptography.hazmat.bindings._rust import openssl
+            self._public = openssl.keys.load_der_public_key(self.spki)
+        return self._public
+
+    def extension(self, oid):
+        """Return the DER value of extension *oid*, or None when there is none."""
+        return self.extensions_der.get(oid)
+
+    def emails(self):
+        """Return the SAN rfc822Names, lower-cased (None without a SAN).  Raises ValueError."""
+        san = self.extension(EXT_SUBJECT_ALT_NAME)
+        if san is None:
+            return None
+        return [name.body.decode("ascii").lower() for name in Ber(san).children()
+                if name.tag == ctx(1, constructed=False)]
+
+    def subject_emails(self):
+        """Return the subject's emailAddress attributes, lower-cased."""
+        return [value.lower() for value in name_values(self.subject_der, ATTR_EMAIL_ADDRESS)]
+
+    def is_issuer_of(self, cert):
+        """True when this certificate's subject is *cert*'s issuer and its key signed
+        *cert* (RFC 5280 6.1.3 (a)(1) and (a)(4))."""
+        if self.subject_der != cert.issuer_der:
+            return False
+        kind, hash_name = CERT_SIGNATURES.get(algorithm_oid(Ber(cert.signature_algorithm)),
+                                              (None, None))
+        try:
+            if kind is None or cert.inner_algorithm != cert.signature_algorithm:
+                cert.x509().verify_directly_issued_by(self.x509())
+            else:
+                verify_with(self.public_key(), kind, hash_name, cert.signature, cert.tbs)
+            return True
+        except Exception:  # ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm
+            return False
+
+
+def verify_with(key, kind, hash_name, signature, data):
+    """Check *signature* over *data* by public *key*.  Raises InvalidSignature, or
+    TypeError for a key of another kind than *kind*."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+    if kind == "rsa" and isinstance(key, rsa.RSAPublicKey):
+        return key.verify(signature, data, padding.PKCS1v15(), getattr(hashes, hash_name)())
+    if kind == "ec" and isinstance(key, ec.EllipticCurvePublicKey):
+        return key.verify(signature, data, ec.ECDSA(getattr(hashes, hash_name)()))
+    if kind == "ed" and hasattr(key, "verify") and not isinstance(
+            key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+        return key.verify(signature, data)
+    raise TypeError("a %s signature by another kind of key" % kind)
+
+
+def read_extensions(ber):
+    """Return {OID: DER value} of a certificate's [3] Extensions (RFC 5280 4.1.2.9).
+
+    Raises ValueError for one that is not well-formed DER or appears twice.
+    """
+    found = {}
+    for item in Fields(ber).take(SEQUENCE).children():
+        fields = Fields(item)
+        oid = fields.take(OID).oid()
+        fields.optional(0x01)  # critical BOOLEAN DEFAULT FALSE
+        value = fields.take(OCTET_STRING).body
+        if oid in found or fields.rest() or Ber(value).end != len(value):
+            raise ValueError("extension %s twice or malformed" % oid)
+        found[oid] = value
+    return found
+
+
+def der_time(ber):
+    """Return the UTC datetime of a DER UTCTime or GeneralizedTime (RFC 5280 4.1.2.5)."""
+    text = ber.body.decode("ascii")
+    if ber.tag == 0x17 and len(text) == 13:  # YYMMDDHHMMSSZ: 1950-2049
+        year = int(text[:2])
+        text = ("19" if year >= 50 else "20") + text
+    elif ber.tag != 0x18 or len(text) != 15:
+        raise ValueError("a certificate validity that is not a DER time")
+    if not text.endswith("Z") or not text[:-1].isdigit():
+        raise ValueError("a certificate validity that is not a DER time")
+    return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=timezone.utc)
+
+
+def name_values(name, oid):
+    """Return the text values of attribute *oid* in DER Name *name* (RFC 5280 4.1.2.4).
+    Raises ValueError for a string type it cannot read."""
+    values = []
+    for rdn in Ber(name).children():
+        for attribute in rdn.children():
+            fields = Fields(attribute)
+            kind, value = fields.take(OID), fields.take()
+            if kind.oid() == oid:
+                if value.tag not in NAME_STRINGS:
+                    raise ValueError("a name attribute of string type %d" % value.tag)
+                values.append(value.body.decode(NAME_STRINGS[value.tag]))
+    return values
+
+
 class Identity:
     """A certificate (and for the sender, its private key and chain) for an address.
 
@@ -1714,8 +1901,8 @@ class Identity:
     """
 
     def __init__(self, address, cert, path, key=None, chain=()):
-        self.address, self.cert, self.path = address, cert, path
-        self.key, self.chain = key, list(chain)
+        self.address, self.cert, self.path = address, Certificate.of(cert), path
+        self.key, self.chain = key, [Certificate.of(c) for c in chain]
         self.rid = issuer_and_serial(cert)
         self.kind, self.digest = key_kind(cert)
         self.cert_set = None
@@ -1724,9 +1911,7 @@ class Identity:
         """Return the DER [0] CertificateSet of the certificate and its chain (RFC 5652
         10.2.3), sorted as a DER SET OF, worked out once."""
         if self.cert_set is None:
-            Encoding = serialization_api()[0]
-            self.cert_set = der(ctx(0), *sorted(c.public_bytes(Encoding.DER)
-                                                for c in [self.cert] + self.chain))
+            self.cert_set = der(ctx(0), *sorted(c.der for c in [self.cert] + self.chain))
         return self.cert_set
 
 
@@ -1950,7 +2135,7 @@ class Keystore:
                                 "%s SMIME_KEY_PASSWORD" % (path, hint))
         if key is None or cert is None:
             raise IdentityError("%s: the PKCS#12 file lacks a private key or certificate" % path)
-        return key, cert, list(extra)
+        return key, Certificate.of(cert), [Certificate.of(c) for c in extra]
 
 
 def keystore_of(settings, reporter):
@@ -2058,15 +2243,23 @@ def read_key_file(path):
         raise IdentityError("%s: cannot read: %s" % (path, exc.strerror or exc))
 
 
+#: A PEM certificate's base64 (RFC 7468 5).
+PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n(.*?)-----END CERTIFICATE-----",
+                             re.S)
+
+
 def load_certificates(data, path):
     """Return the certificates in PEM or DER *data*.  Raises IdentityError."""
-    from cryptography import x509
     try:
         if b"-----BEGIN CERTIFICATE-----" in data:
-            return x509.load_pem_x509_certificates(data)
+            blocks = PEM_CERTIFICATE.findall(data)
+            if not blocks:
+                raise ValueError("no whole PEM certificate")
+            return [Certificate(base64.b64decode(b"".join(b.split()), validate=True))
+                    for b in blocks]
         if b"-----BEGIN" in data:
             return []
-        return [x509.load_der_x509_certificate(data)]
+        return [Certificate(data)]
     except ValueError:
         raise IdentityError("%s: not a readable PEM or DER certificate" % path)
 
@@ -2136,7 +2329,8 @@ def same_key(cert, key):
 
 def is_self_signed(cert):
     """True when *cert* is a root: issuer equals subject and it signed itself."""
-    return cert.issuer == cert.subject and issued_by(cert, cert)
+    cert = Certificate.of(cert)
+    return cert.issuer_der == cert.subject_der and cert.is_issuer_of(cert)
 
 
 def recipient_from_file(address, path):
@@ -2164,16 +2358,11 @@ def extension(cert, kind):
 def cert_emails(cert):
     """Return the lower-cased e-mail addresses of *cert*: SAN rfc822Name, else subject
     ([] for a certificate whose extensions cannot be read)."""
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
+    cert = Certificate.of(cert)
     try:
-        san = extension(cert, x509.SubjectAlternativeName)
+        return cert.emails() or cert.subject_emails()
     except ValueError:
         return []
-    emails = san.get_values_for_type(x509.RFC822Name) if san is not None else []
-    if not emails:
-        emails = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)]
-    return [str(e).lower() for e in emails]
 
 
 def check_certificate(cert, address, path, purpose, certs=()):
@@ -2206,10 +2395,10 @@ def certificate_problem(cert, address, purpose, now=None):
 def issuer_path(cert, certs):
     """Return the issuers of *cert* found among *certs*, nearest first, up to a root:
     each one's subject is the issuer name of the one before and its key signed it."""
-    path, current = [], cert
+    path, current, certs = [], Certificate.of(cert), [Certificate.of(c) for c in certs]
     while len(path) < len(certs) and not is_self_signed(current):
-        parent = next((c for c in certs if c.subject == current.issuer and c is not current
-                       and c not in path and issued_by(current, c)), None)
+        parent = next((c for c in certs if c != current and c not in path
+                       and c.is_issuer_of(current)), None)
         if parent is None:
             break
         path.append(parent)
@@ -2218,24 +2407,16 @@ def issuer_path(cert, certs):
 
 
 def issued_by(cert, issuer):
-    """True when *issuer*'s key signed *cert*."""
-    try:
-        cert.verify_directly_issued_by(issuer)
-        return True
-    except Exception:  # ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm
-        return False
+    """True when *issuer* is named *cert*'s issuer and its key signed *cert*."""
+    return Certificate.of(issuer).is_issuer_of(Certificate.of(cert))
 
 
 def certificate_addresses(cert):
     """Return every e-mail address of *cert*, lower-cased: its SAN rfc822Names and its
     subject emailAddress attributes, which name constraints govern alike (RFC 5280
     4.2.1.10).  Raises ValueError for a SAN that cannot be parsed."""
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-    san = extension(cert, x509.SubjectAlternativeName)
-    names = san.get_values_for_type(x509.RFC822Name) if san is not None else []
-    names += [a.value for a in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)]
-    return [str(n).lower() for n in names]
+    cert = Certificate.of(cert)
+    return (cert.emails() or []) + cert.subject_emails()
 
 
 def name_constraint_problem(cert, issuers):
@@ -2246,18 +2427,12 @@ def name_constraint_problem(cert, issuers):
     subject's emailAddress attributes too, as RFC 5280 requires, and to every CA
     of the path.  A CA with permitted rfc822Name subtrees permits nothing else.
     """
-    from cryptography import x509
     try:
         addresses = certificate_addresses(cert)
-        rules = [(ca, extension(ca, x509.NameConstraints)) for ca in issuers]
+        rules = [(ca, mail_subtrees(Certificate.of(ca))) for ca in issuers]
     except ValueError:
         return "has extensions that cannot be read (a malformed certificate)"
-    for ca, rule in rules:
-        if rule is None:
-            continue
-        permitted, excluded = (
-            [n.value for n in trees if isinstance(n, x509.RFC822Name)] if trees else None
-            for trees in (rule.permitted_subtrees, rule.excluded_subtrees))
+    for ca, (permitted, excluded) in rules:
         for address in addresses:
             if excluded and any(in_mail_subtree(address, tree) for tree in excluded):
                 return ("names %s, which the name constraints of its issuer %s exclude"
@@ -2266,6 +2441,22 @@ def name_constraint_problem(cert, issuers):
                 return ("names %s, which the name constraints of its issuer %s do not permit "
                         "(only %s)" % (address, common_name(ca.subject), ", ".join(permitted)))
     return ""
+
+
+def mail_subtrees(ca):
+    """Return (permitted, excluded) rfc822Name subtrees of *ca*'s NameConstraints
+    (RFC 5280 4.2.1.10), each a list of strings ([] when it has none).  Raises
+    ValueError for a NameConstraints that cannot be read."""
+    value = ca.extension(EXT_NAME_CONSTRAINTS)
+    trees = {ctx(0): [], ctx(1): []}
+    for part in Ber(value).children() if value is not None else ():
+        if part.tag not in trees:
+            raise ValueError("a NameConstraints field that is not a subtree list")
+        for subtree in part.children():
+            base = Fields(subtree).take()
+            if base.tag == ctx(1, constructed=False):
+                trees[part.tag].append(base.body.decode("ascii"))
+    return trees[ctx(0)], trees[ctx(1)]
 
 
 def in_mail_subtree(address, tree):
@@ -2294,30 +2485,47 @@ def usage_problem(cert, purpose):
     of ECDH_SCHEMES allowing keyAgreement (RFC 8550 4.4.2, RFC 5480 3), or an
     ML-KEM-768/1024 key allowing keyEncipherment (RFC 9935 5, RFC 9936 3).
     """
-    from cryptography import x509
-    from cryptography.x509.oid import ExtendedKeyUsageOID
+    cert = Certificate.of(cert)
     kind = "sign"
     if purpose == "encrypt":
         kind = encryption_kind(cert)
         if kind not in ("rsa", "ec", "mlkem"):
             return kind
     try:
-        ku, eku = extension(cert, x509.KeyUsage), extension(cert, x509.ExtendedKeyUsage)
+        ku, eku = key_usage(cert), extended_key_usage(cert)
     except ValueError:
         return "has extensions that cannot be read (a malformed certificate)"
     if ku is not None:
-        if kind == "sign" and not (ku.digital_signature or ku.content_commitment):
+        if kind == "sign" and not ku & {KU_DIGITAL_SIGNATURE, KU_CONTENT_COMMITMENT}:
             return "does not allow digital signatures (key usage)"
-        if kind == "rsa" and not ku.key_encipherment:
+        if kind == "rsa" and KU_KEY_ENCIPHERMENT not in ku:
             return "does not allow key encipherment (key usage)"
-        if kind == "ec" and not ku.key_agreement:
+        if kind == "ec" and KU_KEY_AGREEMENT not in ku:
             return "has an EC key that does not allow key agreement (key usage)"
-        if kind == "mlkem" and not ku.key_encipherment:
+        if kind == "mlkem" and KU_KEY_ENCIPHERMENT not in ku:
             return "has an ML-KEM key that does not allow key encipherment (key usage)"
-    allowed = {ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
-    if eku is not None and not allowed & set(eku):
+    if eku is not None and not EMAIL_PURPOSES & eku:
         return "is not for e-mail protection (extended key usage)"
     return ""
+
+
+def key_usage(cert):
+    """Return the set of KeyUsage bit numbers *cert* asserts, None without the extension
+    (RFC 5280 4.2.1.3).  Raises ValueError for one that cannot be read."""
+    value = cert.extension(EXT_KEY_USAGE)
+    if value is None:
+        return None
+    bits = Ber(value)
+    if bits.tag != BIT_STRING or not bits.body or bits.body[0] > 7:
+        raise ValueError("a KeyUsage that is not a BIT STRING")
+    return {n for n in range(8 * (len(bits.body) - 1)) if bits.body[1 + n // 8] & 0x80 >> n % 8}
+
+
+def extended_key_usage(cert):
+    """Return the set of extKeyUsage purposes (OIDs) of *cert*, None without the extension
+    (RFC 5280 4.2.1.12).  Raises ValueError for one that cannot be read."""
+    value = cert.extension(EXT_EXTENDED_KEY_USAGE)
+    return None if value is None else {purpose.oid() for purpose in Ber(value).children()}
 
 
 def encryption_kind(cert):
@@ -2346,7 +2554,7 @@ def unreadable_key(cert):
     """Return why we cannot encrypt to *cert*, whose public key cryptography cannot load:
     its algorithm named (ML-KEM-512, which cryptography lacks), else its OID."""
     try:
-        oid = cert.public_key_algorithm_oid.dotted_string
+        oid = Certificate.of(cert).key_algorithm
     except ValueError:
         return "has a malformed public key"
     if oid in ML_KEM:
@@ -2703,7 +2911,7 @@ def kem_recipient_info(ident, key):
     secret, kemct = ident.cert.public_key().encapsulate()
     kek = kem_key_encryption_key(secret, KEM_OTHER_INFO, KEM_KEK_SIZE)
     kemri = der(SEQUENCE, b"\x02\x01\x00", ident.rid,
-                algorithm(ident.cert.public_key_algorithm_oid.dotted_string),
+                algorithm(ident.cert.key_algorithm),
                 der(OCTET_STRING, kemct), KEM_KDF_WRAP,
                 der(OCTET_STRING, keywrap.aes_key_wrap(kek, key)))
     return der(ctx(4), der_oid(ID_ORI_KEM), kemri)
@@ -6064,7 +6272,7 @@ class KEMRecipientInfo(NamedTuple):
             raise MessageError("encrypted to us with a KEMRecipientInfo this tool does not "
                                "support (%s, KDF %s, wrap %s, kekLength %d)"
                                % (ML_KEM.get(kem, kem), kdf, wrap, self.kek_length))
-        if not is_ml_kem(ident.key) or kem != ident.cert.public_key_algorithm_oid.dotted_string:
+        if not is_ml_kem(ident.key) or kem != ident.cert.key_algorithm:
             return None
         try:
             secret = ident.key.decapsulate(self.kemct)

@@ -5,6 +5,10 @@ the Date rule of signed mail, the DER encoder read back by the BER reader.  Ever
 pin down the decisions those runs depend on, one case at a time.
 """
 
+import datetime
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -252,3 +256,101 @@ def test_ber_refuses_truncated_or_empty(data):
     with pytest.raises(ValueError):
         element = tool.Ber(data)
         element.children() if element.constructed else element.integer()
+
+
+# -- Certificate: the DER reading of a sending run, against cryptography's -----------------
+
+def certificate_cases():
+    """Return (cryptography certificate, its issuer's or None) of many kinds."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from pki import CA, new_key
+    root = CA()
+    inter = root.intermediate(constraints=x509.NameConstraints(
+        permitted_subtrees=[x509.RFC822Name(".example.org"), x509.DNSName("example.org")],
+        excluded_subtrees=[x509.RFC822Name("evil@a.example.org")]))
+    cases = [(root.cert, root.cert), (inter.cert, root.cert)]
+    for key, kw in [(None, {}), (new_key("ec"), {}), (new_key("mlkem768"), {}),
+                    (None, {"san": False, "subject_email": True}),
+                    (None, {"key_usage": None, "eku": None}),
+                    (None, {"san": [x509.DNSName("x.example.org"),
+                                    x509.RFC822Name("Two@Example.org")],
+                            "subject_email": True}),
+                    (None, {"eku": x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.
+                                                          CLIENT_AUTH])})]:
+        cases.append((inter.issue("a@b.example.org", key, **kw)[1], inter.cert))
+    ed_ca = CA()
+    ed_ca.key = ed25519.Ed25519PrivateKey.generate()
+    cert = (x509.CertificateBuilder().subject_name(ed_ca.name).issuer_name(ed_ca.name)
+            .public_key(ed_ca.key.public_key()).serial_number(7)
+            .not_valid_before(datetime.datetime(1999, 1, 1))
+            .not_valid_after(datetime.datetime(2051, 1, 1)).sign(ed_ca.key, None))
+    return cases + [(cert, cert)]
+
+
+def test_certificate_reads_what_cryptography_reads():
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import NameOID
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    for cert, issuer in certificate_cases():
+        ours = tool.Certificate(cert.public_bytes(serialization.Encoding.DER))
+        assert ours == tool.Certificate.of(cert) and hash(ours) == hash(tool.Certificate.of(cert))
+        assert ours.not_valid_before_utc == cert.not_valid_before_utc
+        assert ours.not_valid_after_utc == cert.not_valid_after_utc
+        assert ours.key_algorithm == cert.public_key_algorithm_oid.dotted_string
+        assert ours.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki)
+        assert ours.issuer == cert.issuer  # cryptography's Name, read when asked for
+        assert tool.issuer_and_serial(ours) == tool.issuer_and_serial(cert)
+        assert tool.issued_by(ours, tool.Certificate.of(issuer))
+        assert not tool.issued_by(tool.Certificate.of(issuer), ours) or issuer is cert
+        assert tool.is_self_signed(ours) == (issuer is cert)
+        exts = {e.oid.dotted_string: e.value for e in cert.extensions}
+        san = exts.get("2.5.29.17")
+        emails = [e.lower() for e in san.get_values_for_type(x509.RFC822Name)] if san else []
+        assert tool.certificate_addresses(ours) == emails + [
+            a.value.lower() for a in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)]
+        ku = exts.get("2.5.29.15")
+        if ku is None:
+            assert tool.key_usage(ours) is None
+        else:
+            assert tool.key_usage(ours) == {n for n, flag in enumerate(
+                [ku.digital_signature, ku.content_commitment, ku.key_encipherment,
+                 ku.data_encipherment, ku.key_agreement, ku.key_cert_sign, ku.crl_sign]) if flag}
+        eku = exts.get("2.5.29.37")
+        assert tool.extended_key_usage(ours) == (
+            None if eku is None else {p.dotted_string for p in eku})
+        for purpose in ("sign", "encrypt"):
+            assert tool.usage_problem(ours, purpose) == tool.usage_problem(cert, purpose)
+
+
+def test_certificate_name_constraints_and_refusals():
+    from cryptography.hazmat.primitives import serialization
+    cases = certificate_cases()
+    inter = tool.Certificate.of(cases[1][0])
+    assert tool.mail_subtrees(inter) == ([".example.org"], ["evil@a.example.org"])
+    assert tool.mail_subtrees(tool.Certificate.of(cases[0][0])) == ([], [])
+    good = cases[2][0].public_bytes(serialization.Encoding.DER)
+    for bad in (b"", b"\x30\x03\x02\x01\x00", good[:-1], good + b"\0",
+                b"\x30\x80" + good[2 + (good[1] & 0x7F):] + b"\0\0"):
+        with pytest.raises(ValueError):
+            tool.Certificate(bad)
+    with pytest.raises(tool.IdentityError, match="not a readable PEM or DER certificate"):
+        tool.load_certificates(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n"
+                               b"-----END CERTIFICATE-----\n", "x.crt")
+
+
+def test_a_signing_run_does_not_import_cryptography_x509(tmp_path):
+    """One-shot start-up: the certificates of a sending run are read by the DER layer,
+    never by cryptography.x509 (~25 ms to import)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    probe = ("import sys; sys.path.insert(0, %r); import sparkpostSMIME as t\n"
+             "code = t.main([%r, '--sign', '--encrypt', '--keys', %r]); sys.stdout.flush()\n"
+             "sys.stderr.write('exit %%d, x509 loaded: %%s' %% (code, 'cryptography.x509' in "
+             "sys.modules))" % (os.path.dirname(here), os.path.join(here, "fancy-HTML-to-smt.eml"),
+                                os.path.join(here, "keys")))
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True,
+                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+    assert b"exit 0, x509 loaded: False" in proc.stderr, proc.stderr
+    assert proc.stdout.count(b"Content-Type: application/pkcs7-mime") == 1
