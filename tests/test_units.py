@@ -354,3 +354,16 @@ def test_a_signing_run_does_not_import_cryptography_x509(tmp_path):
                           env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
     assert b"exit 0, x509 loaded: False" in proc.stderr, proc.stderr
     assert proc.stdout.count(b"Content-Type: application/pkcs7-mime") == 1
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Paris", "America/St_Johns", "Asia/Kolkata"])
+def test_rfc5322_date_is_formatdates(zone, monkeypatch):
+    from email.utils import formatdate
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        for when in (0, 1_000_000_000, 1_790_000_000.7, time.time()):
+            assert tool.rfc5322_date(when) == formatdate(when, localtime=True)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
