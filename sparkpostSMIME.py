@@ -155,6 +155,9 @@ MIN_RSA_BITS = 2048
 #: Output files of a batch made durable together (one sync of their file system): at most
 #: this many files or octets, or what is pending after this many seconds (OutputGroup).
 GROUP_FILES, GROUP_BYTES, GROUP_SECONDS = 256, 16 << 20, 0.5
+#: Journal rows (--results) of a batch made durable together: up to this many, or what is
+#: pending after GROUP_SECONDS (see Recorder).
+GROUP_ROWS = 64
 
 
 ###############################################################################
@@ -4090,7 +4093,8 @@ def prefetch(build, items):
 
 def work(settings, backend, jobs, record, halted):
     """The worker loop: deliver *jobs* (an iterator of Jobs, built as pulled) over
-    *backend*, retry by retry_policy(), hand each message's Result to *record*.
+    *backend*, retry by retry_policy(), hand each message's Result to *record* (a
+    Recorder: its pending rows are committed before waiting for a retry).
 
     Retries wait in a queue while other messages go on.  Stops taking messages
     once halted() is true; messages still waiting for a retry then get their
@@ -4125,6 +4129,7 @@ def work(settings, backend, jobs, record, halted):
             record(tally.result(), outcome.job)
         if not waiting or halted():
             break
+        record.commit()  # what is done is reported before waiting for a retry
         while not halted() and waiting[0][0] > time.monotonic():  # between transactions
             time.sleep(max(0.0, min(0.2, waiting[0][0] - time.monotonic())))
     for tally in tallies.values():
@@ -4132,15 +4137,18 @@ def work(settings, backend, jobs, record, halted):
 
 
 class Journal:
-    """--results FILE: one JSON object per message, appended and synced as each one ends.
+    """--results FILE: one JSON object per message, appended and synced.
 
-    A last line cut short by a crash is ended before the first new row, so no row
+    write() keeps a row pending; commit() appends the pending rows in one write
+    and syncs them (one fsync for the group, as databases commit groups).  A
+    last line cut short by a crash is ended before the first new row, so no row
     is ever glued to it.  Raises OutputError: 73 when the file cannot be opened,
     74 when a write fails.
     """
 
     def __init__(self, path):
         self.path, self.fd = path, None
+        self.rows, self.started = [], 0.0  #: pending rows; time.monotonic() of the first
         if not path:
             return
         try:
@@ -4180,9 +4188,24 @@ class Journal:
                                                                   exc.strerror or exc))
 
     def write(self, result):
+        """Keep *result*'s row pending until commit()."""
         if self.fd is not None:
             import json
-            self.append((json.dumps(result.record(), sort_keys=True) + "\n").encode("utf-8"))
+            if not self.rows:
+                self.started = time.monotonic()
+            self.rows.append((json.dumps(result.record(), sort_keys=True) + "\n").encode())
+
+    def full(self):
+        """Return True once GROUP_ROWS rows are pending, or the first has waited
+        GROUP_SECONDS."""
+        return bool(self.rows) and (len(self.rows) >= GROUP_ROWS
+                                    or time.monotonic() - self.started >= GROUP_SECONDS)
+
+    def commit(self):
+        """Append and sync the pending rows; none stays pending, even when that fails."""
+        rows, self.rows = self.rows, []
+        if rows:
+            self.append(b"".join(rows))
 
     def close(self):
         if self.fd is not None:
@@ -4355,11 +4378,17 @@ class Recorder:
     message, and every one delivered after it, is named on stderr as delivered
     but not recorded.  *forward*: a worker's way to pass Results up to the main
     process (which then prints them) instead of printing them itself.
+
+    *grouped* (batches): journal rows are committed in groups (Journal.full(),
+    a halt, the end of the run), and the Results of a group are counted and
+    reported only once their rows are on disk.  Otherwise (the gateway) each
+    row is committed before its Result is reported.
     """
 
-    def __init__(self, settings, reporter, stats, halt, forward=None):
+    def __init__(self, settings, reporter, stats, halt, forward=None, grouped=False):
         self.settings, self.reporter, self.stats, self.halt = settings, reporter, stats, halt
         self.journal, self.forward, self.broken = Journal(settings.results), forward, ""
+        self.grouped, self.waiting = grouped, []  #: [(Result, delivered)] until committed
         self.archive = Archive(settings.archive) if settings.archive else None
         self.progress = (sys.stderr.isatty() and stats.total >= PROGRESS_MIN
                          and not settings.verbose)
@@ -4374,9 +4403,26 @@ class Recorder:
         delivered = bool(res.accepted) and self.settings.send and not self.settings.dry_run
         if delivered and not self.broken:
             self.keep(lambda: self.archive and self.archive.store(job.data))
-        if not self.broken:
-            self.keep(lambda: self.journal.write(res))
-        if self.broken and delivered:
+        if self.broken:
+            self.commit()  # the rows of the messages before the failure are still written
+            self.report(res, delivered)
+            return
+        self.journal.write(res)
+        self.waiting.append((res, delivered))
+        if not self.grouped or res.halt or self.journal.full():
+            self.commit()
+
+    def commit(self):
+        """Commit the pending journal rows, then report their Results."""
+        waiting, self.waiting = self.waiting, []
+        recorded = self.keep(self.journal.commit)
+        for res, delivered in waiting:
+            self.report(res, delivered and not recorded)
+
+    def report(self, res, unrecorded):
+        """Hand *res* on (shown, or forwarded to the main process); halt if it says so.
+        *unrecorded*: it was delivered but could not be recorded (named on stderr)."""
+        if unrecorded:
             self.reporter.warn("delivered but not recorded (%s): %s%s" % (
                 self.broken, res.source, " (copy %d)" % res.copy if self.settings.repeat > 1
                 else ""))
@@ -4388,15 +4434,18 @@ class Recorder:
             self.halt()
 
     def keep(self, write):
-        """Run an archive or journal *write*; on failure stop the run and remember why."""
+        """Run an archive or journal *write*; return True, or on failure stop the run,
+        remember why and return False."""
         try:
             write()
+            return True
         except OutputError as exc:
             self.broken = str(exc)
             self.reporter.warn("%s: stopping; every message delivered from here on is named "
                                "below" % exc)
             self.stats.fault(exc.exit_code)
             self.halt()
+            return False
 
     def show(self, res):
         """Count *res* and print it: report lines (or the progress bar), errors."""
@@ -4428,6 +4477,8 @@ class Recorder:
         sys.stderr.flush()
 
     def close(self):
+        """Commit what is pending, then close the journal."""
+        self.commit()
         self.journal.close()
 
 
@@ -4565,7 +4616,8 @@ def run_batch(settings, reporter):
         if settings.jobs > 1 and len(items) > 1:
             run_parallel(settings, backend, build, items, reporter, stats, halt)
         else:
-            recorder = Recorder(settings, reporter, stats, lambda: halt.__setitem__(0, 1))
+            recorder = Recorder(settings, reporter, stats, lambda: halt.__setitem__(0, 1),
+                                grouped=True)
             try:
                 work(settings, backend, prefetch(build, items), recorder, lambda: halt[0])
             finally:
@@ -4680,7 +4732,8 @@ def worker_process(settings, backend, build, items, reporter, stats, channel, ha
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's SIGTERM ends a worker
     recorder = None
     try:
-        recorder = Recorder(settings, reporter, stats, lambda: halt.__setitem__(0, 1))
+        recorder = Recorder(settings, reporter, stats, lambda: halt.__setitem__(0, 1),
+                            grouped=True)
         if recorder.progress:
             recorder.forward = lambda res: channel.send(("result", tuple(res)))
         work(settings, backend, prefetch(build, items), recorder, lambda: halt[0])

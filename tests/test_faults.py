@@ -13,6 +13,7 @@ import json
 import os
 import re
 import resource
+import signal
 import struct
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from conftest import CACHE, HERE, ROOT, TOOL, run_tool
 from corpus import CORPUS
 import test_batch
 from test_batch import inbox, journal, smtp_env, summary
+
+GROUP_ROWS = 64  #: the tool's journal rows per group (sparkpostSMIME.GROUP_ROWS)
 
 smtp = test_batch.smtp  # the fixture: aiosmtpd with PIPELINING and without
 
@@ -205,6 +208,35 @@ def test_killed_in_the_middle_of_a_file_batch(pki, tmp_path, openssl):
         assert b"Just text." in openssl.verify(inner, pki.cafile)
 
 
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_killed_in_the_middle_of_a_send(smtp, pki, tmp_path, jobs):
+    """kill -9 (the whole process group) while a batch sends with --results (journal rows
+    are made durable in groups): every row is whole and names a message the server got,
+    and every message reported on standard output has its row: a report line comes only
+    after its row is on disk."""
+    smtp.handler.delay = 0.005
+    results = tmp_path / "results.jsonl"
+    proc = subprocess.Popen([sys.executable, TOOL, str(inbox(tmp_path, 400)), "--keys",
+                             pki.keys, "--send_smtp", "--results", str(results), "--jobs",
+                             jobs], env=tool_env(smtp_env(smtp)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and len(smtp.messages) < 150:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == -9
+    received = delivered_numbers(smtp)
+    assert 150 <= len(received) < 400
+    with open(results) as fh:
+        rows = [json.loads(line) for line in fh]  # a group is one write: none torn by a kill
+    journaled = [number(r["input"]) for r in rows]
+    assert all(r["status"] == "sent" for r in rows) and set(journaled) <= set(received)
+    reported = [number(line.split("\t")[0][len("Sending "):])
+                for line in out.decode().splitlines() if line.startswith("Sending ")]
+    assert reported and set(reported) <= set(journaled)
+
+
 def test_verify_output_on_a_full_disk(pki, tmp_path, tmpfs):
     """--verify -o FILE: the message passes, but the recovered copy does not fit: 74,
     the old file intact, nothing partial."""
@@ -311,12 +343,14 @@ def number(path):
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_journal_fills_up_during_a_send(smtp, pki, tmp_path, tmpfs, jobs):
-    """--results on a file system with one page free: after a dozen rows the journal
-    cannot grow; the tool stops at once, exits 74 and names every message delivered but
-    not journaled, so that server == journal + named, message by message."""
-    total = 60
+    """--results on a file system with eight pages free: rows are committed in groups
+    (up to GROUP_ROWS, ~22 KB), and after one or two groups the journal cannot grow; the
+    tool stops, exits 74 and names every message delivered but not journaled (the
+    group that could not be written), so that server == journal + named, message by
+    message."""
+    total = 150
     d = inbox(tmp_path, total)
-    results = tmpfs("journal", free=1) / "results.jsonl"
+    results = tmpfs("journal", free=8) / "results.jsonl"
     proc = run_tool([str(d), "--keys", pki.keys, "--send_smtp", "--results", str(results),
                      "--jobs", jobs], env=smtp_env(smtp))
     assert proc.returncode == 74, proc.stderr
@@ -331,7 +365,8 @@ def test_journal_fills_up_during_a_send(smtp, pki, tmp_path, tmpfs, jobs):
     assert 5 <= len(sent_rows) < total  # the journal took some rows, then was full
     assert named, err  # at least the message whose row could not be written
     assert sorted(sent_rows + named) == received  # each delivered message accounted once
-    assert len(received) <= len(sent_rows) + int(jobs)  # it stopped at once: one in flight
+    # it stopped at the failed commit: per worker, its pending group and one in flight
+    assert len(received) <= len(sent_rows) + int(jobs) * (GROUP_ROWS + 1)
     sent, failed, left = summary(proc)
     assert left > 0 and sent + failed + left == total
     assert sent == len(received)
