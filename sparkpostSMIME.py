@@ -1718,8 +1718,8 @@ CERT_SIGNATURES = {
 #: Certificate extensions read here (RFC 5280 4.2.1).
 EXT_KEY_USAGE, EXT_SUBJECT_ALT_NAME, EXT_NAME_CONSTRAINTS, EXT_EXTENDED_KEY_USAGE = (
     "2.5.29.15", "2.5.29.17", "2.5.29.30", "2.5.29.37")
-#: Attribute types of names read here: emailAddress (RFC 5280 A.1), commonName.
-ATTR_EMAIL_ADDRESS, ATTR_COMMON_NAME = "1.2.840.113549.1.9.1", "2.5.4.3"
+#: The attribute type of names read here: emailAddress (RFC 5280 A.1).
+ATTR_EMAIL_ADDRESS = "1.2.840.113549.1.9.1"
 #: extKeyUsage purposes that allow S/MIME: emailProtection, anyExtendedKeyUsage.
 EMAIL_PURPOSES = {"1.3.6.1.5.5.7.3.4", "2.5.29.37.0"}
 #: KeyUsage bits (RFC 5280 4.2.1.3), numbered from the first.
