@@ -343,7 +343,7 @@ def test_certificate_name_constraints_and_refusals():
 
 def test_a_signing_run_does_not_import_cryptography_x509(tmp_path):
     """One-shot start-up: the certificates of a sending run are read by the DER layer,
-    never by cryptography.x509 (~25 ms to import)."""
+    never by cryptography.x509 (15-20 ms to import)."""
     here = os.path.dirname(os.path.abspath(__file__))
     probe = ("import sys; sys.path.insert(0, %r); import sparkpostSMIME as t\n"
              "code = t.main([%r, '--sign', '--encrypt', '--keys', %r]); sys.stdout.flush()\n"
