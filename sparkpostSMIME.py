@@ -1732,7 +1732,7 @@ NAME_STRINGS = {0x0C: "utf-8", 0x13: "ascii", 0x14: "latin-1", 0x16: "ascii",
 class Certificate:
     """An X.509 certificate (RFC 5280 4.1) read with the DER layer: the fields the checks
     of a sending run need, without importing cryptography.x509 (15-20 ms of a
-    single run's start-up, most of it compiling regular expressions).
+    single run's start-up, much of it compiling regular expressions).
 
     Certificates compare and hash by their DER, as cryptography's do.  Anything
     else (names as text, PEM) comes from cryptography's own certificate, made on
