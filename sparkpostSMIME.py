@@ -3693,9 +3693,13 @@ def transcript_classes():
             return ("~>" if tls else "->") if outgoing else ("<~" if tls else "<-")
 
         def send(self, s):
+            self.note_sent(s)
+            super().send(s)
+
+        def note_sent(self, s):
+            """Log what goes out (also for the gateway's own writes: SmtpHop)."""
             if self.log:
                 self.log("%s %s" % (self._glyph(True), self._shown(s)))
-            super().send(s)
 
         def _shown(self, s):
             if isinstance(s, bytes) and b"\r\n.\r\n" in s:  # a message, maybe the next envelope
@@ -3713,11 +3717,15 @@ def transcript_classes():
 
         def getreply(self):
             code, text = super().getreply()
+            self.note_reply(code, text)
+            return code, text
+
+        def note_reply(self, code, text):
+            """Log a reply (also one the gateway read itself: SmtpHop)."""
             self._challenged = code == 334
             if self.log:
                 for line in text.decode("utf-8", "replace").split("\n"):
                     self.log("%s %d %s" % (self._glyph(False), code, line))
-            return code, text
 
     class SMTP(Transcript, smtplib.SMTP):
         pass
@@ -4779,8 +4787,8 @@ MAX_COMMANDS, MAX_AUTH = 100_000, 5
 #: A message that cannot be built -> the start of the reply to its DATA (RFC 3463).
 BUILD_REPLIES = {EX_CONFIG: "550 5.7.1", EX_DATAERR: "554 5.6.0"}
 #: Seconds a thread holds the GIL before one waiting may take it (Python's default is
-#: 0.005): a next-hop reply read by a thread waits for the event loop that long, which
-#: in the benchmark cost a third of the gateway's throughput.
+#: 0.005): a next-hop session opened or an API call made by a thread would wait for the
+#: event loop that long.
 GIL_SWITCH = 0.0002
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\b")
 
@@ -4813,7 +4821,7 @@ class Gateway:
         self.extra = extra_header(settings, self.rules)
         self.stats, self.stopping, self.spawned = Stats(0), False, 0
         self.keystore = self.recorder = self.threads = self.done = None
-        self.clients, self.flights, self.uploads = set(), set(), 0
+        self.clients, self.flights, self.endings, self.uploads = set(), set(), set(), 0
         self.connections = self.messages = 0
 
     def run(self):
@@ -5003,6 +5011,8 @@ class Gateway:
             if client.transport is not None:
                 client.transport.close()
         await asyncio.sleep(0.05)  # connection_lost() hangs up each next-hop session
+        if self.endings:
+            await asyncio.wait(list(self.endings))
 
     def next_hop(self):
         """Return where messages go, for the start-up line."""
@@ -5093,7 +5103,7 @@ class Gateway:
                 self.reporter.warn("%s: RCPT <%s> refused: %s" % (server.tag, address, problem))
                 return "550 5.7.1 <%s>: no usable S/MIME certificate, the message cannot be " \
                        "encrypted to it: %s" % (address, self.private(problem))
-        code, text = await self.hop(server, "rcpt", address)
+        code, text = await self.next_hop_of(server).rcpt(address)
         if code in (250, 251):
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(options)
@@ -5101,7 +5111,7 @@ class Gateway:
 
     async def handle_RSET(self, server, session, envelope):
         if server.hop is not None and server.hop.open:
-            await self.hop(server, "reset")
+            await self.next_hop_of(server).reset()
         return "250 2.0.0 Ok"
 
     async def handle_DATA(self, server, session, envelope):
@@ -5127,7 +5137,7 @@ class Gateway:
         self.messages += 1
         source = "%s.%d" % (self.prefix, self.messages)
         if bare_line_end(data):  # SMTP smuggling hides a second message behind one
-            await self.hop(server, "reset")
+            await self.next_hop_of(server).reset()
             self.reporter.warn("%s: refused from %s: a bare CR or LF in DATA" % (source,
                                                                                 server.tag))
             return "554 5.6.0 bare CR or LF in the message: every line must end with CRLF " \
@@ -5136,14 +5146,14 @@ class Gateway:
         job = job._replace(started=started, mail_from=self.settings.mail_from or (
             "" if envelope.mail_from == "<>" else envelope.mail_from))
         if job.failure:
-            await self.hop(server, "reset")
+            await self.next_hop_of(server).reset()
             outcome = failed_build(job._replace(recipients=tuple(rcpts)))
             reply = "%s %s" % (BUILD_REPLIES.get(job.failure[0], "451 4.3.0"),
                                one_line(self.private(job.failure[1])))
         else:
             job = job._replace(data=received_header(session, self.name, source, rcpts)
                                + job.data)
-            outcome = await self.hop(server, "data", job)
+            outcome = await self.next_hop_of(server).data(job)
             reply = gateway_reply(outcome, server.hop.last)
         tally = Tally(outcome.job)
         tally.add(outcome)
@@ -5173,18 +5183,12 @@ class Gateway:
                              check=self.rules.check)
         return next(prefetch(build, [(source, 0)]))
 
-    async def hop(self, server, action, *args):
-        """Run *action* of the client connection's next-hop session in a thread; return
-        its result."""
-        import asyncio
-        return await asyncio.get_running_loop().run_in_executor(
-            self.threads, getattr(self.next_hop_of(server), action), *args)
-
     def next_hop_of(self, server):
         """Return the client connection's next-hop session, made at the first use."""
         if server.hop is None:
             server.hop = HOPS[self.settings.send](self.settings,
-                                                  HopEvents(self.reporter, server.tag))
+                                                  HopEvents(self.reporter, server.tag),
+                                                  self.threads)
         return server.hop
 
     def recipient_problem(self, address):
@@ -5212,10 +5216,13 @@ class Gateway:
             self.reporter.transcript("%s client %s %s" % (client.tag, glyph, line))
 
     def hang_up(self, client):
-        """A client connection has ended: end its next-hop session (in a thread: it waits
-        for a message still being relayed)."""
-        if client.hop is not None and self.threads is not None:
-            self.threads.submit(client.hop.close)
+        """A client connection has ended: end its next-hop session (once a message still
+        being relayed is done: serve_on() waits for these)."""
+        import asyncio
+        if client.hop is not None:
+            ending = asyncio.ensure_future(client.hop.close())
+            self.endings.add(ending)
+            ending.add_done_callback(self.endings.discard)
 
     def halt(self):
         """The Recorder's call when a message cannot be recorded (journal or archive):
@@ -5259,6 +5266,14 @@ def gateway_protocols():
             self.gateway.hang_up(self)
             super().connection_lost(error)
 
+        def _getaddr(self, arg):
+            """aiosmtpd's address parser, made cheap for the usual <local@domain>: it
+            builds a class for every address (~25 us); other forms still go to it."""
+            plain = PLAIN_PATH.match(arg)
+            if plain is None:
+                return super()._getaddr(arg)
+            return plain.group(1), plain.group(2)
+
         async def push(self, status):
             self.gateway.transcript(self, "->", status)
             await super().push(status)
@@ -5295,6 +5310,10 @@ def gateway_protocols():
     return Client, Busy
 
 
+#: A path of MAIL or RCPT that is a plain dot-atom mailbox (RFC 5321 4.1.2), and what
+#: follows it: parsed as aiosmtpd's parser would.
+PLAIN_PATH = re.compile(r"<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+\.)*[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+                        r"@(?:[A-Za-z0-9-]+\.)*[A-Za-z0-9-]+)>[ \t]*([^ \t(\r\n][^\r\n]*|)\Z")
 #: The end of a message's data: a line holding only "." (RFC 5321 4.1.1.4).
 END_OF_DATA = b"\r\n.\r\n"
 #: The longest line taken in DATA: Postfix sends up to 999 octets (smtp_line_length_limit).
@@ -5429,15 +5448,17 @@ class HopEvents:
 
 class SmtpHop:
     """A client connection's session with the SMTP next hop, over an SmtpBackend's
-    connection (its TLS, AUTH and transcript).  The client's MAIL is kept and goes
-    out with its first RCPT, in one write with PIPELINING (RFC 2920); each RCPT gets
-    the next hop's own reply, the end of DATA its Outcome.  Blocking: rcpt(),
-    data(), reset() and close() run in a thread.  *open*: a transaction is under
-    way there; *last*: the next hop's last reply (code, text)."""
+    connection (its TLS, AUTH and transcript).  The connection is opened in a thread
+    (connecting, STARTTLS and AUTH block); each mail transaction then runs on the
+    event loop over that socket (Link), without a thread.  The client's MAIL is kept
+    and goes out with its first RCPT, in one write with PIPELINING (RFC 2920); each
+    RCPT gets the next hop's own reply, the end of DATA its Outcome.  *open*: a
+    transaction is under way there; *last*: the next hop's last reply (code, text)."""
 
-    def __init__(self, settings, events):
-        import threading
-        self.backend, self.lock = SmtpBackend(settings, events), threading.Lock()
+    def __init__(self, settings, events, threads):
+        import asyncio
+        self.backend, self.threads = SmtpBackend(settings, events), threads
+        self.lock, self.link = asyncio.Lock(), None  #: the lock: one client command at a time
         self.last, self.open, self.sender, self.refused = (0, ""), False, None, None
 
     def mail(self, address, options):
@@ -5445,40 +5466,40 @@ class SmtpHop:
         self.sender, self.refused = (address, options), None
         return 250, "2.1.0 Ok"
 
-    def rcpt(self, address):
+    async def rcpt(self, address):
         """Send RCPT TO (after MAIL FROM for the first one); return the reply.  A next
         hop that refused MAIL gives that reply to every RCPT; one that cannot be
         reached gives 451."""
-        with self.lock:
+        async with self.lock:
             if self.sender is not None:
-                return self.begin(address)
+                return await self.begin(address)
             if self.refused is not None:
                 return self.refused
             try:
-                return self.command("RCPT TO:<%s>" % address)
+                return await self.command("RCPT TO:<%s>" % address)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
                 return self.down(exc)
 
-    def begin(self, address):
+    async def begin(self, address):
         """Open the transaction: a session that went away while idle is opened again,
         once."""
         (sender, options), self.sender = self.sender, None
         for attempt in (1, 2):
-            reused = self.backend.smtp is not None
+            reused = self.live()
             try:
-                return self.envelope(sender, options, address)
+                return await self.envelope(sender, options, address)
             except Exception as exc:  # noqa: BLE001
                 reply = self.down(exc)
                 if not reused or attempt == 2:
                     return reply
         return reply
 
-    def envelope(self, sender, options, address):
+    async def envelope(self, sender, options, address):
         """RSET an open transaction, connect if need be, send MAIL FROM (with the
         client's SIZE and BODY=8BITMIME where the next hop knows them: RFC 1870,
         RFC 6152) and the first RCPT TO; return the reply for the client."""
-        self.abort()
-        self.backend.ready()
+        await self.abort()
+        await self.connected()
         smtp = self.backend.smtp
         self.backend.count += 1
         extra = "".join(" " + o for o in options if o.startswith("SIZE=")
@@ -5487,56 +5508,73 @@ class SmtpHop:
         mail = "MAIL FROM:<%s>%s" % ("" if sender == "<>" else sender, extra)
         rcpt = "RCPT TO:<%s>" % address
         if smtp.has_extn("pipelining"):
-            smtp.send("%s\r\n%s\r\n" % (mail, rcpt))
-            first, second = self.reply(), self.reply()
+            await self.link.send(("%s\r\n%s\r\n" % (mail, rcpt)).encode("ascii"))
+            first, second = await self.reply(), await self.reply()
         else:
-            first = self.command(mail)
-            second = self.command(rcpt) if first[0] == 250 else first
+            first = await self.command(mail)
+            second = await self.command(rcpt) if first[0] == 250 else first
         self.open = first[0] == 250
         if not self.open:
             self.refused = first
             return first
         return second
 
-    def data(self, job):
+    async def connected(self):
+        """Have a session: a new one (opened in a thread) when there is none, or after
+        MESSAGES_PER_CONNECTION on the last one."""
+        import asyncio
+        if self.live() and self.backend.count >= MESSAGES_PER_CONNECTION:
+            await self.quit()
+        if not self.live():
+            await asyncio.get_running_loop().run_in_executor(self.threads, self.backend.ready)
+            self.link = Link(self.backend.smtp, self.backend.settings.smtp.timeout)
+
+    async def data(self, job):
         """Send DATA and the message (RFC 5321 4.1.1.4); return its Outcome."""
-        with self.lock:
+        async with self.lock:
             backend, self.open = self.backend, False
             try:
-                code, text = self.command("DATA")
+                code, text = await self.command("DATA")
                 if code != 354:
                     self.open = True
-                    self.abort()
+                    await self.abort()
                     return backend.reply_outcome(job, "DATA refused", code, text)
-                backend.smtp.send(dot_terminated(job.data))
-                return backend.data_outcome(job, (), *self.reply())
+                await self.link.send(dot_terminated(job.data))
+                return backend.data_outcome(job, (), *await self.reply())
             except Exception as exc:  # noqa: BLE001
                 self.last = (451, "")
                 return error_outcome(job, backend.failure(exc))
 
-    def reset(self):
+    async def reset(self):
         """The client's RSET, or a message that was not built: end the transaction."""
-        with self.lock:
+        async with self.lock:
             self.sender = self.refused = None
-            self.abort()
+            await self.abort()
 
-    def abort(self):
+    async def abort(self):
         """RSET an open transaction (a connection that fails is dropped)."""
-        if self.open and self.backend.smtp is not None:
+        if self.open and self.live():
             try:
-                self.command("RSET")
+                await self.command("RSET")
             except Exception as exc:  # noqa: BLE001
                 self.backend.failure(exc)
         self.open = False
 
-    def command(self, line):
-        self.backend.smtp.send(line + "\r\n")
-        return self.reply()
+    async def command(self, line):
+        if not self.live():
+            import smtplib
+            raise smtplib.SMTPServerDisconnected("the session was closed")
+        await self.link.send(line.encode("ascii") + b"\r\n")
+        return await self.reply()
 
-    def reply(self):
-        code, text = self.backend.smtp.getreply()
+    async def reply(self):
+        code, text = await self.link.reply()
         self.last = code, decode_reply(text)
         return self.last
+
+    def live(self):
+        """True when the session this Link drives is open (a 421 or a failure closes it)."""
+        return self.link is not None and self.backend.smtp is self.link.smtp
 
     def down(self, exc):
         """Return the 451 reply for a next hop that failed (its session is closed)."""
@@ -5544,33 +5582,140 @@ class SmtpHop:
         self.last = (451, "")
         return 451, "4.4.1 next hop not available, try again later: %s" % error
 
-    def close(self):
-        with self.lock:
-            self.backend.close()
+    async def close(self):
+        """The client has gone: end the session once a message in flight is done."""
+        async with self.lock:
+            await self.quit()
+
+    async def quit(self):
+        """QUIT (RFC 5321 4.1.1.10); a session that fails meanwhile is just closed."""
+        if self.live():
+            try:
+                await self.command("QUIT")
+            except Exception:  # noqa: BLE001 - it is being closed anyway
+                pass
+        self.backend.drop()
+        self.link = None
+
+
+#: The longest reply line read from a next hop (smtplib's own limit), and the most
+#: lines in one reply.
+MAX_REPLY_LINE, MAX_REPLY_LINES = 8192, 1000
+
+
+class Link:
+    """The event loop's I/O on an smtplib session's socket, plain or TLS, set
+    non-blocking: send() writes, reply() reads one reply (RFC 5321 4.2) as smtplib's
+    getreply() does, each wait bounded by *timeout* (socket.timeout, as smtplib's).
+    The session's transcript logs both, redacted as its own."""
+
+    def __init__(self, smtp, timeout):
+        self.smtp, self.sock, self.timeout, self.buffer = smtp, smtp.sock, timeout, bytearray()
+        self.sock.setblocking(False)
+
+    async def send(self, data):
+        """Write *data* whole."""
+        import ssl
+        self.smtp.note_sent(data)
+        view, done = memoryview(data), 0
+        while done < len(view):
+            try:
+                done += self.sock.send(view[done:])
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                await self.ready(writing=True)
+            except ssl.SSLWantReadError:
+                await self.ready(writing=False)
+
+    async def reply(self):
+        """Return the next reply: (code, its text lines joined by LF), code -1 when it is
+        not a number.  Raises smtplib.SMTPResponseException (a line over
+        MAX_REPLY_LINE, more than MAX_REPLY_LINES lines), SMTPServerDisconnected or
+        socket.timeout."""
+        import smtplib
+        texts = []
+        while True:
+            line = await self.line()
+            texts.append(line[4:].strip(b" \t\r\n"))
+            if len(texts) > MAX_REPLY_LINES:
+                raise smtplib.SMTPResponseException(500, b"Too many reply lines.")
+            try:
+                code = int(line[:3])
+            except ValueError:
+                code = -1
+                break
+            if line[3:4] != b"-":
+                break
+        self.smtp.note_reply(code, b"\n".join(texts))
+        return code, b"\n".join(texts)
+
+    async def line(self):
+        """Return the next line read, with its line end."""
+        import smtplib
+        import ssl
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end + 1])
+                del self.buffer[:end + 1]
+                return line
+            if len(self.buffer) > MAX_REPLY_LINE:
+                raise smtplib.SMTPResponseException(500, b"Line too long.")
+            try:
+                chunk = self.sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                await self.ready(writing=False)
+                continue
+            except ssl.SSLWantWriteError:
+                await self.ready(writing=True)
+                continue
+            if not chunk:
+                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+            self.buffer += chunk
+
+    async def ready(self, writing):
+        """Wait until the socket can be written (or read).  Raises socket.timeout."""
+        import asyncio
+        loop, fd = asyncio.get_running_loop(), self.sock.fileno()
+        done = loop.create_future()
+        watch, unwatch = ((loop.add_writer, loop.remove_writer) if writing
+                          else (loop.add_reader, loop.remove_reader))
+        watch(fd, lambda: done.done() or done.set_result(None))
+        try:
+            await asyncio.wait_for(done, self.timeout)
+        except asyncio.TimeoutError:
+            raise socket.timeout("timed out") from None
+        finally:
+            unwatch(fd)
 
 
 class ApiHop:
     """A client connection's use of the SparkPost API: it answers for the whole
     transmission, so the envelope is taken as it comes and recipients it rejects
-    are recorded (partial) from the Outcome of the end of DATA."""
+    are recorded (partial) from the Outcome of the end of DATA.  Requests are made
+    in a thread (requests blocks)."""
 
-    def __init__(self, settings, events):
-        self.backend, self.last, self.open = ApiBackend(settings, events), (0, ""), False
+    def __init__(self, settings, events, threads):
+        self.backend, self.threads = ApiBackend(settings, events), threads
+        self.last, self.open = (0, ""), False
 
     def mail(self, address, options):
         return 250, "2.1.0 Ok"
 
-    def rcpt(self, address):
+    async def rcpt(self, address):
         return 250, "2.1.5 Ok"
 
-    def data(self, job):
-        return self.backend.attempt(job)
+    async def data(self, job):
+        return await self.in_thread(self.backend.attempt, job)
 
-    def reset(self):
+    async def reset(self):
         """Nothing is open at the API between messages."""
 
-    def close(self):
-        self.backend.close()
+    async def close(self):
+        await self.in_thread(self.backend.close)
+
+    async def in_thread(self, call, *args):
+        import asyncio
+        return await asyncio.get_running_loop().run_in_executor(self.threads, call, *args)
 
 
 #: The next-hop sessions by back-end name.

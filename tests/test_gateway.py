@@ -300,6 +300,50 @@ def test_next_hop_lost_during_data_is_451_then_retried(start, sink):
     assert gw.stop() == 0
 
 
+@pytest.mark.parametrize("tls", ["starttls", "tls"])
+def test_next_hop_over_tls_with_auth_large_messages_and_reconnects(start, tls_ctx, pki, tls):
+    """The transaction runs on the event loop over the TLS socket smtplib opened: a
+    6 MB message goes out whole (writes that would block), the session is reused and
+    opened again after MESSAGES_PER_CONNECTION, the password is never shown."""
+    big = MSG.replace(b"Hello", b"".join(b"%075d\r\n" % i for i in range(80_000)) + b"Hello")
+    with SmtpServer(tls_ctx, implicit_tls=tls == "tls", users={USER: PASSWORD},
+                    auth_require_tls=tls == "starttls") as hop:  # aiosmtpd: see test_implicit_tls
+        gw = start(["--sign_detached", "-v"], hop_env(hop, SMTP_HOST="localhost", SMTP_TLS=tls,
+                                           SMTP_CAFILE=pki.cafile, SMTP_USER=USER,
+                                           SMTP_PASSWORD=PASSWORD, SMTP_TIMEOUT="30"))
+        with gw.client(timeout=60) as c:
+            assert c.sendmail("alice@example.com", RCPTS[:1], big) == {}
+            for _ in range(101):
+                assert c.sendmail("alice@example.com", RCPTS[1:], MSG) == {}
+        assert gw.stop() == 0
+        assert len(hop.messages) == 102 and len(hop.handler.auth_seen) == 2
+        (_, rcpts, data) = hop.messages[0]
+        assert rcpts == RCPTS[:1] and len(data) > 6_000_000 and b"%075d" % 79_999 in data
+    err = gw.stderr()
+    assert "next hop ~> MAIL FROM:<alice@example.com>" in err and "next hop <~ 250" in err
+    assert re.search(r"next hop ~> <\d{7} octets of message data>", err)
+    assert PASSWORD not in err + gw.stdout()
+
+
+def test_plain_paths_parse_as_aiosmtpd_parses_them():
+    """The gateway's fast path for <local@domain> gives aiosmtpd's own answer."""
+    from aiosmtpd.smtp import SMTP
+    from hypothesis import given, settings, strategies as st
+    import sparkpostSMIME
+    parse = SMTP(object())._getaddr
+    atom = st.text("aZ09.-_+=!#'{}|~^`$%&*/?(\" @[]<>\t", min_size=0, max_size=12)
+
+    @settings(max_examples=3000, deadline=None)
+    @given(atom, atom, st.sampled_from(["", " ", "\t", "  ", " (c) "]), atom)
+    def check(local, domain, space, rest):
+        arg = "<%s@%s>%s%s" % (local, domain, space, rest)
+        plain = sparkpostSMIME.PLAIN_PATH.match(arg)
+        if plain is not None:
+            assert (plain.group(1), plain.group(2)) == parse(arg)
+    check()
+    assert sparkpostSMIME.PLAIN_PATH.match("<first.last+tag@sub.example.com> SIZE=9")
+
+
 def test_api_next_hop_partial_refusal_recorded(tmp_path, pki):
     journal = tmp_path / "journal.jsonl"
     with ApiServer() as api:
