@@ -5362,14 +5362,13 @@ def bare_line_end(data):
 def received_header(session, name, source, recipients):
     """Return our Received field, prepended to the outer header as trace fields are
     (RFC 5321 4.4; 'with' as RFC 3848 names it: ESMTP, S for TLS, A for AUTH)."""
-    from email.utils import formatdate
     peer = session.peer[0] if isinstance(session.peer, tuple) else "unknown"
     helo = re.sub(r"[^\w.:\[\]-]", "", session.host_name or "", flags=re.ASCII)[:64]
     kind = "ESMTP" + ("S" if session.ssl is not None else "") + (
         "A" if session.authenticated else "")
     to = " for <%s>" % recipients[0] if len(recipients) == 1 else ""
     return ("Received: from %s ([%s])\r\n\tby %s (sparkpostSMIME) with %s id %s%s;\r\n\t%s\r\n"
-            % (helo or "unknown", peer, name, kind, source, to, formatdate(localtime=True))
+            % (helo or "unknown", peer, name, kind, source, to, rfc5322_date(time.time()))
             ).encode("ascii", "replace")
 
 
@@ -5611,6 +5610,7 @@ class Link:
 
     def __init__(self, smtp, timeout):
         self.smtp, self.sock, self.timeout, self.buffer = smtp, smtp.sock, timeout, bytearray()
+        self.tls = hasattr(self.sock, "pending")  # an ssl.SSLSocket
         self.sock.setblocking(False)
 
     async def send(self, data):
@@ -5649,7 +5649,9 @@ class Link:
         return code, b"\n".join(texts)
 
     async def line(self):
-        """Return the next line read, with its line end."""
+        """Return the next line read, with its line end.  The socket is waited on
+        first: a reply is read just after its command was sent, so it is seldom
+        there yet (TLS may hold one decrypted already: pending())."""
         import smtplib
         import ssl
         while True:
@@ -5660,10 +5662,11 @@ class Link:
                 return line
             if len(self.buffer) > MAX_REPLY_LINE:
                 raise smtplib.SMTPResponseException(500, b"Line too long.")
+            if not (self.tls and self.sock.pending()):
+                await self.ready(writing=False)
             try:
                 chunk = self.sock.recv(65536)
             except (BlockingIOError, ssl.SSLWantReadError):
-                await self.ready(writing=False)
                 continue
             except ssl.SSLWantWriteError:
                 await self.ready(writing=True)
@@ -5680,12 +5683,13 @@ class Link:
         watch, unwatch = ((loop.add_writer, loop.remove_writer) if writing
                           else (loop.add_reader, loop.remove_reader))
         watch(fd, lambda: done.done() or done.set_result(None))
+        timer = loop.call_later(self.timeout, lambda: done.done() or done.set_exception(
+            socket.timeout("timed out")))
         try:
-            await asyncio.wait_for(done, self.timeout)
-        except asyncio.TimeoutError:
-            raise socket.timeout("timed out") from None
+            await done
         finally:
             unwatch(fd)
+            timer.cancel()
 
 
 class ApiHop:
