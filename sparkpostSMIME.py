@@ -5290,6 +5290,8 @@ def gateway_protocols():
                                        "503 5.5.1 Error: need RCPT command")
             self.gateway.uploads += 1  # a message being received is in flight too
             try:
+                if self.hop is not None:
+                    self.hop.open_data()
                 await self.push("354 End data with <CR><LF>.<CR><LF>")
                 content, status = await read_data(self._reader, self.data_size_limit)
                 if content is not None:
@@ -5459,6 +5461,7 @@ class SmtpHop:
         self.backend, self.threads = SmtpBackend(settings, events), threads
         self.lock, self.link = asyncio.Lock(), None  #: the lock: one client command at a time
         self.last, self.open, self.sender, self.refused = (0, ""), False, None, None
+        self.opening, self.in_data = None, False  #: a DATA sent ahead; a 354 taken
 
     def mail(self, address, options):
         """Keep the client's MAIL FROM for the first RCPT; return 250 (does no I/O)."""
@@ -5528,20 +5531,37 @@ class SmtpHop:
             await asyncio.get_running_loop().run_in_executor(self.threads, self.backend.ready)
             self.link = Link(self.backend.smtp, self.backend.settings.smtp.timeout)
 
+    def open_data(self):
+        """The client sent DATA: send ours now, so that the next hop's 354 comes while
+        the client's content does (data() or settle() takes that reply)."""
+        import asyncio
+        if self.open and self.live() and self.opening is None:
+            self.opening = asyncio.ensure_future(self.command("DATA"))
+
+    async def data_reply(self):
+        """Return the next hop's reply to DATA: to the one open_data() sent, or to one
+        sent now."""
+        opening, self.opening = self.opening, None
+        code, text = await (opening if opening is not None else self.command("DATA"))
+        self.in_data = code == 354
+        return code, text
+
     async def data(self, job):
-        """Send DATA and the message (RFC 5321 4.1.1.4); return its Outcome."""
+        """Send DATA (if open_data() did not) and the message (RFC 5321 4.1.1.4); return
+        its Outcome."""
         async with self.lock:
             backend, self.open = self.backend, False
             try:
-                code, text = await self.command("DATA")
+                code, text = await self.data_reply()
                 if code != 354:
                     self.open = True
                     await self.abort()
                     return backend.reply_outcome(job, "DATA refused", code, text)
                 await self.link.send(dot_terminated(job.data))
+                self.in_data = False
                 return backend.data_outcome(job, (), *await self.reply())
             except Exception as exc:  # noqa: BLE001
-                self.last = (451, "")
+                self.last, self.in_data = (451, ""), False
                 return error_outcome(job, backend.failure(exc))
 
     async def reset(self):
@@ -5552,12 +5572,26 @@ class SmtpHop:
 
     async def abort(self):
         """RSET an open transaction (a connection that fails is dropped)."""
+        await self.settle()
         if self.open and self.live():
             try:
                 await self.command("RSET")
             except Exception as exc:  # noqa: BLE001
                 self.backend.failure(exc)
         self.open = False
+
+    async def settle(self):
+        """After a DATA sent ahead that no message followed (too big, refused, the
+        client gone): take its reply; a session left inside DATA cannot be reset, so it
+        is dropped, and the next hop discards the partial message (RFC 5321 3.8)."""
+        if self.opening is not None:
+            try:
+                await self.data_reply()
+            except Exception as exc:  # noqa: BLE001
+                self.down(exc)
+        if self.in_data:
+            self.backend.drop()
+            self.in_data = self.open = False
 
     async def command(self, line):
         if not self.live():
@@ -5584,6 +5618,7 @@ class SmtpHop:
     async def close(self):
         """The client has gone: end the session once a message in flight is done."""
         async with self.lock:
+            await self.settle()
             await self.quit()
 
     async def quit(self):
@@ -5707,6 +5742,9 @@ class ApiHop:
 
     async def rcpt(self, address):
         return 250, "2.1.5 Ok"
+
+    def open_data(self):
+        """Nothing to open ahead: the transmission is one request."""
 
     async def data(self, job):
         return await self.in_thread(self.backend.attempt, job)

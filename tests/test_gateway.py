@@ -421,6 +421,25 @@ def test_smtp_smuggling_refused(start, sink, trick):
     assert gw.stop() == 0
 
 
+def test_refused_after_data_sent_ahead_nothing_passed_on(start, sink):
+    """The next hop's DATA goes out when the client's does: a message then refused here
+    (too big, a bare LF, no signing key) leaves nothing at the next hop, and the next
+    message on the same connection goes through."""
+    gw = start(["--sign", "--max_size", "5000"], hop_env(sink))
+    with gw.client() as c:
+        for data, code in [(MSG + (b"x" * 80 + b"\r\n") * 100, 552),
+                           (MSG + b"bare\nLF\r\n", 554),
+                           (MSG.replace(b"alice@", b"nokey@"), 550)]:
+            assert c.mail("alice@example.com")[0] == 250
+            assert c.rcpt(RCPTS[0])[0] == 250
+            assert c.data(data)[0] == code
+        assert c.sendmail("alice@example.com", RCPTS[1:2], MSG) == {}
+    assert gw.stop() == 0
+    (_, rcpts, data), = sink.messages
+    assert rcpts == RCPTS[1:2] and b"Subject: gateway test" in data
+    assert sink.handler.connections == 4  # a session inside DATA can only be dropped
+
+
 def test_long_line_and_smtputf8_refused_cleanly(start, sink):
     gw = start(["--sign"], hop_env(sink))
     said = raw_session(gw.port, [b"EHLO app\r\n", b"MAIL FROM:<alice@example.com>\r\n",
