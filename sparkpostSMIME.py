@@ -83,6 +83,65 @@ from datetime import datetime, timezone
 from urllib.parse import urlsplit
 from typing import NamedTuple
 
+
+class LazyModule:
+    """A module imported on first use, so that a run loads only what it needs.
+
+    The first attribute read imports *name* and rebinds the global *alias* to the
+    module itself: later uses are plain global look-ups.  Imported above: what runs of
+    every mode need; here: what only some need.  Even signal (0.5 ms) and fcntl
+    (0.15 ms) would slow a single run down, and it uses neither.
+    """
+
+    __slots__ = ("_name", "_alias")
+
+    def __init__(self, name, alias):
+        self._name, self._alias = name, alias
+
+    def __getattr__(self, attr):
+        __import__(self._name)
+        module = sys.modules[self._name]
+        globals()[self._alias] = module
+        return getattr(module, attr)
+
+
+#: optional back ends and their protocols (--send_api, --send_smtp, an env file)
+requests = LazyModule("requests", "requests")
+smtplib = LazyModule("smtplib", "smtplib")
+ssl = LazyModule("ssl", "ssl")
+dotenv = LazyModule("dotenv", "dotenv")
+#: address lists and RFC 2047 words, only for headers that need them; email.utils' own
+#: date reader, without email.utils
+email_header = LazyModule("email.header", "email_header")
+email_utils = LazyModule("email.utils", "email_utils")
+email_parseaddr = LazyModule("email._parseaddr", "email_parseaddr")
+#: standard-library modules a single run may not need: batches (signal, fcntl, json),
+#: group commits (ctypes), digests (hashlib: not for an unsigned message)
+ctypes = LazyModule("ctypes", "ctypes")
+fcntl = LazyModule("fcntl", "fcntl")
+hashlib = LazyModule("hashlib", "hashlib")
+json = LazyModule("json", "json")
+signal = LazyModule("signal", "signal")
+#: cryptography, for signing, encrypting and reading S/MIME (serialization_api() avoids
+#: importing its serialization package where it can: serialization_base, rust_bindings)
+rust_bindings = LazyModule("cryptography.hazmat.bindings._rust", "rust_bindings")
+serialization_base = LazyModule("cryptography.hazmat.primitives._serialization",
+                                "serialization_base")
+crypto_errors = LazyModule("cryptography.exceptions", "crypto_errors")
+x509 = LazyModule("cryptography.x509", "x509")
+verification = LazyModule("cryptography.x509.verification", "verification")
+hashes = LazyModule("cryptography.hazmat.primitives.hashes", "hashes")
+keywrap = LazyModule("cryptography.hazmat.primitives.keywrap", "keywrap")
+serialization = LazyModule("cryptography.hazmat.primitives.serialization", "serialization")
+pkcs12 = LazyModule("cryptography.hazmat.primitives.serialization.pkcs12", "pkcs12")
+ciphers = LazyModule("cryptography.hazmat.primitives.ciphers", "ciphers")
+ec = LazyModule("cryptography.hazmat.primitives.asymmetric.ec", "ec")
+mlkem = LazyModule("cryptography.hazmat.primitives.asymmetric.mlkem", "mlkem")
+padding = LazyModule("cryptography.hazmat.primitives.asymmetric.padding", "padding")
+rsa = LazyModule("cryptography.hazmat.primitives.asymmetric.rsa", "rsa")
+hkdf = LazyModule("cryptography.hazmat.primitives.kdf.hkdf", "hkdf")
+x963kdf = LazyModule("cryptography.hazmat.primitives.kdf.x963kdf", "x963kdf")
+
 __version__ = "1.0.0"
 
 
@@ -542,12 +601,11 @@ def read_env_files(paths):
     values, notices = {}, ()
     if not files:
         return values, notices
-    from dotenv import dotenv_values
     for path in files:
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise ConfigError("--env %s: cannot read this file" % path)
         notices += exposed(path, "env file")
-        values.update((k, v) for k, v in dotenv_values(path).items()
+        values.update((k, v) for k, v in dotenv.dotenv_values(path).items()
                       if v is not None and k not in values)
     return values, notices
 
@@ -794,7 +852,6 @@ def sync_file_system(fd):
     """Flush every file of the file system holding *fd* to disk: syncfs(2), which reports
     write-back errors (Linux 5.8); os.sync() where libc has no syncfs.  Raises OSError."""
     if "syncfs" not in _LIBC:
-        import ctypes
         try:
             _LIBC["syncfs"] = ctypes.CDLL(None, use_errno=True).syncfs
         except (AttributeError, OSError):
@@ -803,7 +860,6 @@ def sync_file_system(fd):
     if syncfs is None:
         os.sync()
     elif syncfs(fd) != 0:
-        import ctypes
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -1078,8 +1134,7 @@ def parse_addresses(values):
         match = _ONE_ADDRESS.match(values[0])
         if match:
             return [((match.group(1) or "").strip(), match.group(2) or match.group(3))]
-    from email.utils import getaddresses
-    return getaddresses(values)
+    return email_utils.getaddresses(values)
 
 
 _SPACE = re.compile(r"\s")
@@ -1107,14 +1162,12 @@ def addresses_of(msg, name, values=None):
 
 def display_names(msg, name):
     """Return {address: display name} for the *name* fields, RFC 2047 words decoded."""
-    from email.header import decode_header, make_header
-    from email.utils import getaddresses
     values = [f.value.decode("utf-8", "replace") for f in msg.outer if f.name == name]
     names = {}
-    for display, address in getaddresses(values):
+    for display, address in email_utils.getaddresses(values):
         if display and address:
             try:
-                display = str(make_header(decode_header(display)))
+                display = str(email_header.make_header(email_header.decode_header(display)))
             except (ValueError, LookupError):
                 pass
             names[address.lower()] = display
@@ -1364,7 +1417,6 @@ def safe_field(f):
 
 def encode_field(f):
     """Return field *f* with its non-ASCII text encoded for a 7-bit header."""
-    from email.header import Header
     name = f.raw.split(b":", 1)[0].decode("ascii")
     value = re.sub(r"[\x00-\x08\x0a-\x1f\x7f]", "", decode_text(f.value))  # no controls
     try:
@@ -1373,10 +1425,10 @@ def encode_field(f):
         elif f.name in ("content-type", "content-disposition"):
             text = encode_params(value)
         else:
-            text = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+            text = email_header.Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
         raw = ("%s: %s\r\n" % (name, text)).encode("ascii")
     except (UnicodeError, ValueError):  # e.g. a non-ASCII address: keep it readable, 7-bit
-        raw = ("%s: %s\r\n" % (name, Header(value, "utf-8", header_name=name).encode(
+        raw = ("%s: %s\r\n" % (name, email_header.Header(value, "utf-8", header_name=name).encode(
             linesep="\r\n"))).encode("ascii")
     return fold_field(raw)
 
@@ -1391,9 +1443,8 @@ def decode_text(raw):
 
 def encode_addresses(value):
     """Return an address list with non-ASCII display names RFC 2047-encoded."""
-    from email.utils import formataddr, getaddresses
-    pairs = getaddresses([value])
-    return ", ".join(formataddr(pair, charset="utf-8") for pair in pairs if pair[1])
+    pairs = email_utils.getaddresses([value])
+    return ", ".join(email_utils.formataddr(pair, charset="utf-8") for pair in pairs if pair[1])
 
 
 def encode_params(value):
@@ -1783,7 +1834,6 @@ class Certificate:
     def x509(self):
         """Return cryptography's certificate of the same DER (imports cryptography.x509)."""
         if self._x509 is None:
-            from cryptography import x509
             self._x509 = x509.load_der_x509_certificate(self.der)
         return self._x509
 
@@ -1798,8 +1848,7 @@ class Certificate:
         """Return the public key (cryptography's object), loaded once.  Raises ValueError
         or UnsupportedAlgorithm for one cryptography cannot load."""
         if self._public is None:
-            from cryptography.hazmat.bindings._rust import openssl
-            self._public = openssl.keys.load_der_public_key(self.spki)
+            self._public = rust_bindings.openssl.keys.load_der_public_key(self.spki)
         return self._public
 
     def extension(self, oid):
@@ -1838,8 +1887,6 @@ class Certificate:
 def verify_with(key, kind, hash_name, signature, data):
     """Check *signature* over *data* by public *key*.  Raises InvalidSignature, or
     TypeError for a key of another kind than *kind*."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
     if kind == "rsa" and isinstance(key, rsa.RSAPublicKey):
         return key.verify(signature, data, padding.PKCS1v15(), getattr(hashes, hash_name)())
     if kind == "ec" and isinstance(key, ec.EllipticCurvePublicKey):
@@ -1928,11 +1975,9 @@ def serialization_api():
     should a later cryptography move them.
     """
     try:
-        from cryptography.hazmat.bindings._rust import openssl
-        from cryptography.hazmat.primitives._serialization import Encoding, PublicFormat
-        return Encoding, PublicFormat, openssl.keys.load_pem_private_key
+        return (serialization_base.Encoding, serialization_base.PublicFormat,
+                rust_bindings.openssl.keys.load_pem_private_key)
     except (ImportError, AttributeError):
-        from cryptography.hazmat.primitives import serialization
         return (serialization.Encoding, serialization.PublicFormat,
                 serialization.load_pem_private_key)
 
@@ -1944,11 +1989,9 @@ def key_kind(cert):
     strength (P-384: SHA-384, P-521: SHA-512; RFC 5753 7.1.2, RFC 8551 2.1):
     gpgsm refuses a P-384 signature over a 256-bit hash.
     """
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
     try:
         public = cert.public_key()
-    except (UnsupportedAlgorithm, ValueError):
+    except (crypto_errors.UnsupportedAlgorithm, ValueError):
         return "unknown", "SHA256"
     if isinstance(public, rsa.RSAPublicKey):
         return "rsa", "SHA256"
@@ -2129,7 +2172,6 @@ class Keystore:
 
     def pkcs12(self, path):
         """Return (key, cert, extra certs) from a PKCS#12 file.  Raises IdentityError."""
-        from cryptography.hazmat.primitives.serialization import pkcs12
         data = read_key_file(path)
         try:
             key, cert, extra = pkcs12.load_key_and_certificates(data, self.password)
@@ -2200,7 +2242,6 @@ def ml_kem_key_parts(choice):
 def ml_kem_from_seed(name, seed, path):
     """Return the ML-KEM private key of parameter set *name* made from its 64-octet *seed*
     (FIPS 203 6.1).  Raises IdentityError for ML-KEM-512 or a seed of another size."""
-    from cryptography.hazmat.primitives.asymmetric import mlkem
     make = {"ML-KEM-768": mlkem.MLKEM768PrivateKey,
             "ML-KEM-1024": mlkem.MLKEM1024PrivateKey}.get(name)
     if make is None:
@@ -2270,7 +2311,6 @@ def load_certificates(data, path):
 
 def key_digest(data):
     """Return the SHA-256 (hex) of a key file's bytes: it identifies, never reveals, the key."""
-    import hashlib
     return hashlib.sha256(data).hexdigest()
 
 
@@ -2320,7 +2360,6 @@ def unique_certs(certs):
 
 def cert_digest(cert):
     """Return the SHA-256 fingerprint of *cert*."""
-    from cryptography.hazmat.primitives import hashes
     return cert.fingerprint(hashes.SHA256())
 
 
@@ -2352,7 +2391,6 @@ def extension(cert, kind):
 
     Raises ValueError for extensions that cannot be parsed (a malformed certificate).
     """
-    from cryptography import x509
     try:
         return cert.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
@@ -2477,8 +2515,7 @@ def in_mail_subtree(address, tree):
 
 def common_name(name):
     """Return the common name of an x509 Name, or its whole RFC 4514 form if it has none."""
-    from cryptography.x509.oid import NameOID
-    names = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    names = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     return str(names[0].value) if names else name.rfc4514_string()
 
 
@@ -2534,11 +2571,9 @@ def extended_key_usage(cert):
 
 def encryption_kind(cert):
     """Return "rsa", "ec" or "mlkem" for a key we can encrypt to, else why we cannot."""
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
     try:
         key = cert.public_key()
-    except (UnsupportedAlgorithm, ValueError):
+    except (crypto_errors.UnsupportedAlgorithm, ValueError):
         return unreadable_key(cert)
     if isinstance(key, rsa.RSAPublicKey):
         return "rsa"
@@ -2569,7 +2604,6 @@ def unreadable_key(cert):
 
 def is_ml_kem(key):
     """True when *key* (public or private) is an ML-KEM-768 or ML-KEM-1024 key (FIPS 203)."""
-    from cryptography.hazmat.primitives.asymmetric import mlkem
     return isinstance(key, (mlkem.MLKEM768PublicKey, mlkem.MLKEM1024PublicKey,
                             mlkem.MLKEM768PrivateKey, mlkem.MLKEM1024PrivateKey))
 
@@ -2705,7 +2739,6 @@ def signed_der(content, signer, detached, now=None):
     chain.  *detached*: the content is not encapsulated (multipart/signed); *now*:
     the signing time (time.time(), default the present).
     """
-    import hashlib
     digest_name = signer.digest
     content_type, capabilities, digest_algorithm, digest_set = signed_constants(digest_name)
     attrs = der_set(content_type, attribute(ATTR_SIGNING_TIME, signing_time(now)),
@@ -2769,8 +2802,6 @@ def sign_attributes(signer, attrs):
 
     Raises IdentityError for a key that is neither RSA nor EC.
     """
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec, padding
     digest = getattr(hashes, signer.digest)()
     if signer.kind == "rsa":
         return (RSA_ALGORITHM, der(OCTET_STRING, signer.key.sign(attrs, padding.PKCS1v15(),
@@ -2833,8 +2864,7 @@ def enveloped_data(content, recipients, key_size=32):
 
 def aes_cbc(key, iv, content):
     """Return *content* PKCS#7-padded and AES-CBC encrypted (RFC 5652 6.3, RFC 3565)."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-    encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+    encryptor = ciphers.Cipher(ciphers.algorithms.AES(key), ciphers.modes.CBC(iv)).encryptor()
     pad = 16 - len(content) % 16
     out = bytearray(len(content) + 31)  # update_into wants room for one more block
     size = encryptor.update_into(content, out)
@@ -2854,7 +2884,6 @@ def recipient_info(ident, key):
 def key_trans_recipient_info(ident, key):
     """Return a KeyTransRecipientInfo (RFC 5652 6.2.1): *key* under RSA PKCS#1 v1.5
     (RFC 3370 4.2.1), version 0, the recipient named by issuerAndSerialNumber."""
-    from cryptography.hazmat.primitives.asymmetric import padding
     encrypted_key = ident.cert.public_key().encrypt(key, padding.PKCS1v15())
     return der(SEQUENCE, b"\x02\x01\x00", ident.rid, RSA_ALGORITHM,  # version 0
                der(OCTET_STRING, encrypted_key))
@@ -2869,8 +2898,6 @@ def key_agree_recipient_info(ident, key):
     The originator is the ephemeral public key (id-ecPublicKey, parameters
     absent: the recipient's curve), the recipient its issuerAndSerialNumber.
     """
-    from cryptography.hazmat.primitives import keywrap, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
     public = ident.cert.public_key()
     scheme, wrap = ECDH_SCHEMES[public.curve.name], AES_WRAP[len(key)]
     ephemeral = ec.generate_private_key(public.curve)
@@ -2891,15 +2918,12 @@ def ecdh_key_encryption_key(private, public, scheme, wrap, size, ukm=None):
     ECC-CMS-SharedInfo: the key wrap algorithm, the optional user keying
     material, and the key size in bits as four big-endian octets.
     """
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
     digest = getattr(hashes, KDF_HASHES[scheme])()
     shared_info = der(SEQUENCE, algorithm(wrap),
                       der(ctx(0), der(OCTET_STRING, ukm)) if ukm is not None else b"",
                       der(ctx(2), der(OCTET_STRING, (size * 8).to_bytes(4, "big"))))
     secret = private.exchange(ec.ECDH(), public)
-    return X963KDF(digest, size, shared_info).derive(secret)
+    return x963kdf.X963KDF(digest, size, shared_info).derive(secret)
 
 
 def kem_recipient_info(ident, key):
@@ -2911,7 +2935,6 @@ def kem_recipient_info(ident, key):
     which wraps *key* with AES-256 key wrap (RFC 3394).  Version 0, the recipient
     named by issuerAndSerialNumber, the KEM by its certificate's key OID, no ukm.
     """
-    from cryptography.hazmat.primitives import keywrap
     secret, kemct = ident.cert.public_key().encapsulate()
     kek = kem_key_encryption_key(secret, KEM_OTHER_INFO, KEM_KEK_SIZE)
     kemri = der(SEQUENCE, b"\x02\x01\x00", ident.rid,
@@ -2932,9 +2955,7 @@ def kem_key_encryption_key(secret, info, size, hash_name="SHA256"):
     """Return the key-encryption key both ends of a KEMRecipientInfo derive (RFC 9629 5):
     HKDF (RFC 5869) with *hash_name*, an empty salt, the KEM's shared *secret* as input
     keying material, the DER CMSORIforKEMOtherInfo *info*, *size* octets."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-    return HKDF(getattr(hashes, hash_name)(), size, salt=b"", info=info).derive(secret)
+    return hkdf.HKDF(getattr(hashes, hash_name)(), size, salt=b"", info=info).derive(secret)
 
 
 def build_smime(msg, opts, signer=None, recipients=(), extra=b"", now=None):
@@ -2998,10 +3019,9 @@ def rfc5322_date(when):
 def date_skew(value, when):
     """Return how many seconds the RFC 5322 date-time *value* (bytes) is from *when*, or
     None when it cannot be read."""
-    from email._parseaddr import mktime_tz, parsedate_tz  # email.utils' own, without it
     try:
-        parsed = parsedate_tz(value.decode("ascii", "replace"))
-        return abs(mktime_tz(parsed) - when) if parsed else None
+        parsed = email_parseaddr.parsedate_tz(value.decode("ascii", "replace"))
+        return abs(email_parseaddr.mktime_tz(parsed) - when) if parsed else None
     except (ValueError, OverflowError, TypeError):
         return None
 
@@ -3373,7 +3393,6 @@ class SmtpBackend(Backend):
     def tls_context(self):
         """Return the SSLContext verifying certificate and host name (unless
         SMTP_TLS_VERIFY=0), made once for every connection of this back end."""
-        import ssl
         if self.context is None:
             s = self.settings.smtp
             self.context = ssl.create_default_context(cafile=s.cafile or None)
@@ -3388,7 +3407,6 @@ class SmtpBackend(Backend):
         Read over a second connection that checks the certificate chain but not
         the name, and goes no further than TLS: no credentials, no message.
         """
-        import ssl
         s = self.settings.smtp
         context = ssl.create_default_context(cafile=s.cafile or None)
         context.check_hostname = False
@@ -3624,7 +3642,6 @@ def sparkpost_smtp_header(settings):
     SparkPost rewrites links and adds an open pixel when tracking is on, which
     would break a signature; the header sits in the outer, unsigned header.
     """
-    import json
     track = bool(settings.track and not settings.sign_mode)
     value = json.dumps({"options": {"open_tracking": track, "click_tracking": track,
                                     "transactional": not track},
@@ -3678,8 +3695,6 @@ def transcript_classes():
     message data as its size only.  smtplib's set_debuglevel() is never used
     (it prints the base64 credentials).
     """
-    import smtplib
-    import ssl
 
     class Transcript:
         _challenged = False
@@ -3761,8 +3776,6 @@ def host_mismatch(settings, names):
 
 def smtp_failure(exc, settings):
     """Translate an smtplib/socket/ssl exception into the SmimeToolError to report."""
-    import smtplib
-    import ssl
     where = "%s:%d" % (settings.host, settings.port)
     if isinstance(exc, smtplib.SMTPResponseException):
         text, code = decode_reply(exc.smtp_error), exc.smtp_code
@@ -3815,7 +3828,6 @@ class ApiBackend(Backend):
 
     def open(self):
         """Create the keep-alive HTTP session; return the 'Opened connection' line."""
-        import requests
         self.session = requests.Session()
         self.session.headers.update({"Authorization": self.settings.api.key,
                                      "Content-Type": "application/json",
@@ -3824,7 +3836,6 @@ class ApiBackend(Backend):
 
     def attempt(self, job):
         """POST one transmission; return its Outcome (api_outcome())."""
-        import requests
         if self.session is None:
             self.events.session(self.open())
         url = self.settings.api.base_url + "/transmissions"
@@ -3870,7 +3881,6 @@ def api_rules(msg, data, settings):
 
 def transmission_body(job, settings):
     """Return the JSON request body (bytes) of a transmission for *job*."""
-    import json
     msg = job.msg
     names = {}
     for header in RECIPIENT_FIELDS:
@@ -4177,7 +4187,6 @@ class Journal:
         Forked workers append to the same file: a lock makes each row's write and
         any cut back one step, so that no worker cuts another's row.
         """
-        import fcntl
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             try:
@@ -4198,7 +4207,6 @@ class Journal:
     def write(self, result):
         """Keep *result*'s row pending until commit()."""
         if self.fd is not None:
-            import json
             if not self.rows:
                 self.started = time.monotonic()
             self.rows.append((json.dumps(result.record(), sort_keys=True) + "\n").encode())
@@ -4228,7 +4236,6 @@ def already_sent(path):
     Lines that are not JSON (a line torn by a crash) are skipped; a later row of the
     same message wins.
     """
-    import json
     done = {}
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
@@ -4525,7 +4532,6 @@ class Stop:
 
     def __enter__(self):
         if self.batch:
-            import signal
             self.previous = signal.signal(signal.SIGINT, self.handler)
             self.terminate = signal.signal(signal.SIGTERM, self.handler)  # kill: as Ctrl-C
         return self
@@ -4539,7 +4545,6 @@ class Stop:
 
     def __exit__(self, *exc):
         if self.previous is not None:
-            import signal
             signal.signal(signal.SIGINT, self.previous)
             signal.signal(signal.SIGTERM, self.terminate)
 
@@ -4652,7 +4657,6 @@ def run_parallel(settings, backend, build, items, reporter, stats, halt):
     Channel at the end; only a progress bar (drawn here) needs every Result
     sent up.  Imports, keys and the CA store are loaded before forking.
     """
-    import signal
     preload(backend, build, items[0])
     gc.freeze()  # the workers inherit these objects: keep their pages shared, unscanned
     sys.stdout.flush()
@@ -4735,7 +4739,6 @@ def worker_process(settings, backend, build, items, reporter, stats, channel, ha
     Prints through its own Recorder unless the parent draws a progress bar: then
     each Result goes up *channel* instead.  Its counts go up last, always.
     """
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; in-flight work finishes
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's SIGTERM ends a worker
     recorder = None
@@ -5901,11 +5904,10 @@ def open_layers(fields, body, keyring, depth=0):
         return [], None
     if depth == MAX_LAYERS:
         raise MessageError("more than %d S/MIME layers nested" % MAX_LAYERS)
-    from cryptography.exceptions import UnsupportedAlgorithm
     try:
         layer, inner = open_layer(kind, fields, body, keyring)
     except (ValueError, LookupError, OverflowError, StopIteration,
-            UnsupportedAlgorithm) as exc:  # not CMS after all
+            crypto_errors.UnsupportedAlgorithm) as exc:  # not CMS after all
         raise MessageError("the S/MIME part is malformed (%s)" % (
             first_line(exc) if isinstance(exc, ValueError) else type(exc).__name__))
     entity = message_to_crlf(inner)
@@ -5981,7 +5983,6 @@ class SignerInfo(NamedTuple):
 def read_signed_data(ber):
     """Return the SignedData in *ber*.  Raises ValueError when malformed, MessageError
     beyond MAX_CERTIFICATES or MAX_SIGNER_INFOS."""
-    from cryptography import x509
     fields = Fields(ber)
     fields.take(INTEGER)  # version
     fields.take(SET)  # digestAlgorithms: each SignerInfo names its own
@@ -6058,7 +6059,6 @@ def check_signer(info, certs, content, digests):
 
 def content_digest(name, content):
     """Return the digest *name* (a DIGESTS value) of *content*."""
-    from cryptography.hazmat.primitives import hashes
     digest = hashes.Hash(getattr(hashes, name)())
     digest.update(content)
     return digest.finalize()
@@ -6076,7 +6076,6 @@ def signer_certificate(sid, certs):
 
 def subject_key_id(cert):
     """Return the certificate's subjectKeyIdentifier, or None."""
-    from cryptography import x509
     try:
         found = extension(cert, x509.SubjectKeyIdentifier)
     except ValueError:
@@ -6159,9 +6158,6 @@ def signature_problem(cert, info, signed, digest):
 
     Returns (why not or '', "RSA", "RSA-PSS" or "ECDSA", the hash used).
     """
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
     parts = Fields(info.signature_algorithm)
     oid = parts.take(OID).oid()
     scheme, hash_name = SIGNATURE_ALGORITHMS.get(oid, ("", None))
@@ -6180,7 +6176,7 @@ def signature_problem(cert, info, signed, digest):
             key.verify(info.signature, signed, ec.ECDSA(getattr(hashes, hash_name)()))
         else:
             return "signed with an algorithm this tool cannot check (%s)" % oid, "", hash_name
-    except InvalidSignature:
+    except crypto_errors.InvalidSignature:
         return ("the signature does not match the content (the signature or the content was "
                 "altered)", "", hash_name)
     return "", {"rsa": "RSA", "pss": "RSA-PSS", "ecdsa": "ECDSA"}[scheme], hash_name
@@ -6243,7 +6239,6 @@ def signer_key_problem(cert):
     """Return why the key of signer certificate *cert* is too weak to vouch, or '': RSA
     keys of fewer than MIN_RSA_BITS, EC keys off the curves we use (ECDH_SCHEMES), as
     the path validation refuses for CAs."""
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
     key = cert.public_key()
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
         return "has a %d-bit RSA key: at least %d bits are needed" % (key.key_size, MIN_RSA_BITS)
@@ -6255,14 +6250,14 @@ def signer_key_problem(cert):
 def validated_chain(cert, certs, roots):
     """Return (the validated path, cert first, or [], why *cert* does not chain to a
     trusted root with intermediates from *certs*, or '')."""
-    from cryptography.x509 import verification as v
-    builder = (v.PolicyBuilder().store(v.Store(roots)).time(datetime.now(timezone.utc))
-               .extension_policies(ca_policy=v.ExtensionPolicy.webpki_defaults_ca(),
-                                   ee_policy=v.ExtensionPolicy.permit_all()))
+    builder = (verification.PolicyBuilder().store(verification.Store(roots))
+               .time(datetime.now(timezone.utc))
+               .extension_policies(ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(),
+                                   ee_policy=verification.ExtensionPolicy.permit_all()))
     try:
         verified = builder.build_client_verifier().verify(cert, [c for c in certs
                                                                  if c is not cert])
-    except v.VerificationError as exc:
+    except verification.VerificationError as exc:
         return [], "does not chain to a trusted root (%s); pass the issuing CA with --ca" % exc
     return list(verified.chain), ""
 
@@ -6272,8 +6267,6 @@ def trust_store(cafile):
 
     Raises ConfigError (78) when there is none or it cannot be read.
     """
-    import ssl
-    from cryptography import x509
     paths = ssl.get_default_verify_paths()
     path = cafile or paths.cafile or paths.openssl_cafile
     if not path or not os.path.isfile(path):
@@ -6407,8 +6400,6 @@ class KeyTransRecipientInfo(NamedTuple):
         """Return the key under our RSA key: PKCS#1 v1.5, or RSAES-OAEP when received
         (RFC 3560); None when it does not decrypt.  Raises MessageError for another
         algorithm."""
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric import padding, rsa
         fields = Fields(self.key_encryption_algorithm)
         oid, params = fields.take(OID).oid(), fields.rest()
         if oid == RSAES_OAEP:
@@ -6453,8 +6444,6 @@ class KeyAgreeRecipientInfo(NamedTuple):
         the originator's public key, the X9.63 KDF of the scheme, then AES key unwrap
         (RFC 3394); None when it does not unwrap.  Raises MessageError for static
         originator keys and other schemes."""
-        from cryptography.hazmat.primitives import keywrap
-        from cryptography.hazmat.primitives.asymmetric import ec
         fields = Fields(self.key_encryption_algorithm)
         scheme, wrap = fields.take(OID).oid(), algorithm_oid(fields.take(SEQUENCE))
         sizes = {oid: size for size, oid in AES_WRAP.items()}
@@ -6518,7 +6507,6 @@ class KEMRecipientInfo(NamedTuple):
         then AES key unwrap (RFC 3394); None when it does not unwrap (an altered kemct
         or key).  Raises MessageError for another KEM, KDF or wrap, or a kekLength that
         is not the wrap's key size (RFC 9936 2.2.1)."""
-        from cryptography.hazmat.primitives import keywrap
         kem, kdf, wrap = (algorithm_oid(a) for a in (self.kem, self.kdf, self.wrap))
         sizes = {oid: size for size, oid in AES_WRAP.items()}
         if kem not in ML_KEM or kdf not in HKDF_HASHES or self.kek_length != sizes.get(wrap):
@@ -6616,8 +6604,6 @@ def decrypt_envelope(env, cipher, key):
     """Return the content of *env* decrypted with content-encryption *key* under *cipher*
     (content_cipher()), or None when anything is wrong: no key, a wrong key length, a
     bad padding or tag, a plaintext that is not a MIME entity (RFC 5652 6.3, RFC 5083)."""
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
     if key is None or len(key) != cipher[1] or env.encrypted_content is None:
         return None
     algorithm = Fields(env.content_encryption_algorithm)
@@ -6625,15 +6611,15 @@ def decrypt_envelope(env, cipher, key):
     params, data = algorithm.rest(), env.encrypted_content.octets()
     try:
         if cipher[2] == "GCM":  # GCMParameters: the nonce, then the tag length
-            mode = modes.GCM(Fields(params[0]).take(OCTET_STRING).octets(), env.mac,
+            mode = ciphers.modes.GCM(Fields(params[0]).take(OCTET_STRING).octets(), env.mac,
                              min_tag_length=len(env.mac))
         else:
-            mode = modes.CBC(params[0].octets())
-        decryptor = Cipher(algorithms.AES(key), mode).decryptor()
+            mode = ciphers.modes.CBC(params[0].octets())
+        decryptor = ciphers.Cipher(ciphers.algorithms.AES(key), mode).decryptor()
         if env.auth_attrs is not None:  # the authenticated attributes, as a DER SET OF
             decryptor.authenticate_additional_data(b"\x31" + env.auth_attrs.raw[1:])
         plain = decryptor.update(data) + decryptor.finalize()
-    except (ValueError, IndexError, InvalidTag):
+    except (ValueError, IndexError, crypto_errors.InvalidTag):
         return None
     if cipher[2] == "CBC":
         pad = plain[-1] if plain else 0
@@ -6970,7 +6956,6 @@ def save_harvested(found, directory):
     later, unless the new one is post-quantum (ML-KEM) and the old one is not;
     returns found with .path and .note set.  Raises OutputError (73/74).
     """
-    from cryptography.hazmat.primitives.serialization import Encoding
     path = os.path.join(directory, found.address + ".crt")
     found.path, found.note = path, "saved"
     if os.path.isfile(path):
@@ -6985,7 +6970,7 @@ def save_harvested(found, directory):
             found.cert, found.note = old[0], "kept the existing certificate (valid, expires later)"
             return found
         found.note = "replaced an older certificate" if old else "replaced %s" % path
-    pem = b"".join(c.public_bytes(Encoding.PEM) for c in [found.cert] + found.chain)
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [found.cert] + found.chain)
     write_atomically(path, pem)
     return found
 
