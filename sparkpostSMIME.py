@@ -285,9 +285,10 @@ class OutputError(SmimeToolError):
     """A fault on our side: an output, journal, archive or certificate file cannot
     be created (73, EX_CANTCREAT) or written (74, EX_IOERR)."""
 
-    def __init__(self, text, exit_code=EX_IOERR):
+    def __init__(self, text, exit_code=EX_IOERR, reason=""):
         super().__init__(text)
         self.exit_code = exit_code
+        self.reason = reason  #: the system's own words (strerror), for a caller's message
 
 
 def smtp_exit_code(code):
@@ -728,16 +729,17 @@ def first_line(exc):
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def write_atomically(path, data, mode=None):
+def write_atomically(path, data, mode=None, tmp=None):
     """Write *data* to *path* through a temporary file in the same directory, synced,
     then renamed into place (and the directory synced): a reader never sees a
     partial file, a failure leaves none behind, and once this returns the file
     outlives a crash.  *mode*: the file's permissions (default: as the umask
-    allows, like any new file).  Raises OutputError: 73 when the file cannot be
-    created, 74 when writing fails (a full disk)."""
+    allows, like any new file); *tmp*: the temporary file's path (default: a
+    hidden name beside *path*; on the same file system).  Raises OutputError: 73
+    when the file cannot be created, 74 when writing fails (a full disk)."""
     group = OutputGroup()
     try:
-        group.add(path, data, mode)
+        group.add(path, data, mode, tmp)
         group.commit()
     finally:
         group.discard()
@@ -769,16 +771,17 @@ class OutputGroup:
             len(self.pending) >= GROUP_FILES or self.size >= GROUP_BYTES
             or time.monotonic() - self.started >= GROUP_SECONDS)
 
-    def add(self, path, data, mode=None):
+    def add(self, path, data, mode=None, tmp=None):
         """Write *data* for *path* under a temporary name (see write_atomically)."""
-        directory, name = os.path.split(path)
-        tmp = os.path.join(directory, ".%s.%s" % (name[:40], os.urandom(6).hex()))
+        if tmp is None:
+            directory, name = os.path.split(path)
+            tmp = os.path.join(directory, ".%s.%s" % (name[:40], os.urandom(6).hex()))
         try:  # 0o666: the kernel applies the umask, as to any new file
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                          0o666 if mode is None else mode)
         except OSError as exc:
             raise OutputError("%s: cannot create: %s" % (path, exc.strerror or exc),
-                              EX_CANTCREAT)
+                              EX_CANTCREAT, exc.strerror or str(exc))
         try:
             if mode is not None:
                 os.fchmod(fd, mode)  # exactly *mode*, whatever the umask
@@ -834,7 +837,8 @@ class OutputGroup:
     def fault(path, exc):
         """Return the OutputError for *exc* met while writing *path*."""
         code = EX_CANTCREAT if exc.errno in (13, 21, 30) else EX_IOERR  # EACCES EISDIR EROFS
-        return OutputError("%s: cannot write: %s" % (path, exc.strerror or exc), code)
+        return OutputError("%s: cannot write: %s" % (path, exc.strerror or exc), code,
+                           exc.strerror or str(exc))
 
 
 def remove_quietly(path):
@@ -4276,22 +4280,17 @@ class Archive:
                               % (directory, exc.strerror or exc), EX_CANTCREAT)
 
     def store(self, data):
-        """Write *data* to tmp/, then rename it into new/ (the Maildir protocol)."""
+        """Write *data* to tmp/, then rename it into new/ (the Maildir protocol), with
+        write_atomically()."""
         self.count += 1
         name = "%d.P%dQ%d.%s" % (time.time(), os.getpid(), self.count,
                                  socket.gethostname().replace("/", "_"))
-        tmp = os.path.join(self.directory, "tmp", name)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.rename(tmp, os.path.join(self.directory, "new", name))
-        except OSError as exc:
-            remove_quietly(tmp)
+            write_atomically(os.path.join(self.directory, "new", name), data, 0o600,
+                             os.path.join(self.directory, "tmp", name))
+        except OutputError as exc:
             raise OutputError("--archive %s: cannot store a message: %s"
-                              % (self.directory, exc.strerror or exc))
+                              % (self.directory, exc.reason))
 
 
 #: Warnings of a run made from a count of messages (see date_at_signing()).
