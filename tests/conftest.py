@@ -115,18 +115,26 @@ def run_tool(args, stdin=None, env=None, cwd=None, timeout=120, preexec=None):
     return proc
 
 
-def build(pki, tmp_path, raw, flags, name="in.eml", ok=0, safe=False):
+def build(pki, tmp_path, raw, flags, name="in.eml", ok=0, safe=False, env=None):
     """Write *raw* to tmp_path/name and run the tool on it with pki's keys and *flags*;
     return the CompletedProcess.  Its exit code must be *ok* (unless None); with
-    *safe*, a message built (exit 0) must be transport-safe (engines)."""
+    *safe*, a message built (exit 0) must be transport-safe (engines); *env*: variables
+    added to the tool's environment."""
     path = tmp_path / name
     path.write_bytes(raw)
-    proc = run_tool([str(path), "--keys", pki.keys] + list(flags))
+    proc = run_tool([str(path), "--keys", pki.keys] + list(flags), env=env)
     if ok is not None:
         assert proc.returncode == ok, proc.stderr
     if safe and proc.returncode == 0:
         engines.check_transport_safe(proc.stdout)
     return proc
+
+
+def send(pki, tmp_path, raw, flags, env, name="msg.eml"):
+    """Write *raw* to tmp_path/name and send it: the tool with pki's keys, then *flags*
+    (--send_smtp or --send_api among them), in the environment *env*; return the
+    CompletedProcess, whatever its exit code (the tests check the failures too)."""
+    return build(pki, tmp_path, raw, flags, name, ok=None, env=env)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,13 +6,14 @@ import re
 import pytest
 
 import engines
-from conftest import run_tool
+from conftest import run_tool, send
 from corpus import CORPUS
 from servers import ApiServer, free_port
 
 API_KEY = engines.plant_secret("0123456789abcdef0123456789abcdefTESTKEY")
 MSG = CORPUS["many-recipients"]  # alice -> Bob <bob>, carol; Cc "Erin E." <erin>; Bcc dave
 RCPTS = ["bob@example.org", "carol@example.net", "erin@example.org", "dave@example.com"]
+API = ["--send_api"]
 
 
 @pytest.fixture
@@ -21,17 +22,17 @@ def api():
         yield srv
 
 
-def send(tmp_path, pki, api, flags=("--sign", "--encrypt"), **env):
-    path = tmp_path / "msg.eml"
-    path.write_bytes(MSG)
+def api_env(api, **env):
+    """Return the environment of a --send_api run against *api* (None: no server),
+    *env* added (a None value unsets that variable)."""
     full = {"SPARKPOST_API_KEY": API_KEY, "SPARKPOST_HOST": api.url if api else ""}
     full.update(env)
-    return run_tool([str(path), "--keys", pki.keys, "--send_api"] + list(flags),
-                    env={k: v for k, v in full.items() if v is not None})
+    return {k: v for k, v in full.items() if v is not None}
 
 
 def test_transmission_request_shape_and_report(api, pki, tmp_path, openssl):
-    proc = send(tmp_path, pki, api, ("--sign", "--encrypt", "--campaign", "avocado"))
+    proc = send(pki, tmp_path, MSG, API + ["--sign", "--encrypt", "--campaign", "avocado"],
+                api_env(api))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.decode().splitlines()
     assert out[0] == "Opened connection to %s/api/v1" % api.url
@@ -59,8 +60,8 @@ def test_transmission_request_shape_and_report(api, pki, tmp_path, openssl):
 
 
 def test_tracking_only_unsigned(api, pki, tmp_path):
-    assert send(tmp_path, pki, api, ("--sign", "--track")).returncode == 64
-    proc = send(tmp_path, pki, api, ("--track",))
+    assert send(pki, tmp_path, MSG, API + ["--sign", "--track"], api_env(api)).returncode == 64
+    proc = send(pki, tmp_path, MSG, API + ["--track"], api_env(api))
     assert proc.returncode == 0
     body = json.loads(api.requests[-1]["body"])
     assert body["options"] == {"open_tracking": True, "click_tracking": True,
@@ -70,7 +71,8 @@ def test_tracking_only_unsigned(api, pki, tmp_path):
 
 @pytest.mark.parametrize("host", ["{url}", "{url}/", "{url}/api/v1", "{url}/api/v1/"])
 def test_host_forms_tolerated(api, pki, tmp_path, host):
-    proc = send(tmp_path, pki, None, SPARKPOST_HOST=host.format(url=api.url))
+    proc = send(pki, tmp_path, MSG, API + ["--sign", "--encrypt"],
+                api_env(None, SPARKPOST_HOST=host.format(url=api.url)))
     assert proc.returncode == 0, proc.stderr
     assert api.requests[-1]["path"] == "/api/v1/transmissions"
 
@@ -81,7 +83,8 @@ def test_host_forms_tolerated(api, pki, tmp_path, host):
     ("https://api.eu.sparkpost.com/api/v1/", "https://api.eu.sparkpost.com/api/v1"),
 ])
 def test_default_and_bare_hosts_dry_run(pki, tmp_path, host, url):
-    proc = send(tmp_path, pki, None, ("--sign", "--dry_run"), SPARKPOST_HOST=host)
+    proc = send(pki, tmp_path, MSG, API + ["--sign", "--dry_run"],
+                api_env(None, SPARKPOST_HOST=host))
     assert proc.returncode == 0, proc.stderr
     assert "Would open connection to %s (API key ***)" % url in proc.stdout.decode()
 
@@ -89,20 +92,22 @@ def test_default_and_bare_hosts_dry_run(pki, tmp_path, host, url):
 @pytest.mark.parametrize("host", ["http://api.sparkpost.com", "http://10.1.2.3:8080",
                                   "ftp://x.example"])
 def test_clear_text_hosts_refused(pki, tmp_path, host):
-    proc = send(tmp_path, pki, None, SPARKPOST_HOST=host)
+    proc = send(pki, tmp_path, MSG, API + ["--sign", "--encrypt"],
+                api_env(None, SPARKPOST_HOST=host))
     assert proc.returncode == 78
     assert "SPARKPOST_HOST" in proc.stderr.decode()
 
 
 def test_missing_key(pki, tmp_path, api):
-    proc = send(tmp_path, pki, api, SPARKPOST_API_KEY=None)
+    proc = send(pki, tmp_path, MSG, API + ["--sign", "--encrypt"],
+                api_env(api, SPARKPOST_API_KEY=None))
     assert proc.returncode == 78 and "SPARKPOST_API_KEY is not set" in proc.stderr.decode()
     assert api.requests == []
 
 
 def test_401_is_auth_failure(api, pki, tmp_path):
     api.responses = [(401, {}, {"errors": [{"message": "Unauthorized."}]})]
-    proc = send(tmp_path, pki, api)
+    proc = send(pki, tmp_path, MSG, API + ["--sign", "--encrypt"], api_env(api))
     assert proc.returncode == 77
     err = proc.stderr.decode()
     assert "401" in err and "Unauthorized." in err and "SPARKPOST_API_KEY" in err
@@ -113,7 +118,7 @@ def test_422_shows_sparkpost_errors(api, pki, tmp_path):
     api.responses = [(422, {}, {"errors": [{"message": "Invalid data",
                                             "description": "email_rfc822 is malformed",
                                             "code": "1300"}]})]
-    proc = send(tmp_path, pki, api)
+    proc = send(pki, tmp_path, MSG, API + ["--sign", "--encrypt"], api_env(api))
     assert proc.returncode == 69
     assert "Invalid data (email_rfc822 is malformed) [1300]" in proc.stderr.decode()
     assert proc.stdout.decode().splitlines()[-1].startswith("FAILED - in ")
@@ -122,7 +127,7 @@ def test_422_shows_sparkpost_errors(api, pki, tmp_path):
 
 def test_429_retry_after_then_success(api, pki, tmp_path):
     api.responses = [(429, {"Retry-After": "1"}, {"errors": [{"message": "Too many"}]})]
-    proc = send(tmp_path, pki, api)
+    proc = send(pki, tmp_path, MSG, API + ["--sign", "--encrypt"], api_env(api))
     assert proc.returncode == 0, proc.stderr
     assert len(api.requests) == 2
     assert "429" in proc.stderr.decode() and "retrying in 1 s" in proc.stderr.decode()
@@ -130,19 +135,19 @@ def test_429_retry_after_then_success(api, pki, tmp_path):
 
 def test_500_until_retries_run_out(api, pki, tmp_path):
     api.responses = [(500, {}, {})] * 3
-    proc = send(tmp_path, pki, api, ("--sign", "--retries", "1"))
+    proc = send(pki, tmp_path, MSG, API + ["--sign", "--retries", "1"], api_env(api))
     assert proc.returncode == 75
     assert len(api.requests) == 2
 
 
 def test_unreachable_api(pki, tmp_path):
-    proc = send(tmp_path, pki, None, ("--sign", "--retries", "0"),
-                SPARKPOST_HOST="http://127.0.0.1:%d" % free_port())
+    proc = send(pki, tmp_path, MSG, API + ["--sign", "--retries", "0"],
+                api_env(None, SPARKPOST_HOST="http://127.0.0.1:%d" % free_port()))
     assert proc.returncode == 75 and "cannot reach" in proc.stderr.decode()
 
 
 def test_verbose_hides_the_key(api, pki, tmp_path):
-    proc = send(tmp_path, pki, api, ("--sign", "-v"))
+    proc = send(pki, tmp_path, MSG, API + ["--sign", "-v"], api_env(api))
     assert proc.returncode == 0
     err = proc.stderr.decode()
     assert "-> POST %s/api/v1/transmissions" % api.url in err and "Authorization: ***" in err

@@ -8,7 +8,7 @@ from email.utils import formatdate
 import pytest
 
 import engines
-from conftest import run_tool
+from conftest import run_tool, send
 from corpus import CORPUS
 from servers import SilentServer, SmtpServer, free_port
 
@@ -16,6 +16,7 @@ USER = "SMTP_Injection"
 PASSWORD = engines.plant_secret("s3cret-SMTP-pw-TEST-only")
 MSG = CORPUS["many-recipients"]  # alice -> bob, carol; Cc erin; Bcc dave
 RCPTS = ["bob@example.org", "carol@example.net", "erin@example.org", "dave@example.com"]
+SMTP = ["--send_smtp", "--retry_delay", "0.01"]
 
 
 @pytest.fixture
@@ -31,19 +32,12 @@ def env_for(srv, pki, **extra):
     return {k: v for k, v in env.items() if v is not None}
 
 
-def send(tmp_path, pki, env, flags=("--sign", "--encrypt"), msg=MSG):
-    path = tmp_path / "msg.eml"
-    path.write_bytes(msg)
-    return run_tool([str(path), "--keys", pki.keys, "--send_smtp", "--retry_delay", "0.01"]
-                    + list(flags), env=env)
-
-
 def lines(proc):
     return proc.stdout.decode().splitlines()
 
 
 def test_starttls_auth_send_report_and_envelope(server, pki, tmp_path, openssl):
-    proc = send(tmp_path, pki, env_for(server, pki))
+    proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "--encrypt"], env_for(server, pki))
     assert proc.returncode == 0, proc.stderr
     out = lines(proc)
     assert out[0] == ('Opened SMTP connection (STARTTLS) to localhost, port %d, '
@@ -69,7 +63,7 @@ def test_starttls_auth_send_report_and_envelope(server, pki, tmp_path, openssl):
 def test_auth_mechanisms_and_redacted_transcript(tls_ctx, pki, tmp_path, mechanism):
     other = {"LOGIN": ["PLAIN"], "PLAIN": ["LOGIN"]}[mechanism]
     with SmtpServer(tls_ctx, users={USER: PASSWORD}, exclude_mechanisms=other) as srv:
-        proc = send(tmp_path, pki, env_for(srv, pki), ["--sign_detached", "-v"])
+        proc = send(pki, tmp_path, MSG, SMTP + ["--sign_detached", "-v"], env_for(srv, pki))
     assert proc.returncode == 0, proc.stderr
     assert srv.handler.auth_seen == [(mechanism, USER)]
     err = proc.stderr.decode()
@@ -85,7 +79,7 @@ def test_implicit_tls(tls_ctx, pki, tmp_path):
     # aiosmtpd only counts STARTTLS as TLS for AUTH; this connection is TLS from the start
     with SmtpServer(tls_ctx, implicit_tls=True, users={USER: PASSWORD},
                     auth_require_tls=False) as srv:
-        proc = send(tmp_path, pki, env_for(srv, pki, SMTP_TLS="tls"), ["--encrypt"])
+        proc = send(pki, tmp_path, MSG, SMTP + ["--encrypt"], env_for(srv, pki, SMTP_TLS="tls"))
     assert proc.returncode == 0, proc.stderr
     assert "Opened SMTP connection (TLS) to localhost" in proc.stdout.decode()
     assert len(srv.messages) == 1
@@ -93,8 +87,8 @@ def test_implicit_tls(tls_ctx, pki, tmp_path):
 
 def test_plain_internal_mta_without_credentials(pki, tmp_path):
     with SmtpServer() as srv:
-        proc = send(tmp_path, pki, env_for(srv, pki, SMTP_USER=None, SMTP_PASSWORD=None,
-                                           SMTP_HOST="127.0.0.1"))
+        proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "--encrypt"],
+                    env_for(srv, pki, SMTP_USER=None, SMTP_PASSWORD=None, SMTP_HOST="127.0.0.1"))
     assert proc.returncode == 0, proc.stderr
     assert lines(proc)[0] == "Opened SMTP connection (plain) to 127.0.0.1, port %d" % srv.port
     assert len(srv.messages) == 1
@@ -102,25 +96,27 @@ def test_plain_internal_mta_without_credentials(pki, tmp_path):
 
 def test_credentials_never_sent_in_clear(pki, tmp_path):
     with SmtpServer(users={USER: PASSWORD}, auth_require_tls=False) as srv:  # offers AUTH in clear
-        proc = send(tmp_path, pki, env_for(srv, pki))
+        proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "--encrypt"], env_for(srv, pki))
     assert proc.returncode == 78
     assert "refusing to send SMTP_USER/SMTP_PASSWORD over an unencrypted" in proc.stderr.decode()
     assert srv.handler.auth_seen == [] and srv.messages == []
 
 
 def test_untrusted_certificate_refused_then_verify_off(server, pki, tmp_path):
-    proc = send(tmp_path, pki, env_for(server, pki, SMTP_CAFILE=None))
+    proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "--encrypt"],
+                env_for(server, pki, SMTP_CAFILE=None))
     assert proc.returncode == 78
     assert "TLS certificate of localhost:%d not trusted" % server.port in proc.stderr.decode()
     assert server.messages == [] and server.handler.auth_seen == []
-    proc = send(tmp_path, pki, env_for(server, pki, SMTP_CAFILE=None, SMTP_TLS_VERIFY="0"))
+    proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "--encrypt"],
+                env_for(server, pki, SMTP_CAFILE=None, SMTP_TLS_VERIFY="0"))
     assert proc.returncode == 0
     assert "verification is OFF" in proc.stderr.decode()
 
 
 def test_partial_refusal_names_each_side(server, pki, tmp_path):
     server.handler.refuse = {"carol@example.net": "550 5.7.1 relaying denied"}
-    proc = send(tmp_path, pki, env_for(server, pki))
+    proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "--encrypt"], env_for(server, pki))
     assert proc.returncode == 69
     err = proc.stderr.decode()
     assert "refused carol@example.net: 550 5.7.1 relaying denied" in err
@@ -134,18 +130,19 @@ def test_partial_refusal_names_each_side(server, pki, tmp_path):
 
 def test_all_refused_temporary_and_permanent(server, pki, tmp_path):
     server.handler.refuse = {a: "451 4.3.0 try again later" for a in RCPTS}
-    proc = send(tmp_path, pki, env_for(server, pki))
+    proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "--encrypt"], env_for(server, pki))
     assert proc.returncode == 75
     assert proc.stderr.decode().count("451 4.3.0 try again later") == 4
     assert lines(proc)[-1].startswith("FAILED - in ")
     server.handler.refuse = {a: "550 5.7.1 relaying denied" for a in RCPTS}
-    proc = send(tmp_path, pki, env_for(server, pki))
+    proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "--encrypt"], env_for(server, pki))
     assert proc.returncode == 69 and server.messages == []
 
 
 def test_bad_password_exit_77(server, pki, tmp_path):
     engines.plant_secret("wrong-password-TEST")
-    proc = send(tmp_path, pki, env_for(server, pki, SMTP_PASSWORD="wrong-password-TEST"))
+    proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "--encrypt"],
+                env_for(server, pki, SMTP_PASSWORD="wrong-password-TEST"))
     assert proc.returncode == 77
     err = proc.stderr.decode()
     assert "authentication refused by localhost:%d: 535" % server.port in err
@@ -155,17 +152,18 @@ def test_bad_password_exit_77(server, pki, tmp_path):
 
 def test_starttls_required_but_not_offered(pki, tmp_path):
     with SmtpServer() as srv:
-        proc = send(tmp_path, pki, env_for(srv, pki, SMTP_USER=None, SMTP_PASSWORD=None,
-                                           SMTP_TLS="starttls"))
+        proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "--encrypt"],
+                    env_for(srv, pki, SMTP_USER=None, SMTP_PASSWORD=None, SMTP_TLS="starttls"))
     assert proc.returncode == 78 and "does not offer STARTTLS" in proc.stderr.decode()
 
 
 def test_connection_refused_and_silent_server(pki, tmp_path):
-    proc = send(tmp_path, pki, {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(free_port())})
+    proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "--encrypt"],
+                {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(free_port())})
     assert proc.returncode == 75 and "cannot connect to 127.0.0.1" in proc.stderr.decode()
     with SilentServer() as silent:
-        proc = send(tmp_path, pki, {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(silent.port),
-                                    "SMTP_TIMEOUT": "1"})
+        proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "--encrypt"],
+                    {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(silent.port), "SMTP_TIMEOUT": "1"})
     assert proc.returncode == 75
     assert "no answer from 127.0.0.1:%d within 1 seconds" % silent.port in proc.stderr.decode()
 
@@ -181,7 +179,7 @@ def test_connection_refused_and_silent_server(pki, tmp_path):
     ({"SMTP_CAFILE": "/nonexistent/ca.pem"}, "SMTP_CAFILE=/nonexistent/ca.pem"),
 ])
 def test_bad_settings_exit_78(server, pki, tmp_path, env, words):
-    proc = send(tmp_path, pki, env_for(server, pki, **env))
+    proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "--encrypt"], env_for(server, pki, **env))
     assert proc.returncode == 78, proc.stderr
     assert words in proc.stderr.decode() and proc.stderr.decode().count("\n") == 1
     assert server.messages == []
@@ -189,7 +187,7 @@ def test_bad_settings_exit_78(server, pki, tmp_path, env, words):
 
 def test_sparkpost_header_outside_the_signature(server, pki, tmp_path, openssl):
     env = env_for(server, pki, SMTP_SPARKPOST="1")
-    proc = send(tmp_path, pki, env, ["--sign_detached", "--campaign", "spring"])
+    proc = send(pki, tmp_path, MSG, SMTP + ["--sign_detached", "--campaign", "spring"], env)
     assert proc.returncode == 0, proc.stderr
     data = server.messages[-1][2]
     head, _ = data.split(b"\r\n\r\n", 1)
@@ -198,35 +196,38 @@ def test_sparkpost_header_outside_the_signature(server, pki, tmp_path, openssl):
                                              "transactional": True}, "campaign_id": "spring"}
     content = openssl.verify(data, pki.cafile)
     assert b"X-MSYS-API" not in content
-    proc = send(tmp_path, pki, env, ["--track"])
+    proc = send(pki, tmp_path, MSG, SMTP + ["--track"], env)
     assert proc.returncode == 0
     head = server.messages[-1][2].split(b"\r\n\r\n", 1)[0]
     assert b'"open_tracking":true,"click_tracking":true,"transactional":false' in head
-    proc = send(tmp_path, pki, env_for(server, pki), ["--sign"])  # not a SparkPost host
+    proc = send(pki, tmp_path, MSG, SMTP + ["--sign"],
+                env_for(server, pki))  # not a SparkPost host
     assert b"X-MSYS-API" not in server.messages[-1][2]
 
 
 def test_track_with_signing_is_a_usage_error(server, pki, tmp_path):
-    proc = send(tmp_path, pki, env_for(server, pki), ["--sign", "--track"])
+    proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "--track"], env_for(server, pki))
     assert proc.returncode == 64 and "breaks signatures" in proc.stderr.decode()
 
 
 def test_extra_headers_and_mail_from(server, pki, tmp_path, openssl):
-    proc = send(tmp_path, pki, env_for(server, pki),
-                ["--sign", "--header", "X-Virtual-MTA: vmta-pool-1",
-                 "--header", "X-Binding: bulk", "--mail_from", "bounces@bounce.example.com"])
+    proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "--header", "X-Virtual-MTA: vmta-pool-1",
+                                            "--header", "X-Binding: bulk",
+                                            "--mail_from", "bounces@bounce.example.com"],
+                env_for(server, pki))
     assert proc.returncode == 0, proc.stderr
     mail_from, _, data = server.messages[-1]
     assert mail_from == "bounces@bounce.example.com"
     head = data.split(b"\r\n\r\n", 1)[0]
     assert b"\r\nX-Virtual-MTA: vmta-pool-1\r\nX-Binding: bulk\r\nMIME-Version: 1.0\r\n" in head
     assert b"X-Virtual-MTA" not in openssl.verify(data, pki.cafile)
-    bad = send(tmp_path, pki, env_for(server, pki), ["--header", "no colon here"])
+    bad = send(pki, tmp_path, MSG, SMTP + ["--header", "no colon here"], env_for(server, pki))
     assert bad.returncode == 64
 
 
 def test_dry_run_connects_to_nothing(server, pki, tmp_path):
-    proc = send(tmp_path, pki, env_for(server, pki), ["--sign", "--encrypt", "--dry_run"])
+    proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "--encrypt", "--dry_run"],
+                env_for(server, pki))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.decode()
     assert "Dry run, nothing is sent" in out
@@ -285,8 +286,8 @@ def test_no_secret_in_output_journal_or_archive(server, pki, tmp_path):
     blob = base64.b64encode(("\0%s\0%s" % (USER, PASSWORD)).encode()).decode()
     engines.plant_secret(blob)
     results, archive = tmp_path / "results.jsonl", tmp_path / "archive"
-    proc = send(tmp_path, pki, env_for(server, pki),
-                ["--sign", "-v", "--results", str(results), "--archive", str(archive)])
+    proc = send(pki, tmp_path, MSG, SMTP + ["--sign", "-v", "--results", str(results),
+                                            "--archive", str(archive)], env_for(server, pki))
     assert proc.returncode == 0, proc.stderr
     written = [proc.stdout, proc.stderr, results.read_bytes()]
     written += [(archive / "new" / n).read_bytes() for n in os.listdir(archive / "new")]

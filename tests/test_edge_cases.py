@@ -15,22 +15,16 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 import engines
-from conftest import ROOT, TOOL, run_tool
+from conftest import ROOT, TOOL, run_tool, send
 from corpus import CORPUS
 from pki import pem_cert, pem_key, write
 from servers import ApiServer, SmtpServer
 from test_batch import inbox, journal, smtp_env
 from test_faults import tool_env
 
+SMTP = ["--send_smtp", "--retry_delay", "0.05"]
 THREE = (b"From: alice@example.com\r\nTo: bob@example.org, carol@example.net, "
          b"erin@example.org\r\nSubject: three\r\n\r\nHello three.\r\n")
-
-
-def send(tmp_path, pki, srv, *flags, data=THREE, name="m.eml"):
-    path = tmp_path / name
-    path.write_bytes(data)
-    return run_tool([str(path), "--keys", pki.keys, "--send_smtp", "--retry_delay", "0.05"]
-                    + list(flags), env=smtp_env(srv))
 
 
 def test_a_refusal_outlives_a_later_success(pki, tmp_path):
@@ -40,7 +34,7 @@ def test_a_refusal_outlives_a_later_success(pki, tmp_path):
     with SmtpServer() as srv:
         srv.handler.refuse = {"carol@example.net": "550 5.1.1 no such user"}
         srv.handler.refuse_once = {"bob@example.org": "451 4.2.0 try later"}
-        proc = send(tmp_path, pki, srv, "--results", str(results))
+        proc = send(pki, tmp_path, THREE, SMTP + ["--results", str(results)], smtp_env(srv))
     assert proc.returncode == 69, proc.stderr
     assert proc.stdout.decode().splitlines()[-2].startswith("PARTIAL - in ")  # then Summary
     row, = journal(results)
@@ -53,10 +47,12 @@ def test_resume_sends_a_partial_message_to_the_others_only(pki, tmp_path):
     results = tmp_path / "results.jsonl"
     with SmtpServer() as srv:
         srv.handler.refuse = {"carol@example.net": "550 5.1.1 mailbox full"}
-        first = send(tmp_path, pki, srv, "--sign", "--results", str(results))
+        first = send(pki, tmp_path, THREE, SMTP + ["--sign", "--results", str(results)],
+                     smtp_env(srv))
         assert first.returncode == 69, first.stderr
         srv.handler.refuse = {}
-        again = send(tmp_path, pki, srv, "--sign", "--results", str(results), "--resume")
+        again = send(pki, tmp_path, THREE, SMTP + ["--sign", "--results", str(results),
+                                                   "--resume"], smtp_env(srv))
     assert again.returncode == 0, again.stderr
     assert "partly sent" in again.stderr.decode()
     assert [sorted(m[1]) for m in srv.messages] == [
@@ -142,11 +138,10 @@ def test_closed_stdout_stops_a_send_and_says_so(pki, tmp_path):
 def test_no_usable_auth_mechanism_is_a_configuration_error(tls_ctx, pki, tmp_path):
     user, password = "u", engines.plant_secret("no-mech-pw-TEST")
     with SmtpServer(tls_ctx, users={user: password}, exclude_mechanisms=["PLAIN", "LOGIN"]) as srv:
-        proc = run_tool([str(write(str(tmp_path / "m.eml"), THREE)), "--keys", pki.keys,
-                         "--send_smtp", "--retry_delay", "0.05"],
-                        env={"SMTP_HOST": "localhost", "SMTP_PORT": str(srv.port),
-                             "SMTP_USER": user, "SMTP_PASSWORD": password,
-                             "SMTP_CAFILE": pki.cafile})
+        proc = send(pki, tmp_path, THREE, SMTP, {"SMTP_HOST": "localhost",
+                                                 "SMTP_PORT": str(srv.port), "SMTP_USER": user,
+                                                 "SMTP_PASSWORD": password,
+                                                 "SMTP_CAFILE": pki.cafile})
     assert proc.returncode == 78, proc.stderr
     assert "retrying" not in proc.stderr.decode() and "AUTH mechanism" in proc.stderr.decode()
 
@@ -163,9 +158,8 @@ def test_api_rejected_recipients_are_not_ok(pki, tmp_path):
     with ApiServer() as api:
         api.responses = [(200, {}, {"results": {"id": "7", "total_accepted_recipients": 2,
                                                 "total_rejected_recipients": 1}})]
-        proc = run_tool([str(write(str(tmp_path / "m.eml"), THREE)), "--keys", pki.keys,
-                         "--send_api"], env={"SPARKPOST_API_KEY": "k" * 40,
-                                             "SPARKPOST_HOST": api.url})
+        proc = send(pki, tmp_path, THREE, ["--send_api"], {"SPARKPOST_API_KEY": "k" * 40,
+                                                           "SPARKPOST_HOST": api.url})
     assert proc.returncode == 69, proc.stderr
     assert "rejected 1 recipient" in proc.stderr.decode()
     assert len(api.requests) == 1  # never sent again
