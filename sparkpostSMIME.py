@@ -3099,7 +3099,8 @@ class Outcome(NamedTuple):
     (the same may work later), "permanent" (it will not), "halt" (nothing more
     can be sent in this run: TLS, credentials, configuration, a sending limit,
     an output fault), "failed" (the message could not be built).  *code*: the
-    exit code it stands for; *reply*: the server's last reply or the API's report.
+    exit code it stands for; *reply*: the server's last reply or the API's report;
+    *shown*: what the back end adds to the OK report line (the API's report).
     """
     job: Job
     status: str
@@ -3111,6 +3112,7 @@ class Outcome(NamedTuple):
     hint: str = ""
     retry_after: float = 0.0     #: seconds the server asked us to wait (HTTP Retry-After)
     lines: tuple = ()            #: more report lines (a dry run's envelope)
+    shown: str = ""              #: the back end's words for the OK line ("" for none)
 
 
 def failed_build(job):
@@ -3936,7 +3938,7 @@ def api_outcome(job, resp):
                            accepted=job.recipients if accepted not in (0, "?") else (),
                            detail="SparkPost rejected %d recipient(s) of the transmission "
                                   "(%s); its message events name them" % (rejected, reply))
-        return Outcome(job, "sent", reply=reply, accepted=job.recipients)
+        return Outcome(job, "sent", reply=reply, accepted=job.recipients, shown=reply)
     text = "SparkPost API answered %d %s%s" % (code, resp.reason or "", api_errors(data))
     if code in (401, 403):
         return Outcome(job, "halt", EX_NOPERM, detail=text,
@@ -4014,6 +4016,7 @@ class Result(NamedTuple):
     errors: tuple = ()           #: lines for stderr: reasons, refusals, hints
     lines: tuple = ()            #: more report lines (a dry run's envelope)
     halt: bool = False           #: the run must stop taking messages
+    shown: str = ""              #: the back end's words for the OK line (Outcome.shown)
 
     def record(self):
         """Return the journal entry (a JSON-ready dict)."""
@@ -4094,7 +4097,7 @@ class Tally:
                       tuple(self.accepted),
                       tuple((a,) + self.refused[a] for a in failed if a in self.refused),
                       self.reply, self.attempts, time.perf_counter() - job.started,
-                      tuple(errors), last.lines, last.status == "halt")
+                      tuple(errors), last.lines, last.status == "halt", last.shown)
 
 
 def prefetch(build, items):
@@ -4504,8 +4507,7 @@ def report_lines(res, settings):
     if res.status == "sent" and settings.dry_run:
         lines += ["OK - in %s seconds (dry run: nothing was sent)" % took] + list(res.lines)
     elif res.status == "sent":
-        lines.append("OK - in %s seconds%s" % (took, ", " + res.reply if settings.send == "api"
-                                               else ""))
+        lines.append("OK - in %s seconds%s" % (took, ", " + res.shown if res.shown else ""))
     elif res.status == "partial":
         lines.append("PARTIAL - in %s seconds: accepted %s; refused %s" % (
             took, ", ".join(res.accepted), ", ".join(a for a in res.recipients
