@@ -7016,20 +7016,23 @@ def harvest_all(settings, reporter):
 # Command line ################################################################
 ###############################################################################
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised as UsageError (exit 64, never 2) and --help and
+    --version written with write_stdout() and ended with Finished."""
+
+    def error(self, message):
+        raise UsageError("%s (see --help)" % message)
+
+    def _print_message(self, message, file=None):  # --help, --version: our stdout
+        if message:
+            write_stdout(message.encode("utf-8", "replace"))
+
+    def exit(self, status=0, message=None):  # after --help or --version
+        raise Finished(status)
+
+
 def build_parser():
     """Return the argparse parser; its errors raise UsageError (exit 64, never 2)."""
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise UsageError("%s (see --help)" % message)
-
-        def _print_message(self, message, file=None):  # --help, --version: our stdout
-            if message:
-                write_stdout(message.encode("utf-8", "replace"))
-
-        def exit(self, status=0, message=None):  # after --help or --version
-            raise Finished(status)
-
     width = help_width()  # once: argparse makes a formatter for every add_argument()
     p = Parser(prog="sparkpostSMIME.py",
                formatter_class=lambda prog: argparse.HelpFormatter(prog, width=width),
@@ -7040,7 +7043,21 @@ def build_parser():
                       "refused, 78 configuration.  See README.md.")
     p.add_argument("inputs", nargs="*", metavar="EMLFILE",
                    help="RFC 5322 message file; - reads standard input")
-    smime = p.add_argument_group("S/MIME")
+    add_smime_options(p.add_argument_group("S/MIME"))
+    add_receiving_options(p.add_argument_group("receiving"))
+    add_delivery_options(p.add_argument_group("output and delivery"))
+    add_batch_options(p.add_argument_group("batch and safety"))
+    add_gateway_options(p.add_argument_group("gateway (an SMTP relay that signs and encrypts)"))
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="transcript of the SMTP/HTTP dialogue on stderr (secrets hidden)")
+    p.add_argument("--debug", action="store_true",
+                   help="show a Python traceback on internal errors")
+    p.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return p
+
+
+def add_smime_options(smime):
+    """Add the signing and encryption options to the argument group *smime*."""
     mode = smime.add_mutually_exclusive_group()
     mode.add_argument("--sign", action="store_true",
                       help="sign, opaque application/pkcs7-mime (survives body-rewriting relays)")
@@ -7058,7 +7075,10 @@ def build_parser():
     smime.add_argument("--keep_date", "--keep-date", action="store_true",
                        help="when signing, keep the input's Date even when it is far from the "
                             "signing time (Thunderbird then shows the signature as not valid)")
-    receiving = p.add_argument_group("receiving")
+
+
+def add_receiving_options(receiving):
+    """Add --verify, --decrypt, --harvest and their options to the argument group *receiving*."""
     reading = receiving.add_mutually_exclusive_group()
     reading.add_argument("--verify", action="store_true",
                          help="check the signatures of received messages (decrypting first when "
@@ -7075,7 +7095,10 @@ def build_parser():
     receiving.add_argument("--ca", default="", metavar="FILE",
                            help="trusted roots (PEM) for --verify, --decrypt and --harvest "
                                 "(default $SMIME_CA_FILE, else the system store)")
-    out = p.add_argument_group("output and delivery")
+
+
+def add_delivery_options(out):
+    """Add the output and sending options to the argument group *out*."""
     out.add_argument("-o", "--output", default="", metavar="FILE|DIR",
                      help="write the message to FILE (or one file per input into DIR)")
     send = out.add_mutually_exclusive_group()
@@ -7095,7 +7118,10 @@ def build_parser():
                      help="load settings from FILE (KEY=value; 'export' allowed)")
     out.add_argument("--dry_run", "--dry-run", action="store_true",
                      help="build everything, show what would be sent, do not connect")
-    batch = p.add_argument_group("batch and safety")
+
+
+def add_batch_options(batch):
+    """Add the batch options (jobs, retries, journal, archive) to the argument group *batch*."""
     batch.add_argument("--jobs", type=int, default=1, metavar="N",
                        help="N sessions in N processes at once (default 1)")
     batch.add_argument("--repeat", type=int, default=1, metavar="N",
@@ -7110,7 +7136,10 @@ def build_parser():
                        help="with --results: skip inputs already recorded as sent")
     batch.add_argument("--archive", default="", metavar="DIR",
                        help="keep the exact bytes of every sent message in Maildir DIR")
-    gateway = p.add_argument_group("gateway (an SMTP relay that signs and encrypts)")
+
+
+def add_gateway_options(gateway):
+    """Add the --serve options to the argument group *gateway*."""
     gateway.add_argument("--serve", default="", metavar="[HOST:]PORT",
                          help="receive messages over SMTP (default host 127.0.0.1) and pass "
                               "them on built, with --send_smtp or --send_api")
@@ -7121,12 +7150,6 @@ def build_parser():
                          metavar="OCTETS", help="largest message taken (SIZE; default 20000000)")
     gateway.add_argument("--trusted_network", "--trusted-network", action="store_true",
                          help="allow --serve beyond loopback without STARTTLS and AUTH")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="transcript of the SMTP/HTTP dialogue on stderr (secrets hidden)")
-    p.add_argument("--debug", action="store_true",
-                   help="show a Python traceback on internal errors")
-    p.add_argument("--version", action="version", version="%(prog)s " + __version__)
-    return p
 
 
 def help_width():
@@ -7161,48 +7184,13 @@ def parse_args(argv):
     sign_mode = "opaque" if ns.sign else "detached" if ns.sign_detached else ""
     send = "smtp" if ns.send_smtp else "api" if ns.send_api else ""
     serve = gateway_options(ns, sign_mode, send)
-    reading = "--verify" if ns.verify else "--decrypt" if ns.decrypt else \
-        "--harvest" if ns.harvest else ""
-    if reading and (sign_mode or ns.encrypt or send or ns.repeat > 1 or ns.jobs > 1):
-        raise UsageError("%s reads received messages: it does not go with sign, encrypt, send, "
-                         "--repeat or --jobs options" % reading)
-    if ns.harvest and ns.output:
-        raise UsageError("--harvest saves certificates in the first key directory, not in -o")
-    if ns.require_signed and not ns.decrypt:
-        raise UsageError("--require_signed is for --decrypt (--verify always requires a "
-                         "signature)")
-    if ns.ca and not reading:
-        raise UsageError("--ca is for --verify, --decrypt and --harvest")
-    if ns.keep_date and not sign_mode:
-        raise UsageError("--keep_date is for --sign and --sign_detached (the Date of a signed "
-                         "message is its signing time)")
-    if sign_mode and any(h.partition(":")[0].strip().lower() == "date" for h in ns.header):
-        raise UsageError("--header Date: a signed message's Date is its signing time (or the "
-                         "input's, with --keep_date)")
-    if ns.pq_only and not ns.encrypt:
-        raise UsageError("--pq_only goes with --encrypt")
+    reading = reading_options(ns, sign_mode, send)
+    signing_options(ns, sign_mode)
     if len(ns.inputs) > 1 or ns.repeat > 1:
         several_outputs(Settings(tuple(ns.inputs), output=ns.output, send=send,
                                  verify=bool(reading)))
-    if send and ns.output:
-        raise UsageError("-o and --send_%s do not go together: the message is sent" % send)
-    if ns.track and sign_mode:
-        raise UsageError("--track rewrites links and adds an open pixel, which breaks "
-                         "signatures: drop --track or the sign option")
-    if len(ns.campaign.encode("utf-8")) > MAX_CAMPAIGN_ID:
-        raise UsageError("--campaign %r is %d bytes; SparkPost campaign ids are at most %d"
-                         % (ns.campaign, len(ns.campaign.encode("utf-8")), MAX_CAMPAIGN_ID))
-    if ns.mail_from and ("@" not in ns.mail_from or re.search(r"[\s<>]", ns.mail_from)):
-        raise UsageError("--mail_from %r is not an e-mail address" % ns.mail_from)
-    if ns.retries < 0 or ns.jobs < 1 or ns.repeat < 1 or not 0 <= ns.retry_delay <= 60:
-        raise UsageError("--retries must be 0 or more, --jobs and --repeat 1 or more, "
-                         "--retry_delay 0 to 60 seconds")
-    if ns.resume and not ns.results:
-        raise UsageError("--resume needs --results FILE (the journal of the earlier run)")
-    if ns.archive and not send:
-        raise UsageError("--archive keeps sent messages: use it with --send_smtp or --send_api")
-    if ns.dry_run and (ns.results or ns.archive or not send):
-        raise UsageError("--dry_run goes with a send option, without --results or --archive")
+    delivery_options(ns, sign_mode, send)
+    batch_options(ns, send)
     return Settings(inputs=tuple(ns.inputs), sign_mode=sign_mode, encrypt=ns.encrypt,
                    cipher=ns.cipher, keys=tuple(ns.keys), output=ns.output, send=send,
                    track=ns.track, campaign=ns.campaign, mail_from=ns.mail_from,
@@ -7215,6 +7203,64 @@ def parse_args(argv):
                    retry_delay=ns.retry_delay, pq_only=ns.pq_only, serve=serve,
                    opportunistic=ns.opportunistic, max_size=ns.max_size,
                    trusted_network=ns.trusted_network)
+
+
+def reading_options(ns, sign_mode, send):
+    """Check the options of --verify, --decrypt and --harvest; return the one given
+    ("--verify", ...) or ''.  Raises UsageError."""
+    reading = "--verify" if ns.verify else "--decrypt" if ns.decrypt else \
+        "--harvest" if ns.harvest else ""
+    if reading and (sign_mode or ns.encrypt or send or ns.repeat > 1 or ns.jobs > 1):
+        raise UsageError("%s reads received messages: it does not go with sign, encrypt, send, "
+                         "--repeat or --jobs options" % reading)
+    if ns.harvest and ns.output:
+        raise UsageError("--harvest saves certificates in the first key directory, not in -o")
+    if ns.require_signed and not ns.decrypt:
+        raise UsageError("--require_signed is for --decrypt (--verify always requires a "
+                         "signature)")
+    if ns.ca and not reading:
+        raise UsageError("--ca is for --verify, --decrypt and --harvest")
+    return reading
+
+
+def signing_options(ns, sign_mode):
+    """Check the options that go with signing and encrypting.  Raises UsageError."""
+    if ns.keep_date and not sign_mode:
+        raise UsageError("--keep_date is for --sign and --sign_detached (the Date of a signed "
+                         "message is its signing time)")
+    if sign_mode and any(h.partition(":")[0].strip().lower() == "date" for h in ns.header):
+        raise UsageError("--header Date: a signed message's Date is its signing time (or the "
+                         "input's, with --keep_date)")
+    if ns.pq_only and not ns.encrypt:
+        raise UsageError("--pq_only goes with --encrypt")
+
+
+def delivery_options(ns, sign_mode, send):
+    """Check the output and sending options.  Raises UsageError."""
+    if send and ns.output:
+        raise UsageError("-o and --send_%s do not go together: the message is sent" % send)
+    if ns.track and sign_mode:
+        raise UsageError("--track rewrites links and adds an open pixel, which breaks "
+                         "signatures: drop --track or the sign option")
+    if len(ns.campaign.encode("utf-8")) > MAX_CAMPAIGN_ID:
+        raise UsageError("--campaign %r is %d bytes; SparkPost campaign ids are at most %d"
+                         % (ns.campaign, len(ns.campaign.encode("utf-8")), MAX_CAMPAIGN_ID))
+    if ns.mail_from and ("@" not in ns.mail_from or re.search(r"[\s<>]", ns.mail_from)):
+        raise UsageError("--mail_from %r is not an e-mail address" % ns.mail_from)
+
+
+def batch_options(ns, send):
+    """Check the batch options (retries, jobs, journal, archive, dry run).  Raises
+    UsageError."""
+    if ns.retries < 0 or ns.jobs < 1 or ns.repeat < 1 or not 0 <= ns.retry_delay <= 60:
+        raise UsageError("--retries must be 0 or more, --jobs and --repeat 1 or more, "
+                         "--retry_delay 0 to 60 seconds")
+    if ns.resume and not ns.results:
+        raise UsageError("--resume needs --results FILE (the journal of the earlier run)")
+    if ns.archive and not send:
+        raise UsageError("--archive keeps sent messages: use it with --send_smtp or --send_api")
+    if ns.dry_run and (ns.results or ns.archive or not send):
+        raise UsageError("--dry_run goes with a send option, without --results or --archive")
 
 
 def gateway_options(ns, sign_mode, send):
