@@ -648,8 +648,8 @@ def several_outputs(settings):
 ###############################################################################
 # Everything printed goes through a Reporter: report lines on stdout (the
 # product when sending), warnings, errors and transcripts on stderr, every
-# line redacted.  Files are written to a temporary name in their directory,
-# then renamed: nothing partial is ever left behind.
+# line redacted.  Files are written to a temporary name (in their directory,
+# or a Maildir's tmp/), then renamed: nothing partial is ever left behind.
 
 class Reporter:
     """Writes every line the tool prints, redacted; warns once per topic.
@@ -730,13 +730,13 @@ def first_line(exc):
 
 
 def write_atomically(path, data, mode=None, tmp=None):
-    """Write *data* to *path* through a temporary file in the same directory, synced,
-    then renamed into place (and the directory synced): a reader never sees a
-    partial file, a failure leaves none behind, and once this returns the file
-    outlives a crash.  *mode*: the file's permissions (default: as the umask
-    allows, like any new file); *tmp*: the temporary file's path (default: a
-    hidden name beside *path*; on the same file system).  Raises OutputError: 73
-    when the file cannot be created, 74 when writing fails (a full disk)."""
+    """Write *data* to *path* through a temporary file, synced, then renamed into
+    place (and the directory synced): a reader never sees a partial file, a
+    failure leaves none behind, and once this returns the file outlives a crash.
+    *mode*: the file's permissions (default: as the umask allows, like any new
+    file); *tmp*: the temporary file's path, on the same file system (default: a
+    hidden name beside *path*; a Maildir's tmp/).  Raises OutputError: 73 when
+    the file cannot be created, 74 when writing fails (a full disk)."""
     group = OutputGroup()
     try:
         group.add(path, data, mode, tmp)
