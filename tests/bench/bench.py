@@ -166,11 +166,11 @@ def work(_):
     # cryptography's PKCS#7 calls alone
     for _ in range(N // 2):
         sig = (pkcs7.PKCS7SignatureBuilder().set_data(data)
-               .add_signer(signer.cert, signer.key, hashes.SHA256())
+               .add_signer(signer.cert.x509(), signer.key, hashes.SHA256())
                .sign(Encoding.DER, [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary]))
         (pkcs7.PKCS7EnvelopeBuilder().set_data(data + sig)
          .set_content_encryption_algorithm(algorithms.AES256)
-         .add_recipient(rcpt.cert).add_recipient(signer.cert)
+         .add_recipient(rcpt.cert.x509()).add_recipient(signer.cert.x509())
          .encrypt(Encoding.DER, [pkcs7.PKCS7Options.Binary]))
 
 rates = []
@@ -305,7 +305,7 @@ def builder(content):
     b = pkcs7.PKCS7EnvelopeBuilder().set_data(content)
     b = b.set_content_encryption_algorithm(algorithms.AES256)
     for ident in rcpts:
-        b = b.add_recipient(ident.cert)
+        b = b.add_recipient(ident.cert.x509())
     der = b.encrypt(Encoding.DER, [pkcs7.PKCS7Options.Binary])
     return b"".join([s.ENVELOPED_DATA_HEADER, b"\r\n", s.encode_base64(der)])
 
