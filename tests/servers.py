@@ -50,7 +50,8 @@ class Recorder:
     """aiosmtpd handler: records envelopes; can refuse, fail, stall or drop on purpose.
 
     refuse: address -> reply for RCPT; refuse_once: the same, for the first RCPT only; drop_every: N drops the connection at the end
-    of every Nth DATA (no reply, message not kept); tempfail_data: that many DATA
+    of every Nth DATA of a content not seen before (no reply, message not kept; a
+    retry goes through, so the number of drops is known); tempfail_data: that many DATA
     commands get "451 4.3.0"; tempfail_once: a DATA whose content holds one of these byte
     strings gets "451 4.3.0" the first time only; delay: seconds to wait before answering DATA;
     pipelining: offer PIPELINING (RFC 2920) in the EHLO reply, as production MTAs do
@@ -71,6 +72,7 @@ class Recorder:
         self.delay = 0.0
         self.dropped = 0
         self.data_commands = 0
+        self.seen, self.fresh = set(), 0  # contents seen at DATA; how many were new
 
     def connection(self, session):
         """Return the number of *session*'s connection (1, 2, ...)."""
@@ -104,7 +106,11 @@ class Recorder:
         if self.delay:
             await asyncio.sleep(self.delay)
         self.data_commands += 1
-        if self.drop_every and self.data_commands % self.drop_every == 0:
+        content = envelope.original_content
+        fresh = content not in self.seen  # a retry of a dropped message goes through
+        self.seen.add(content)
+        self.fresh += fresh
+        if self.drop_every and fresh and self.fresh % self.drop_every == 0:
             self.dropped += 1
             server.transport.close()  # gone before the end-of-DATA reply
             return "421 4.4.2 (never seen: the connection is closed)"
