@@ -125,8 +125,8 @@ def test_every_message_accounted_for(smtp, pki, tmp_path):
 
 
 def test_drops_at_end_of_data_are_retried_without_duplicates(smtp, pki, tmp_path):
-    """40 messages through a server that drops the connection at the end of every 4th new DATA
-    (before its reply): exactly 40 delivered, once each, and 40 journal rows."""
+    """40 messages through a server that drops the connection at the end of every 4th
+    new DATA (before its reply): exactly 40 delivered, once each, and 40 journal rows."""
     smtp.handler.drop_every = 4
     d = inbox(tmp_path, 40)
     results = tmp_path / "results.jsonl"
