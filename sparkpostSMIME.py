@@ -141,6 +141,12 @@ padding = LazyModule("cryptography.hazmat.primitives.asymmetric.padding", "paddi
 rsa = LazyModule("cryptography.hazmat.primitives.asymmetric.rsa", "rsa")
 hkdf = LazyModule("cryptography.hazmat.primitives.kdf.hkdf", "hkdf")
 x963kdf = LazyModule("cryptography.hazmat.primitives.kdf.x963kdf", "x963kdf")
+#: the gateway (--serve) only: its event loop, SMTP server and threads, its log, AUTH
+asyncio = LazyModule("asyncio", "asyncio")
+aiosmtpd_smtp = LazyModule("aiosmtpd.smtp", "aiosmtpd_smtp")
+futures = LazyModule("concurrent.futures", "futures")
+logging = LazyModule("logging", "logging")
+hmac = LazyModule("hmac", "hmac")
 
 __version__ = "1.0.0"
 
@@ -4862,7 +4868,6 @@ class Gateway:
         first process to wake take every connection); forward SIGTERM, Ctrl-C and
         SIGHUP to them; replace one that dies.  Return the exit code (74 when one
         could not record a message: then all stop)."""
-        import signal
         gc.freeze()  # the processes share these pages: keep them unscanned
         children, poller, code, turn = {}, select.poll(), [EX_OK], [0]
         sock.setblocking(False)
@@ -4946,7 +4951,6 @@ class Gateway:
     def child(self, control, channel):
         """Run a forked gateway process, taking connections from *control*; send its
         counts up; return its exit status (never return into the parent's code)."""
-        import signal
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)  # until its event loop takes them
         self.prefix += "-%d" % self.spawned
@@ -4972,11 +4976,9 @@ class Gateway:
         """Serve in this process until stop(): the connections of the listening *sock*,
         or (a forked process) those handed over on the socket pair *sock*; return the
         exit code."""
-        import asyncio
-        from concurrent.futures import ThreadPoolExecutor
         self.keystore = keystore_of(self.settings, self.reporter)
         self.recorder = Recorder(self.settings, self.reporter, self.stats, self.halt)
-        self.threads = ThreadPoolExecutor(self.gw.connections + 2, "next-hop")
+        self.threads = futures.ThreadPoolExecutor(self.gw.connections + 2, "next-hop")
         try:
             asyncio.run(self.serve_on(sock))
         finally:
@@ -4987,8 +4989,6 @@ class Gateway:
     async def serve_on(self, sock):
         """The event loop's part: serve the connections of *sock* (see serve_here())
         until stop(), then finish the messages in flight and close every connection."""
-        import asyncio
-        import signal
         loop = asyncio.get_running_loop()
         self.done = asyncio.Event()
         self.quiet_library()
@@ -5027,7 +5027,6 @@ class Gateway:
     def quiet_library(self):
         """Silence aiosmtpd's own log; with -v, copy each client command it logs (AUTH
         data already hidden by it) into our transcript."""
-        import logging
         log = logging.getLogger("mail.log")
         log.propagate = False
         log.setLevel(logging.INFO if self.settings.verbose else logging.CRITICAL + 1)
@@ -5052,7 +5051,6 @@ class Gateway:
                        timeout=gw.timeout,
                        command_call_limit={"AUTH": MAX_AUTH, "*": MAX_COMMANDS})
         if gw.cert:
-            import ssl
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             try:
                 context.load_cert_chain(gw.cert, gw.key)
@@ -5068,16 +5066,14 @@ class Gateway:
     def authenticate(self, server, session, envelope, mechanism, auth_data):
         """aiosmtpd's authenticator: SMIME_GATEWAY_USER and its password (RFC 4954;
         PLAIN and LOGIN, offered only after STARTTLS)."""
-        import hmac
-        from aiosmtpd.smtp import AuthResult, LoginPassword
         gw = self.gw
-        good = isinstance(auth_data, LoginPassword) and all([
+        good = isinstance(auth_data, aiosmtpd_smtp.LoginPassword) and all([
             hmac.compare_digest(auth_data.login, gw.user.encode("utf-8")),
             hmac.compare_digest(auth_data.password, gw.password.encode("utf-8"))])
         if not good:
             self.reporter.warn("%s: AUTH %s refused (wrong user or password)"
                                % (server.tag, mechanism))
-        return AuthResult(success=good, handled=False)
+        return aiosmtpd_smtp.AuthResult(success=good, handled=False)
 
     # -- the SMTP dialogue (aiosmtpd's handler hooks) --------------------------------
 
@@ -5121,7 +5117,6 @@ class Gateway:
     async def handle_DATA(self, server, session, envelope):
         """The end of DATA: relay the message; a client that goes away meanwhile does not
         stop it (its outcome is recorded, and stop() waits for it)."""
-        import asyncio
         server._reset_timeout()  # the idle timer starts again for building and relaying
         flight = asyncio.ensure_future(self.relay(server, session, envelope))
         self.flights.add(flight)
@@ -5222,7 +5217,6 @@ class Gateway:
     def hang_up(self, client):
         """A client connection has ended: end its next-hop session (once a message still
         being relayed is done: serve_on() waits for these)."""
-        import asyncio
         if client.hop is not None:
             ending = asyncio.ensure_future(client.hop.close())
             self.endings.add(ending)
@@ -5250,10 +5244,8 @@ class Gateway:
 def gateway_protocols():
     """Return (Client, Busy): aiosmtpd's SMTP session with the gateway's additions, and
     the protocol that turns away a connection over the limit (421, RFC 5321 3.8)."""
-    import asyncio
-    from aiosmtpd.smtp import SMTP
 
-    class Client(SMTP):
+    class Client(aiosmtpd_smtp.SMTP):
         """One client connection: its tag, its next-hop session, our replies logged."""
 
         def __init__(self, gateway, tag, **options):
@@ -5286,7 +5278,6 @@ def gateway_protocols():
             """DATA (RFC 5321 4.1.1.4), its content read in chunks (read_data()), not
             line by line as aiosmtpd does (a coroutine step per line); the checks
             before it are aiosmtpd's."""
-            import asyncio
             if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
                 return
             if not self.envelope.rcpt_tos or arg:
@@ -5337,7 +5328,6 @@ async def read_data(reader, limit):
     a read that ends on a beginning of one is followed octet by octet.
     Raises asyncio.IncompleteReadError when the client goes away.
     """
-    import asyncio
     got, over = bytearray(b"\r\n"), 0  # the DATA line's CRLF: a first line "." ends it
     while not got.endswith(END_OF_DATA):
         if any(got.endswith(END_OF_DATA[:k]) for k in (4, 3, 2, 1)):
@@ -5461,7 +5451,6 @@ class SmtpHop:
     transaction is under way there; *last*: the next hop's last reply (code, text)."""
 
     def __init__(self, settings, events, threads):
-        import asyncio
         self.backend, self.threads = SmtpBackend(settings, events), threads
         self.lock, self.link = asyncio.Lock(), None  #: the lock: one client command at a time
         self.last, self.open, self.sender, self.refused = (0, ""), False, None, None
@@ -5528,7 +5517,6 @@ class SmtpHop:
     async def connected(self):
         """Have a session: a new one (opened in a thread) when there is none, or after
         MESSAGES_PER_CONNECTION on the last one."""
-        import asyncio
         if self.live() and self.backend.count >= MESSAGES_PER_CONNECTION:
             await self.quit()
         if not self.live():
@@ -5538,7 +5526,6 @@ class SmtpHop:
     def open_data(self):
         """The client sent DATA: send ours now, so that the next hop's 354 comes while
         the client's content does (data() or settle() takes that reply)."""
-        import asyncio
         if self.open and self.live() and self.opening is None:
             self.opening = asyncio.ensure_future(self.command("DATA"))
 
@@ -5599,7 +5586,6 @@ class SmtpHop:
 
     async def command(self, line):
         if not self.live():
-            import smtplib
             raise smtplib.SMTPServerDisconnected("the session was closed")
         await self.link.send(line.encode("ascii") + b"\r\n")
         return await self.reply()
@@ -5654,7 +5640,6 @@ class Link:
 
     async def send(self, data):
         """Write *data* whole."""
-        import ssl
         self.smtp.note_sent(data)
         view, done = memoryview(data), 0
         while done < len(view):
@@ -5670,7 +5655,6 @@ class Link:
         not a number.  Raises smtplib.SMTPResponseException (a line over
         MAX_REPLY_LINE, more than MAX_REPLY_LINES lines), SMTPServerDisconnected or
         socket.timeout."""
-        import smtplib
         texts = []
         while True:
             line = await self.line()
@@ -5691,8 +5675,6 @@ class Link:
         """Return the next line read, with its line end.  The socket is waited on
         first: a reply is read just after its command was sent, so it is seldom
         there yet (TLS may hold one decrypted already: pending())."""
-        import smtplib
-        import ssl
         while True:
             end = self.buffer.find(b"\n")
             if end >= 0:
@@ -5716,7 +5698,6 @@ class Link:
 
     async def ready(self, writing):
         """Wait until the socket can be written (or read).  Raises socket.timeout."""
-        import asyncio
         loop, fd = asyncio.get_running_loop(), self.sock.fileno()
         done = loop.create_future()
         watch, unwatch = ((loop.add_writer, loop.remove_writer) if writing
@@ -5760,7 +5741,6 @@ class ApiHop:
         await self.in_thread(self.backend.close)
 
     async def in_thread(self, call, *args):
-        import asyncio
         return await asyncio.get_running_loop().run_in_executor(self.threads, call, *args)
 
 
