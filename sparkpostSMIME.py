@@ -4863,90 +4863,8 @@ class Gateway:
                               % (self.gw.host, self.gw.port, exc.strerror or exc))
 
     def serve_forked(self, sock):
-        """Accept on *sock* here and hand each connection to the --jobs forked processes
-        in turn (SCM_RIGHTS over a socket pair each: shared listening sockets let the
-        first process to wake take every connection); forward SIGTERM, Ctrl-C and
-        SIGHUP to them; replace one that dies.  Return the exit code (74 when one
-        could not record a message: then all stop)."""
-        gc.freeze()  # the processes share these pages: keep them unscanned
-        children, poller, code, turn = {}, select.poll(), [EX_OK], [0]
-        sock.setblocking(False)
-        poller.register(sock, select.POLLIN)
-
-        def spawn():
-            self.spawned += 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-            reader, writer = os.pipe()
-            ours, theirs = socket.socketpair()
-            pid = os.fork()
-            if pid == 0:
-                os.close(reader)
-                ours.close()
-                sock.close()
-                for fd, (_, _, control) in children.items():
-                    os.close(fd)
-                    control.close()
-                os._exit(self.child(theirs, Channel(writer)))
-            os.close(writer)
-            theirs.close()
-            children[reader] = (Channel(reader, pid), time.monotonic(), ours)
-            poller.register(reader, select.POLLIN)
-
-        def forward(signum, frame):
-            if signum != signal.SIGHUP and not self.stopping:
-                self.stopping = True
-                poller.unregister(sock)
-                sock.close()  # no longer listening
-            for channel, _, _ in list(children.values()):
-                os.kill(channel.pid, signal.SIGHUP if signum == signal.SIGHUP
-                        else signal.SIGTERM)
-
-        def hand_over():
-            try:
-                conn, _ = sock.accept()
-            except OSError:  # gone already, or closed by forward()
-                return
-            with conn:
-                for _ in range(len(children)):
-                    turn[0] += 1
-                    control = list(children.values())[turn[0] % len(children)][2]
-                    try:
-                        socket.send_fds(control, [b"c"], [conn.fileno()])
-                        return
-                    except OSError:  # that process is ending: the next one
-                        continue
-
-        def ended(fd):
-            channel, started, control = children.pop(fd)
-            poller.unregister(fd)
-            os.close(fd)
-            control.close()
-            status = os.waitstatus_to_exitcode(os.waitpid(channel.pid, 0)[1])
-            if status == EX_IOERR or (status > 0 and time.monotonic() - started < 1):
-                # it could not record a message, or it failed on starting: all stop
-                code[0] = EX_IOERR if status == EX_IOERR else EX_SOFTWARE
-                forward(signal.SIGTERM, None)
-            elif not self.stopping:
-                self.reporter.warn("a gateway process (pid %d) ended (%d): starting another"
-                                   % (channel.pid, status))
-                spawn()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, forward)
-        for _ in range(self.settings.jobs):
-            spawn()
-        while children:
-            for fd, _ in poller.poll():
-                if fd not in children:
-                    if not self.stopping:
-                        hand_over()
-                    continue
-                chunk = os.read(fd, 65536)
-                for message in children[fd][0].receive(chunk):
-                    self.stats.merge(*message[1:])
-                if not chunk:
-                    ended(fd)
-        return code[0]
+        """Serve with --jobs forked processes (Supervisor); return the exit code."""
+        return Supervisor(self, sock).run()
 
     def child(self, control, channel):
         """Run a forked gateway process, taking connections from *control*; send its
@@ -5239,6 +5157,107 @@ class Gateway:
         """SIGHUP: read keys and certificates again (as the next messages need them)."""
         self.keystore = keystore_of(self.settings, self.reporter)
         self.reporter.warn("SIGHUP: keys and certificates are read again")
+
+
+class Supervisor:
+    """The first process of a gateway with --jobs N: it accepts on the listening socket
+    and hands each connection to the N forked processes in turn (SCM_RIGHTS over a
+    socket pair each: shared listening sockets let the first process to wake take
+    every connection), forwards SIGTERM, Ctrl-C and SIGHUP to them, replaces one that
+    dies, and adds their counts up (a Channel each)."""
+
+    def __init__(self, gateway, sock):
+        self.gateway, self.sock, self.poller = gateway, sock, select.poll()
+        self.children, self.code, self.turn = {}, EX_OK, 0  #: children: pipe fd -> process
+
+    def run(self):
+        """Serve until the last process has ended; return the exit code (74 when one could
+        not record a message: then all stop)."""
+        gc.freeze()  # the processes share these pages: keep them unscanned
+        self.sock.setblocking(False)
+        self.poller.register(self.sock, select.POLLIN)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self.forward)
+        for _ in range(self.gateway.settings.jobs):
+            self.spawn()
+        while self.children:
+            for fd, _ in self.poller.poll():
+                if fd in self.children:
+                    self.read(fd)
+                elif not self.gateway.stopping:
+                    self.hand_over()
+        return self.code
+
+    def spawn(self):
+        """Fork a gateway process (Gateway.child()) with its pipe and socket pair."""
+        gateway = self.gateway
+        gateway.spawned += 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        reader, writer = os.pipe()
+        ours, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            os.close(reader)
+            ours.close()
+            self.sock.close()
+            for fd, (_, _, control) in self.children.items():
+                os.close(fd)
+                control.close()
+            os._exit(gateway.child(theirs, Channel(writer)))
+        os.close(writer)
+        theirs.close()
+        self.children[reader] = (Channel(reader, pid), time.monotonic(), ours)
+        self.poller.register(reader, select.POLLIN)
+
+    def forward(self, signum, frame=None):
+        """Pass SIGHUP on; on SIGTERM or Ctrl-C also stop listening first."""
+        if signum != signal.SIGHUP and not self.gateway.stopping:
+            self.gateway.stopping = True
+            self.poller.unregister(self.sock)
+            self.sock.close()  # no longer listening
+        for channel, _, _ in list(self.children.values()):
+            os.kill(channel.pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
+
+    def hand_over(self):
+        """Accept a connection and pass it to the next process that takes it."""
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:  # gone already, or closed by forward()
+            return
+        with conn:
+            for _ in range(len(self.children)):
+                self.turn += 1
+                control = list(self.children.values())[self.turn % len(self.children)][2]
+                try:
+                    socket.send_fds(control, [b"c"], [conn.fileno()])
+                    return
+                except OSError:  # that process is ending: the next one
+                    continue
+
+    def read(self, fd):
+        """Take a process's counts from its pipe; at its end, ended()."""
+        chunk = os.read(fd, 65536)
+        for message in self.children[fd][0].receive(chunk):
+            self.gateway.stats.merge(*message[1:])
+        if not chunk:
+            self.ended(fd)
+
+    def ended(self, fd):
+        """A process has ended: all stop if it could not record a message or failed on
+        starting; else another one takes its place (unless stopping)."""
+        channel, started, control = self.children.pop(fd)
+        self.poller.unregister(fd)
+        os.close(fd)
+        control.close()
+        status = os.waitstatus_to_exitcode(os.waitpid(channel.pid, 0)[1])
+        if status == EX_IOERR or (status > 0 and time.monotonic() - started < 1):
+            self.code = EX_IOERR if status == EX_IOERR else EX_SOFTWARE
+            self.forward(signal.SIGTERM)
+        elif not self.gateway.stopping:
+            self.gateway.reporter.warn("a gateway process (pid %d) ended (%d): starting "
+                                       "another" % (channel.pid, status))
+            self.spawn()
 
 
 def gateway_protocols():
