@@ -1661,8 +1661,8 @@ class BerReader:
     MAX_BER_ELEMENTS), and where each indefinite-length element ends, found once:
     nested indefinite lengths are scanned once, not again at every level."""
 
-    def __init__(self, data):
-        self.data, self.count, self.ends = data, 0, {}
+    def __init__(self, data, der=False):
+        self.data, self.count, self.ends, self.der = data, 0, {}, der  #: der: DER only
 
     def bounds(self, pos, depth):
         """Return (tag, contents start, contents stop, end) of the element at *pos*."""
@@ -1686,6 +1686,8 @@ class BerReader:
             if count > 8:
                 raise ValueError("ASN.1 length too large")
             first = int.from_bytes(data[pos + 2:start], "big")
+            if self.der and (first < 0x80 or not data[pos + 2]):  # X.690 10.1
+                raise ValueError("not DER: a length not in its shortest form")
         if start + first > len(data):
             raise ValueError("truncated ASN.1 element")
         if first > MAX_VALUE_OCTETS.get(tag, first):
@@ -1698,6 +1700,19 @@ class BerReader:
         while self.data[at:at + 2] != b"\0\0":
             at = self.bounds(at, depth + 1)[3]
         return at, at + 2
+
+
+def der_checked(data):
+    """Return the element at the start of *data*, every length inside it checked to be
+    in DER's shortest form (X.690 10.1), as certificates must be (RFC 5280 4.1).
+    Raises ValueError."""
+    top = Ber(data, reader=BerReader(data, der=True))
+    inside = [top]
+    while inside:
+        item = inside.pop()
+        if item.constructed:
+            inside.extend(item.each())
+    return top
 
 
 class Fields:
@@ -1803,7 +1818,7 @@ class Certificate:
 
     def __init__(self, data, x509=None):
         self.der, self._x509, self._public = bytes(data), x509, None
-        top = Ber(self.der)
+        top = der_checked(self.der)
         outer = Fields(top)
         tbs, signature_algorithm, signature = (outer.take(SEQUENCE), outer.take(SEQUENCE),
                                                outer.take(BIT_STRING))
@@ -1918,7 +1933,7 @@ def read_extensions(ber):
         oid = fields.take(OID).oid()
         fields.optional(0x01)  # critical BOOLEAN DEFAULT FALSE
         value = fields.take(OCTET_STRING).body
-        if oid in found or fields.rest() or Ber(value).end != len(value):
+        if oid in found or fields.rest() or der_checked(value).end != len(value):
             raise ValueError("extension %s twice or malformed" % oid)
         found[oid] = value
     return found
@@ -2488,10 +2503,10 @@ def name_constraint_problem(cert, issuers):
         for address in addresses:
             if excluded and any(in_mail_subtree(address, tree) for tree in excluded):
                 return ("names %s, which the name constraints of its issuer %s exclude"
-                        % (address, common_name(ca.subject)))
+                        % (address, ca_name(ca)))
             if permitted and not any(in_mail_subtree(address, tree) for tree in permitted):
                 return ("names %s, which the name constraints of its issuer %s do not permit "
-                        "(only %s)" % (address, common_name(ca.subject), ", ".join(permitted)))
+                        "(only %s)" % (address, ca_name(ca), ", ".join(permitted)))
     return ""
 
 
@@ -2521,6 +2536,15 @@ def in_mail_subtree(address, tree):
     if tree.startswith("."):
         return host.endswith(tree)
     return host == tree
+
+
+def ca_name(ca):
+    """Return the common name of CA certificate *ca* for a message, or a description
+    when cryptography cannot read its subject (our DER reading took the rest)."""
+    try:
+        return common_name(ca.subject)
+    except ValueError:
+        return "(a CA certificate whose subject cannot be read)"
 
 
 def common_name(name):

@@ -341,6 +341,39 @@ def test_certificate_name_constraints_and_refusals():
                                b"-----END CERTIFICATE-----\n", "x.crt")
 
 
+def reencoded(ber, longer):
+    """Return *ber* encoded again, minimally but for the element at offset *longer*,
+    whose length gets one more octet than it needs (BER allows it, DER does not)."""
+    body = (b"".join(reencoded(child, longer) for child in ber.children())
+            if ber.constructed else ber.body)
+    size = len(body)
+    octets = size.to_bytes((size.bit_length() + 7) // 8 or 1, "big")
+    if ber.pos == longer:
+        length = bytes((0x80 | (len(octets) + (size >= 0x80)),)) + b"\0" * (size >= 0x80) + octets
+    else:
+        length = bytes((size,)) if size < 0x80 else bytes((0x80 | len(octets),)) + octets
+    return bytes((ber.tag,)) + length + body
+
+
+def test_certificates_must_be_der_not_ber():
+    """A length longer than it needs to be is BER, not DER (X.690 10.1): cryptography and
+    every receiver refuse such a certificate, so the sender does too (it used to sign
+    with it, and its own --verify then called the message malformed)."""
+    from cryptography.hazmat.primitives import serialization
+    good = certificate_cases()[2][0].public_bytes(serialization.Encoding.DER)
+    top = tool.Ber(good)
+    assert reencoded(top, -1) == good
+    tbs = top.children()[0]
+    subject = tbs.children()[5]  # version, serial, signature, issuer, validity, subject
+    for at in (top.pos, tbs.pos, subject.pos, subject.children()[0].pos):
+        bad = reencoded(top, at)
+        assert bad != good and tool.Ber(bad).end == len(bad)  # good BER
+        with pytest.raises(ValueError, match="not DER"):
+            tool.Certificate(bad)
+        with pytest.raises(tool.IdentityError, match="not a readable PEM or DER certificate"):
+            tool.load_certificates(bad, "x.crt")
+
+
 def test_a_signing_run_does_not_import_cryptography_x509(tmp_path):
     """One-shot start-up: the certificates of a sending run are read by the DER layer,
     never by cryptography.x509 (15-20 ms to import)."""
