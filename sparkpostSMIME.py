@@ -4721,7 +4721,7 @@ def run_parallel(settings, backend, build, items, reporter, stats, halt):
                     reap(channel, reporter)
     finally:
         for channel in channels.values():  # a second Ctrl-C: stop the workers too
-            os.kill(channel.pid, signal.SIGTERM)
+            os.kill(channel.pid, signal.SIGUSR1)
             os.waitpid(channel.pid, 0)
         recorder.close()
 
@@ -4764,6 +4764,11 @@ def reap(channel, reporter):
                       % channel.pid)
 
 
+def abort_worker(signum, frame):
+    """SIGUSR1 in a worker: the parent aborts (a second Ctrl-C); stop at once."""
+    raise KeyboardInterrupt
+
+
 def worker_process(settings, backend, build, items, reporter, stats, channel, halt):
     """Run a forked worker; return its exit status (never return into the parent's code).
 
@@ -4771,7 +4776,11 @@ def worker_process(settings, backend, build, items, reporter, stats, channel, ha
     each Result goes up *channel* instead.  Its counts go up last, always.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; in-flight work finishes
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's SIGTERM ends a worker
+    # SIGTERM to the process group (kill -- -PGID, a service manager): as the parent's
+    # first, no new message, the ones in flight finish; SIGUSR1: the parent aborts.  Both
+    # end through the finally below, which commits the journal rows of a group in progress.
+    signal.signal(signal.SIGTERM, lambda signum, frame: halt.__setitem__(0, 1))
+    signal.signal(signal.SIGUSR1, abort_worker)
     recorder = None
     try:
         recorder = Recorder(settings, reporter, stats, lambda: halt.__setitem__(0, 1),
@@ -4780,6 +4789,8 @@ def worker_process(settings, backend, build, items, reporter, stats, channel, ha
             recorder.forward = lambda res: channel.send(("result", tuple(res)))
         work(settings, backend, prefetch(build, items), recorder, lambda: halt[0])
         return EX_OK
+    except KeyboardInterrupt:  # abort_worker(): the parent has said so already
+        return 130
     except OutputError as exc:  # the journal or archive could not even be opened
         reporter.warn(str(exc))
         stats.fault(exc.exit_code)

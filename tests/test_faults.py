@@ -237,6 +237,33 @@ def test_killed_in_the_middle_of_a_send(smtp, pki, tmp_path, jobs):
     assert reported and set(reported) <= set(journaled)
 
 
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_sigterm_to_the_process_group_then_resume_sends_each_message_once(smtp, pki,
+                                                                         tmp_path, jobs):
+    """SIGTERM to the whole process group (a service manager's stop, kill -- -PGID) in
+    the middle of a batch whose journal rows are committed in groups: the messages in
+    flight finish, every delivered message has its row, and --resume sends exactly the
+    others: 400 messages delivered once each."""
+    smtp.handler.delay = 0.005
+    results, d = tmp_path / "results.jsonl", inbox(tmp_path, 400)
+    command = [sys.executable, TOOL, str(d), "--keys", pki.keys, "--send_smtp", "--results",
+               str(results), "--jobs", jobs]
+    proc = subprocess.Popen(command, env=tool_env(smtp_env(smtp)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and len(smtp.messages) < 150:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and b"Traceback" not in err, err
+    first = delivered_numbers(smtp)
+    assert 150 <= len(first) < 400
+    assert sorted(number(r["input"]) for r in journal(results)) == first
+    resumed = run_tool(command[2:] + ["--resume"], env=smtp_env(smtp))
+    assert resumed.returncode == 0, resumed.stderr
+    assert delivered_numbers(smtp) == list(range(400))  # each once: no duplicate
+
+
 def test_verify_output_on_a_full_disk(pki, tmp_path, tmpfs):
     """--verify -o FILE: the message passes, but the recovered copy does not fit: 74,
     the old file intact, nothing partial."""
