@@ -1654,6 +1654,9 @@ class Ber:
 MAX_BER_DEPTH = 40
 #: Longest contents of primitive elements whose value is computed, by tag.
 MAX_VALUE_OCTETS = {INTEGER: MAX_INTEGER_OCTETS, OID: MAX_OID_OCTETS}
+#: The same in a certificate, whose key parameters (DSA's p, q, g) are INTEGERs as long
+#: as the key: up to 16,384 bits.
+MAX_CERT_VALUE_OCTETS = {INTEGER: 2049, OID: MAX_OID_OCTETS}
 
 
 class BerReader:
@@ -1663,6 +1666,7 @@ class BerReader:
 
     def __init__(self, data, der=False):
         self.data, self.count, self.ends, self.der = data, 0, {}, der  #: der: DER only
+        self.limits = MAX_CERT_VALUE_OCTETS if der else MAX_VALUE_OCTETS
 
     def bounds(self, pos, depth):
         """Return (tag, contents start, contents stop, end) of the element at *pos*."""
@@ -1690,9 +1694,9 @@ class BerReader:
                 raise ValueError("not DER: a length not in its shortest form")
         if start + first > len(data):
             raise ValueError("truncated ASN.1 element")
-        if first > MAX_VALUE_OCTETS.get(tag, first):
+        if first > self.limits.get(tag, first):
             raise ValueError("an %s longer than %d octets" % (
-                "INTEGER" if tag == INTEGER else "OBJECT IDENTIFIER", MAX_VALUE_OCTETS[tag]))
+                "INTEGER" if tag == INTEGER else "OBJECT IDENTIFIER", self.limits[tag]))
         return tag, start, start + first, start + first
 
     def scan(self, at, depth):
