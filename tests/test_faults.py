@@ -208,21 +208,28 @@ def test_killed_in_the_middle_of_a_file_batch(pki, tmp_path, openssl):
         assert b"Just text." in openssl.verify(inner, pki.cafile)
 
 
+def sending_400(smtp, pki, tmp_path, jobs):
+    """Start a batch of 400 messages with --results in its own process group; return
+    (process, journal path, command) once the server has 150 of them."""
+    smtp.handler.delay = 0.005
+    results = tmp_path / "results.jsonl"
+    command = [sys.executable, TOOL, str(inbox(tmp_path, 400)), "--keys", pki.keys,
+               "--send_smtp", "--results", str(results), "--jobs", jobs]
+    proc = subprocess.Popen(command, env=tool_env(smtp_env(smtp)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and len(smtp.messages) < 150:
+        time.sleep(0.01)
+    return proc, results, command
+
+
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_killed_in_the_middle_of_a_send(smtp, pki, tmp_path, jobs):
     """kill -9 (the whole process group) while a batch sends with --results (journal rows
     are made durable in groups): every row is whole and names a message the server got,
     and every message reported on standard output has its row: a report line comes only
     after its row is on disk."""
-    smtp.handler.delay = 0.005
-    results = tmp_path / "results.jsonl"
-    proc = subprocess.Popen([sys.executable, TOOL, str(inbox(tmp_path, 400)), "--keys",
-                             pki.keys, "--send_smtp", "--results", str(results), "--jobs",
-                             jobs], env=tool_env(smtp_env(smtp)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 30
-    while time.time() < deadline and len(smtp.messages) < 150:
-        time.sleep(0.01)
+    proc, results, _ = sending_400(smtp, pki, tmp_path, jobs)
     os.killpg(proc.pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == -9
@@ -244,15 +251,7 @@ def test_sigterm_to_the_process_group_then_resume_sends_each_message_once(smtp, 
     the middle of a batch whose journal rows are committed in groups: the messages in
     flight finish, every delivered message has its row, and --resume sends exactly the
     others: 400 messages delivered once each."""
-    smtp.handler.delay = 0.005
-    results, d = tmp_path / "results.jsonl", inbox(tmp_path, 400)
-    command = [sys.executable, TOOL, str(d), "--keys", pki.keys, "--send_smtp", "--results",
-               str(results), "--jobs", jobs]
-    proc = subprocess.Popen(command, env=tool_env(smtp_env(smtp)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 30
-    while time.time() < deadline and len(smtp.messages) < 150:
-        time.sleep(0.01)
+    proc, results, command = sending_400(smtp, pki, tmp_path, jobs)
     os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and b"Traceback" not in err, err
