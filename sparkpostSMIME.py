@@ -754,97 +754,215 @@ def write_atomically(path, data, mode=None, tmp=None):
 class OutputGroup:
     """Output files made durable together, as databases commit groups of transactions.
 
-    add() writes a file under a hidden temporary name beside its own
-    (``.NAME.RANDOM``), not yet synced; commit() syncs them all (one fsync for
-    one file, one syncfs(2) of their file system for several), then renames
-    each into place and syncs the directories.  A name therefore only ever
-    points at a complete file whose content is on disk, whatever moment a crash
-    comes at; a crash before commit() leaves only temporary files.  discard()
-    removes the temporary files still pending.  The files of a group share one
+    add() writes each file as an unnamed file of its directory (open(2) with
+    O_TMPFILE), kept open, not yet synced; commit() syncs them all (one fsync for
+    one file, one syncfs(2) of their file system for several), then gives each
+    its name (linkat(2) of /proc/self/fd/N, see name_unnamed()) and syncs the
+    directories.  A name therefore only ever points at a complete file whose
+    content is on disk, whatever moment a crash comes at, and a crash before
+    commit() leaves nothing: an unnamed file dies with its last descriptor.
+    Where a directory cannot hold unnamed files (decided at its first file, see
+    open_unnamed()), and for an explicit *tmp* (a Maildir's tmp/), a file is
+    written under a temporary name instead (hidden, beside its own:
+    ``.NAME.RANDOM``) and renamed at commit(); a crash before then leaves that
+    temporary file.  A name that exists is replaced, atomically, either way.
+    Each unnamed file keeps a descriptor open until commit(): full() is true
+    before a group holds more than a quarter of the soft RLIMIT_NOFILE.
+    discard() drops the files still pending.  The files of a group share one
     file system (FileBackend's are all in -o DIR).  Raises OutputError: 73 when
     a file cannot be created, 74 when writing or syncing fails.
     """
 
     def __init__(self):
-        self.pending, self.size = [], 0  #: [(temporary path, path)], their octets
-        self.fd = None  #: the last file's, still open: what commit() syncs
+        self.pending, self.size = collections.deque(), 0  #: PendingFiles, their octets
         self.started = 0.0  #: time.monotonic() of the first file pending
+        self.most = open_files_budget()  #: files pending at most (GROUP_FILES or fewer)
 
     def full(self):
-        """Return True once GROUP_FILES files or GROUP_BYTES octets are pending, or the
-        first one has waited GROUP_SECONDS."""
+        """Return True once GROUP_FILES files (fewer under a low RLIMIT_NOFILE) or
+        GROUP_BYTES octets are pending, or the first one has waited GROUP_SECONDS."""
         return bool(self.pending) and (
-            len(self.pending) >= GROUP_FILES or self.size >= GROUP_BYTES
+            len(self.pending) >= self.most or self.size >= GROUP_BYTES
             or time.monotonic() - self.started >= GROUP_SECONDS)
 
     def add(self, path, data, mode=None, tmp=None):
-        """Write *data* for *path* under a temporary name (see write_atomically)."""
-        if tmp is None:
-            directory, name = os.path.split(path)
-            tmp = os.path.join(directory, ".%s.%s" % (name[:40], os.urandom(6).hex()))
-        try:  # 0o666: the kernel applies the umask, as to any new file
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                         0o666 if mode is None else mode)
-        except OSError as exc:
-            raise OutputError("%s: cannot create: %s" % (path, exc.strerror or exc),
-                              EX_CANTCREAT, exc.strerror or str(exc))
+        """Write *data* for *path*, unnamed or under a temporary name (see
+        write_atomically)."""
+        file = PendingFile(path, tmp, mode)
         try:
             if mode is not None:
-                os.fchmod(fd, mode)  # exactly *mode*, whatever the umask
+                os.fchmod(file.fd, mode)  # exactly *mode*, whatever the umask
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(file.fd, view):]
         except OSError as exc:
-            os.close(fd)
-            remove_quietly(tmp)
+            file.drop()
             raise self.fault(path, exc)
-        self.close()  # one descriptor open at a time, however big the group
-        if not self.pending:
+        if self.pending:
+            self.pending[-1].close_named()  # one temporary name open at a time
+        else:
             self.started = time.monotonic()
-        self.fd = fd
-        self.pending.append((tmp, path))
+        self.pending.append(file)
         self.size += len(data)
 
     def commit(self):
-        """Sync the pending files, rename each into place, sync their directories."""
+        """Sync the pending files, name each (or rename it into place), sync their
+        directories."""
         if not self.pending:
             return
-        path = self.pending[-1][1]
+        file, directories = self.pending[-1], {}
         try:
             if len(self.pending) == 1:
-                os.fsync(self.fd)
+                os.fsync(file.fd)
             else:
-                sync_file_system(self.fd)
-            self.close()
-            directories = set()
-            for tmp, path in self.pending:
-                os.rename(tmp, path)
-                directories.add(os.path.dirname(path) or ".")
-            self.pending, self.size = [], 0
-            for directory in directories:
-                sync_directory(directory)
+                sync_file_system(file.fd)
+            while self.pending:
+                file = self.pending[0]
+                directory = os.path.dirname(file.path) or "."
+                if directory not in directories:
+                    directories[directory] = os.open(
+                        directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                file.name(directories[directory])
+                self.pending.popleft()
+            self.size = 0
+            for fd in directories.values():
+                sync_directory(fd)
         except OSError as exc:
-            raise self.fault(path, exc)
-
-    def close(self):
-        """Close the last file written, if it is still open."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+            raise self.fault(file.path, exc)
+        finally:
+            for fd in directories.values():
+                os.close(fd)
 
     def discard(self):
-        """Remove the temporary files not committed (those renamed are kept)."""
-        self.close()
-        for tmp, _ in self.pending:
-            remove_quietly(tmp)
-        self.pending, self.size = [], 0
+        """Drop the files not committed (those named are kept)."""
+        for file in self.pending:
+            file.drop()
+        self.pending.clear()
+        self.size = 0
 
     @staticmethod
     def fault(path, exc):
         """Return the OutputError for *exc* met while writing *path*."""
-        code = EX_CANTCREAT if exc.errno in (13, 21, 30) else EX_IOERR  # EACCES EISDIR EROFS
+        # EACCES EISDIR EROFS, ENOENT ENOTDIR: the directory has gone (removed in mid-run)
+        code = EX_CANTCREAT if exc.errno in (13, 21, 30, 2, 20) else EX_IOERR
         return OutputError("%s: cannot write: %s" % (path, exc.strerror or exc), code,
                            exc.strerror or str(exc))
+
+
+def open_files_budget():
+    """Return how many files an OutputGroup may keep open: GROUP_FILES, or a quarter
+    of the soft RLIMIT_NOFILE when that is lower (sysconf reads it: no import)."""
+    limit = os.sysconf("SC_OPEN_MAX")
+    return GROUP_FILES if limit <= 0 else max(1, min(GROUP_FILES, limit // 4))
+
+
+class PendingFile:
+    """One file of an OutputGroup, written, not yet named: unnamed (*tmp* None, its
+    descriptor open) or under its temporary name *tmp*.
+
+    Raises OutputError (73) when it cannot be created.
+    """
+
+    __slots__ = ("path", "tmp", "fd")
+
+    def __init__(self, path, tmp=None, mode=None):
+        self.path, self.tmp = path, tmp
+        mode = 0o666 if mode is None else mode  # 0o666: the kernel applies the umask
+        try:
+            self.fd = None if tmp else open_unnamed(os.path.dirname(path) or ".", mode)
+            if self.fd is None:
+                self.tmp = tmp or hidden_name(path)
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                  mode)
+        except OSError as exc:
+            raise OutputError("%s: cannot create: %s" % (path, exc.strerror or exc),
+                              EX_CANTCREAT, exc.strerror or str(exc))
+
+    def close_named(self):
+        """Close the descriptor of a file that has a temporary name (commit() renames it)."""
+        if self.tmp and self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def name(self, directory_fd):
+        """Give the file its name in its directory (open as *directory_fd*), replacing
+        a file of that name; close it.  Raises OSError."""
+        if self.tmp:
+            os.rename(self.tmp, self.path)
+            self.tmp = None
+        else:
+            name_unnamed(self.fd, os.path.basename(self.path), directory_fd)
+        self.close()
+
+    def drop(self):
+        """Close the file and remove its temporary name: nothing of it is left."""
+        self.close()
+        if self.tmp:
+            remove_quietly(self.tmp)
+            self.tmp = None
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def hidden_name(path):
+    """Return a new hidden name beside *path*: .NAME.RANDOM (NAME cut at 40)."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, ".%s.%s" % (name[:40], os.urandom(6).hex()))
+
+
+#: Directories by path: True when they hold unnamed files (decided at their first file).
+_UNNAMED = {}
+
+
+def open_unnamed(directory, mode):
+    """Return the descriptor of a new unnamed file in *directory* (O_TMPFILE, write
+    only), or None where the directory cannot hold one that name_unnamed() can name:
+    its file system (or the kernel) has no O_TMPFILE (EOPNOTSUPP, EISDIR, EINVAL), or
+    /proc/self/fd is not there; decided at the directory's first file.  Raises OSError
+    (a missing or read-only directory, no space)."""
+    if _UNNAMED.get(directory) is False or not hasattr(os, "O_TMPFILE"):
+        return None
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno not in (95, 21, 22):  # EOPNOTSUPP EISDIR EINVAL
+            raise
+        _UNNAMED[directory] = False
+        return None
+    if directory not in _UNNAMED:
+        try:
+            os.stat("/proc/self/fd/%d" % fd)
+            _UNNAMED[directory] = True
+        except OSError:  # no /proc (a chroot, a container without it)
+            os.close(fd)
+            _UNNAMED[directory] = False
+            return None
+    return fd
+
+
+def name_unnamed(fd, name, directory_fd):
+    """Give the unnamed file *fd* the name *name* in the directory *directory_fd*.
+
+    linkat(2) with AT_SYMLINK_FOLLOW through /proc/self/fd/N (plain link(2) would
+    not follow that link: EXDEV).  A link never replaces a name: when *name* exists
+    (EEXIST) the file is linked under a hidden name, then renamed over it, as rename(2)
+    replaces any file (a crash between the two leaves that hidden name).  Raises OSError.
+    """
+    source = "/proc/self/fd/%d" % fd
+    try:
+        os.link(source, name, dst_dir_fd=directory_fd, follow_symlinks=True)
+        return
+    except FileExistsError:
+        tmp = hidden_name(name)
+    os.link(source, tmp, dst_dir_fd=directory_fd, follow_symlinks=True)
+    try:
+        os.rename(tmp, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+    except OSError:
+        os.unlink(tmp, dir_fd=directory_fd)
+        raise
 
 
 def remove_quietly(path):
@@ -874,16 +992,14 @@ def sync_file_system(fd):
         raise OSError(err, os.strerror(err))
 
 
-def sync_directory(directory):
-    """fsync *directory*, so that the names just renamed in it outlive a crash."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def sync_directory(fd):
+    """fsync the directory open as *fd*, so that the names just given in it outlive a
+    crash.  Raises OSError."""
     try:
         os.fsync(fd)
     except OSError as exc:
         if exc.errno != 22:  # EINVAL: a file system that cannot sync a directory
             raise
-    finally:
-        os.close(fd)
 
 
 ###############################################################################
@@ -3224,6 +3340,12 @@ class FileBackend(Backend):
     "written" (reported, journaled) only once its group is on disk.
     """
 
+    def __init__(self, settings, events):
+        super().__init__(settings, events)
+        #: -o names a directory: looked at once per run, not once per message (if it is
+        #: removed in mid-run, the next file cannot be created in it: 73)
+        self.into_directory = bool(settings.output) and os.path.isdir(settings.output)
+
     def deliver(self, jobs, halted):
         group, waiting = OutputGroup(), []
         try:
@@ -3242,7 +3364,8 @@ class FileBackend(Backend):
 
     def attempt(self, job, group):
         """Write *job* to stdout, or into *group* (not yet committed); return its Outcome."""
-        target = output_path(self.settings, job.source, job.copy)
+        target = (output_in(self.settings, job.source, job.copy) if self.into_directory
+                  else self.settings.output)
         try:
             if target:
                 group.add(target, job.data)
@@ -3266,16 +3389,20 @@ class FileBackend(Backend):
 
 
 def output_path(settings, path, copy=0):
-    """Return where the message built from *path* goes ('' = stdout).
-
-    With -o DIR: DIR/<input name>, or DIR/<name>.<copy>.eml for --repeat copies.
-    """
+    """Return where the message built from *path* goes ('' = stdout): -o FILE, or its
+    file in -o DIR (output_in())."""
     if settings.output and os.path.isdir(settings.output):
-        name = "stdin.eml" if path == "-" else os.path.basename(path)
-        if settings.repeat > 1:
-            name = "%s.%d.eml" % (name[:-4] if name.endswith(".eml") else name, copy)
-        return os.path.join(settings.output, name)
+        return output_in(settings, path, copy)
     return settings.output
+
+
+def output_in(settings, path, copy=0):
+    """Return the file in -o DIR of the message built from *path*: DIR/<input name>, or
+    DIR/<name>.<copy>.eml for --repeat copies."""
+    name = "stdin.eml" if path == "-" else os.path.basename(path)
+    if settings.repeat > 1:
+        name = "%s.%d.eml" % (name[:-4] if name.endswith(".eml") else name, copy)
+    return os.path.join(settings.output, name)
 
 
 class DryRun(Backend):
