@@ -22,7 +22,7 @@ import time
 import pytest
 
 import engines
-from conftest import CACHE, HERE, ROOT, TOOL, run_tool
+from conftest import CACHE, HERE, ROOT, TOOL, need, run_tool
 from corpus import CORPUS
 import test_batch
 from test_batch import inbox, journal, smtp_env, summary
@@ -169,23 +169,50 @@ def test_output_directory_on_a_full_disk_keeps_what_fits(pki, tmp_path, tmpfs, o
     assert str(fs / "b-big.eml") in proc.stderr.decode()
 
 
-def test_killed_in_the_middle_of_a_file_batch(pki, tmp_path, openssl):
+#: Run a command with /proc hidden (an empty tmpfs over it, in a mount namespace of its
+#: own): the tool cannot name unnamed files through /proc/self/fd and falls back to
+#: temporary names.  unshare and sh exec the command: its pid is the process started.
+WITHOUT_PROC = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount -t tmpfs -o size=4k none /proc && exec "$@"', "sh"]
+
+
+def unnamed_files(pid, directory):
+    """Return how many unnamed files (O_TMPFILE) in *directory* process *pid* holds open."""
+    count, prefix = 0, os.path.join(str(directory), "#")
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            count += os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith(prefix)
+        except OSError:  # closed meanwhile
+            pass
+    return count
+
+
+@pytest.mark.parametrize("files", ["unnamed", "temporary names (no /proc)"])
+def test_killed_in_the_middle_of_a_file_batch(pki, tmp_path, openssl, files):
     """kill -9 while -o DIR writes a batch (files are made durable in groups, one sync per
-    group, renamed only after it): every file under its own name is whole and decrypts
-    and verifies, every journal row names such a file, and what is left of the group in
-    progress is hidden temporary files (.NAME.RANDOM) only."""
+    group, named only after it): every file under its own name is whole and decrypts and
+    verifies, and every journal row names such a file.  The files of the group in
+    progress are unnamed: no other name ever appears in DIR, during the run or after the
+    kill.  Where /proc is missing the tool falls back to hidden temporary names
+    (.NAME.RANDOM), and only those are left of the group in progress."""
+    fallback = files != "unnamed"
+    if fallback:
+        need("unshare")
     msg = tmp_path / "m.eml"
     msg.write_bytes(CORPUS["plain-ascii"])
     out, results = tmp_path / "out", tmp_path / "results.jsonl"
     out.mkdir()
-    proc = subprocess.Popen([sys.executable, TOOL, str(msg), "--sign", "--encrypt", "--keys",
-                             pki.keys, "--repeat", "3000", "-o", str(out), "--results",
-                             str(results)], env=tool_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    names, deadline = [], time.time() + 60
+    proc = subprocess.Popen((WITHOUT_PROC if fallback else []) + [
+        sys.executable, TOOL, str(msg), "--sign", "--encrypt", "--keys", pki.keys, "--repeat",
+        "3000", "-o", str(out), "--results", str(results)], env=tool_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen, deadline = set(), time.time() + 60
     while proc.poll() is None and time.time() < deadline:
         names = os.listdir(out)  # wait for a group committed and the next one under way
-        if any(n.startswith(".") for n in names) and any(n[0] != "." for n in names):
+        seen.update(names)
+        in_progress = (any(n.startswith(".") for n in names) if fallback
+                       else unnamed_files(proc.pid, out) > 0)
+        if in_progress and any(n[0] != "." for n in names):
             break
     proc.kill()
     assert proc.wait() == -9, proc.stderr.read()
@@ -194,7 +221,11 @@ def test_killed_in_the_middle_of_a_file_batch(pki, tmp_path, openssl):
                    key=lambda n: int(n.split(".")[1]))
     temporary = [n for n in names if n.startswith(".")]
     assert final and all(re.fullmatch(r"m\.\d+\.eml", n) for n in final), names
-    assert all(re.fullmatch(r"\.m\.\d+\.eml\.[0-9a-f]{12}", n) for n in temporary), names
+    if fallback:
+        assert temporary and all(re.fullmatch(r"\.m\.\d+\.eml\.[0-9a-f]{12}", n)
+                                 for n in temporary), names
+    else:
+        assert temporary == [] and not any(n.startswith(".") for n in seen), seen
     # the same message each time: every whole output has the same size
     assert len({(out / n).stat().st_size for n in final}) == 1
     with open(results) as fh:
@@ -206,6 +237,65 @@ def test_killed_in_the_middle_of_a_file_batch(pki, tmp_path, openssl):
     for name in {final[0], final[-1]} | set(sorted(claimed)[-1:]):
         inner = openssl.decrypt((out / name).read_bytes(), *bob)
         assert b"Just text." in openssl.verify(inner, pki.cafile)
+
+
+def test_file_batch_under_a_low_open_files_limit(pki, tmp_path, openssl):
+    """Each unnamed file of a group stays open until the group's commit: under a soft
+    RLIMIT_NOFILE of 48 (a group of 256 would need five times that) the tool commits
+    smaller groups, and all 300 files are written, whole, with no other name in DIR."""
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(CORPUS["plain-ascii"])
+    out = tmp_path / "out"
+    out.mkdir()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    proc = run_tool([str(msg), "--sign", "--keys", pki.keys, "--repeat", "300", "-o",
+                     str(out)], preexec=lambda: resource.setrlimit(
+                         resource.RLIMIT_NOFILE, (48, hard)))
+    assert proc.returncode == 0, proc.stderr
+    assert "Summary: 300 written, 0 failed" in proc.stderr.decode()
+    assert sorted(os.listdir(out)) == sorted("m.%d.eml" % n for n in range(300))
+    assert len({(out / n).stat().st_size for n in os.listdir(out)}) == 1
+    assert b"Just text." in openssl.verify((out / "m.299.eml").read_bytes(), pki.cafile)
+
+
+@pytest.mark.parametrize("files", ["unnamed", "temporary names (no /proc)"])
+def test_file_batch_replaces_existing_outputs(pki, tmp_path, openssl, files):
+    """An output whose name exists is replaced, atomically, as rename(2) replaces it: a
+    file gets the new content (its old inode is untouched, a reader holding it keeps the
+    old bytes), a symbolic link is replaced by the file (never written through), and a
+    directory of that name fails its group with 73; no temporary name is left behind."""
+    fallback = files != "unnamed"
+    if fallback:
+        need("unshare")
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(CORPUS["plain-ascii"])
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    out.mkdir()
+    victim.write_bytes(b"not to be overwritten\n")
+    old = b"From: old@example.com\r\n\r\nthe previous output\r\n"
+    (out / "m.0.eml").write_bytes(old)
+    os.link(out / "m.0.eml", tmp_path / "old-link")
+    os.symlink(victim, out / "m.1.eml")
+    command = [sys.executable, TOOL, str(msg), "--sign", "--keys", pki.keys, "--repeat", "3",
+               "-o", str(out)]
+    proc = subprocess.run((WITHOUT_PROC if fallback else []) + command, env=tool_env(),
+                          capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["m.0.eml", "m.1.eml", "m.2.eml"]
+    assert (tmp_path / "old-link").read_bytes() == old
+    assert victim.read_bytes() == b"not to be overwritten\n"
+    assert not os.path.islink(out / "m.1.eml")
+    for n in range(3):
+        assert b"Just text." in openssl.verify((out / ("m.%d.eml" % n)).read_bytes(),
+                                               pki.cafile)
+    (out / "m.2.eml").unlink()
+    (out / "m.2.eml").mkdir()
+    proc = subprocess.run((WITHOUT_PROC if fallback else []) + command, env=tool_env(),
+                          capture_output=True)
+    assert proc.returncode == 73, proc.stderr
+    assert "m.2.eml: cannot write: Is a directory" in proc.stderr.decode()
+    assert sorted(os.listdir(out)) == ["m.0.eml", "m.1.eml", "m.2.eml"]
+    assert os.listdir(out / "m.2.eml") == []
 
 
 def sending_400(smtp, pki, tmp_path, jobs):
