@@ -654,8 +654,9 @@ def several_outputs(settings):
 ###############################################################################
 # Everything printed goes through a Reporter: report lines on stdout (the
 # product when sending), warnings, errors and transcripts on stderr, every
-# line redacted.  Files are written to a temporary name (in their directory,
-# or a Maildir's tmp/), then renamed: nothing partial is ever left behind.
+# line redacted.  Files are written unnamed (O_TMPFILE) in their directory, or
+# to a temporary name (a Maildir's tmp/, a file system without unnamed files),
+# then named once on disk: nothing partial is ever left behind.
 
 class Reporter:
     """Writes every line the tool prints, redacted; warns once per topic.
@@ -736,12 +737,12 @@ def first_line(exc):
 
 
 def write_atomically(path, data, mode=None, tmp=None):
-    """Write *data* to *path* through a temporary file, synced, then renamed into
-    place (and the directory synced): a reader never sees a partial file, a
+    """Write *data* to *path* through an unnamed file (or a temporary one), synced,
+    then named (and the directory synced): a reader never sees a partial file, a
     failure leaves none behind, and once this returns the file outlives a crash.
     *mode*: the file's permissions (default: as the umask allows, like any new
-    file); *tmp*: the temporary file's path, on the same file system (default: a
-    hidden name beside *path*; a Maildir's tmp/).  Raises OutputError: 73 when
+    file); *tmp*: a temporary file's path, on the same file system, to write
+    under and rename from (a Maildir's tmp/; default: see OutputGroup).  Raises OutputError: 73 when
     the file cannot be created, 74 when writing fails (a full disk)."""
     group = OutputGroup()
     try:
