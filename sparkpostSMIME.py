@@ -742,8 +742,9 @@ def write_atomically(path, data, mode=None, tmp=None):
     failure leaves none behind, and once this returns the file outlives a crash.
     *mode*: the file's permissions (default: as the umask allows, like any new
     file); *tmp*: a temporary file's path, on the same file system, to write
-    under and rename from (a Maildir's tmp/; default: see OutputGroup).  Raises OutputError: 73 when
-    the file cannot be created, 74 when writing fails (a full disk)."""
+    under and rename from (a Maildir's tmp/; default: see OutputGroup).  Raises
+    OutputError: 73 when the file cannot be created, 74 when writing fails (a
+    full disk)."""
     group = OutputGroup()
     try:
         group.add(path, data, mode, tmp)
@@ -873,14 +874,14 @@ class PendingFile:
             self.fd = None if tmp else open_unnamed(os.path.dirname(path) or ".", mode)
             if self.fd is None:
                 self.tmp = tmp or hidden_name(path)
-                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                  mode)
+                self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                  | os.O_CLOEXEC, mode)
         except OSError as exc:
             raise OutputError("%s: cannot create: %s" % (path, exc.strerror or exc),
                               EX_CANTCREAT, exc.strerror or str(exc))
 
     def close_named(self):
-        """Close the descriptor of a file that has a temporary name (commit() renames it)."""
+        """Close the descriptor of a file under a temporary name (commit() renames it)."""
         if self.tmp and self.fd is not None:
             os.close(self.fd)
             self.fd = None
