@@ -218,7 +218,8 @@ MAX_SIGNER_INFOS, MAX_CERTIFICATES, MAX_RECIPIENT_INFOS = 32, 64, 1000
 #: The smallest RSA key that may sign what we verify (CAs and signers alike).
 MIN_RSA_BITS = 2048
 #: Output files of a batch made durable together (one sync of their file system): at most
-#: this many files or octets, or what is pending after this many seconds (OutputGroup).
+#: this many files or octets, or what is pending after this many seconds (OutputGroup;
+#: fewer files under a low RLIMIT_NOFILE: each stays open until its group is named).
 GROUP_FILES, GROUP_BYTES, GROUP_SECONDS = 256, 16 << 20, 0.5
 #: Journal rows (--results) of a batch made durable together: up to this many, or what is
 #: pending after GROUP_SECONDS (see Recorder).

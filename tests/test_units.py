@@ -400,3 +400,39 @@ def test_rfc5322_date_is_formatdates(zone, monkeypatch):
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+# -- OutputGroup: unnamed files, or temporary names where a directory has none ---------
+
+def test_unnamed_files_are_decided_once_per_directory(tmp_path, monkeypatch):
+    """/proc cannot hold unnamed files (open(O_TMPFILE) fails with EOPNOTSUPP): that
+    directory is marked for temporary names; tmp_path (ext4 or tmpfs) can, and an
+    unnamed file leaves no name in it."""
+    monkeypatch.setattr(tool, "_UNNAMED", {})
+    assert tool.open_unnamed("/proc", 0o600) is None
+    assert tool._UNNAMED == {"/proc": False}
+    fd = tool.open_unnamed(str(tmp_path), 0o600)
+    os.close(fd)
+    assert tool._UNNAMED[str(tmp_path)] is True and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("unnamed", [True, False])
+def test_output_group_names_files_only_at_commit(tmp_path, monkeypatch, unnamed):
+    """Until commit() the files of a group have no name in their directory (unnamed),
+    or a hidden temporary one (the fallback, forced here); commit() gives each its
+    name; discard() leaves nothing behind, either way."""
+    monkeypatch.setattr(tool, "_UNNAMED", {} if unnamed else {str(tmp_path): False})
+    group = tool.OutputGroup()
+    group.add(str(tmp_path / "a.eml"), b"A" * 10)
+    group.add(str(tmp_path / "b.eml"), b"B" * 100_000)
+    before = os.listdir(tmp_path)
+    if unnamed:
+        assert before == []
+    else:
+        assert sorted(n[:7] for n in before) == [".a.eml.", ".b.eml."], before
+    group.commit()
+    assert sorted(os.listdir(tmp_path)) == ["a.eml", "b.eml"]
+    assert (tmp_path / "b.eml").read_bytes() == b"B" * 100_000
+    group.add(str(tmp_path / "c.eml"), b"C")
+    group.discard()
+    assert sorted(os.listdir(tmp_path)) == ["a.eml", "b.eml"]
