@@ -176,6 +176,23 @@ WITHOUT_PROC = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                 'mount -t tmpfs -o size=4k none /proc && exec "$@"', "sh"]
 
 
+#: How the tool writes -o DIR files: as is (unnamed files), or with /proc hidden.
+FILES = ["unnamed", "temporary names (no /proc)"]
+
+
+def file_batch(tmp_path, files):
+    """Return (command prefix, input message, -o DIR) for a -o DIR batch: the prefix is
+    WITHOUT_PROC unless *files* is "unnamed"."""
+    prefix = []
+    if files != "unnamed":
+        need("unshare")
+        prefix = WITHOUT_PROC
+    msg, out = tmp_path / "m.eml", tmp_path / "out"
+    msg.write_bytes(CORPUS["plain-ascii"])
+    out.mkdir()
+    return prefix, msg, out
+
+
 def unnamed_files(pid, directory):
     """Return how many unnamed files (O_TMPFILE) in *directory* process *pid* holds open."""
     count, prefix = 0, os.path.join(str(directory), "#")
@@ -187,7 +204,7 @@ def unnamed_files(pid, directory):
     return count
 
 
-@pytest.mark.parametrize("files", ["unnamed", "temporary names (no /proc)"])
+@pytest.mark.parametrize("files", FILES)
 def test_killed_in_the_middle_of_a_file_batch(pki, tmp_path, openssl, files):
     """kill -9 while -o DIR writes a batch (files are made durable in groups, one sync per
     group, named only after it): every file under its own name is whole and decrypts and
@@ -195,14 +212,9 @@ def test_killed_in_the_middle_of_a_file_batch(pki, tmp_path, openssl, files):
     progress are unnamed: no other name ever appears in DIR, during the run or after the
     kill.  Where /proc is missing the tool falls back to hidden temporary names
     (.NAME.RANDOM), and only those are left of the group in progress."""
-    fallback = files != "unnamed"
-    if fallback:
-        need("unshare")
-    msg = tmp_path / "m.eml"
-    msg.write_bytes(CORPUS["plain-ascii"])
-    out, results = tmp_path / "out", tmp_path / "results.jsonl"
-    out.mkdir()
-    proc = subprocess.Popen((WITHOUT_PROC if fallback else []) + [
+    prefix, msg, out = file_batch(tmp_path, files)
+    fallback, results = bool(prefix), tmp_path / "results.jsonl"
+    proc = subprocess.Popen(prefix + [
         sys.executable, TOOL, str(msg), "--sign", "--encrypt", "--keys", pki.keys, "--repeat",
         "3000", "-o", str(out), "--results", str(results)], env=tool_env(),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -243,10 +255,7 @@ def test_file_batch_under_a_low_open_files_limit(pki, tmp_path, openssl):
     """Each unnamed file of a group stays open until the group's commit: under a soft
     RLIMIT_NOFILE of 48 (a group of 256 would need five times that) the tool commits
     smaller groups, and all 300 files are written, whole, with no other name in DIR."""
-    msg = tmp_path / "m.eml"
-    msg.write_bytes(CORPUS["plain-ascii"])
-    out = tmp_path / "out"
-    out.mkdir()
+    _, msg, out = file_batch(tmp_path, "unnamed")
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     proc = run_tool([str(msg), "--sign", "--keys", pki.keys, "--repeat", "300", "-o",
                      str(out)], preexec=lambda: resource.setrlimit(
@@ -258,19 +267,14 @@ def test_file_batch_under_a_low_open_files_limit(pki, tmp_path, openssl):
     assert b"Just text." in openssl.verify((out / "m.299.eml").read_bytes(), pki.cafile)
 
 
-@pytest.mark.parametrize("files", ["unnamed", "temporary names (no /proc)"])
+@pytest.mark.parametrize("files", FILES)
 def test_file_batch_replaces_existing_outputs(pki, tmp_path, openssl, files):
     """An output whose name exists is replaced, atomically, as rename(2) replaces it: a
     file gets the new content (its old inode is untouched, a reader holding it keeps the
     old bytes), a symbolic link is replaced by the file (never written through), and a
     directory of that name fails its group with 73; no temporary name is left behind."""
-    fallback = files != "unnamed"
-    if fallback:
-        need("unshare")
-    msg = tmp_path / "m.eml"
-    msg.write_bytes(CORPUS["plain-ascii"])
-    out, victim = tmp_path / "out", tmp_path / "victim"
-    out.mkdir()
+    prefix, msg, out = file_batch(tmp_path, files)
+    victim = tmp_path / "victim"
     victim.write_bytes(b"not to be overwritten\n")
     old = b"From: old@example.com\r\n\r\nthe previous output\r\n"
     (out / "m.0.eml").write_bytes(old)
@@ -278,8 +282,7 @@ def test_file_batch_replaces_existing_outputs(pki, tmp_path, openssl, files):
     os.symlink(victim, out / "m.1.eml")
     command = [sys.executable, TOOL, str(msg), "--sign", "--keys", pki.keys, "--repeat", "3",
                "-o", str(out)]
-    proc = subprocess.run((WITHOUT_PROC if fallback else []) + command, env=tool_env(),
-                          capture_output=True)
+    proc = subprocess.run(prefix + command, env=tool_env(), capture_output=True)
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(out)) == ["m.0.eml", "m.1.eml", "m.2.eml"]
     assert (tmp_path / "old-link").read_bytes() == old
@@ -290,8 +293,7 @@ def test_file_batch_replaces_existing_outputs(pki, tmp_path, openssl, files):
                                                pki.cafile)
     (out / "m.2.eml").unlink()
     (out / "m.2.eml").mkdir()
-    proc = subprocess.run((WITHOUT_PROC if fallback else []) + command, env=tool_env(),
-                          capture_output=True)
+    proc = subprocess.run(prefix + command, env=tool_env(), capture_output=True)
     assert proc.returncode == 73, proc.stderr
     assert "m.2.eml: cannot write: Is a directory" in proc.stderr.decode()
     assert sorted(os.listdir(out)) == ["m.0.eml", "m.1.eml", "m.2.eml"]
