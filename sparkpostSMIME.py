@@ -1259,6 +1259,8 @@ def parse_addresses(values):
     A lone simple address skips the full parser (email.utils.getaddresses),
     which handles everything else: groups, quoted names, comments, lists.
     """
+    if not values:
+        return []
     if len(values) == 1:
         match = _ONE_ADDRESS.match(values[0])
         if match:
@@ -2104,7 +2106,7 @@ class Identity:
         self.key, self.chain = key, [Certificate.of(c) for c in chain]
         self.rid = issuer_and_serial(cert)
         self.kind, self.digest = key_kind(cert)
-        self.cert_set = None
+        self.cert_set = self.info_head = None  #: worked out on first use (signed_der())
 
     def certificate_set(self):
         """Return the DER [0] CertificateSet of the certificate and its chain (RFC 5652
@@ -2902,16 +2904,22 @@ def signed_der(content, signer, detached, now=None):
                     attribute(ATTR_MESSAGE_DIGEST, der(OCTET_STRING, getattr(
                         hashlib, digest_name.lower())(content).digest())),
                     capabilities)
-    signer_info = der(SEQUENCE, b"\x02\x01\x01", signer.rid, digest_algorithm,  # version 1
-                      bytes((ctx(0),)) + attrs[1:], *sign_attributes(signer, attrs))
-    encapsulated = [der_oid(ID_DATA)]
-    if not detached:
-        encapsulated.append(der_pieces(ctx(0), der_pieces(OCTET_STRING, content)))
+    if signer.info_head is None:  # version 1, sid, digestAlgorithm: the same every message
+        signer.info_head = b"\x02\x01\x01" + signer.rid + digest_algorithm
+    signer_info = der(SEQUENCE, signer.info_head, bytes((ctx(0),)) + attrs[1:],
+                      *sign_attributes(signer, attrs))
+    if detached:
+        encapsulated = [DETACHED_CONTENT_INFO]
+    else:
+        encapsulated = der_pieces(SEQUENCE, der_oid(ID_DATA),
+                                  der_pieces(ctx(0), der_pieces(OCTET_STRING, content)))
     signed = der_pieces(SEQUENCE, b"\x02\x01\x01", digest_set,  # version 1
-                        der_pieces(SEQUENCE, *encapsulated),
-                        signer.certificate_set(),
-                        der_set(signer_info))
+                        encapsulated, signer.certificate_set(), der(SET, signer_info))
     return b"".join(der_pieces(SEQUENCE, der_oid(ID_SIGNED_DATA), der_pieces(ctx(0), signed)))
+
+
+#: The EncapsulatedContentInfo of a detached signature: id-data, no eContent (RFC 5652 5.2).
+DETACHED_CONTENT_INFO = der(SEQUENCE, der_oid(ID_DATA))
 
 
 #: Digest names -> their algorithm identifiers (RFC 5754 2).
@@ -2933,9 +2941,20 @@ def signed_constants(digest_name):
     return _SIGNED_CONSTANTS[digest_name]
 
 
+_ATTRIBUTE_HEADS = {}
+
+
 def attribute(oid, value):
-    """Return an Attribute: its type and a SET holding *value* (RFC 5652 5.3)."""
-    return der(SEQUENCE, der_oid(oid), der(SET, value))
+    """Return an Attribute: its type and a SET holding *value* (RFC 5652 5.3).
+
+    What comes before *value* depends only on the type and the value's length
+    (a signing time, a digest): it is worked out once for each.
+    """
+    head = _ATTRIBUTE_HEADS.get((oid, len(value)))
+    if head is None:
+        whole = der(SEQUENCE, der_oid(oid), der(SET, value))
+        head = _ATTRIBUTE_HEADS[oid, len(value)] = whole[:len(whole) - len(value)]
+    return head + value
 
 
 def signing_time(now=None):
@@ -3160,25 +3179,55 @@ def date_at_signing(msg, now, keep=False):
     return "replaced"
 
 
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_LAST_DATE = [None, ""]  #: (the second and time zone last written, its date-time)
+
+
 def rfc5322_date(when):
     """Return the RFC 5322 3.3 date-time of *when* (seconds since the epoch) in local time,
     as email.utils.formatdate(when, localtime=True) writes it (without importing
-    email.utils, its socket, urllib and charset modules: ~3 ms of a single run)."""
+    email.utils, its socket, urllib and charset modules: ~3 ms of a single run).
+    A batch writes the same second many times: the last one is kept."""
+    key = (int(when // 1), time.tzname, time.timezone)
+    if _LAST_DATE[0] == key:
+        return _LAST_DATE[1]
     stamp = time.localtime(when)
     offset = stamp.tm_gmtoff // 60
-    return "%s, %02d %s %04d %02d:%02d:%02d %s%02d%02d" % (
+    text = "%s, %02d %s %04d %02d:%02d:%02d %s%02d%02d" % (
         ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")[stamp.tm_wday], stamp.tm_mday,
-        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov",
-         "Dec")[stamp.tm_mon - 1], stamp.tm_year, stamp.tm_hour, stamp.tm_min, stamp.tm_sec,
+        MONTHS[stamp.tm_mon - 1], stamp.tm_year, stamp.tm_hour, stamp.tm_min, stamp.tm_sec,
         "-" if offset < 0 else "+", abs(offset) // 60, abs(offset) % 60)
+    _LAST_DATE[:] = key, text
+    return text
+
+
+#: A date-time as RFC 5322 3.3 writes it (day name, a year from 1000, seconds, numeric zone
+#: other than -0000), read here (1 us) rather than by email._parseaddr (8 us), which
+#: reads everything else: obsolete forms, zone names, no seconds, "-0000" (zone unknown).
+_PLAIN_DATE = re.compile(rb"(?:[A-Z][a-z][a-z],[ \t]*)?(\d\d?) ([A-Z][a-z][a-z]) ([1-9]\d{3}) "
+                         rb"(\d\d):(\d\d):(\d\d) ([+-]\d\d)(\d\d)\Z")
+_MONTH_NUMBERS = {name.encode(): n for n, name in enumerate(MONTHS, 1)}
 
 
 def date_skew(value, when):
     """Return how many seconds the RFC 5322 date-time *value* (bytes) is from *when*, or
     None when it cannot be read."""
+    stamp = date_timestamp(value)
+    return None if stamp is None else abs(stamp - when)
+
+
+def date_timestamp(value):
+    """Return the RFC 5322 date-time *value* (bytes) in seconds since the epoch, as
+    email._parseaddr.parsedate_tz and mktime_tz read it, or None when it cannot be read."""
     try:
+        plain = _PLAIN_DATE.match(value)
+        if plain and plain.group(2) in _MONTH_NUMBERS and plain.group(7, 8) != (b"-00", b"00"):
+            day, month, year, hour, minute, second, zone_hours, zone_minutes = plain.groups()
+            offset = int(zone_hours) * 3600 + int(zone_hours[:1] + zone_minutes) * 60
+            return calendar.timegm((int(year), _MONTH_NUMBERS[month], int(day), int(hour),
+                                    int(minute), int(second))) - offset
         parsed = email_parseaddr.parsedate_tz(value.decode("ascii", "replace"))
-        return abs(email_parseaddr.mktime_tz(parsed) - when) if parsed else None
+        return email_parseaddr.mktime_tz(parsed) if parsed else None
     except (ValueError, OverflowError, TypeError):
         return None
 

@@ -163,6 +163,57 @@ def test_date_skew():
     assert tool.date_skew(b"the day before yesterday", when) is None
 
 
+def slow_timestamp(value):
+    """What date_timestamp() gives for anything its fast path does not read."""
+    from email._parseaddr import mktime_tz, parsedate_tz
+    try:
+        parsed = parsedate_tz(value.decode("ascii", "replace"))
+        return mktime_tz(parsed) if parsed else None
+    except (ValueError, OverflowError, TypeError):
+        return None
+
+
+def test_date_fast_path_reads_as_email_parseaddr():
+    """The fast path for RFC 5322's own form gives parsedate_tz's reading, whatever the
+    numbers (out of range ones too), and leaves "-0000", zone names and others to it."""
+    from hypothesis import given, settings, strategies as st
+    names = st.sampled_from(["Mon", "Sun", "Xyz", "mon", "Nov", "Jan", "Foo", "nov", "Dec"])
+    two = st.integers(0, 99).map(lambda n: "%02d" % n)
+
+    @settings(max_examples=3000, deadline=None)
+    @given(st.one_of(st.none(), names), st.integers(0, 99), names, st.integers(0, 9999),
+           two, two, two, st.sampled_from("+-"), two, two, st.sampled_from(["", " ", "  "]))
+    def check(weekday, day, month, year, hour, minute, second, sign, zh, zm, gap):
+        value = ("%s, " % weekday if weekday else "") + "%d %s %04d %s:%s:%s %s%s%s" % (
+            day, month, year, hour, minute, second, sign, zh, zm)
+        value = value.replace(" ", " " + gap, 1).encode()
+        assert tool.date_timestamp(value) == slow_timestamp(value), value
+
+    check()
+    for value in (b"Mon, 02 Nov 2026 10:00:00 -0000", b"Mon, 02 Nov 2026 10:00:00 GMT",
+                  b"2 Nov 2026 10:00 +0100", b"Mon, 02 Nov 26 10:00:00 +0000"):
+        assert tool.date_timestamp(value) == slow_timestamp(value) is not None, value
+    assert tool.date_timestamp(b"Mon, 02 Nov 2026 10:00:00 +0000") == 1793613600
+
+
+def test_rfc5322_date_cache_follows_the_zone(monkeypatch):
+    """The last date-time written is reused within its second, not across a time zone
+    change."""
+    when = 1793613600.25
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        assert tool.rfc5322_date(when) == "Mon, 02 Nov 2026 10:00:00 +0000"
+        assert tool.rfc5322_date(when + 0.5) == "Mon, 02 Nov 2026 10:00:00 +0000"
+        assert tool.rfc5322_date(when + 1) == "Mon, 02 Nov 2026 10:00:01 +0000"
+        monkeypatch.setenv("TZ", "Europe/Paris")
+        time.tzset()
+        assert tool.rfc5322_date(when) == "Mon, 02 Nov 2026 11:00:00 +0100"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_date_missing_is_added_silently():
     msg, now = message(), time.time()
     assert tool.date_at_signing(msg, now) == ""
