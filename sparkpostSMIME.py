@@ -1088,9 +1088,13 @@ _RAW_LINE = re.compile(rb"([^\r\n]*)(\r\n|\n|\r|\Z)")
 def declares_binary(data):
     """True when *data* holds a Content-Transfer-Encoding: binary field (RFC 2045 6.2).
 
-    Finds "ransfer-" with C-speed substring searches first (it is rare), so the
-    usual message costs microseconds; a false alarm only costs a closer look.
+    Looks for "binary" in any case first (what such a field's value is: one
+    lower-cased copy, one search), then at each "ransfer-" (C-speed substring
+    searches), so the usual message costs microseconds; a false alarm only
+    costs a closer look.
     """
+    if not holds(data.lower(), b"binary"):  # what the field's value must be, in any case
+        return False
     for marker in (b"ransfer-", b"RANSFER-"):
         at = data.find(marker)
         while at >= 0:
@@ -1336,11 +1340,11 @@ def is_transport_safe(data):
 
     Substring tests run in C; this is on the hot path of every message.  A
     one-octet test is a memchr (0.5 us on 19 KB), a longer needle a full scan
-    (10-15 us): the tab is looked for alone first, being rare.
+    (10-15 us, 3-7 with holds()): the tab is looked for alone first, being rare.
     """
     return (data.isascii() and b"\0" not in data and not has_long_line(data)
-            and b"\nFrom " not in data and not data.startswith(b"From ")
-            and b" \r\n" not in data and (b"\t" not in data or b"\t\r\n" not in data)
+            and not holds(data, b"\nFrom ") and not data.startswith(b"From ")
+            and not holds(data, b" \r\n") and (b"\t" not in data or b"\t\r\n" not in data)
             and not data.endswith((b" ", b"\t")) and not has_lone_dot(data))
 
 
@@ -1352,8 +1356,40 @@ def has_lone_dot(data):
     Content" rules), so the canonical form never has one: quoted-printable
     writes it "=2E", which decodes to the same text (RFC 2045 6.7).
     """
-    return (b"\r\n.\r\n" in data or data.startswith(b".\r\n") or data.endswith(b"\r\n.")
+    return (holds(data, b"\r\n.\r\n") or data.startswith(b".\r\n") or data.endswith(b"\r\n.")
             or data == b".")
+
+
+#: libc's memmem(3), once use_libc_search() has found it: see holds().
+_MEMMEM = {}
+#: Below this size bytes' own search is as fast as a call through ctypes.
+LIBC_SEARCH_FROM = 4096
+
+
+def use_libc_search():
+    """Make holds() search large data with libc's memmem from now on.
+
+    Batches call it: CPython's substring search moves on by one octet at a time
+    on mail text (its skip table knows only the needle's last octet), glibc's
+    2-4 times faster (19 KB: 13.5 -> 7 us for " CRLF", 8.8 -> 3 for LF "From ");
+    loading ctypes costs a single run 2.5 ms, more than it would save.
+    """
+    try:
+        memmem = ctypes.CDLL(None).memmem
+    except (AttributeError, OSError):  # no such libc: bytes' own search it is
+        return
+    memmem.restype = ctypes.c_void_p
+    memmem.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t)
+    _MEMMEM["memmem"] = memmem
+
+
+def holds(data, needle):
+    """Return ``needle in data``: with libc's memmem for large bytes once
+    use_libc_search() ran (a bytes object is passed by address, not copied)."""
+    memmem = _MEMMEM.get("memmem")
+    if memmem is None or len(data) < LIBC_SEARCH_FROM or type(data) is not bytes:
+        return needle in data
+    return memmem(data, len(data), needle, len(needle)) is not None
 
 
 def has_long_line(data, limit=MAX_LINE):
@@ -4838,6 +4874,7 @@ def run_batch(settings, reporter):
     stats = Stats(len(items), "sent" if settings.send else "written")
     if len(items) > 1:
         gc.enable()  # main() paused it for the start-up; a batch makes garbage as it goes
+        use_libc_search()
     halt = mmap.mmap(-1, 1)  # shared with forked workers: non-zero = take no new message
     with Stop(halt, reporter.warn, batch=len(items) > 1) as stop:
         if settings.jobs > 1 and len(items) > 1:
@@ -5062,6 +5099,7 @@ class Gateway:
             ", AUTH required" if self.gw.user else "", self.settings.jobs,
             "es" if self.settings.jobs > 1 else "", self.next_hop()))
         sys.setswitchinterval(GIL_SWITCH)
+        use_libc_search()  # a gateway builds many messages, as a batch does
         code = self.serve_here(sock) if self.settings.jobs == 1 else self.serve_forked(sock)
         self.stats.total = self.stats.sent + self.stats.failed
         for notice in self.stats.notices():

@@ -487,3 +487,40 @@ def test_output_group_names_files_only_at_commit(tmp_path, monkeypatch, unnamed)
     group.add(str(tmp_path / "c.eml"), b"C")
     group.discard()
     assert sorted(os.listdir(tmp_path)) == ["a.eml", "b.eml"]
+
+# -- libc's memmem for the canonical checks (batches) --------------------------------
+
+def test_libc_search_answers_as_bytes_search(monkeypatch):
+    """holds() with libc's memmem (as batches use it) answers exactly as ``in`` does, on
+    data large enough to take that path; declares_binary()'s "binary" look-ahead
+    changes no answer."""
+    from hypothesis import given, settings, strategies as st
+    monkeypatch.setattr(tool, "_MEMMEM", {})
+    tool.use_libc_search()
+    assert tool._MEMMEM.get("memmem") is not None  # glibc: the path under test is taken
+    pieces = st.sampled_from([b" ", b"\t", b"\r\n", b"\r", b"\n", b".", b"From ", b"x" * 50,
+                              b"binary", b"BiNaRy", b"Content-Transfer-Encoding: ",
+                              b"CONTENT-TRANSFER-ENCODING:", b"\x00", b"\xe9"])
+
+    def slow_declares_binary(data):
+        for marker in (b"ransfer-", b"RANSFER-"):
+            at = data.find(marker)
+            while at >= 0:
+                if tool._BINARY_CTE.match(data, at):
+                    return True
+                at = data.find(marker, at + 1)
+        return False
+
+    @settings(max_examples=1500, deadline=None)
+    @given(st.lists(pieces, max_size=60), st.sampled_from([b"", b"y" * 5000]),
+           st.sampled_from([b"", b"z" * 4100]))
+    def check(parts, head, tail):
+        data = head + b"".join(parts) + tail
+        for needle in (b" \r\n", b"\nFrom ", b"\r\n.\r\n", b"binary"):
+            assert tool.holds(data, needle) == (needle in data)
+        assert tool.declares_binary(data) == slow_declares_binary(data)
+
+    check()
+    big = b"a" * 8000 + b" \r\n"
+    assert tool.holds(big, b" \r\n") and tool.holds(big[1:], b"a \r\n")
+    assert not tool.is_transport_safe(big)
