@@ -1420,7 +1420,7 @@ def canonical_entity(fields, body, binary=True, depth=0):
     if (not is_transport_safe(body) or transfer_encoding(fields) == b"binary"
             or binary and declares_binary(body)):
         fields, body = canonical_parts(fields, body, depth)
-    return b"".join([b"".join(safe_field(f) for f in fields), b"\r\n", body])
+    return b"".join([safe_fields(fields), b"\r\n", body])
 
 
 def canonical_parts(fields, body, depth=0):
@@ -1501,7 +1501,7 @@ def canonical_embedded(fields, body, depth=0):
     outer = [f for f in inner_fields if not f.name.startswith("content-")]
     entity = [f for f in inner_fields if f.name.startswith("content-")]
     canonical = canonical_entity(entity, inner_body, depth=depth + 1)
-    return b"".join(safe_field(f) for f in outer) + canonical
+    return safe_fields(outer) + canonical
 
 
 #: Every octet but the base64 alphabet (RFC 2045 6.8): dropped when decoding.
@@ -1571,6 +1571,19 @@ def line_splitter(count):
 ###############################################################################
 # Header encoding (RFC 2047, RFC 2231) ########################################
 ###############################################################################
+
+def safe_fields(fields):
+    """Return the raw bytes of *fields*, each made 7-bit and folded when it must be.
+
+    Most headers need nothing: they are checked joined, in one pass, and only
+    a header that fails is looked at field by field (safe_field()).
+    """
+    raw = b"".join([f.raw for f in fields])
+    if (raw.isascii() and b"\0" not in raw and not has_long_line(raw)
+            and b" \r\n" not in raw and b"\t\r\n" not in raw):
+        return raw
+    return b"".join([safe_field(f) for f in fields])
+
 
 def safe_field(f):
     """Return the raw bytes of a field, made 7-bit and folded when it must be."""
@@ -3184,7 +3197,7 @@ def build_smime(msg, opts, signer=None, recipients=(), extra=b"", now=None):
         entity = sign_detached(entity, signer, now)
     if opts.encrypt:
         entity = encrypt(entity, recipients, opts.cipher)
-    outer = b"".join(safe_field(f) for f in msg.outer if f.name != "bcc")
+    outer = safe_fields([f for f in msg.outer if f.name != "bcc"])
     ending = b"" if entity.endswith(b"\r\n") else b"\r\n"  # SMTP DATA ends with CRLF
     return b"".join([outer, extra, b"MIME-Version: 1.0\r\n", entity, ending])
 
