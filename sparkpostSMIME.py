@@ -4886,6 +4886,7 @@ def run_batch(settings, reporter):
                                    served.get(item, ()), check=backend.check)
     stats = Stats(len(items), "sent" if settings.send else "written")
     if len(items) > 1:
+        gc.freeze()  # what start-up loaded lives to the end: not scanned again and again
         gc.enable()  # main() paused it for the start-up; a batch makes garbage as it goes
         use_libc_search()
     halt = mmap.mmap(-1, 1)  # shared with forked workers: non-zero = take no new message
