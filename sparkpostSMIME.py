@@ -3006,13 +3006,21 @@ def attribute(oid, value):
     return head + value
 
 
+_LAST_SIGNING_TIME = [None, b""]  #: (the second last written, its value)
+
+
 def signing_time(now=None):
     """Return the signing-time value: UTCTime up to 2049, GeneralizedTime after (RFC 5652
-    11.3)."""
-    stamp = time.gmtime(now)
-    if stamp.tm_year < 2050:
-        return der(0x17, time.strftime("%y%m%d%H%M%SZ", stamp).encode("ascii"))
-    return der(0x18, time.strftime("%Y%m%d%H%M%SZ", stamp).encode("ascii"))
+    11.3).  A batch signs many messages in one second: the last value is kept."""
+    second = int((time.time() if now is None else now) // 1)
+    if _LAST_SIGNING_TIME[0] != second:
+        stamp = time.gmtime(second)
+        if stamp.tm_year < 2050:
+            value = der(0x17, time.strftime("%y%m%d%H%M%SZ", stamp).encode("ascii"))
+        else:
+            value = der(0x18, time.strftime("%Y%m%d%H%M%SZ", stamp).encode("ascii"))
+        _LAST_SIGNING_TIME[:] = second, value
+    return _LAST_SIGNING_TIME[1]
 
 
 def smime_capabilities():

@@ -524,3 +524,13 @@ def test_libc_search_answers_as_bytes_search(monkeypatch):
     big = b"a" * 8000 + b" \r\n"
     assert tool.holds(big, b" \r\n") and tool.holds(big[1:], b"a \r\n")
     assert not tool.is_transport_safe(big)
+
+
+def test_signing_time_values_and_reuse():
+    """UTCTime up to 2049, GeneralizedTime after (RFC 5652 11.3); the value kept for a
+    second is that second's, never the previous one's."""
+    assert tool.signing_time(1793613600.9) == b"\x17\x0d261102100000Z"
+    assert tool.signing_time(1793613600.1) == b"\x17\x0d261102100000Z"
+    assert tool.signing_time(1793613601.0) == b"\x17\x0d261102100001Z"
+    assert tool.signing_time(2524608000.5) == b"\x18\x0f20500101000000Z"
+    assert tool.signing_time(2524607999.5) == b"\x17\x0d491231235959Z"
