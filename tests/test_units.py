@@ -488,6 +488,7 @@ def test_output_group_names_files_only_at_commit(tmp_path, monkeypatch, unnamed)
     group.discard()
     assert sorted(os.listdir(tmp_path)) == ["a.eml", "b.eml"]
 
+
 # -- libc's memmem for the canonical checks (batches) --------------------------------
 
 def test_libc_search_answers_as_bytes_search(monkeypatch):
