@@ -3938,29 +3938,36 @@ def decode_reply(text):
     return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
 
 
-def dot_terminated(data):
+#: A line that starts with "." after the first one (RFC 5321 4.5.2).
+_DOT_LINE = re.compile(rb"\n\.")
+
+
+def dot_terminated(data, then=b""):
     """Return the message dot-stuffed where a line starts with "." (RFC 5321 4.5.2),
-    with its final <CRLF>.<CRLF> (base64 bodies never need stuffing)."""
-    if starts_a_line(data, b"."):
-        data = re.sub(rb"(?m)^\.", b"..", data)
-    return data + (b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n")
+    with its final <CRLF>.<CRLF>, then *then* (the next envelope), as one bytes
+    object (one copy of the message; base64 bodies never need stuffing)."""
+    end = b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
+    if starts_a_line(data):
+        data = (b"." if data[:1] == b"." else b"") + data.replace(b"\n.", b"\n..")
+    return b"".join((data, end, then))
 
 
-def starts_a_line(data, char, probes=16):
-    """Return True if a line of *data* starts with the byte *char*.
+def starts_a_line(data, probes=16):
+    """Return True if a line of *data* starts with ".".
 
-    Finds *char* with memchr and looks behind it: base64 bodies hold no "." at
-    all, so an encrypted message is scanned in ~1 us instead of ~30 us for
-    b"\\n." in data; text full of dots falls back to that search after *probes*.
+    Finds "." with memchr and looks behind it: base64 bodies hold no "." at
+    all, so an encrypted message is scanned in ~1 us; text full of dots falls
+    back after *probes* to one regular expression search for b"\\n." from
+    there (~7 us for 20 KB, a third of what bytes.find(b"\\n.") takes).
     """
-    at = data.find(char)
+    at = data.find(b".")
     for _ in range(probes):
         if at < 0:
             return False
         if at == 0 or data[at - 1] == 10:  # after b"\n"
             return True
-        at = data.find(char, at + 1)
-    return at == 0 or at > 0 and data.find(b"\n" + char, at - 1) >= 0
+        at = data.find(b".", at + 1)
+    return at == 0 or at > 0 and _DOT_LINE.search(data, at - 1) is not None
 
 
 def transcript_classes():

@@ -5,6 +5,7 @@ message or raises one of its own errors (a clear line and an exit code), never a
 """
 
 import os
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -121,8 +122,23 @@ def test_cli_never_tracebacks(tmp_path, data, code):
 @given(st.lists(st.sampled_from([b".", b"a", b"\r\n", b"\n", b"\r", b"=="]), max_size=200),
        st.integers(min_value=0, max_value=20))
 def test_dot_stuffing_check_matches_its_definition(pieces, probes):
-    """starts_a_line() (memchr probes, then a fallback) agrees with the plain definition:
-    a line starting with "." anywhere means the message must be dot-stuffed."""
+    """starts_a_line() (memchr probes, then a regular expression) agrees with the plain
+    definition: a line starting with "." anywhere means the message must be dot-stuffed."""
     data = b"".join(pieces)
     expected = data.startswith(b".") or b"\n." in data
-    assert tool.starts_a_line(data, b".", probes) == expected
+    assert tool.starts_a_line(data, probes) == expected
+
+
+@FAST
+@given(st.lists(st.sampled_from([b".", b"..", b"a", b"\r\n", b"\n", b"\r"]), max_size=200),
+       st.sampled_from([b"", b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"]))
+def test_dot_stuffing_matches_smtplib(pieces, then):
+    """dot_terminated() stuffs as smtplib's quotedata() does on these line ends (a "."
+    doubled at the start of every line, RFC 5321 4.5.2), ends the data with <CRLF>.<CRLF>
+    and appends *then*: nothing in the data can end it early."""
+    data = b"".join(pieces)
+    stuffed = re.sub(rb"(?m)^\.", b"..", data)
+    end = b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
+    sent = tool.dot_terminated(data, then)
+    assert sent == stuffed + end + then
+    assert b"\r\n.\r\n" not in b"\r\n" + sent[:len(sent) - len(end + then)]
