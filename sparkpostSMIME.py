@@ -3581,6 +3581,7 @@ class SmtpBackend(Backend):
         super().__init__(settings, events)
         self.smtp, self.mode, self.count = None, "plain", 0  #: count: messages on this session
         self.context = self.classes = None  #: made once: the CA store costs ~35 ms
+        self.pipelining = self.sized = False  #: the session offers PIPELINING, SIZE (EHLO)
 
     def describe(self):
         s = self.settings.smtp
@@ -3611,6 +3612,8 @@ class SmtpBackend(Backend):
             self.smtp = self.connect()
             self.secure()
             self.login()
+            self.pipelining, self.sized = (self.smtp.has_extn(name)
+                                           for name in ("pipelining", "size"))
         except BaseException as exc:
             self.close()
             if isinstance(exc, (SmimeToolError, KeyboardInterrupt)):
@@ -3749,10 +3752,8 @@ class SmtpBackend(Backend):
             outcome, refused = self.envelope_replies(job)
             if outcome is None:
                 following = self.next_to_pipeline(queue)
-                payload = dot_terminated(job.data)
-                if following is not None:
-                    payload += self.counted_envelope(following)
-                self.smtp.send(payload)
+                then = self.counted_envelope(following) if following is not None else b""
+                self.smtp.send(dot_terminated(job.data, then))
                 self.build_while_waiting(queue)
                 outcome = self.data_reply(job, refused)
         except KeyboardInterrupt:
@@ -3790,7 +3791,7 @@ class SmtpBackend(Backend):
 
     def next_to_pipeline(self, queue):
         """Return the next good Job to send behind this message's dot, or None."""
-        if not self.smtp.has_extn("pipelining") or self.count >= MESSAGES_PER_CONNECTION:
+        if not self.pipelining or self.count >= MESSAGES_PER_CONNECTION:
             return None
         following = queue.take()
         if following is not None and following.failure:
@@ -3800,10 +3801,14 @@ class SmtpBackend(Backend):
 
     def envelope(self, job):
         """Return MAIL FROM, one RCPT TO per recipient and DATA as one command group."""
-        size = " SIZE=%d" % len(job.data) if self.smtp.has_extn("size") else ""
-        return ("MAIL FROM:<%s>%s\r\n%sDATA\r\n" % (
-            job.mail_from, size, "".join("RCPT TO:<%s>\r\n" % r for r in job.recipients))
-        ).encode("ascii")
+        return ("\r\n".join(self.commands(job)) + "\r\n").encode("ascii")
+
+    def commands(self, job):
+        """Return the envelope's commands: MAIL FROM (with SIZE, RFC 1870, when the
+        server offers it), one RCPT TO per recipient, DATA."""
+        size = " SIZE=%d" % len(job.data) if self.sized else ""
+        return (["MAIL FROM:<%s>%s" % (job.mail_from, size)]
+                + ["RCPT TO:<%s>" % r for r in job.recipients] + ["DATA"])
 
     def counted_envelope(self, job):
         """Return the envelope of *job* (envelope()), counting its transaction as one
@@ -3815,19 +3820,18 @@ class SmtpBackend(Backend):
         """Send the envelope in one group with PIPELINING (RFC 2920); without it the
         commands go one at a time in envelope_replies()."""
         envelope = self.counted_envelope(job)
-        if self.smtp.has_extn("pipelining"):
+        if self.pipelining:
             self.smtp.send(envelope)
 
     def envelope_replies(self, job):
         """Read the replies to MAIL, RCPT... and DATA; return (Outcome, None) when the
         transaction ends there, else (None, refused recipients)."""
-        smtp = self.smtp
-        commands = self.envelope(job).decode("ascii").split("\r\n")[:-1]
-        if smtp.has_extn("pipelining"):
-            replies = [smtp.getreply() for _ in commands]
+        smtp, count = self.smtp, len(job.recipients) + 2  #: MAIL, RCPT..., DATA
+        if self.pipelining:
+            replies = [smtp.getreply() for _ in range(count)]
         else:
             replies = []
-            for command in commands:
+            for command in self.commands(job):
                 smtp.send(command + "\r\n")
                 replies.append(smtp.getreply())
                 if replies[-1][0] >= 400 and command.startswith(("MAIL", "DATA")):
@@ -3836,7 +3840,7 @@ class SmtpBackend(Backend):
         refused = tuple((r, c, decode_reply(t)) for r, (c, t) in zip(job.recipients,
                                                                      rcpt_replies)
                         if c not in (250, 251))
-        data_code, data_text = replies[-1] if len(replies) == len(commands) else (503, b"")
+        data_code, data_text = replies[-1] if len(replies) == count else (503, b"")
         if code != 250:
             self.abort_data(data_code)
             return self.reply_outcome(job, "sender refused", code, text), ()
@@ -3858,10 +3862,10 @@ class SmtpBackend(Backend):
         if code != 250:
             return self.reply_outcome(job, "message refused", code, text)
         reply = "%d %s" % (code, decode_reply(text))
-        accepted = tuple(r for r in job.recipients if r not in {a for a, _, _ in refused})
         if refused:
+            accepted = tuple(r for r in job.recipients if r not in {a for a, _, _ in refused})
             return refusal(job, accepted, refused, reply, self.settings.smtp)
-        return Outcome(job, "sent", reply=reply, accepted=accepted)
+        return Outcome(job, "sent", reply=reply, accepted=job.recipients)
 
     def abort_data(self, data_code):
         """After a refused MAIL, RCPT or DATA: end a DATA the server accepted anyway
