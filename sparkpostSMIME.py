@@ -4501,9 +4501,9 @@ class Journal:
 
     def full(self):
         """Return True once GROUP_ROWS rows are pending, or the first has waited
-        GROUP_SECONDS."""
-        return bool(self.rows) and (len(self.rows) >= GROUP_ROWS
-                                    or time.monotonic() - self.started >= GROUP_SECONDS)
+        GROUP_SECONDS; always without a file (no row to wait for)."""
+        return self.fd is None or bool(self.rows) and (
+            len(self.rows) >= GROUP_ROWS or time.monotonic() - self.started >= GROUP_SECONDS)
 
     def commit(self):
         """Append and sync the pending rows; none stays pending, even when that fails."""

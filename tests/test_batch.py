@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -220,6 +221,24 @@ def test_ctrl_c_finishes_in_flight_and_prints_summary(smtp, pki, tmp_path, jobs)
     sent, failed, left = summary(done)
     assert sent == len(smtp.messages) and failed == 0 and sent + left == 30 and left > 0
     assert len(journal(results)) == sent
+
+
+def test_report_lines_come_as_messages_are_sent(smtp, pki, tmp_path):
+    """Without --results no journal row is waited for: a message is reported once the
+    server has accepted it, not when the run ends."""
+    smtp.handler.delay = 0.2
+    proc = subprocess.Popen([sys.executable, TOOL, str(inbox(tmp_path, 12)), "--keys",
+                             pki.keys, "--send_smtp"], env=dict(os.environ, **smtp_env(smtp)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline, seen = time.time() + 20, b""
+    while time.time() < deadline and b"OK - in" not in seen:
+        if select.select([proc.stdout], [], [], 0.1)[0]:
+            seen += os.read(proc.stdout.fileno(), 4096)
+    assert b"OK - in" in seen and proc.poll() is None, seen
+    assert len(smtp.messages) < 12
+    proc.send_signal(signal.SIGINT)
+    done = finished(proc)
+    assert done.returncode == 130 and summary(done)[0] == len(smtp.messages)
 
 
 def test_config_failure_stops_the_batch(pki, tmp_path):
