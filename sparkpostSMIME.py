@@ -3995,7 +3995,8 @@ def transcript_classes():
             return ("~>" if tls else "->") if outgoing else ("<~" if tls else "<-")
 
         def send(self, s):
-            self.note_sent(s)
+            if self.log:
+                self.note_sent(s)
             super().send(s)
 
         def note_sent(self, s):
@@ -4018,9 +4019,10 @@ def transcript_classes():
             return ("\n%s " % self._glyph(True)).join(lines)
 
         def getreply(self):
-            code, text = super().getreply()
-            self.note_reply(code, text)
-            return code, text
+            reply = super().getreply()
+            if self.log:
+                self.note_reply(*reply)
+            return reply
 
         def note_reply(self, code, text):
             """Log a reply (also one the gateway read itself: SmtpHop)."""
@@ -4699,8 +4701,8 @@ class Recorder:
             elif res.status != "failed":  # about what went out: once, for the whole run
                 self.stats.note(topic, text)
         delivered = bool(res.accepted) and self.settings.send and not self.settings.dry_run
-        if delivered and not self.broken:
-            self.keep(lambda: self.archive and self.archive.store(job.data))
+        if delivered and self.archive and not self.broken:
+            self.keep(lambda: self.archive.store(job.data))
         if self.broken:
             self.commit()  # the rows of the messages before the failure are still written
             self.report(res, delivered)
