@@ -535,3 +535,19 @@ def test_signing_time_values_and_reuse():
     assert tool.signing_time(1793613601.0) == b"\x17\x0d261102100001Z"
     assert tool.signing_time(2524608000.5) == b"\x18\x0f20500101000000Z"
     assert tool.signing_time(2524607999.5) == b"\x17\x0d491231235959Z"
+
+
+def test_is_crlf_as_counting_line_ends():
+    """is_crlf() says what counting CRLF, CR and LF says, whatever the breaks."""
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=3000, deadline=None)
+    @given(st.lists(st.sampled_from([b"\r\n", b"\r", b"\n", b"a", b"bc", b"\r\r\n", b"\n\r"]),
+                    max_size=30))
+    def check(parts):
+        data = b"".join(parts)
+        crlf = data.count(b"\r\n")
+        assert tool.is_crlf(data) == (crlf == data.count(b"\n") == data.count(b"\r")), data
+        assert tool.to_crlf(data) == tool._LINE_END.sub(b"\r\n", data)
+
+    check()
