@@ -5673,8 +5673,7 @@ async def read_data(reader, limit):
 def bare_line_end(data):
     """True when *data* holds a CR or LF that is not part of a CRLF: the trick of SMTP
     smuggling, which hides a second message behind one (RFC 5321 2.3.8)."""
-    crlf = data.count(b"\r\n")
-    return data.count(b"\r") != crlf or data.count(b"\n") != crlf
+    return not is_crlf(data)
 
 
 def received_header(session, name, source, recipients):
