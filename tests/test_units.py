@@ -496,9 +496,9 @@ def test_libc_search_answers_as_bytes_search(monkeypatch):
     data large enough to take that path; declares_binary()'s "binary" look-ahead
     changes no answer."""
     from hypothesis import given, settings, strategies as st
-    monkeypatch.setattr(tool, "_MEMMEM", {})
-    tool.use_libc_search()
-    assert tool._MEMMEM.get("memmem") is not None  # glibc: the path under test is taken
+    monkeypatch.setattr(tool, "_NATIVE", {})
+    tool.use_native_helpers()
+    assert tool._NATIVE.get("memmem") is not None  # glibc: the path under test is taken
     pieces = st.sampled_from([b" ", b"\t", b"\r\n", b"\r", b"\n", b".", b"From ", b"x" * 50,
                               b"binary", b"BiNaRy", b"Content-Transfer-Encoding: ",
                               b"CONTENT-TRANSFER-ENCODING:", b"\x00", b"\xe9"])
@@ -549,5 +549,29 @@ def test_is_crlf_as_counting_line_ends():
         crlf = data.count(b"\r\n")
         assert tool.is_crlf(data) == (crlf == data.count(b"\n") == data.count(b"\r")), data
         assert tool.to_crlf(data) == tool._LINE_END.sub(b"\r\n", data)
+
+    check()
+
+
+def test_native_base64_as_binascii(monkeypatch):
+    """encode_base64() through OpenSSL's EVP_EncodeBlock (batches) writes exactly what it
+    writes through binascii, at every length around the threshold and line ends."""
+    from hypothesis import given, settings, strategies as st
+    expected = {}
+    monkeypatch.setattr(tool, "_NATIVE", {})
+    sizes = [0, 1, 2, 3, 56, 57, 58, 4095, 4096, 4097, 4098, 57 * 80, 57 * 80 + 1, 20000]
+    blobs = [os.urandom(n) for n in sizes]
+    for blob in blobs:
+        expected[blob] = tool.encode_base64(blob)
+    tool.use_native_helpers()
+    assert tool._NATIVE.get("encode_block") is not None  # the path under test is taken
+    assert type(tool.base64_text(blobs[-1])) is bytearray
+    for blob in blobs:
+        assert tool.encode_base64(blob) == expected[blob], len(blob)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(min_size=4090, max_size=9000))
+    def check(blob):
+        assert tool.base64_text(blob) == tool.binascii.b2a_base64(blob, newline=False)
 
     check()
