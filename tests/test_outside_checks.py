@@ -62,11 +62,15 @@ def test_binary_part_is_base64_of_its_exact_bytes(pki, openssl, tmp_path, flags,
     assert b"Content-Transfer-Encoding: binary" not in content
 
 
-def test_top_level_binary_body(pki, openssl, tmp_path):
+@pytest.mark.parametrize("field", [b"Content-Transfer-Encoding: binary",
+                                   b"Content-TrAnsfer-eNcoding: BiNary",
+                                   b"CONTENT-TRANSFER-ENCODING: BINARY"])
+def test_top_level_binary_body(pki, openssl, tmp_path, field):
+    """Field names and values are case-insensitive (RFC 2045 6.1): however it is spelt, the
+    binary body keeps its exact bytes."""
     path = tmp_path / "single.eml"
     path.write_bytes(b"From: alice@example.com\nTo: bob@example.org\nSubject: one part\n"
-                     b"Content-Type: application/octet-stream\n"
-                     b"Content-Transfer-Encoding: binary\n\n" + PAYLOAD)
+                     b"Content-Type: application/octet-stream\n" + field + b"\n\n" + PAYLOAD)
     proc = run_tool([str(path), "--keys", pki.keys, "--sign"])
     assert proc.returncode == 0, proc.stderr
     content = openssl.verify(proc.stdout, pki.cafile)

@@ -7,6 +7,7 @@ pin down the decisions those runs depend on, one case at a time.
 
 import datetime
 import os
+import re
 import subprocess
 import sys
 import time
@@ -501,16 +502,11 @@ def test_libc_search_answers_as_bytes_search(monkeypatch):
     assert tool._NATIVE.get("memmem") is not None  # glibc: the path under test is taken
     pieces = st.sampled_from([b" ", b"\t", b"\r\n", b"\r", b"\n", b".", b"From ", b"x" * 50,
                               b"binary", b"BiNaRy", b"Content-Transfer-Encoding: ",
+                              b"Content-TrAnsfer-eNcoding:",
                               b"CONTENT-TRANSFER-ENCODING:", b"\x00", b"\xe9"])
 
-    def slow_declares_binary(data):
-        for marker in (b"ransfer-", b"RANSFER-"):
-            at = data.find(marker)
-            while at >= 0:
-                if tool._BINARY_CTE.match(data, at):
-                    return True
-                at = data.find(marker, at + 1)
-        return False
+    def slow_declares_binary(data):  # field names and values are case-insensitive
+        return re.search(rb"(?i)ransfer-encoding[ \t]*:[ \t]*binary\b", data) is not None
 
     @settings(max_examples=1500, deadline=None)
     @given(st.lists(pieces, max_size=60), st.sampled_from([b"", b"y" * 5000]),
