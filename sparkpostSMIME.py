@@ -3546,6 +3546,21 @@ def output_path(settings, path, copy=0):
     return settings.output
 
 
+def distinct_outputs(settings, paths):
+    """Check that no two of *paths* would be written to the same file of -o DIR: the
+    second would replace the first, a message lost.  Raises UsageError naming both."""
+    if not (settings.output and os.path.isdir(settings.output)):
+        return
+    seen = {}
+    for path in paths:
+        target = output_in(settings, path)
+        if target in seen:
+            raise UsageError("%s and %s would both be written to %s: give the inputs "
+                             "distinct file names, or run them into different -o directories"
+                             % (seen[target], path, target))
+        seen[target] = path
+
+
 def output_in(settings, path, copy=0):
     """Return the file in -o DIR of the message built from *path*: DIR/<input name>, or
     DIR/<name>.<copy>.eml for --repeat copies."""
@@ -4918,12 +4933,14 @@ def work_items(settings, reporter):
     times, less what --resume skips (a partly sent message goes to the others only).
 
     Raises InputError for an input that is missing or an empty directory,
-    UsageError when several messages would be written and -o is no directory.
+    UsageError when several messages would be written and -o is no directory, or
+    two inputs to the same file of it.
     """
-    items = [(path, copy) for path in expand_inputs(settings.inputs)
-             for copy in range(settings.repeat)]
+    paths = expand_inputs(settings.inputs)
+    items = [(path, copy) for path in paths for copy in range(settings.repeat)]
     if len(items) > 1:
         several_outputs(settings)
+        distinct_outputs(settings, paths)
     if not settings.resume:
         return items, {}
     done = already_sent(settings.results)
@@ -7129,6 +7146,7 @@ def receive_all(settings, reporter):
     keystore, paths = keystore_of(settings, reporter), expand_inputs(settings.inputs)
     if len(paths) > 1 and settings.output:
         several_outputs(settings._replace(verify=True))
+        distinct_outputs(settings, paths)
     roots = once(lambda: trust_store(settings.ca_file))
     stats = Stats(len(paths), "passed")
     for path in paths:

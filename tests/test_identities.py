@@ -249,6 +249,21 @@ def test_several_inputs_to_directory(pki, keys, tmp_path, openssl):
     refused(run_tool([str(a), str(b)]), "-o DIR", code=64)
 
 
+def test_two_inputs_of_one_name_refused_for_a_directory(keys, tmp_path):
+    """Nothing lost (review): a/m.eml and b/m.eml into one -o DIR would leave one file for
+    two messages reported written; the run is refused before writing anything."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "m.eml").write_bytes(MSG)
+    first, second = str(tmp_path / "a" / "m.eml"), str(tmp_path / "b" / "m.eml")
+    for flags in (["--sign"], ["--verify"]):
+        proc = run_tool([first, second, "--keys", str(keys), "-o", str(out)] + flags)
+        refused(proc, first, second, str(out / "m.eml"), code=64)
+    assert os.listdir(out) == []
+
+
 def test_corrupt_key_and_certificate(pki, keys):
     good_key = (keys / (ALICE + ".pem")).read_bytes()
     (keys / (ALICE + ".pem")).write_bytes(good_key[:200] + b"garbage" + good_key[400:])
