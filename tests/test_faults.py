@@ -186,6 +186,10 @@ def file_batch(tmp_path, files):
     prefix = []
     if files != "unnamed":
         need("unshare")
+        if os.geteuid() != 0:  # mounting over /proc: CI runs as root, and must run this
+            if os.environ.get("CI") == "true":
+                pytest.fail("hiding /proc needs root, and CI must run every test")
+            pytest.skip("hiding /proc needs root")
         prefix = WITHOUT_PROC
     msg, out = tmp_path / "m.eml", tmp_path / "out"
     msg.write_bytes(CORPUS["plain-ascii"])

@@ -132,10 +132,10 @@ def test_dot_stuffing_check_matches_its_definition(pieces, probes):
 @FAST
 @given(st.lists(st.sampled_from([b".", b"..", b"a", b"\r\n", b"\n", b"\r"]), max_size=200),
        st.sampled_from([b"", b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"]))
-def test_dot_stuffing_matches_smtplib(pieces, then):
-    """dot_terminated() stuffs as smtplib's quotedata() does on these line ends (a "."
-    doubled at the start of every line, RFC 5321 4.5.2), ends the data with <CRLF>.<CRLF>
-    and appends *then*: nothing in the data can end it early."""
+def test_dot_stuffing_doubles_every_leading_dot(pieces, then):
+    """dot_terminated() doubles a "." at the start of every line (RFC 5321 4.5.2, as
+    smtplib's quotedata() does once it has made every line end CRLF), ends the data with
+    <CRLF>.<CRLF> and appends *then*: nothing in the data can end it early."""
     data = b"".join(pieces)
     stuffed = re.sub(rb"(?m)^\.", b"..", data)
     end = b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
