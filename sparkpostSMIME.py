@@ -67,6 +67,7 @@ import binascii
 import calendar
 import collections
 import gc
+import hashlib
 import heapq
 import itertools
 import marshal
@@ -74,24 +75,38 @@ import mmap
 import os
 import re
 import select
+import signal
 import socket
 import struct
 import sys
 import time
 import warnings
 from datetime import datetime, timezone
-from urllib.parse import urlsplit
 from typing import NamedTuple
+from urllib.parse import urlsplit
+
+# cryptography, for signing, encrypting and reading S/MIME: a run that needs it and
+# cannot load it (not installed, too old, a wheel built for another Python) stops
+# with one line naming it (require()), not with a traceback here.
+# cryptography.x509 (~30 ms) is imported by the code that reads certificates with it.
+try:
+    import cryptography  # noqa: F401 - its version is checked by require()
+    from cryptography import exceptions as crypto_errors
+    from cryptography.hazmat.primitives import hashes, keywrap, serialization
+    from cryptography.hazmat.primitives import ciphers
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+    from cryptography.hazmat.primitives.kdf import hkdf, x963kdf
+    CRYPTOGRAPHY_PROBLEM = None
+except Exception as exc:  # noqa: BLE001 - any failure to load is reported by require()
+    CRYPTOGRAPHY_PROBLEM = exc
+try:
+    from cryptography.hazmat.primitives.asymmetric import mlkem
+except ImportError:  # cryptography < 47 has no ML-KEM (FIPS 203)
+    mlkem = None
 
 
 class LazyModule:
-    """A module imported on first use, so that a run loads only what it needs.
-
-    The first attribute read imports *name* and rebinds the global *alias* to the
-    module itself: later uses are plain global look-ups.  Imported above: what runs of
-    every mode need; here: what only some need.  Even signal (0.5 ms) and fcntl
-    (0.15 ms) would slow a single run down, and it uses neither.
-    """
+    """A module imported on first use (the gateway's, until it imports its own)."""
 
     __slots__ = ("_name", "_alias")
 
@@ -105,48 +120,14 @@ class LazyModule:
         return getattr(module, attr)
 
 
-#: optional back ends and their protocols (--send_api, --send_smtp, an env file)
-requests = LazyModule("requests", "requests")
-smtplib = LazyModule("smtplib", "smtplib")
-ssl = LazyModule("ssl", "ssl")
-dotenv = LazyModule("dotenv", "dotenv")
-#: address lists and RFC 2047 words, only for headers that need them; email.utils' own
-#: date reader, without email.utils
-email_header = LazyModule("email.header", "email_header")
-email_utils = LazyModule("email.utils", "email_utils")
-email_parseaddr = LazyModule("email._parseaddr", "email_parseaddr")
-#: standard-library modules a single run may not need: batches (signal, fcntl, json),
-#: group commits (ctypes), digests (hashlib: not for an unsigned message)
-ctypes = LazyModule("ctypes", "ctypes")
-fcntl = LazyModule("fcntl", "fcntl")
-hashlib = LazyModule("hashlib", "hashlib")
-json = LazyModule("json", "json")
-signal = LazyModule("signal", "signal")
-#: cryptography, for signing, encrypting and reading S/MIME (serialization_api() avoids
-#: importing its serialization package where it can: serialization_base, rust_bindings)
-rust_bindings = LazyModule("cryptography.hazmat.bindings._rust", "rust_bindings")
-serialization_base = LazyModule("cryptography.hazmat.primitives._serialization",
-                                "serialization_base")
-crypto_errors = LazyModule("cryptography.exceptions", "crypto_errors")
-x509 = LazyModule("cryptography.x509", "x509")
-verification = LazyModule("cryptography.x509.verification", "verification")
-hashes = LazyModule("cryptography.hazmat.primitives.hashes", "hashes")
-keywrap = LazyModule("cryptography.hazmat.primitives.keywrap", "keywrap")
-serialization = LazyModule("cryptography.hazmat.primitives.serialization", "serialization")
-pkcs12 = LazyModule("cryptography.hazmat.primitives.serialization.pkcs12", "pkcs12")
-ciphers = LazyModule("cryptography.hazmat.primitives.ciphers", "ciphers")
-ec = LazyModule("cryptography.hazmat.primitives.asymmetric.ec", "ec")
-mlkem = LazyModule("cryptography.hazmat.primitives.asymmetric.mlkem", "mlkem")
-padding = LazyModule("cryptography.hazmat.primitives.asymmetric.padding", "padding")
-rsa = LazyModule("cryptography.hazmat.primitives.asymmetric.rsa", "rsa")
-hkdf = LazyModule("cryptography.hazmat.primitives.kdf.hkdf", "hkdf")
-x963kdf = LazyModule("cryptography.hazmat.primitives.kdf.x963kdf", "x963kdf")
 #: the gateway (--serve) only: its event loop, SMTP server and threads, its log, AUTH
 asyncio = LazyModule("asyncio", "asyncio")
 aiosmtpd_smtp = LazyModule("aiosmtpd.smtp", "aiosmtpd_smtp")
 futures = LazyModule("concurrent.futures", "futures")
 logging = LazyModule("logging", "logging")
 hmac = LazyModule("hmac", "hmac")
+smtplib = LazyModule("smtplib", "smtplib")
+ssl = LazyModule("ssl", "ssl")
 
 __version__ = "1.0.0"
 
@@ -271,6 +252,15 @@ class AuthError(SmimeToolError):
     exit_code = EX_NOPERM
 
 
+class DependencyError(SmimeToolError):
+    """A package this run needs is not installed (69), or is installed but too old or
+    cannot be loaded (78, as a setting would be)."""
+
+    def __init__(self, text, exit_code=EX_UNAVAILABLE):
+        super().__init__(text)
+        self.exit_code = exit_code
+
+
 class DeliveryError(SmimeToolError):
     """A session could not be opened or went away (connection, timeout, a 4xx/5xx
     greeting); *exit_code* 75 when trying later may help, 69 when it will not."""
@@ -306,6 +296,52 @@ def smtp_exit_code(code):
     if code in AUTH_CODES:
         return EX_NOPERM
     return EX_TEMPFAIL if 400 <= code < 500 else EX_UNAVAILABLE
+
+
+#: Packages some runs need: import name -> (PyPI name, least version, who needs it);
+#: requirements.txt asks for the same versions.
+DEPENDENCIES = {"cryptography": ("cryptography", (45,), "S/MIME"),
+                "requests": ("requests", (2, 28), "--send_api"),
+                "dotenv": ("python-dotenv", (1, 0), "--env and .env files"),
+                "aiosmtpd": ("aiosmtpd", (1, 4), "--serve")}
+
+
+def require(name):
+    """Return the dependency *name* (a DEPENDENCIES key), imported and checked.
+
+    Raises DependencyError naming the package, the version found and the one
+    needed, and the Python that ran: 69 when it is not installed, 78 when it is too
+    old or cannot be loaded (a wheel built for another Python).
+    """
+    package, least, purpose = DEPENDENCIES[name]
+    needed = "%s >= %s" % (package, ".".join(map(str, least)))
+    where = "for %s, with %s" % (purpose, sys.executable)
+    try:
+        if name == "cryptography" and CRYPTOGRAPHY_PROBLEM is not None:
+            raise CRYPTOGRAPHY_PROBLEM
+        module = __import__(name)
+    except Exception as exc:  # noqa: BLE001 - whatever stops it from loading
+        if isinstance(exc, ModuleNotFoundError) and exc.name == name:
+            raise DependencyError("%s is not installed: %s is needed %s: pip install '%s'"
+                                  % (package, needed, where, needed)) from None
+        raise DependencyError("%s cannot be loaded (%s: %s): %s is needed %s" % (
+            package, type(exc).__name__, exc, needed, where), EX_CONFIG) from None
+    found = dependency_version(name, module)
+    if found < least:
+        raise DependencyError("%s %s is too old: %s is needed %s: pip install -U '%s'" % (
+            package, ".".join(map(str, found)) or "(unknown version)", needed, where, needed),
+            EX_CONFIG)
+    return module
+
+
+def dependency_version(name, module):
+    """Return the version of the imported dependency *module* as a tuple of numbers."""
+    if name == "dotenv":
+        from dotenv.version import __version__ as text
+    else:
+        text = getattr(module, "__version__", "")
+    numbers = re.match(r"[\d.]*", text).group().strip(".")
+    return tuple(int(n) for n in numbers.split(".") if n)
 
 
 ###############################################################################
@@ -613,7 +649,7 @@ def read_env_files(paths):
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise ConfigError("--env %s: cannot read this file" % path)
         notices += exposed(path, "env file")
-        values.update((k, v) for k, v in dotenv.dotenv_values(path).items()
+        values.update((k, v) for k, v in require("dotenv").dotenv_values(path).items()
                       if v is not None and k not in values)
     return values, notices
 
@@ -758,9 +794,8 @@ class OutputGroup:
     """Output files made durable together, as databases commit groups of transactions.
 
     add() writes each file as an unnamed file of its directory (open(2) with
-    O_TMPFILE), kept open, not yet synced; commit() syncs them all (one fsync for
-    one file, one syncfs(2) of their file system for several), then gives each
-    its name (linkat(2) of /proc/self/fd/N, see name_unnamed()) and syncs the
+    O_TMPFILE), kept open, not yet synced; commit() syncs them all (an fsync of
+    each: it reports a write-back error on every kernel), then gives each its name (linkat(2) of /proc/self/fd/N, see name_unnamed()) and syncs the
     directories.  A name therefore only ever points at a complete file whose
     content is on disk, whatever moment a crash comes at, and a crash before
     commit() leaves nothing: an unnamed file dies with its last descriptor.
@@ -802,7 +837,12 @@ class OutputGroup:
             file.drop()
             raise self.fault(path, exc)
         if self.pending:
-            self.pending[-1].close_named()  # one temporary name open at a time
+            previous = self.pending[-1]
+            try:
+                previous.close_named()  # one temporary name open at a time
+            except OSError as exc:
+                file.drop()
+                raise self.fault(previous.path, exc)
         else:
             self.started = time.monotonic()
         self.pending.append(file)
@@ -815,10 +855,8 @@ class OutputGroup:
             return
         file, directories = self.pending[-1], {}
         try:
-            if len(self.pending) == 1:
-                os.fsync(file.fd)
-            else:
-                sync_file_system(file.fd)
+            for file in self.pending:
+                file.sync()
             while self.pending:
                 file = self.pending[0]
                 directory = os.path.dirname(file.path) or "."
@@ -882,10 +920,18 @@ class PendingFile:
                               EX_CANTCREAT, exc.strerror or str(exc))
 
     def close_named(self):
-        """Close the descriptor of a file under a temporary name (commit() renames it)."""
+        """Sync and close a file under a temporary name (commit() renames it).  Raises
+        OSError."""
         if self.tmp and self.fd is not None:
+            self.sync()
             os.close(self.fd)
             self.fd = None
+
+    def sync(self):
+        """fsync the file while it is open: its content is on disk, or OSError says why
+        (a write-back error is reported to this descriptor on every kernel)."""
+        if self.fd is not None:
+            os.fsync(self.fd)
 
     def name(self, directory_fd):
         """Give the file its name in its directory (open as *directory_fd*), replacing
@@ -976,23 +1022,10 @@ def remove_quietly(path):
         pass
 
 
-_LIBC = {}
-
-
-def sync_file_system(fd):
-    """Flush every file of the file system holding *fd* to disk: syncfs(2), which reports
-    write-back errors (Linux 5.8); os.sync() where libc has no syncfs.  Raises OSError."""
-    if "syncfs" not in _LIBC:
-        try:
-            _LIBC["syncfs"] = ctypes.CDLL(None, use_errno=True).syncfs
-        except (AttributeError, OSError):
-            _LIBC["syncfs"] = None
-    syncfs = _LIBC["syncfs"]
-    if syncfs is None:
-        os.sync()
-    elif syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+def sync_data(fd):
+    """Flush the content (and size) of the file open as *fd* to disk: fdatasync(2), or
+    fsync(2) where there is none (macOS).  Raises OSError."""
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
 
 
 def sync_directory(fd):
@@ -1078,26 +1111,10 @@ def to_crlf(data):
     return _LINE_END.sub(b"\r\n", data)
 
 
-#: is_crlf() splits data up to this size into lines (~40 octets of memory per line).
-SPLIT_LINES_UP_TO = 1 << 20
-
-
 def is_crlf(data):
-    """True when every line break of *data* is a CRLF (none is a lone CR or LF).
-
-    bytes.splitlines() breaks at CRLF, CR and LF alike: the lines joined by
-    CRLF give *data* back only when each break was one (one C pass and a
-    memcmp: 17 us on 19 KB, where counting CRLF, CR and LF took 29).  The list
-    of lines costs ~40 octets a line: beyond SPLIT_LINES_UP_TO octets (a hostile
-    message of short lines) the three counts are used, which need no memory.
-    """
-    if len(data) > SPLIT_LINES_UP_TO:
-        crlf = data.count(b"\r\n")
-        return crlf == data.count(b"\n") == data.count(b"\r")
-    joined = b"\r\n".join(data.splitlines())
-    if data.endswith(b"\r\n"):
-        return len(joined) + 2 == len(data) and data.startswith(joined)
-    return joined == data
+    """True when every line break of *data* is a CRLF (none is a lone CR or LF)."""
+    crlf = data.count(b"\r\n")
+    return crlf == data.count(b"\n") == data.count(b"\r")
 
 
 #: A Content-Transfer-Encoding field's value "binary", matched in a lower-cased copy from
@@ -1116,7 +1133,7 @@ def declares_binary(data):
     microseconds; a false alarm only costs a closer look.
     """
     lowered = data.lower()
-    if not holds(lowered, b"binary"):
+    if b"binary" not in lowered:
         return False
     at = lowered.find(b"ransfer-encoding")
     while at >= 0:
@@ -1291,7 +1308,8 @@ def parse_addresses(values):
         match = _ONE_ADDRESS.match(values[0])
         if match:
             return [((match.group(1) or "").strip(), match.group(2) or match.group(3))]
-    return email_utils.getaddresses(values)
+    from email.utils import getaddresses
+    return getaddresses(values)
 
 
 _SPACE = re.compile(r"\s")
@@ -1319,12 +1337,13 @@ def addresses_of(msg, name, values=None):
 
 def display_names(msg, name):
     """Return {address: display name} for the *name* fields, RFC 2047 words decoded."""
+    from email.header import decode_header, make_header
     values = [f.value.decode("utf-8", "replace") for f in msg.outer if f.name == name]
     names = {}
-    for display, address in email_utils.getaddresses(values):
+    for display, address in parse_addresses(values):
         if display and address:
             try:
-                display = str(email_header.make_header(email_header.decode_header(display)))
+                display = str(make_header(decode_header(display)))
             except (ValueError, LookupError):
                 pass
             names[address.lower()] = display
@@ -1362,11 +1381,11 @@ def is_transport_safe(data):
 
     Substring tests run in C; this is on the hot path of every message.  A
     one-octet test is a memchr (0.5 us on 19 KB), a longer needle a full scan
-    (10-15 us, 3-7 with holds()): the tab is looked for alone first, being rare.
+    (10-15 us): the tab is looked for alone first, being rare.
     """
     return (data.isascii() and b"\0" not in data and not has_long_line(data)
-            and not holds(data, b"\nFrom ") and not data.startswith(b"From ")
-            and not holds(data, b" \r\n") and (b"\t" not in data or b"\t\r\n" not in data)
+            and b"\nFrom " not in data and not data.startswith(b"From ")
+            and b" \r\n" not in data and (b"\t" not in data or b"\t\r\n" not in data)
             and not data.endswith((b" ", b"\t")) and not has_lone_dot(data))
 
 
@@ -1378,52 +1397,8 @@ def has_lone_dot(data):
     Content" rules), so the canonical form never has one: quoted-printable
     writes it "=2E", which decodes to the same text (RFC 2045 6.7).
     """
-    return (holds(data, b"\r\n.\r\n") or data.startswith(b".\r\n") or data.endswith(b"\r\n.")
+    return (b"\r\n.\r\n" in data or data.startswith(b".\r\n") or data.endswith(b"\r\n.")
             or data == b".")
-
-
-#: C functions called through ctypes once use_native_helpers() has found them: libc's
-#: memmem(3) (see holds()) and OpenSSL's EVP_EncodeBlock (see base64_text()).
-_NATIVE = {}
-#: Below this size Python's own search and base64 are as fast as a call through ctypes.
-NATIVE_FROM = 4096
-
-
-def use_native_helpers():
-    """Make holds() and base64_text() call C functions for large data from now on.
-
-    Batches and the gateway call it.  CPython's substring search moves on by one
-    octet at a time on mail text (its skip table knows only the needle's last
-    octet): glibc's memmem is 2-4 times faster (19 KB: 13.5 -> 7 us for
-    " CRLF", 8.8 -> 3 for LF "From ").  binascii encodes base64 an octet at a
-    time: EVP_EncodeBlock of the OpenSSL that hashlib has loaded already is 1.8
-    times faster (26 KB: 26 -> 15 us).  Loading ctypes costs a single run 2.5 ms,
-    more than they would save it.  A function not found is not used.
-    """
-    try:
-        memmem = ctypes.CDLL(None).memmem
-        memmem.restype = ctypes.c_void_p
-        memmem.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t)
-        _NATIVE["memmem"] = memmem
-    except (AttributeError, OSError):  # no such libc: bytes' own search it is
-        pass
-    try:
-        hashlib.sha256  # noqa: B018 - imports OpenSSL's _hashlib, where this Python has one
-        encode = ctypes.CDLL(sys.modules["_hashlib"].__file__).EVP_EncodeBlock
-        encode.restype = ctypes.c_int
-        encode.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int)
-        _NATIVE["encode_block"] = encode
-    except (KeyError, AttributeError, OSError):  # no OpenSSL hashlib: binascii it is
-        pass
-
-
-def holds(data, needle):
-    """Return ``needle in data``: with libc's memmem for large bytes once
-    use_native_helpers() ran (a bytes object is passed by address, not copied)."""
-    memmem = _NATIVE.get("memmem")
-    if memmem is None or len(data) < NATIVE_FROM or type(data) is not bytes:
-        return needle in data
-    return memmem(data, len(data), needle, len(needle)) is not None
 
 
 def has_long_line(data, limit=MAX_LINE):
@@ -1593,19 +1568,8 @@ def encode_base64(data):
 
 
 def base64_text(data):
-    """Return *data* in base64 (RFC 4648 4), no line breaks: bytes, or for large bytes
-    once use_native_helpers() ran, a bytearray written by OpenSSL's EVP_EncodeBlock."""
-    encode = _NATIVE.get("encode_block")
-    if (encode is None or len(data) < NATIVE_FROM or type(data) is not bytes
-            or len(data) > MAX_NATIVE_BASE64):
-        return binascii.b2a_base64(data, newline=False)
-    out = bytearray(len(data) // 3 * 4 + 5)  # 4 per 3 octets, a last group, its NUL
-    del out[encode(ctypes.addressof(ctypes.c_char.from_buffer(out)), data, len(data)):]
-    return out
-
-
-#: EVP_EncodeBlock counts in C ints: larger data goes to binascii.
-MAX_NATIVE_BASE64 = (1 << 31) // 4 * 3 - 3
+    """Return *data* in base64 (RFC 4648 4), without line breaks."""
+    return binascii.b2a_base64(data, newline=False)
 
 
 _LINE_SPLITTERS = {}
@@ -1656,6 +1620,7 @@ def needs_folding(raw):
 
 def encode_field(f):
     """Return field *f* with its non-ASCII text encoded for a 7-bit header."""
+    from email.header import Header
     name = f.raw.split(b":", 1)[0].decode("ascii")
     value = re.sub(r"[\x00-\x08\x0a-\x1f\x7f]", "", decode_text(f.value))  # no controls
     try:
@@ -1664,10 +1629,10 @@ def encode_field(f):
         elif f.name in ("content-type", "content-disposition"):
             text = encode_params(value)
         else:
-            text = email_header.Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+            text = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
         raw = ("%s: %s\r\n" % (name, text)).encode("ascii")
     except (UnicodeError, ValueError):  # e.g. a non-ASCII address: keep it readable, 7-bit
-        raw = ("%s: %s\r\n" % (name, email_header.Header(value, "utf-8", header_name=name).encode(
+        raw = ("%s: %s\r\n" % (name, Header(value, "utf-8", header_name=name).encode(
             linesep="\r\n"))).encode("ascii")
     return fold_field(raw)
 
@@ -1682,8 +1647,9 @@ def decode_text(raw):
 
 def encode_addresses(value):
     """Return an address list with non-ASCII display names RFC 2047-encoded."""
-    pairs = email_utils.getaddresses([value])
-    return ", ".join(email_utils.formataddr(pair, charset="utf-8") for pair in pairs if pair[1])
+    from email.utils import formataddr, getaddresses
+    return ", ".join(formataddr(pair, charset="utf-8") for pair in getaddresses([value])
+                     if pair[1])
 
 
 def encode_params(value):
@@ -2081,7 +2047,7 @@ class Certificate:
         """Return *cert* itself if it is one of ours, else ours of cryptography's *cert*."""
         if isinstance(cert, cls):
             return cert
-        return cls(cert.public_bytes(serialization_api()[0].DER), cert)
+        return cls(cert.public_bytes(serialization.Encoding.DER), cert)
 
     def __eq__(self, other):
         return isinstance(other, Certificate) and other.der == self.der
@@ -2091,6 +2057,7 @@ class Certificate:
 
     def x509(self):
         """Return cryptography's certificate of the same DER (imports cryptography.x509)."""
+        from cryptography import x509
         if self._x509 is None:
             self._x509 = x509.load_der_x509_certificate(self.der)
         return self._x509
@@ -2106,7 +2073,7 @@ class Certificate:
         """Return the public key (cryptography's object), loaded once.  Raises ValueError
         or UnsupportedAlgorithm for one cryptography cannot load."""
         if self._public is None:
-            self._public = rust_bindings.openssl.keys.load_der_public_key(self.spki)
+            self._public = serialization.load_der_public_key(self.spki)
         return self._public
 
     def extension(self, oid):
@@ -2222,22 +2189,6 @@ class Identity:
         if self.cert_set is None:
             self.cert_set = der(ctx(0), *sorted(c.der for c in [self.cert] + self.chain))
         return self.cert_set
-
-
-def serialization_api():
-    """Return cryptography's (Encoding, PublicFormat, load_pem_private_key).
-
-    The very objects its serialization package exports, taken from the modules that
-    package re-exports them from: importing the package itself also imports its SSH
-    key support (~10 ms, a sixth of a single run).  The package is the fallback,
-    should a later cryptography move them.
-    """
-    try:
-        return (serialization_base.Encoding, serialization_base.PublicFormat,
-                rust_bindings.openssl.keys.load_pem_private_key)
-    except (ImportError, AttributeError):
-        return (serialization.Encoding, serialization.PublicFormat,
-                serialization.load_pem_private_key)
 
 
 def key_kind(cert):
@@ -2399,7 +2350,6 @@ class Keystore:
         RSA key validation (a primality and consistency check, ~30 ms) runs the
         first time a key file's exact bytes are seen; see validated_keys().
         """
-        load_pem_private_key = serialization_api()[2]
         if b"PRIVATE KEY-----" not in data:
             raise IdentityError("%s: holds no PEM private key" % path)
         encrypted = b"ENCRYPTED" in data  # PKCS#8 or legacy PEM encryption
@@ -2410,8 +2360,8 @@ class Keystore:
             self.known = validated_keys(self.validated)
         known = digest in self.known
         try:
-            key = load_pem_private_key(data, self.password if encrypted else None,
-                                       unsafe_skip_rsa_key_validation=known)
+            key = serialization.load_pem_private_key(data, self.password if encrypted else None,
+                                                     unsafe_skip_rsa_key_validation=known)
         except (TypeError, ValueError):
             if encrypted:
                 raise IdentityError("%s: wrong SMIME_KEY_PASSWORD for this private key (or an "
@@ -2430,6 +2380,7 @@ class Keystore:
 
     def pkcs12(self, path):
         """Return (key, cert, extra certs) from a PKCS#12 file.  Raises IdentityError."""
+        from cryptography.hazmat.primitives.serialization import pkcs12
         data = read_key_file(path)
         try:
             key, cert, extra = pkcs12.load_key_and_certificates(data, self.password)
@@ -2500,8 +2451,8 @@ def ml_kem_key_parts(choice):
 def ml_kem_from_seed(name, seed, path):
     """Return the ML-KEM private key of parameter set *name* made from its 64-octet *seed*
     (FIPS 203 6.1).  Raises IdentityError for ML-KEM-512 or a seed of another size."""
-    make = {"ML-KEM-768": mlkem.MLKEM768PrivateKey,
-            "ML-KEM-1024": mlkem.MLKEM1024PrivateKey}.get(name)
+    make = mlkem and {"ML-KEM-768": mlkem.MLKEM768PrivateKey,
+                      "ML-KEM-1024": mlkem.MLKEM1024PrivateKey}.get(name)
     if make is None:
         raise IdentityError("%s: an %s private key, which this tool cannot use (cryptography "
                             "has no %s)" % (path, name, name))
@@ -2623,8 +2574,7 @@ def cert_digest(cert):
 
 def same_key(cert, key):
     """True when *cert* carries the public half of private *key*."""
-    Encoding, PublicFormat, _ = serialization_api()
-    spki = (Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
 
 
@@ -2649,6 +2599,7 @@ def extension(cert, kind):
 
     Raises ValueError for extensions that cannot be parsed (a malformed certificate).
     """
+    from cryptography import x509
     try:
         return cert.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
@@ -2782,6 +2733,7 @@ def ca_name(ca):
 
 def common_name(name):
     """Return the common name of an x509 Name, or its whole RFC 4514 form if it has none."""
+    from cryptography import x509
     names = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     return str(names[0].value) if names else name.rfc4514_string()
 
@@ -2871,8 +2823,9 @@ def unreadable_key(cert):
 
 def is_ml_kem(key):
     """True when *key* (public or private) is an ML-KEM-768 or ML-KEM-1024 key (FIPS 203)."""
-    return isinstance(key, (mlkem.MLKEM768PublicKey, mlkem.MLKEM1024PublicKey,
-                            mlkem.MLKEM768PrivateKey, mlkem.MLKEM1024PrivateKey))
+    return mlkem is not None and isinstance(key, (
+        mlkem.MLKEM768PublicKey, mlkem.MLKEM1024PublicKey,
+        mlkem.MLKEM768PrivateKey, mlkem.MLKEM1024PrivateKey))
 
 
 def find_identities(msg, settings, keystore):
@@ -3318,7 +3271,7 @@ def rfc5322_date(when):
 
 
 #: A date-time as RFC 5322 3.3 writes it (day name, a year from 1000, seconds, numeric zone
-#: other than -0000), read here (1 us) rather than by email._parseaddr (8 us), which
+#: other than -0000), read here (1 us) rather than by email.utils (8 us), which
 #: reads everything else: obsolete forms, zone names, no seconds, "-0000" (zone unknown).
 _PLAIN_DATE = re.compile(rb"(?:[A-Z][a-z][a-z],[ \t]*)?(\d\d?) ([A-Z][a-z][a-z]) ([1-9]\d{3}) "
                          rb"(\d\d):(\d\d):(\d\d) ([+-]\d\d)(\d\d)\Z")
@@ -3334,7 +3287,7 @@ def date_skew(value, when):
 
 def date_timestamp(value):
     """Return the RFC 5322 date-time *value* (bytes) in seconds since the epoch, as
-    email._parseaddr.parsedate_tz and mktime_tz read it, or None when it cannot be read."""
+    email.utils.parsedate_tz and mktime_tz read it, or None when it cannot be read."""
     try:
         plain = _PLAIN_DATE.match(value)
         if plain and plain.group(2) in _MONTH_NUMBERS and plain.group(7, 8) != (b"-00", b"00"):
@@ -3342,8 +3295,9 @@ def date_timestamp(value):
             offset = int(zone_hours) * 3600 + int(zone_hours[:1] + zone_minutes) * 60
             return calendar.timegm((int(year), _MONTH_NUMBERS[month], int(day), int(hour),
                                     int(minute), int(second))) - offset
-        parsed = email_parseaddr.parsedate_tz(value.decode("ascii", "replace"))
-        return email_parseaddr.mktime_tz(parsed) if parsed else None
+        from email.utils import mktime_tz, parsedate_tz
+        parsed = parsedate_tz(value.decode("ascii", "replace"))
+        return mktime_tz(parsed) if parsed else None
     except (ValueError, OverflowError, TypeError):
         return None
 
@@ -3746,6 +3700,7 @@ class SmtpBackend(Backend):
     def tls_context(self):
         """Return the SSLContext verifying certificate and host name (unless
         SMTP_TLS_VERIFY=0), made once for every connection of this back end."""
+        import ssl
         if self.context is None:
             s = self.settings.smtp
             self.context = ssl.create_default_context(cafile=s.cafile or None)
@@ -3760,6 +3715,7 @@ class SmtpBackend(Backend):
         Read over a second connection that checks the certificate chain but not
         the name, and goes no further than TLS: no credentials, no message.
         """
+        import ssl
         s = self.settings.smtp
         context = ssl.create_default_context(cafile=s.cafile or None)
         context.check_hostname = False
@@ -3996,6 +3952,7 @@ def sparkpost_smtp_header(settings):
     SparkPost rewrites links and adds an open pixel when tracking is on, which
     would break a signature; the header sits in the outer, unsigned header.
     """
+    import json
     track = bool(settings.track and not settings.sign_mode)
     value = json.dumps({"options": {"open_tracking": track, "click_tracking": track,
                                     "transactional": not track},
@@ -4016,36 +3973,15 @@ def decode_reply(text):
     return text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
 
 
-#: A line that starts with "." after the first one (RFC 5321 4.5.2).
-_DOT_LINE = re.compile(rb"\n\.")
-
 
 def dot_terminated(data, then=b""):
     """Return the message dot-stuffed where a line starts with "." (RFC 5321 4.5.2),
     with its final <CRLF>.<CRLF>, then *then* (the next envelope), as one bytes
     object (one copy of the message; base64 bodies never need stuffing)."""
     end = b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
-    if starts_a_line(data):
+    if data.startswith(b".") or b"\n." in data:
         data = (b"." if data[:1] == b"." else b"") + data.replace(b"\n.", b"\n..")
     return b"".join((data, end, then))
-
-
-def starts_a_line(data, probes=16):
-    """Return True if a line of *data* starts with ".".
-
-    Finds "." with memchr and looks behind it: base64 bodies hold no "." at
-    all, so an encrypted message is scanned in ~1 us; text full of dots falls
-    back after *probes* to one regular expression search for b"\\n." from
-    there (~7 us for 20 KB, a third of what bytes.find(b"\\n.") takes).
-    """
-    at = data.find(b".")
-    for _ in range(probes):
-        if at < 0:
-            return False
-        if at == 0 or data[at - 1] == 10:  # after b"\n"
-            return True
-        at = data.find(b".", at + 1)
-    return at == 0 or at > 0 and _DOT_LINE.search(data, at - 1) is not None
 
 
 def transcript_classes():
@@ -4056,6 +3992,8 @@ def transcript_classes():
     message data as its size only.  smtplib's set_debuglevel() is never used
     (it prints the base64 credentials).
     """
+    import ssl
+    import smtplib
 
     class Transcript:
         _challenged = False
@@ -4139,6 +4077,8 @@ def host_mismatch(settings, names):
 
 def smtp_failure(exc, settings):
     """Translate an smtplib/socket/ssl exception into the SmimeToolError to report."""
+    import ssl
+    import smtplib
     where = "%s:%d" % (settings.host, settings.port)
     if isinstance(exc, smtplib.SMTPResponseException):
         text, code = decode_reply(exc.smtp_error), exc.smtp_code
@@ -4181,6 +4121,7 @@ class ApiBackend(Backend):
     def __init__(self, settings, events):
         super().__init__(settings, events)
         self.session = None
+        self.requests = require("requests")
 
     def describe(self):
         return "Would open connection to %s (API key ***)" % self.settings.api.base_url
@@ -4191,7 +4132,7 @@ class ApiBackend(Backend):
 
     def open(self):
         """Create the keep-alive HTTP session; return the 'Opened connection' line."""
-        self.session = requests.Session()
+        self.session = self.requests.Session()
         self.session.headers.update({"Authorization": self.settings.api.key,
                                      "Content-Type": "application/json",
                                      "User-Agent": "sparkpostSMIME/" + __version__})
@@ -4208,10 +4149,10 @@ class ApiBackend(Backend):
             log("-> POST %s (%d octets, Authorization: ***)" % (url, len(body)))
         try:
             resp = self.session.post(url, data=body, timeout=self.settings.api.timeout)
-        except requests.exceptions.SSLError as exc:
+        except self.requests.exceptions.SSLError as exc:
             return Outcome(job, "halt", EX_CONFIG,
                            detail="TLS with %s failed: %s" % (url, first_line(exc)))
-        except requests.exceptions.RequestException as exc:
+        except self.requests.exceptions.RequestException as exc:
             return Outcome(job, "temporary", EX_TEMPFAIL,
                            detail="cannot reach %s: %s" % (url, first_line(exc)))
         if log:
@@ -4244,6 +4185,7 @@ def api_rules(msg, data, settings):
 
 def transmission_body(job, settings):
     """Return the JSON request body (bytes) of a transmission for *job*."""
+    import json
     msg = job.msg
     names = {}
     for header in RECIPIENT_FIELDS:
@@ -4522,7 +4464,7 @@ class Journal:
     """--results FILE: one JSON object per message, appended and synced.
 
     write() keeps a row pending; commit() appends the pending rows in one write
-    and syncs them (one fsync for the group, as databases commit groups).  A
+    and syncs them (one fdatasync for the group).  A
     last line cut short by a crash is ended before the first new row, so no row
     is ever glued to it.  Raises OutputError: 73 when the file cannot be opened,
     74 when a write fails.
@@ -4551,6 +4493,7 @@ class Journal:
         Forked workers append to the same file: a lock makes each row's write and
         any cut back one step, so that no worker cuts another's row.
         """
+        import fcntl
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             try:
@@ -4563,13 +4506,14 @@ class Journal:
                     raise
             finally:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.fsync(self.fd)
+            sync_data(self.fd)
         except OSError as exc:
             raise OutputError("--results %s: cannot write: %s" % (self.path,
                                                                   exc.strerror or exc))
 
     def write(self, result):
         """Keep *result*'s row pending until commit()."""
+        import json
         if self.fd is not None:
             if not self.rows:
                 self.started = time.monotonic()
@@ -4600,6 +4544,7 @@ def already_sent(path):
     Lines that are not JSON (a line torn by a crash) are skipped; a later row of the
     same message wins.
     """
+    import json
     done = {}
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
@@ -4753,16 +4698,20 @@ class Recorder:
     but not recorded.  *forward*: a worker's way to pass Results up to the main
     process (which then prints them) instead of printing them itself.
 
-    *grouped* (batches): journal rows are committed in groups (Journal.full(),
-    a halt, the end of the run), and the Results of a group are counted and
-    reported only once their rows are on disk.  Otherwise (the gateway) each
-    row is committed before its Result is reported.
+    *grouped* (batches that write files, whose own group commits come first):
+    journal rows are committed in groups (Journal.full(), a halt, the end of the
+    run), and the Results of a group are counted and reported only once their
+    rows are on disk.  A run that delivers (--send_smtp, --send_api, the gateway)
+    commits each row before the next message can be delivered: after a crash,
+    power loss or a full disk, at most one delivered message per worker is not in
+    the journal (and --resume would send it again).
     """
 
     def __init__(self, settings, reporter, stats, halt, forward=None, grouped=False):
         self.settings, self.reporter, self.stats, self.halt = settings, reporter, stats, halt
         self.journal, self.forward, self.broken = Journal(settings.results), forward, ""
-        self.grouped, self.waiting = grouped, []  #: [(Result, delivered)] until committed
+        self.grouped = grouped and not (settings.send and not settings.dry_run)
+        self.waiting = []  #: [(Result, delivered)] until committed
         self.archive = Archive(settings.archive) if settings.archive else None
         self.progress = (sys.stderr.isatty() and stats.total >= PROGRESS_MIN
                          and not settings.verbose)
@@ -4931,6 +4880,13 @@ class Channel:
         return messages
 
 
+def freeze_start_up():
+    """Keep what is alive now out of later garbage collections: gc.freeze(), where the
+    Python has it (CPython 3.7 and later; not PyPy, whose collector needs no help)."""
+    if hasattr(gc, "freeze"):
+        gc.freeze()
+
+
 def expand_inputs(paths):
     """Return *paths* with each directory replaced by its *.eml files (sorted)."""
     out = []
@@ -4983,9 +4939,8 @@ def run_batch(settings, reporter):
                                    served.get(item, ()), check=backend.check)
     stats = Stats(len(items), "sent" if settings.send else "written")
     if len(items) > 1:
-        gc.freeze()  # what start-up loaded lives to the end: not scanned again and again
+        freeze_start_up()  # what start-up loaded lives to the end: not scanned again and again
         gc.enable()  # main() paused it for the start-up; a batch makes garbage as it goes
-        use_native_helpers()
     halt = mmap.mmap(-1, 1)  # shared with forked workers: non-zero = take no new message
     with Stop(halt, reporter.warn, batch=len(items) > 1) as stop:
         if settings.jobs > 1 and len(items) > 1:
@@ -5020,7 +4975,7 @@ def run_parallel(settings, backend, build, items, reporter, stats, halt):
     sent up.  Imports, keys and the CA store are loaded before forking.
     """
     preload(backend, build, items[0])
-    gc.freeze()  # the workers inherit these objects: keep their pages shared, unscanned
+    freeze_start_up()  # the workers inherit these objects: keep their pages shared, unscanned
     sys.stdout.flush()
     sys.stderr.flush()
     channels, jobs = {}, settings.jobs
@@ -5210,7 +5165,6 @@ class Gateway:
             ", AUTH required" if self.gw.user else "", self.settings.jobs,
             "es" if self.settings.jobs > 1 else "", self.next_hop()))
         sys.setswitchinterval(GIL_SWITCH)
-        use_native_helpers()  # a gateway builds many messages, as a batch does
         code = self.serve_here(sock) if self.settings.jobs == 1 else self.serve_forked(sock)
         self.stats.total = self.stats.sent + self.stats.failed
         for notice in self.stats.notices():
@@ -5540,7 +5494,7 @@ class Supervisor:
     def run(self):
         """Serve until the last process has ended; return the exit code (74 when one could
         not record a message: then all stop)."""
-        gc.freeze()  # the processes share these pages: keep them unscanned
+        freeze_start_up()  # the processes share these pages: keep them unscanned
         self.sock.setblocking(False)
         self.poller.register(self.sock, select.POLLIN)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -6349,6 +6303,7 @@ class SignerInfo(NamedTuple):
 def read_signed_data(ber):
     """Return the SignedData in *ber*.  Raises ValueError when malformed, MessageError
     beyond MAX_CERTIFICATES or MAX_SIGNER_INFOS."""
+    from cryptography import x509
     fields = Fields(ber)
     fields.take(INTEGER)  # version
     fields.take(SET)  # digestAlgorithms: each SignerInfo names its own
@@ -6442,6 +6397,7 @@ def signer_certificate(sid, certs):
 
 def subject_key_id(cert):
     """Return the certificate's subjectKeyIdentifier, or None."""
+    from cryptography import x509
     try:
         found = extension(cert, x509.SubjectKeyIdentifier)
     except ValueError:
@@ -6616,6 +6572,7 @@ def signer_key_problem(cert):
 def validated_chain(cert, certs, roots):
     """Return (the validated path, cert first, or [], why *cert* does not chain to a
     trusted root with intermediates from *certs*, or '')."""
+    from cryptography.x509 import verification
     builder = (verification.PolicyBuilder().store(verification.Store(roots))
                .time(datetime.now(timezone.utc))
                .extension_policies(ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(),
@@ -6633,6 +6590,8 @@ def trust_store(cafile):
 
     Raises ConfigError (78) when there is none or it cannot be read.
     """
+    import ssl
+    from cryptography import x509
     paths = ssl.get_default_verify_paths()
     path = cafile or paths.cafile or paths.openssl_cafile
     if not path or not os.path.isfile(path):
@@ -7654,8 +7613,21 @@ def gateway_options(ns, sign_mode, send):
     return parse_listen(ns.serve)
 
 
+def check_dependencies(settings):
+    """Check the packages this run needs, before it starts (require()).  Raises
+    DependencyError."""
+    if (settings.sign_mode or settings.encrypt or settings.verify or settings.decrypt
+            or settings.harvest or settings.serve):
+        require("cryptography")
+    if settings.send == "api":
+        require("requests")
+    if settings.serve:
+        require("aiosmtpd")
+
+
 def run(settings, reporter):
     """Write, send, verify, decrypt or harvest every input; return the exit code."""
+    check_dependencies(settings)
     for secret in settings.secrets():
         reporter.secret(secret)
     for notice in settings.notices:
@@ -7681,7 +7653,11 @@ def main(argv=None, environ=None):
     collecting = gc.isenabled()
     gc.disable()  # imports and keys are kept for good: no cycles to look for (~3 ms a run)
     try:
-        return run(load_settings(argv, os.environ if environ is None else environ), reporter)
+        with warnings.catch_warnings():
+            if "--debug" not in argv:  # a dependency's warnings (deprecations) are not
+                warnings.simplefilter("ignore")  # our output: our errors say what is wrong
+            return run(load_settings(argv, os.environ if environ is None else environ),
+                       reporter)
     except Finished as done:
         return done.status
     except SmimeToolError as exc:

@@ -119,17 +119,6 @@ def test_cli_never_tracebacks(tmp_path, data, code):
 
 
 @FAST
-@given(st.lists(st.sampled_from([b".", b"a", b"\r\n", b"\n", b"\r", b"=="]), max_size=200),
-       st.integers(min_value=0, max_value=20))
-def test_dot_stuffing_check_matches_its_definition(pieces, probes):
-    """starts_a_line() (memchr probes, then a regular expression) agrees with the plain
-    definition: a line starting with "." anywhere means the message must be dot-stuffed."""
-    data = b"".join(pieces)
-    expected = data.startswith(b".") or b"\n." in data
-    assert tool.starts_a_line(data, probes) == expected
-
-
-@FAST
 @given(st.lists(st.sampled_from([b".", b"..", b"a", b"\r\n", b"\n", b"\r"]), max_size=200),
        st.sampled_from([b"", b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"]))
 def test_dot_stuffing_doubles_every_leading_dot(pieces, then):
