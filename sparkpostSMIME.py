@@ -90,12 +90,14 @@ from urllib.parse import urlsplit
 # with one line naming it (require()), not with a traceback here.
 # cryptography.x509 (~30 ms) is imported by the code that reads certificates with it.
 try:
-    import cryptography  # noqa: F401 - its version is checked by require()
-    from cryptography import exceptions as crypto_errors
-    from cryptography.hazmat.primitives import hashes, keywrap, serialization
-    from cryptography.hazmat.primitives import ciphers
-    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-    from cryptography.hazmat.primitives.kdf import hkdf, x963kdf
+    with warnings.catch_warnings():  # a warning of its own is not our output either
+        warnings.simplefilter("ignore")
+        import cryptography  # noqa: F401 - its version is checked by require()
+        from cryptography import exceptions as crypto_errors
+        from cryptography.hazmat.primitives import hashes, keywrap, serialization
+        from cryptography.hazmat.primitives import ciphers
+        from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+        from cryptography.hazmat.primitives.kdf import hkdf, x963kdf
     CRYPTOGRAPHY_PROBLEM = None
 except Exception as exc:  # noqa: BLE001 - any failure to load is reported by require()
     CRYPTOGRAPHY_PROBLEM = exc
@@ -363,6 +365,20 @@ def env_text(env, name, default=""):
     return env.get(name, default).strip() or default
 
 
+def env_path(env, name):
+    """Return the path setting *name*, with ~ and $HOME made the home directory (as a
+    shell would: env files and service managers leave them as they are)."""
+    return home_path(env_text(env, name), env)
+
+
+def home_path(path, env):
+    """Return *path* with a leading ~ (or ~/) and each $HOME or ${HOME} made the home
+    directory: *env*'s HOME, else the user's."""
+    home = env.get("HOME") or os.path.expanduser("~")
+    path = re.sub(r"\$\{HOME\}|\$HOME\b", lambda _: home, path)
+    return home + path[1:] if path == "~" or path.startswith("~/") else path
+
+
 def env_bool(env, name, default):
     """Return an on/off variable.  Raises ConfigError."""
     value = env_text(env, name).lower()
@@ -421,7 +437,11 @@ class SmtpSettings(NamedTuple):
             missing = "SMTP_PASSWORD" if user else "SMTP_USER"
             raise ConfigError("%s is not set: SMTP authentication needs both SMTP_USER and "
                               "SMTP_PASSWORD (or neither, for an internal MTA)" % missing)
-        cafile = env_text(env, "SMTP_CAFILE")
+        if user and tls == "none":  # what login() would refuse: said before any run
+            raise ConfigError("SMTP_TLS=none with SMTP_USER/SMTP_PASSWORD: credentials never go "
+                              "over an unencrypted connection: use SMTP_TLS=starttls or tls, "
+                              "or unset the credentials for an internal MTA")
+        cafile = env_path(env, "SMTP_CAFILE")
         if cafile and not os.access(cafile, os.R_OK):
             raise ConfigError("SMTP_CAFILE=%s: cannot read this file" % cafile)
         return cls(host=host, port=env_number(env, "SMTP_PORT", 465 if tls == "tls" else 25,
@@ -492,7 +512,7 @@ class GatewaySettings(NamedTuple):
         password, AUTH without TLS, or a non-loopback address without STARTTLS
         and AUTH (unless *trusted*: --trusted_network).
         """
-        cert, key = env_text(env, "SMIME_GATEWAY_TLS_CERT"), env_text(env, "SMIME_GATEWAY_TLS_KEY")
+        cert, key = env_path(env, "SMIME_GATEWAY_TLS_CERT"), env_path(env, "SMIME_GATEWAY_TLS_KEY")
         if bool(cert) != bool(key):
             raise ConfigError("STARTTLS needs both SMIME_GATEWAY_TLS_CERT and "
                               "SMIME_GATEWAY_TLS_KEY (PEM files)")
@@ -619,9 +639,9 @@ def load_settings(argv, environ):
     settings = parse_args(argv)
     env, notices = read_env_files(settings.env_files)
     env.update(environ)  # the real environment wins over the files
-    dirs = list(settings.keys) + [d for d in env.get("SMIME_KEYS_DIR", "").split(":") if d]
-    cache = env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or
-                                                      os.path.expanduser("~"), ".cache")
+    dirs = [home_path(d, env) for d in list(settings.keys)
+            + env.get("SMIME_KEYS_DIR", "").split(":") if d]
+    cache = env_path(env, "XDG_CACHE_HOME") or home_path("~/.cache", env)
     password = env.get("SMIME_KEY_PASSWORD")
     smtp = SmtpSettings.from_env(env) if settings.send == "smtp" else None
     if smtp is not None and not smtp.verify:
@@ -629,7 +649,7 @@ def load_settings(argv, environ):
                     "path can intercept the connection and the credentials",)
     return settings._replace(
         key_dirs=tuple(dirs + ["."]), key_password=password.encode("utf-8") if password else None,
-        ca_file=settings.ca or env_text(env, "SMIME_CA_FILE"),
+        ca_file=home_path(settings.ca, env) or env_path(env, "SMIME_CA_FILE"),
         cache_dir=os.path.join(cache, "sparkpostSMIME"), smtp=smtp,
         api=ApiSettings.from_env(env) if settings.send == "api" else None, notices=notices,
         gateway=GatewaySettings.from_env(env, *settings.serve, settings.trusted_network)
@@ -3310,7 +3330,8 @@ class Job(NamedTuple):
     *started*: time.perf_counter() when building began; *notes*: (topic, warning)
     pairs, counted by topic and warned once per run (Stats.notices()), or at once
     when the topic is None; *failure*: (exit code, reason) of a message that
-    could not be built, which passes through the back end only to be reported.
+    could not be built, which passes through the back end only to be reported;
+    *digest*: the input's SHA-256 (hex), for the journal (--results).
     """
     source: str
     copy: int = 0
@@ -3321,6 +3342,7 @@ class Job(NamedTuple):
     started: float = 0.0
     notes: tuple = ()
     failure: tuple = ()
+    digest: str = ""
 
 
 def build_job(item, settings, keystore, extra=b"", served=(), msg=None, check=None):
@@ -3333,8 +3355,11 @@ def build_job(item, settings, keystore, extra=b"", served=(), msg=None, check=No
     Raises MessageError, InputError or IdentityError.
     """
     path, copy = item
-    started = time.perf_counter()
-    msg = msg or parse_message(read_input(path), path)
+    started, digest = time.perf_counter(), ""
+    if msg is None:
+        raw = read_input(path)
+        msg = parse_message(raw, path)
+        digest = hashlib.sha256(raw).hexdigest() if settings.results else ""
     signer, recipients = find_identities(msg, settings, keystore)
     now, notes = time.time(), ()
     if settings.sign_mode:
@@ -3345,7 +3370,8 @@ def build_job(item, settings, keystore, extra=b"", served=(), msg=None, check=No
         notes += check(msg, data)
     notes += quantum_notes(msg, recipients)
     return Job(path, copy, data, settings.mail_from or msg.sender,
-               tuple(r for r in msg.recipients if r not in served), msg, started, notes)
+               tuple(r for r in msg.recipients if r not in served), msg, started, notes,
+               digest=digest)
 
 
 def extra_header(settings, backend):
@@ -4511,13 +4537,19 @@ class Journal:
             raise OutputError("--results %s: cannot write: %s" % (self.path,
                                                                   exc.strerror or exc))
 
-    def write(self, result):
-        """Keep *result*'s row pending until commit()."""
+    def write(self, result, digest=""):
+        """Keep *result*'s row pending until commit(): Result.record(), with the input's
+        resolved path and the *digest* of its content (for --resume)."""
         import json
         if self.fd is not None:
             if not self.rows:
                 self.started = time.monotonic()
-            self.rows.append((json.dumps(result.record(), sort_keys=True) + "\n").encode())
+            entry = result.record()
+            if result.source != "-":
+                entry["path"] = os.path.realpath(result.source)
+            if digest:
+                entry["sha256"] = digest
+            self.rows.append((json.dumps(entry, sort_keys=True) + "\n").encode())
 
     def full(self):
         """Return True once GROUP_ROWS rows are pending, or the first has waited
@@ -4538,11 +4570,14 @@ class Journal:
 
 
 def already_sent(path):
-    """Return {(input, copy): recipients that got it} from journal *path* (for --resume):
-    None for a message sent to all its recipients, the accepted ones of a partial one.
+    """Return {(resolved input path, copy): (recipients that got it, input digest)} from
+    journal *path* (for --resume): recipients None for a message sent to all its
+    recipients, the accepted ones of a partial one; the digest "" when the row has none.
 
-    Lines that are not JSON (a line torn by a crash) are skipped; a later row of the
-    same message wins.
+    Inputs are known by their resolved path (the row's "path", else its "input"
+    resolved here), so that another spelling of the same file matches.  Lines that
+    are not JSON (a line torn by a crash) are skipped; a later row of the same
+    message wins.
     """
     import json
     done = {}
@@ -4553,14 +4588,18 @@ def already_sent(path):
                     entry = json.loads(line)
                 except ValueError:
                     continue
-                if not isinstance(entry, dict):
+                if not isinstance(entry, dict) or not isinstance(entry.get("input"), str):
                     continue
-                key = (entry.get("input"), entry.get("copy", 0))
+                key = (entry.get("path") or os.path.realpath(entry["input"]),
+                       entry.get("copy", 0))
+                served, _ = done.get(key, ((), ""))
                 if entry.get("status") == "sent":
-                    done[key] = None
-                elif entry.get("status") == "partial" and done.get(key, ()) is not None:
-                    done[key] = frozenset(done.get(key, ())) | frozenset(
-                        entry.get("accepted") or ())
+                    served = None
+                elif entry.get("status") == "partial" and served is not None:
+                    served = frozenset(served) | frozenset(entry.get("accepted") or ())
+                else:
+                    continue
+                done[key] = (served, str(entry.get("sha256") or ""))
     except FileNotFoundError:
         pass
     except OSError as exc:
@@ -4709,7 +4748,8 @@ class Recorder:
 
     def __init__(self, settings, reporter, stats, halt, forward=None, grouped=False):
         self.settings, self.reporter, self.stats, self.halt = settings, reporter, stats, halt
-        self.journal, self.forward, self.broken = Journal(settings.results), forward, ""
+        self.journal = Journal("" if settings.dry_run else settings.results)  #: --resume reads it
+        self.forward, self.broken = forward, ""
         self.grouped = grouped and not (settings.send and not settings.dry_run)
         self.waiting = []  #: [(Result, delivered)] until committed
         self.archive = Archive(settings.archive) if settings.archive else None
@@ -4730,7 +4770,7 @@ class Recorder:
             self.commit()  # the rows of the messages before the failure are still written
             self.report(res, delivered)
             return
-        self.journal.write(res)
+        self.journal.write(res, job.digest)
         self.waiting.append((res, delivered))
         if not self.grouped or res.halt or self.journal.full():
             self.commit()
@@ -4835,7 +4875,7 @@ class Stop:
 
     def __init__(self, halt, warn, batch=True):
         self.halt, self.warn, self.requested, self.previous = halt, warn, False, None
-        self.batch = batch  #: one message: plain KeyboardInterrupt (and no signal import)
+        self.batch = batch  #: one message: plain KeyboardInterrupt
 
     def __enter__(self):
         if self.batch:
@@ -4848,7 +4888,11 @@ class Stop:
             raise KeyboardInterrupt
         self.requested = True
         self.halt[0] = 1
-        self.warn("interrupted: finishing the messages in flight (Ctrl-C again to abort)")
+        if signum == signal.SIGTERM:
+            self.warn("SIGTERM: finishing the messages in flight (SIGTERM or Ctrl-C again "
+                      "to abort)")
+        else:
+            self.warn("interrupted: finishing the messages in flight (Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
         if self.previous is not None:
@@ -4918,15 +4962,37 @@ def work_items(settings, reporter):
     if not settings.resume:
         return items, {}
     done = already_sent(settings.results)
-    kept = [i for i in items if i not in done or done[i] is not None]
-    if len(kept) < len(items):
+    kept, served, changed = [], {}, []
+    for item in items:
+        entry = done.get((os.path.realpath(item[0]), item[1]))
+        if entry is None:
+            kept.append(item)
+        elif entry[1] and entry[1] != input_digest(item[0]):
+            changed.append(item[0])
+        elif entry[0] is not None:
+            kept.append(item)
+            served[item] = entry[0]
+    skipped = len(items) - len(kept) - len(changed)
+    if skipped:
         reporter.warn("--resume: %d message(s) already sent according to %s, skipped"
-                      % (len(items) - len(kept), settings.results))
-    served = {i: done[i] for i in kept if done.get(i)}
+                      % (skipped, settings.results))
+    for path in dict.fromkeys(changed):
+        reporter.warn("--resume: %s has changed since %s recorded it as sent: not sent "
+                      "again (send it without --resume if it is a new message)"
+                      % (path, settings.results))
     if served:
         reporter.warn("--resume: %d message(s) partly sent, now only to the recipients that "
                       "did not get them" % len(served))
     return kept, served
+
+
+def input_digest(path):
+    """Return the SHA-256 (hex) of input *path*, or "" when it cannot be read (building
+    it will say why)."""
+    try:
+        return hashlib.sha256(read_input(path)).hexdigest()
+    except InputError:
+        return ""
 
 
 def run_batch(settings, reporter):
@@ -7584,8 +7650,8 @@ def batch_options(ns, send):
         raise UsageError("--resume needs --results FILE (the journal of the earlier run)")
     if ns.archive and not send:
         raise UsageError("--archive keeps sent messages: use it with --send_smtp or --send_api")
-    if ns.dry_run and (ns.results or ns.archive or not send):
-        raise UsageError("--dry_run goes with a send option, without --results or --archive")
+    if ns.dry_run and (ns.archive or not send):
+        raise UsageError("--dry_run goes with a send option, without --archive")
 
 
 def gateway_options(ns, sign_mode, send):

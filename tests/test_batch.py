@@ -412,3 +412,41 @@ def test_progress_bar_on_a_terminal(smtp, pki, tmp_path, jobs):
     out = proc.stdout.decode()
     assert out.count("OK - in ") == 60  # stdout is a pipe: the report still goes there
     assert summary(proc)[:2] == [60, 0]
+
+
+def test_resume_knows_an_input_under_another_spelling(smtp, pki, tmp_path):
+    """A batch run with absolute paths, resumed with relative ones (or through a link):
+    the messages already sent are recognised by their resolved path, not sent again."""
+    d = inbox(tmp_path, 3)
+    results = tmp_path / "results.jsonl"
+    first = run_tool([str(d / "m000.eml"), str(d / "m001.eml"), "--keys", pki.keys,
+                      "--send_smtp", "--results", str(results)], env=smtp_env(smtp))
+    assert first.returncode == 0, first.stderr
+    os.symlink(d, tmp_path / "link")
+    again = run_tool(["inbox/m000.eml", "link/m001.eml", "./inbox/m002.eml", "--keys", pki.keys,
+                      "--send_smtp", "--results", str(results), "--resume"],
+                     env=smtp_env(smtp), cwd=str(tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert b"2 message(s) already sent" in again.stderr, again.stderr
+    bodies = [m[2] for m in smtp.messages]
+    assert len(bodies) == 3 and sum(b"Message 2." in b for b in bodies) == 1
+
+
+def test_resume_reports_an_input_changed_since_it_was_sent(smtp, pki, tmp_path):
+    """A file that was sent, then changed under the same name: --resume says so, naming
+    it, and does not send it as if it were the one already sent (nor skip it silently)."""
+    d = inbox(tmp_path, 2)
+    results = tmp_path / "results.jsonl"
+    first = run_tool([str(d), "--keys", pki.keys, "--send_smtp", "--results", str(results)],
+                     env=smtp_env(smtp))
+    assert first.returncode == 0, first.stderr
+    assert all(len(row["sha256"]) == 64 and os.path.isabs(row["path"])
+               for row in journal(results))
+    (d / "m001.eml").write_bytes((d / "m001.eml").read_bytes().replace(b"Message 1.",
+                                                                      b"Message 1, corrected."))
+    again = run_tool([str(d), "--keys", pki.keys, "--send_smtp", "--results", str(results),
+                      "--resume"], env=smtp_env(smtp))
+    assert again.returncode == 0, again.stderr
+    err = again.stderr.decode()
+    assert "m001.eml has changed since" in err and "1 message(s) already sent" in err, err
+    assert len(smtp.messages) == 2
