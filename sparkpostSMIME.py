@@ -190,6 +190,11 @@ CLIENT_DATE_SKEW = 3600
 MAX_HEADER_SIZE = 1 << 20
 #: MIME entities nested deeper than this (multiparts, message/rfc822) are refused.
 MAX_MIME_DEPTH = 50
+#: MIME parts in one message, at every level together, at most.
+MAX_MIME_PARTS = 10_000
+#: A message with more Received fields than this is in a mail loop (RFC 5321 6.3 asks for a
+#: limit of at least 100 hops; Postfix's hopcount_limit is 50); SMIME_HOP_LIMIT sets it.
+HOP_LIMIT = 50
 #: Longest OBJECT IDENTIFIER and INTEGER read from CMS, in contents octets.
 MAX_OID_OCTETS, MAX_INTEGER_OCTETS = 128, 128
 #: Most ASN.1 elements read from one S/MIME part (OpenSSL writes 4 KB chunks: a 20 MB
@@ -234,6 +239,11 @@ class InputError(SmimeToolError):
 class MessageError(SmimeToolError):
     """The message itself cannot be used (not RFC 5322, no From, no recipient)."""
     exit_code = EX_DATAERR
+
+
+class LoopError(MessageError):
+    """The message has passed more hops than the hop limit: a mail loop (RFC 5321 6.3)."""
+    reply = "554 5.4.6"
 
 
 class ConfigError(SmimeToolError):
@@ -614,6 +624,7 @@ class Settings(NamedTuple):
     key_password: bytes = None   #: $SMIME_KEY_PASSWORD
     ca_file: str = ""            #: --ca, else $SMIME_CA_FILE
     cache_dir: str = ""          #: $XDG_CACHE_HOME/sparkpostSMIME
+    hop_limit: int = HOP_LIMIT   #: $SMIME_HOP_LIMIT: Received fields a sent message may have
     smtp: SmtpSettings = None
     api: ApiSettings = None
     notices: tuple = ()          #: warnings found while loading (exposed env files...)
@@ -651,6 +662,7 @@ def load_settings(argv, environ):
         key_dirs=tuple(dirs + ["."]), key_password=password.encode("utf-8") if password else None,
         ca_file=home_path(settings.ca, env) or env_path(env, "SMIME_CA_FILE"),
         cache_dir=os.path.join(cache, "sparkpostSMIME"), smtp=smtp,
+        hop_limit=env_number(env, "SMIME_HOP_LIMIT", HOP_LIMIT, high=1000),
         api=ApiSettings.from_env(env) if settings.send == "api" else None, notices=notices,
         gateway=GatewaySettings.from_env(env, *settings.serve, settings.trusted_network)
         if settings.serve else None)
@@ -1179,6 +1191,42 @@ def check_depth(depth):
         raise MessageError("MIME parts nested deeper than %d levels" % MAX_MIME_DEPTH)
 
 
+def check_mime_limits(msg):
+    """Raise MessageError when *msg* nests MIME entities deeper than MAX_MIME_DEPTH or
+    holds more than MAX_MIME_PARTS parts, whatever their encoding (a MIME bomb).
+
+    Each level of nesting names a boundary or message/rfc822, and each part starts
+    on a line beginning with "--": where those counts are within the limits, as in
+    nearly all mail, the message cannot exceed them and nothing more is read.
+    """
+    lowered = msg.body.lower()
+    if (lowered.count(b"boundary") + lowered.count(b"rfc822") < MAX_MIME_DEPTH
+            and msg.body.count(b"\n--") < MAX_MIME_PARTS):
+        return
+    count_parts(msg.entity_fields, msg.body, 0, [0])
+
+
+def count_parts(fields, body, depth, parts):
+    """Walk the MIME entity (*fields*, CRLF *body*) nested *depth* deep, adding its parts
+    to *parts*[0].  Raises MessageError past MAX_MIME_DEPTH or MAX_MIME_PARTS."""
+    check_depth(depth)
+    ctype, params = parse_content_type(field_value(fields, "content-type") or b"text/plain")
+    if ctype.startswith("multipart/") and params.get("boundary"):
+        marks = delimiters(body, params["boundary"].encode("ascii", "replace"))
+        here = next(marks, None)
+        while here is not None and not here.group(1):
+            after = next(marks, None)
+            parts[0] += 1
+            if parts[0] > MAX_MIME_PARTS:
+                raise MessageError("more than %d MIME parts" % MAX_MIME_PARTS)
+            count_parts(*split_header(body[here.end() + 2:after.start() if after else None]),
+                        depth + 1, parts)
+            here = after
+    elif ctype == "message/rfc822":
+        inner = to_crlf(decode_body(body, transfer_encoding(fields)))
+        count_parts(*split_header(inner), depth + 1, parts)
+
+
 def entity_to_crlf(raw, depth=0):
     """Return one raw MIME entity (header, empty line, body) with CRLF line endings
     in its header and in every body but those declared binary.  Raises
@@ -1286,6 +1334,10 @@ def parse_message(data, source="-", envelope=None):
     entity = [f for f in fields if f.name.startswith("content-")]
     msg = Message(source, outer, entity, body)
     msg.binary = binary
+    try:
+        check_mime_limits(msg)
+    except MessageError as exc:
+        raise MessageError("%s: %s" % (source, exc)) from None
     find_addresses(msg, envelope)
     return msg
 
@@ -1333,6 +1385,8 @@ def parse_addresses(values):
 
 
 _SPACE = re.compile(r"\s")
+#: Control characters, which no address may hold, quoted or not (RFC 5321 4.1.2).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def addresses_of(msg, name, values=None):
@@ -1344,7 +1398,7 @@ def addresses_of(msg, name, values=None):
     for display, address in parse_addresses(values):
         if not address and not display:
             continue  # empty group such as "undisclosed-recipients:;"
-        if "@" not in address or _SPACE.search(address):
+        if "@" not in address or _SPACE.search(address) or _CONTROL.search(address):
             raise MessageError("%s: %s address %r is not a valid e-mail address"
                                % (msg.source, name.capitalize(), address or display))
         if not address.isascii():
@@ -3360,6 +3414,8 @@ def build_job(item, settings, keystore, extra=b"", served=(), msg=None, check=No
         raw = read_input(path)
         msg = parse_message(raw, path)
         digest = hashlib.sha256(raw).hexdigest() if settings.results else ""
+    if settings.send:
+        check_hops(msg, settings.hop_limit)
     signer, recipients = find_identities(msg, settings, keystore)
     now, notes = time.time(), ()
     if settings.sign_mode:
@@ -3372,6 +3428,15 @@ def build_job(item, settings, keystore, extra=b"", served=(), msg=None, check=No
     return Job(path, copy, data, settings.mail_from or msg.sender,
                tuple(r for r in msg.recipients if r not in served), msg, started, notes,
                digest=digest)
+
+
+def check_hops(msg, limit):
+    """Raise LoopError when *msg* has more than *limit* Received fields: it has gone
+    round a loop (between two gateways, or a gateway and an MTA), RFC 5321 6.3."""
+    hops = sum(f.name == "received" for f in msg.outer)
+    if hops > limit:
+        raise LoopError("%s: %d Received header fields, more than the hop limit of %d "
+                        "(SMIME_HOP_LIMIT): a mail loop, not sent" % (msg.source, hops, limit))
 
 
 def extra_header(settings, backend):

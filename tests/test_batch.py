@@ -450,3 +450,23 @@ def test_resume_reports_an_input_changed_since_it_was_sent(smtp, pki, tmp_path):
     err = again.stderr.decode()
     assert "m001.eml has changed since" in err and "1 message(s) already sent" in err, err
     assert len(smtp.messages) == 2
+
+
+def test_a_mail_loop_is_not_sent(smtp, pki, tmp_path):
+    """A message that has passed 51 hops (Received fields) is a loop: not sent (65),
+    named; 50 hops are sent; SMIME_HOP_LIMIT moves the limit; writing a file is no hop."""
+    def message(hops):
+        received = b"".join(b"Received: from a%d.example by b.example; Mon, 7 Dec 2026 "
+                            b"10:00:00 +0000\r\n" % n for n in range(hops))
+        return received + CORPUS["plain-ascii"]
+    loop, fine = tmp_path / "loop.eml", tmp_path / "fine.eml"
+    loop.write_bytes(message(51))
+    fine.write_bytes(message(50))
+    proc = run_tool([str(loop), str(fine), "--keys", pki.keys, "--send_smtp"],
+                    env=smtp_env(smtp))
+    assert proc.returncode == 65, proc.stderr
+    assert b"loop.eml: 51 Received header fields, more than the hop limit of 50" in proc.stderr
+    assert len(smtp.messages) == 1
+    lower = dict(smtp_env(smtp), SMIME_HOP_LIMIT="60")
+    assert run_tool([str(loop), "--keys", pki.keys, "--send_smtp"], env=lower).returncode == 0
+    assert run_tool([str(loop), "--keys", pki.keys, "--sign"]).returncode == 0

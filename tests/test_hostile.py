@@ -131,3 +131,57 @@ def test_dot_stuffing_doubles_every_leading_dot(pieces, then):
     sent = tool.dot_terminated(data, then)
     assert sent == stuffed + end + then
     assert b"\r\n.\r\n" not in b"\r\n" + sent[:len(sent) - len(end + then)]
+
+
+def nested_multiparts(levels):
+    """A message of *levels* multiparts nested in one another, plain text at the bottom:
+    7-bit and short-lined all through (no part needs re-encoding)."""
+    head = [b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: nest\r\n"
+            b"MIME-Version: 1.0\r\n"]
+    tail = []
+    for n in range(levels):
+        head.append(b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (n, n))
+        tail.append(b"\r\n--b%d--\r\n" % n)
+    return b"".join(head) + b"Content-Type: text/plain\r\n\r\nbottom\r\n" + b"".join(
+        reversed(tail))
+
+
+@pytest.mark.parametrize("flags", [["--sign"], ["--sign", "--encrypt"], []])
+def test_a_mime_bomb_of_plain_text_is_refused(pki, tmp_path, flags):
+    """10,000 nested multiparts of plain text (nothing declared binary, nothing to
+    re-encode): refused (65) whatever is asked, naming the limit; 50 levels pass."""
+    path = tmp_path / "bomb.eml"
+    path.write_bytes(nested_multiparts(10_000))
+    proc = run_tool([str(path), "--keys", pki.keys] + flags)
+    assert proc.returncode == 65, proc.stderr
+    assert b"nested deeper than 50" in proc.stderr and proc.stderr.count(b"\n") == 1
+    path.write_bytes(nested_multiparts(49))
+    assert run_tool([str(path), "--keys", pki.keys] + flags).returncode == 0
+
+
+def test_too_many_parts_are_refused(pki, tmp_path):
+    """One multipart of 10,001 empty parts: refused (65); 9,000 pass."""
+    def message(parts):
+        body = b"".join(b"--p\r\nContent-Type: text/plain\r\n\r\nx\r\n" for _ in range(parts))
+        return (b"From: alice@example.com\r\nTo: bob@example.org\r\nMIME-Version: 1.0\r\n"
+                b'Content-Type: multipart/mixed; boundary="p"\r\n\r\n' + body + b"--p--\r\n")
+    path = tmp_path / "parts.eml"
+    path.write_bytes(message(10_001))
+    proc = run_tool([str(path), "--keys", pki.keys, "--sign"])
+    assert proc.returncode == 65 and b"more than 10000 MIME parts" in proc.stderr, proc.stderr
+    path.write_bytes(message(9_000))
+    assert run_tool([str(path), "--keys", pki.keys, "--sign"]).returncode == 0
+
+
+@pytest.mark.parametrize("address", ['"a\x01b"@example.org', "ste\x1bve@example.org",
+                                     "bob\x7f@example.org"])
+def test_control_characters_in_a_header_address_are_refused(pki, tmp_path, address):
+    """A To address with a control character, quoted or not (RFC 5321 4.1.2 allows none
+    in a path): 65, naming the field, before anything is built or sent.  (A NUL makes the
+    whole header unreadable: refused as no RFC 5322 message, 65 too.)"""
+    path = tmp_path / "ctl.eml"
+    path.write_bytes(b"From: alice@example.com\r\nTo: <%s>\r\nSubject: x\r\n\r\nhi\r\n"
+                     % address.encode())
+    proc = run_tool([str(path), "--keys", pki.keys, "--sign"])
+    assert proc.returncode == 65, proc.stderr
+    assert b"To address" in proc.stderr and proc.stderr.count(b"\n") == 1, proc.stderr
