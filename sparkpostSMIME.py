@@ -4605,8 +4605,8 @@ class Journal:
     def write(self, result, digest=""):
         """Keep *result*'s row pending until commit(): Result.record(), with the input's
         resolved path and the *digest* of its content (for --resume)."""
-        import json
         if self.fd is not None:
+            import json
             if not self.rows:
                 self.started = time.monotonic()
             entry = result.record()
