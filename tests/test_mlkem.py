@@ -1,6 +1,6 @@
 """Post-quantum recipients: ML-KEM-768/1024 KEMRecipientInfo (RFC 9629, RFC 9936, RFC 9935).
 
-The independent engine is OpenSSL >= 3.6 of Debian sid in a cached chroot (tests/sid.py):
+The independent engine is OpenSSL >= 3.6 of Debian sid in a cached chroot (tests/support/sid.py):
 it decrypts what we encrypt, for every recipient of every mix with RSA and EC P-256, in
 every encrypt mode, and verifies the signature inside; it makes the messages, keys (in
 its default 'seed and expanded key' form) and ML-KEM-512 certificates we must read or
@@ -17,12 +17,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import mlkem
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import debian
-import conftest
-import engines
-import sid
-from conftest import KEY_PASSWORD, PKI, need, run_tool
-from pki import new_key, pem_cert, pem_key, write
+from support import debian
+from support import harness
+from support import engines
+from support import sid
+from support.harness import KEY_PASSWORD, PKI, need, run_tool
+from support.pki import new_key, pem_cert, pem_key, write
 
 SENDER = "alice@example.com"                       # RSA signing key, RSA own copy
 PQ_SENDER = "pq-sender@pq.example"                 # RSA signing key, ML-KEM-768 <from>.crt
@@ -96,7 +96,7 @@ def message(sender, to, body=BODY):
 
 
 def build(pki, tmp_path, raw, flags, ok=0):
-    return conftest.build(pki, tmp_path, raw, flags, name="m.eml", ok=ok, safe=True)
+    return harness.build(pki, tmp_path, raw, flags, name="m.eml", ok=ok, safe=True)
 
 
 def der_of(out):

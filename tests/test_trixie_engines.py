@@ -1,4 +1,4 @@
-"""The Debian 13 engines (NSS cmsutil 3.110, gpgsm 2.4 in a chroot, tests/trixie.py) work.
+"""The Debian 13 engines (NSS cmsutil 3.110, gpgsm 2.4 in a chroot, tests/support/trixie.py) work.
 
 OpenSSL 3.0 (the host's) makes CMS messages encrypted to EC P-256 and P-384 recipients
 (KeyAgreeRecipientInfo, ephemeral-static ECDH, AES key wrap) and to RSA ones, and ECDSA
@@ -19,10 +19,10 @@ import subprocess
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-import engines
-import trixie
-from conftest import PEOPLE, PKI, need
-from pki import CA, pem_cert, pem_key, write
+from support import engines
+from support import trixie
+from support.harness import PEOPLE, PKI, need
+from support.pki import CA, pem_cert, pem_key, write
 
 EC256 = "ec-p256@trixie.example"
 EC384 = "ec-p384@trixie.example"

@@ -317,7 +317,7 @@ def certificate_cases():
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from pki import CA, new_key
+    from support.pki import CA, new_key
     root = CA()
     inter = root.intermediate(constraints=x509.NameConstraints(
         permitted_subtrees=[x509.RFC822Name(".example.org"), x509.DNSName("example.org")],

@@ -1,7 +1,7 @@
 """Newer Debian releases in cached chroots, for S/MIME engines the host's Debian lacks.
 
-A :class:`Suite` names a release and the packages the tests need from it (tests/trixie.py:
-Debian 13's NSS and gpgsm; tests/sid.py: Debian sid's OpenSSL 3.6 for ML-KEM).
+A :class:`Suite` names a release and the packages the tests need from it (tests/support/trixie.py:
+Debian 13's NSS and gpgsm; tests/support/sid.py: Debian sid's OpenSSL 3.6 for ML-KEM).
 :func:`chroot` builds (once, then reuses) a minimal tree of it with ``debootstrap`` in the
 suite's cache directory and returns a :class:`Chroot` that runs commands inside it.
 
@@ -30,7 +30,7 @@ import time
 
 from typing import NamedTuple
 
-import engines
+from . import engines
 
 #: Trees are cached in CACHE_ROOT/<suite> unless the suite's variable names another directory.
 CACHE_ROOT = "/var/cache/sparkpostSMIME-tests"

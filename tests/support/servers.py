@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-import sparkpost_rules
-from pki import pem_cert, pem_key, write
+from . import sparkpost_rules
+from .pki import pem_cert, pem_key, write
 
 
 def free_port():
@@ -28,7 +28,7 @@ def server_context(ca, base, name="localhost"):
     import ipaddress
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
-    from pki import DAY, NOW, new_key
+    from .pki import DAY, NOW, new_key
     key = new_key()
     cert = (x509.CertificateBuilder().subject_name(x509.Name([
         x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, name)]))
