@@ -19,10 +19,22 @@ from support.harness import PKI, need  # noqa: E402
 from support.servers import SmtpServer  # noqa: E402
 
 
+#: Fixtures that need root, a Debian chroot (debootstrap), Postfix/OpenDKIM or mounts: a
+#: test using one (directly or through another fixture) is marked ``system``.
+SYSTEM_FIXTURES = {"trixie_tree", "sid_tree", "postfix", "postfix_gateway", "tmpfs"}
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "system: needs root, a Debian chroot (debootstrap), Postfix/OpenDKIM or "
         "mounts; the quick tier is pytest -m 'not system' tests")
+
+
+def pytest_collection_modifyitems(items):
+    """Mark ``system`` every test that uses one of SYSTEM_FIXTURES."""
+    for item in items:
+        if SYSTEM_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.system)
 
 
 @pytest.fixture(scope="session")
@@ -66,28 +78,54 @@ def no_secret_in_any_output():
             assert secret not in blob, "a secret leaked into the tool's output"
 
 
+def debian_tree(suite_module):
+    """Return the cached chroot of *suite_module* (support.trixie or support.sid): under
+    CI=true a tree that cannot be built fails the test, elsewhere it skips."""
+    from support import debian
+    need("debootstrap")
+    try:
+        return suite_module.chroot()
+    except (debian.BuildError, PermissionError) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the Debian %s chroot cannot be built, and CI must run every test: %s"
+                        % (suite_module.SUITE.name, exc))
+        pytest.skip("the Debian %s chroot cannot be built: %s" % (suite_module.SUITE.name, exc))
+
+
 @pytest.fixture(scope="session")
-def nss13(pki):
+def trixie_tree():
+    """Debian 13 in a cached chroot (support/trixie.py): NSS 3.110, gpgsm 2.4, python3, pypy3."""
+    from support import trixie
+    return debian_tree(trixie)
+
+
+@pytest.fixture(scope="session")
+def sid_tree():
+    """Debian sid in a cached chroot (support/sid.py): OpenSSL >= 3.6 for ML-KEM."""
+    from support import sid
+    return debian_tree(sid)
+
+
+@pytest.fixture(scope="session")
+def nss13(pki, trixie_tree):
     """Debian 13's NSS cmsutil (3.110) in a cached trixie chroot, holding the session PKI.
 
     Decrypts EC (ECDH) recipients, which Debian 12's NSS cannot; see tests/support/trixie.py.
     """
-    need("debootstrap")
     from support import trixie
-    engine = trixie.TrixieNSS(trixie.chroot(), pki)
+    engine = trixie.TrixieNSS(trixie_tree, pki)
     yield engine
     engine.close()
 
 
 @pytest.fixture(scope="session")
-def gpgsm24(pki):
+def gpgsm24(pki, trixie_tree):
     """Debian 13's GnuPG gpgsm (2.4) in a cached trixie chroot, holding the session PKI.
 
     Imports EC PKCS#12 and decrypts EC (ECDH) recipients, which gpgsm 2.2 cannot.
     """
-    need("debootstrap")
     from support import trixie
-    engine = trixie.TrixieGpgSM(trixie.chroot(), pki)
+    engine = trixie.TrixieGpgSM(trixie_tree, pki)
     yield engine
     engine.close()
 

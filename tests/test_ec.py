@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from support import harness
 from support import engines
-from support.harness import PKI, need, run_tool
+from support.harness import PKI, run_tool
 from support.pki import pem_cert, pem_key, write
 
 RSA = "rsa@ec.example"
@@ -151,12 +151,10 @@ def test_signing_only_certificate_gets_no_own_copy(ecpki, openssl, tmp_path):
 # -- Debian 13's NSS and gpgsm -------------------------------------------------
 
 @pytest.fixture(scope="module")
-def engines13(ecpki):
+def engines13(ecpki, trixie_tree):
     """Debian 13's NSS and gpgsm holding this module's identities (trusting its root)."""
-    need("debootstrap")
     from support import trixie
-    tree = trixie.chroot()
-    nss, gpg = trixie.TrixieNSS(tree, ecpki), trixie.TrixieGpgSM(tree, ecpki)
+    nss, gpg = trixie.TrixieNSS(trixie_tree, ecpki), trixie.TrixieGpgSM(trixie_tree, ecpki)
     yield {"nss": nss, "gpgsm": gpg}
     nss.close()
     gpg.close()

@@ -165,7 +165,7 @@ WITHOUT_PROC = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
 
 
 #: How the tool writes -o DIR files: as is (unnamed files), or with /proc hidden.
-FILES = ["unnamed", "temporary names (no /proc)"]
+FILES = ["unnamed", pytest.param("temporary names (no /proc)", marks=pytest.mark.system)]
 
 
 def file_batch(tmp_path, files):

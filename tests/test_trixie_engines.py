@@ -99,16 +99,10 @@ def material(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tree():
-    need("debootstrap")
-    return trixie.chroot()
-
-
-@pytest.fixture(scope="module")
-def both(tree, material):
+def both(trixie_tree, material):
     """{"nss13": TrixieNSS, "gpgsm24": TrixieGpgSM} holding this module's identities."""
-    made = {"nss13": trixie.TrixieNSS(tree, material.pki),
-            "gpgsm24": trixie.TrixieGpgSM(tree, material.pki)}
+    made = {"nss13": trixie.TrixieNSS(trixie_tree, material.pki),
+            "gpgsm24": trixie.TrixieGpgSM(trixie_tree, material.pki)}
     yield made
     for engine in made.values():
         engine.close()
@@ -125,13 +119,13 @@ def version_tuple(text):
     return int(major), int(minor)
 
 
-def test_chroot_has_the_debian_13_tools(tree):
-    versions = tree.marker()["versions"]
+def test_chroot_has_the_debian_13_tools(trixie_tree):
+    versions = trixie_tree.marker()["versions"]
     assert version_tuple(versions["libnss3-tools"]) >= (3, 110), versions
     assert version_tuple(versions["gpgsm"]) >= (2, 4), versions
-    assert tree.versions() == versions  # the tree is what its marker says
+    assert trixie_tree.versions() == versions  # the tree is what its marker says
     # Nothing of ours is left mounted: each command's proc mount died with its namespace.
-    assert trixie._mounts_under(tree.root) == []
+    assert trixie._mounts_under(trixie_tree.root) == []
 
 
 @pytest.mark.parametrize("recipient, cipher, kdf", [

@@ -456,6 +456,7 @@ def test_rfc5322_date_is_formatdates(zone, monkeypatch):
 
 # -- OutputGroup: unnamed files, or temporary names where a directory has none ---------
 
+@pytest.mark.system  # as another user, open(/proc, O_TMPFILE) is EACCES before EOPNOTSUPP
 def test_unnamed_files_are_decided_once_per_directory(tmp_path, monkeypatch):
     """/proc cannot hold unnamed files (open(O_TMPFILE) fails with EOPNOTSUPP): that
     directory is marked for temporary names; tmp_path (ext4 or tmpfs) can, and an
