@@ -38,6 +38,9 @@ def server_context(ca, base, name="localhost"):
         .add_extension(x509.SubjectAlternativeName([
             x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
             critical=False)
+        # RFC 5280 4.2.1.1; Python 3.13's default context (VERIFY_X509_STRICT) requires it
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+                       critical=False)
         .sign(ca.key, hashes.SHA256()))
     certfile = write(base + "/server.crt", pem_cert(cert, *ca.chain))
     keyfile = write(base + "/server.key", pem_key(key))
