@@ -21,7 +21,7 @@ from support.servers import SmtpServer  # noqa: E402
 
 #: Fixtures that need root, a Debian chroot (debootstrap), Postfix/OpenDKIM or mounts: a
 #: test using one (directly or through another fixture) is marked ``system``.
-SYSTEM_FIXTURES = {"trixie_tree", "sid_tree", "postfix", "postfix_gateway", "tmpfs"}
+SYSTEM_FIXTURES = {"trixie_tree", "sid_tree", "pythons_tree", "postfix", "postfix_gateway", "tmpfs"}
 
 
 def pytest_configure(config):
@@ -104,6 +104,13 @@ def sid_tree():
     """Debian sid in a cached chroot (support/sid.py): OpenSSL >= 3.6 for ML-KEM."""
     from support import sid
     return debian_tree(sid)
+
+
+@pytest.fixture(scope="session")
+def pythons_tree():
+    """Debian 13 with python3 and pypy3 in a cached chroot (support/pythons.py)."""
+    from support import pythons
+    return debian_tree(pythons)
 
 
 @pytest.fixture(scope="session")

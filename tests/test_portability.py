@@ -31,13 +31,6 @@ MSG = CORPUS["plain-ascii"]  # alice -> bob
 PYTHONS = ["debian13-python3", "debian13-pypy3", "host-minimum-versions"]
 
 
-@pytest.fixture(scope="module")
-def pythons_tree():
-    """The trixie chroot holding python3 and pypy3; under CI=true a build failure fails."""
-    from conftest import debian_tree
-    return debian_tree(pythons)
-
-
 @pytest.fixture(scope="module", params=PYTHONS)
 def runner(request, pki, tmp_path_factory):
     """The tool under one Python, with pki's keys and CA in its work directory."""
