@@ -1,70 +1,40 @@
-"""Shared fixtures: a throwaway PKI on disk, the tool as a subprocess, S/MIME engines."""
+"""Every shared fixture of the suite, and the ``system`` marker (see tests/README.md).
+
+Helpers (the tool as a subprocess, the PKI, batch helpers) are in support/harness.py;
+servers, engines and chroots in the other support/ modules.  A fixture only one test
+file uses sits at the top of that file.
+"""
 
 import os
-import shutil
-import subprocess
 import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-TOOL = os.path.join(ROOT, "sparkpostSMIME.py")
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TESTS)                  # the support package
+sys.path.insert(0, os.path.dirname(TESTS))  # sparkpostSMIME itself
 
-import engines  # noqa: E402
-from pki import CA, pem_cert, pem_key, write  # noqa: E402
-
-#: Everyone in the test PKI; the first is the usual sender.
-PEOPLE = ("alice@example.com", "bob@example.org", "carol@example.net", "dave@example.com",
-          "erin@example.org", "steve@thetucks.com", "steve.tuck@sparkpost.com")
-#: Cache directory of the tool during the tests (validated-key list).
-CACHE = os.path.join(__import__("tempfile").mkdtemp(prefix="smime-cache-"), "cache")
-#: Secrets planted in tests; no output of the tool may ever contain them.
-KEY_PASSWORD = "k3y-Pa55phrase-TEST"
+from support import engines  # noqa: E402
+from support.harness import PKI, need  # noqa: E402
+from support.servers import SmtpServer  # noqa: E402
 
 
-def need(tool):
-    """Skip when *tool* is missing; under CI=true a missing tool fails the test."""
-    if shutil.which(tool):
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail("%s is not installed, and CI must run every test" % tool)
-    pytest.skip("%s is not installed" % tool)
+#: Fixtures that need root, a Debian chroot (debootstrap), Postfix/OpenDKIM or mounts: a
+#: test using one (directly or through another fixture) is marked ``system``.
+SYSTEM_FIXTURES = {"trixie_tree", "sid_tree", "pythons_tree", "postfix", "postfix_gateway", "tmpfs"}
 
 
-class PKI:
-    """A root CA, an intermediate, and one identity per address in PEOPLE, on disk."""
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "system: needs root, a Debian chroot (debootstrap), Postfix/OpenDKIM or "
+        "mounts; the quick tier is pytest -m 'not system' tests")
 
-    def __init__(self, base):
-        self.base = base
-        self.keys = os.path.join(base, "keys")       # what the tool reads
-        self.private = os.path.join(base, "private")  # recipients' keys, for engines
-        os.makedirs(self.keys)
-        os.makedirs(self.private)
-        self.root = CA()
-        self.inter = self.root.intermediate()
-        self.cafile = write(os.path.join(base, "ca.crt"), pem_cert(self.root.cert))
-        self.ids = {}
-        for address in PEOPLE:
-            self.add(address)
 
-    def add(self, address, key=None, **kw):
-        """Issue a certificate for *address*; write .pem (key) and .crt (cert + chain)."""
-        key, cert = self.inter.issue(address, key, **kw)
-        self.ids[address] = (key, cert)
-        write(os.path.join(self.keys, address + ".pem"), pem_key(key))
-        write(os.path.join(self.keys, address + ".crt"), pem_cert(cert, self.inter.cert))
-        write(os.path.join(self.private, address + ".pem"), pem_key(key))
-        write(os.path.join(self.private, address + ".crt"), pem_cert(cert))
-        return key, cert
-
-    def key_path(self, address):
-        return os.path.join(self.private, address + ".pem")
-
-    def cert_path(self, address):
-        return os.path.join(self.private, address + ".crt")
+def pytest_collection_modifyitems(items):
+    """Mark ``system`` every test that uses one of SYSTEM_FIXTURES."""
+    for item in items:
+        if SYSTEM_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.system)
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +59,7 @@ def gpgsm(pki, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tls_ctx(pki, tmp_path_factory):
     """Server TLS context: a localhost/127.0.0.1 certificate issued by the test CA."""
-    import servers
+    from support import servers
     return servers.server_context(pki.inter, str(tmp_path_factory.mktemp("tls")))
 
 
@@ -97,44 +67,6 @@ def tls_ctx(pki, tmp_path_factory):
 def openssl():
     need("openssl")
     return engines.OpenSSL()
-
-
-def run_tool(args, stdin=None, env=None, cwd=None, timeout=120, preexec=None):
-    """Run the tool; return CompletedProcess (bytes).  Never a Traceback on stderr.
-
-    *preexec*: run in the child before the tool starts (resource limits)."""
-    full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("SMTP_", "SPARKPOST_", "SMIME_"))}
-    full_env["XDG_CACHE_HOME"] = CACHE  # the validated-key list of the test session
-    full_env.update(env or {})
-    proc = subprocess.run([sys.executable, TOOL] + list(args), input=stdin, env=full_env,
-                          cwd=cwd or ROOT, capture_output=True, timeout=timeout,
-                          preexec_fn=preexec)
-    engines.OUTPUTS.append(proc.stdout + proc.stderr)
-    assert b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")
-    return proc
-
-
-def build(pki, tmp_path, raw, flags, name="in.eml", ok=0, safe=False, env=None):
-    """Write *raw* to tmp_path/name and run the tool on it with pki's keys and *flags*;
-    return the CompletedProcess.  Its exit code must be *ok* (unless None); with
-    *safe*, a message built (exit 0) must be transport-safe (engines); *env*: variables
-    added to the tool's environment."""
-    path = tmp_path / name
-    path.write_bytes(raw)
-    proc = run_tool([str(path), "--keys", pki.keys] + list(flags), env=env)
-    if ok is not None:
-        assert proc.returncode == ok, proc.stderr
-    if safe and proc.returncode == 0:
-        engines.check_transport_safe(proc.stdout)
-    return proc
-
-
-def send(pki, tmp_path, raw, flags, env, name="msg.eml"):
-    """Write *raw* to tmp_path/name and send it: the tool with pki's keys, then *flags*
-    (--send_smtp or --send_api among them), in the environment *env*; return the
-    CompletedProcess, whatever its exit code (the tests check the failures too)."""
-    return build(pki, tmp_path, raw, flags, name, ok=None, env=env)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -146,27 +78,68 @@ def no_secret_in_any_output():
             assert secret not in blob, "a secret leaked into the tool's output"
 
 
+def debian_tree(suite_module):
+    """Return the cached chroot of *suite_module* (support.trixie or support.sid): under
+    CI=true a tree that cannot be built fails the test, elsewhere it skips."""
+    from support import debian
+    need("debootstrap")
+    try:
+        return suite_module.chroot()
+    except (debian.BuildError, PermissionError) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the Debian %s chroot cannot be built, and CI must run every test: %s"
+                        % (suite_module.SUITE.name, exc))
+        pytest.skip("the Debian %s chroot cannot be built: %s" % (suite_module.SUITE.name, exc))
+
+
 @pytest.fixture(scope="session")
-def nss13(pki):
+def trixie_tree():
+    """Debian 13 in a cached chroot (support/trixie.py): NSS 3.110, gpgsm 2.4, python3, pypy3."""
+    from support import trixie
+    return debian_tree(trixie)
+
+
+@pytest.fixture(scope="session")
+def sid_tree():
+    """Debian sid in a cached chroot (support/sid.py): OpenSSL >= 3.6 for ML-KEM."""
+    from support import sid
+    return debian_tree(sid)
+
+
+@pytest.fixture(scope="session")
+def pythons_tree():
+    """Debian 13 with python3 and pypy3 in a cached chroot (support/pythons.py)."""
+    from support import pythons
+    return debian_tree(pythons)
+
+
+@pytest.fixture(scope="session")
+def nss13(pki, trixie_tree):
     """Debian 13's NSS cmsutil (3.110) in a cached trixie chroot, holding the session PKI.
 
-    Decrypts EC (ECDH) recipients, which Debian 12's NSS cannot; see tests/trixie.py.
+    Decrypts EC (ECDH) recipients, which Debian 12's NSS cannot; see tests/support/trixie.py.
     """
-    need("debootstrap")
-    import trixie
-    engine = trixie.TrixieNSS(trixie.chroot(), pki)
+    from support import trixie
+    engine = trixie.TrixieNSS(trixie_tree, pki)
     yield engine
     engine.close()
 
 
 @pytest.fixture(scope="session")
-def gpgsm24(pki):
+def gpgsm24(pki, trixie_tree):
     """Debian 13's GnuPG gpgsm (2.4) in a cached trixie chroot, holding the session PKI.
 
     Imports EC PKCS#12 and decrypts EC (ECDH) recipients, which gpgsm 2.2 cannot.
     """
-    need("debootstrap")
-    import trixie
-    engine = trixie.TrixieGpgSM(trixie.chroot(), pki)
+    from support import trixie
+    engine = trixie.TrixieGpgSM(trixie_tree, pki)
     yield engine
     engine.close()
+
+
+
+@pytest.fixture(params=[True, False], ids=["pipelining", "no-pipelining"])
+def smtp(request):
+    """aiosmtpd, offering PIPELINING (the tool streams messages back to back) or not."""
+    with SmtpServer(pipelining=request.param) as srv:
+        yield srv

@@ -1,6 +1,5 @@
 """Batch mode and "nothing lost": --jobs, --repeat, reuse, retries, journal, resume, archive, Ctrl-C."""
 
-import json
 import os
 import re
 import select
@@ -11,46 +10,10 @@ import time
 
 import pytest
 
-import engines
-from conftest import TOOL, run_tool
-from corpus import CORPUS
-from servers import ApiServer, SmtpServer
-
-SUMMARY = re.compile(r"Summary: (\d+) sent, (\d+) failed(?:, (\d+) not sent)? in [\d.]+ seconds "
-                     r"\([\d.]+ msg/s\)(?:; latency min [\d.]+ ms, median [\d.]+ ms, "
-                     r"p95 [\d.]+ ms, max [\d.]+ ms)?$")
-
-
-@pytest.fixture(params=[True, False], ids=["pipelining", "no-pipelining"])
-def smtp(request):
-    """aiosmtpd, offering PIPELINING (the tool streams messages back to back) or not."""
-    with SmtpServer(pipelining=request.param) as srv:
-        yield srv
-
-
-def inbox(tmp_path, count, raw=CORPUS["plain-ascii"]):
-    """A directory of *count* messages (alice -> bob)."""
-    d = tmp_path / "inbox"
-    d.mkdir(exist_ok=True)
-    for i in range(count):
-        (d / ("m%03d.eml" % i)).write_bytes(raw.replace(b"Just text.", b"Message %d." % i))
-    return d
-
-
-def smtp_env(srv):
-    return {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(srv.port), "SMTP_TIMEOUT": "10"}
-
-
-def summary(proc):
-    last = proc.stdout.decode().strip().splitlines()[-1]
-    match = SUMMARY.match(last)
-    assert match, last
-    return [int(g or 0) for g in match.groups()]
-
-
-def journal(path):
-    with open(path) as fh:
-        return [json.loads(line) for line in fh]
+from support import engines
+from support.harness import TOOL, inbox, journal, run_tool, smtp_env, summary
+from support.corpus import CORPUS
+from support.servers import ApiServer, SmtpServer
 
 
 def test_jobs_repeat_and_directories(smtp, pki, tmp_path):

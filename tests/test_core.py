@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-import engines
-from conftest import build, run_tool
-from corpus import CORPUS, SENDER
+from support import engines
+from support.harness import build, run_tool
+from support.corpus import CORPUS, SENDER
 
 MODES = {
     "sign": ["--sign"],

@@ -15,11 +15,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-import conftest
-import engines
+from support import harness
+from support import engines
 import sparkpostSMIME as tool
-from conftest import run_tool
-from corpus import SENDER
+from support.harness import run_tool
+from support.corpus import SENDER
 
 RECIPIENT = "bob@example.org"
 BODY = ("MIME-Version: 1.0\nContent-Type: text/plain; charset=us-ascii\n\n"
@@ -79,7 +79,7 @@ def signing_times(openssl, pki, raw, flags):
 
 
 def build(pki, tmp_path, raw, flags):
-    return conftest.build(pki, tmp_path, raw, flags, ok=None)  # the tests check the code
+    return harness.build(pki, tmp_path, raw, flags, ok=None)  # the tests check the code
 
 
 @pytest.mark.parametrize("mode", MODES)

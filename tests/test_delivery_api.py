@@ -5,10 +5,10 @@ import re
 
 import pytest
 
-import engines
-from conftest import run_tool, send
-from corpus import CORPUS
-from servers import ApiServer, free_port
+from support import engines
+from support.harness import run_tool, send
+from support.corpus import CORPUS
+from support.servers import ApiServer, free_port
 
 API_KEY = engines.plant_secret("0123456789abcdef0123456789abcdefTESTKEY")
 MSG = CORPUS["many-recipients"]  # alice -> Bob <bob>, carol; Cc "Erin E." <erin>; Bcc dave

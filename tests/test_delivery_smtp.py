@@ -7,10 +7,10 @@ from email.utils import formatdate
 
 import pytest
 
-import engines
-from conftest import run_tool, send
-from corpus import CORPUS
-from servers import SilentServer, SmtpServer, free_port
+from support import engines
+from support.harness import run_tool, send
+from support.corpus import CORPUS
+from support.servers import SilentServer, SmtpServer, free_port
 
 USER = "SMTP_Injection"
 PASSWORD = engines.plant_secret("s3cret-SMTP-pw-TEST-only")

@@ -1,7 +1,7 @@
 """Encryption to EC recipients (ECDH, RFC 5753) beside RSA ones, and ECDSA signers.
 
 Checked by OpenSSL 3.0 (Debian 12) for every recipient of every mix, and by Debian 13's
-NSS cmsutil 3.110 and gpgsm 2.4.7 (tests/trixie.py): Debian 12's NSS and gpgsm 2.2 cannot
+NSS cmsutil 3.110 and gpgsm 2.4.7 (tests/support/trixie.py): Debian 12's NSS and gpgsm 2.2 cannot
 decrypt ECDH.  The identities live in this module's own PKI (the session PKI stays RSA-only:
 gpgsm 2.2 cannot import EC PKCS#12).
 """
@@ -16,10 +16,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, x25519
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import conftest
-import engines
-from conftest import PKI, need, run_tool
-from pki import pem_cert, pem_key, write
+from support import harness
+from support import engines
+from support.harness import PKI, run_tool
+from support.pki import pem_cert, pem_key, write
 
 RSA = "rsa@ec.example"
 P256, P384, P521 = "p256@ec.example", "p384@ec.example", "p521@ec.example"
@@ -59,7 +59,7 @@ def message(sender, to, cc=(), bcc=(), body="Hello from an EC test.\n"):
 
 
 def build(pki, tmp_path, raw, flags):
-    return conftest.build(pki, tmp_path, raw, flags, name="m.eml", safe=True).stdout
+    return harness.build(pki, tmp_path, raw, flags, name="m.eml", safe=True).stdout
 
 
 def text_of(entity):
@@ -151,12 +151,10 @@ def test_signing_only_certificate_gets_no_own_copy(ecpki, openssl, tmp_path):
 # -- Debian 13's NSS and gpgsm -------------------------------------------------
 
 @pytest.fixture(scope="module")
-def engines13(ecpki):
+def engines13(ecpki, trixie_tree):
     """Debian 13's NSS and gpgsm holding this module's identities (trusting its root)."""
-    need("debootstrap")
-    import trixie
-    tree = trixie.chroot()
-    nss, gpg = trixie.TrixieNSS(tree, ecpki), trixie.TrixieGpgSM(tree, ecpki)
+    from support import trixie
+    nss, gpg = trixie.TrixieNSS(trixie_tree, ecpki), trixie.TrixieGpgSM(trixie_tree, ecpki)
     yield {"nss": nss, "gpgsm": gpg}
     nss.close()
     gpg.close()

@@ -14,13 +14,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-import engines
-from conftest import ROOT, TOOL, run_tool, send
-from corpus import CORPUS
-from pki import pem_cert, pem_key, write
-from servers import ApiServer, SmtpServer
-from test_batch import inbox, journal, smtp_env
-from test_faults import tool_env
+from support import engines
+from support.harness import ROOT, TOOL, inbox, journal, run_tool, send, smtp_env, tool_env
+from support.corpus import CORPUS
+from support.pki import pem_cert, pem_key, write
+from support.servers import ApiServer, SmtpServer
 
 SMTP = ["--send_smtp", "--retry_delay", "0.05"]
 THREE = (b"From: alice@example.com\r\nTo: bob@example.org, carol@example.net, "

@@ -21,18 +21,15 @@ import time
 
 import pytest
 
-import engines
-from conftest import CACHE, HERE, ROOT, TOOL, need, run_tool
-from corpus import CORPUS
-import test_batch
-from test_batch import inbox, journal, smtp_env, summary
+from support import engines
+from support.harness import (ROOT, TESTS, TOOL, inbox, journal, need, run_tool, smtp_env,
+                             summary, tool_env)
+from support.corpus import CORPUS
 
-
-smtp = test_batch.smtp  # the fixture: aiosmtpd with PIPELINING and without
 
 PAGE = resource.getpagesize()
-AVOCADO = os.path.join(HERE, "avocado-577k.eml")  # 577 KB: never fits in a 64k tmpfs
-FANCY = os.path.join(HERE, "fancy-HTML-to-smt.eml")
+AVOCADO = os.path.join(TESTS, "avocado-577k.eml")  # 577 KB: never fits in a 64k tmpfs
+FANCY = os.path.join(TESTS, "fancy-HTML-to-smt.eml")
 IN_CI = os.environ.get("CI") == "true"
 NOT_RECORDED = re.compile(r"^sparkpostSMIME: delivered but not recorded \((.*)\): (\S+)$")
 
@@ -92,15 +89,6 @@ def leftovers(directory, *expected):
 def diagnostics(proc):
     """Return the tool's stderr as a list of lines."""
     return proc.stderr.decode(errors="replace").splitlines()
-
-
-def tool_env(extra=None):
-    """The environment run_tool gives the tool (for runs that need their own stdout)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SMTP_", "SPARKPOST_", "SMIME_"))}
-    env["XDG_CACHE_HOME"] = CACHE
-    env.update(extra or {})
-    return env
 
 
 def signed_message(pki, source=FANCY):
@@ -176,7 +164,7 @@ WITHOUT_PROC = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
 
 
 #: How the tool writes -o DIR files: as is (unnamed files), or with /proc hidden.
-FILES = ["unnamed", "temporary names (no /proc)"]
+FILES = ["unnamed", pytest.param("temporary names (no /proc)", marks=pytest.mark.system)]
 
 
 def file_batch(tmp_path, files):

@@ -1,7 +1,7 @@
 """--serve: the S/MIME gateway, between smtplib clients and a real aiosmtpd next hop.
 
 Every test starts the tool as a process listening on 127.0.0.1 and speaks SMTP to it;
-the next hop is tests/servers.py's recording aiosmtpd (or its HTTP API server).
+the next hop is tests/support/servers.py's recording aiosmtpd (or its HTTP API server).
 """
 
 import json
@@ -20,9 +20,9 @@ import time
 
 import pytest
 
-import engines
-from conftest import CACHE, ROOT, TOOL
-from servers import ApiServer, SilentServer, SmtpServer, free_port
+from support import engines
+from support.harness import CACHE, ROOT, TOOL
+from support.servers import ApiServer, SilentServer, SmtpServer, free_port
 
 USER = "gateway-app"
 PASSWORD = engines.plant_secret("gw-Pa55word-TEST-only")
@@ -223,7 +223,7 @@ def test_opportunistic_signs_only_when_a_certificate_is_missing(start, sink, pki
 
 
 def test_usage_of_serve_options(tmp_path, pki):
-    from conftest import run_tool
+    from support.harness import run_tool
     for args, text in [(["--serve", "25"], b"--send_smtp or --send_api"),
                        (["--serve", "25", "--send_smtp", "x.eml"], b"give no EMLFILE"),
                        (["--serve", "no:port", "--send_smtp"], b"expected [HOST:]PORT"),
@@ -367,7 +367,7 @@ def test_api_next_hop_partial_refusal_recorded(tmp_path, pki):
 # -- what passes unchanged, what cannot be built ------------------------------------
 
 def test_already_smime_passes_through_unchanged(start, sink, pki, tmp_path):
-    from conftest import run_tool
+    from support.harness import run_tool
     src = tmp_path / "m.eml"
     src.write_bytes(MSG)
     signed = run_tool([str(src), "--sign", "--keys", pki.keys]).stdout
@@ -514,7 +514,7 @@ def test_connection_cap_and_idle_timeout(start, sink):
 # -- beyond loopback: STARTTLS and AUTH ----------------------------------------------
 
 def test_auth_only_after_starttls(start, sink, pki, tls_ctx, tmp_path):
-    from servers import server_context
+    from support.servers import server_context
     base = tmp_path / "tls"
     base.mkdir()
     server_context(pki.inter, str(base))
@@ -545,7 +545,7 @@ def test_auth_only_after_starttls(start, sink, pki, tls_ctx, tmp_path):
 
 
 def test_listening_beyond_loopback_needs_tls_and_auth_or_trust(tmp_path, pki):
-    from conftest import run_tool
+    from support.harness import run_tool
     env = {"SMTP_HOST": "127.0.0.1", "SMIME_GATEWAY_USER": USER,
            "SMIME_GATEWAY_PASSWORD": PASSWORD}
     proc = run_tool(["--serve", "127.0.0.1:25", "--send_smtp", "--sign"], env=env)
@@ -620,8 +620,8 @@ POSTFIX_PEOPLE = ["steve.tuck@sparkpost.com", "bob@example.org", "carol@example.
 def postfix_filter(pki, base, gw_port, people):
     """A private Postfix whose content_filter is the gateway on *gw_port*, with a second
     smtpd for reinjection (its port: .reinject); queue timers in seconds, not minutes."""
-    import mta
-    from servers import server_context
+    from support import mta
+    from support.servers import server_context
     server_context(pki.inter, base, name="localhost")
     reinject = free_port()
     main = {"content_filter": "smime:[127.0.0.1]:%d" % gw_port,
@@ -653,7 +653,7 @@ def postfix_filter(pki, base, gw_port, people):
 def postfix_gateway(pki, tmp_path):
     """(Postfix, gateway port, start()): a Postfix filtering through the gateway."""
     import tempfile
-    import mta
+    from support import mta
     if not mta.tools_present():
         if os.environ.get("CI") == "true":
             pytest.fail("postfix/opendkim are not installed, and CI must run every test")

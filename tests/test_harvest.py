@@ -6,9 +6,9 @@ import re
 import pytest
 from cryptography import x509
 
-import engines
-from conftest import run_tool
-from pki import CA, DAY, NOW, pem_cert, pem_key, write
+from support import engines
+from support.harness import run_tool
+from support.pki import CA, DAY, NOW, pem_cert, pem_key, write
 
 FRANK = "frank@example.net"
 BODY = "Content-Type: text/plain; charset=us-ascii\n\nHello from Frank, signed by OpenSSL.\n"

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import engines
+from support import engines
 import sparkpostSMIME as tool
-from conftest import CACHE, run_tool
-from corpus import CORPUS
+from support.harness import CACHE, run_tool
+from support.corpus import CORPUS
 
 PASSTHROUGH = tool.parse_args(["x.eml"])
 FAST = settings(max_examples=300, deadline=None,

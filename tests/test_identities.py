@@ -8,10 +8,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12, BestAvailableEncryption
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-import engines
-from conftest import KEY_PASSWORD, run_tool
-from corpus import CORPUS
-from pki import DAY, NOW, new_key, pem_cert, pem_key, write
+from support import engines
+from support.harness import KEY_PASSWORD, run_tool
+from support.corpus import CORPUS
+from support.pki import DAY, NOW, new_key, pem_cert, pem_key, write
 
 MSG = CORPUS["plain-ascii"]  # alice@example.com -> bob@example.org
 ALICE, BOB = "alice@example.com", "bob@example.org"

@@ -1,6 +1,6 @@
 """Post-quantum recipients: ML-KEM-768/1024 KEMRecipientInfo (RFC 9629, RFC 9936, RFC 9935).
 
-The independent engine is OpenSSL >= 3.6 of Debian sid in a cached chroot (tests/sid.py):
+The independent engine is OpenSSL >= 3.6 of Debian sid in a cached chroot (tests/support/sid.py):
 it decrypts what we encrypt, for every recipient of every mix with RSA and EC P-256, in
 every encrypt mode, and verifies the signature inside; it makes the messages, keys (in
 its default 'seed and expanded key' form) and ML-KEM-512 certificates we must read or
@@ -17,12 +17,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import mlkem
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import debian
-import conftest
-import engines
-import sid
-from conftest import KEY_PASSWORD, PKI, need, run_tool
-from pki import new_key, pem_cert, pem_key, write
+from support import debian
+from support import harness
+from support import engines
+from support import sid
+from support.harness import KEY_PASSWORD, PKI, run_tool
+from support.pki import new_key, pem_cert, pem_key, write
 
 SENDER = "alice@example.com"                       # RSA signing key, RSA own copy
 PQ_SENDER = "pq-sender@pq.example"                 # RSA signing key, ML-KEM-768 <from>.crt
@@ -40,22 +40,8 @@ WRAPPED_KEY = bytes.fromhex("300b060960864801650304012d") + b"\x04\x28"
 
 
 @pytest.fixture(scope="module")
-def tree():
-    """The sid chroot; under CI=true a build failure fails, elsewhere it skips."""
-    need("debootstrap")
-    try:
-        made = sid.chroot()
-    except (debian.BuildError, PermissionError) as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the Debian sid chroot cannot be built, and CI must run every "
-                        "test: %s" % exc)
-        pytest.skip("the Debian sid chroot cannot be built: %s" % exc)
-    return made
-
-
-@pytest.fixture(scope="module")
-def osl(tree):
-    engine = sid.SidOpenSSL(tree)
+def osl(sid_tree):
+    engine = sid.SidOpenSSL(sid_tree)
     yield engine
     engine.close()
 
@@ -96,7 +82,7 @@ def message(sender, to, body=BODY):
 
 
 def build(pki, tmp_path, raw, flags, ok=0):
-    return conftest.build(pki, tmp_path, raw, flags, name="m.eml", ok=ok, safe=True)
+    return harness.build(pki, tmp_path, raw, flags, name="m.eml", ok=ok, safe=True)
 
 
 def der_of(out):
@@ -113,10 +99,10 @@ def opened(osl, pki, der, who, sign=()):
     return plain.replace(b"\r\n", b"\n")
 
 
-def test_sid_has_openssl_3_6(tree):
-    assert sid.version(tree) >= (3, 6, 0), tree.marker()["versions"]
-    assert tree.versions() == tree.marker()["versions"]  # the tree is what its marker says
-    assert debian._mounts_under(tree.root) == []
+def test_sid_has_openssl_3_6(sid_tree):
+    assert sid.version(sid_tree) >= (3, 6, 0), sid_tree.marker()["versions"]
+    assert sid_tree.versions() == sid_tree.marker()["versions"]  # the tree is what its marker says
+    assert debian._mounts_under(sid_tree.root) == []
 
 
 @pytest.mark.parametrize("mix", MIXES)

@@ -15,11 +15,11 @@ import tempfile
 
 import pytest
 
-import engines
-import mta
-import servers
-from conftest import HERE, run_tool
-from corpus import CORPUS
+from support import engines
+from support import mta
+from support import servers
+from support.harness import TESTS, run_tool
+from support.corpus import CORPUS
 
 SENDER = "steve@thetucks.com"
 TO = ["steve.tuck@sparkpost.com", "bob@example.org"]
@@ -41,7 +41,7 @@ def readdress(raw):
 
 
 def fixture(name):
-    with open(os.path.join(HERE, name), "rb") as fh:
+    with open(os.path.join(TESTS, name), "rb") as fh:
         return fh.read()
 
 

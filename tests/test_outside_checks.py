@@ -10,10 +10,10 @@ import tomllib
 
 import pytest
 
-import engines
-from conftest import ROOT, TOOL, run_tool
-import sparkpost_rules
-from servers import ApiServer, SmtpServer, server_context
+from support import engines
+from support.harness import ROOT, TOOL, run_tool
+from support import sparkpost_rules
+from support.servers import ApiServer, SmtpServer, server_context
 
 #: 5,100 bytes of data full of bare LFs and CRs, as an attachment declared "binary".
 PAYLOAD = (b"\nline\nanother\r\r\n\n\rend" + bytes(range(256)) * 20)[:5099] + b"!"

@@ -1,6 +1,6 @@
 """--verify and --decrypt: S/MIME mail made by OpenSSL 3.0, received and checked by the tool.
 
-Every message comes from tests/openssl_made.py, which makes it with ``openssl cms`` (or
+Every message comes from tests/support/openssl_made.py, which makes it with ``openssl cms`` (or
 ``openssl smime``) and proves with OpenSSL what it is before any test sees it: good
 signatures verify there and yield the exact content, spoilt ones are refused for the
 fault they claim and for no other, envelopes decrypt to the exact plaintext with the
@@ -33,10 +33,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import engines
-import openssl_made as om
-from conftest import need, run_tool
-from openssl_made import BOB, DEPT, FIONA, FRANK, KINDS, MALLORY, SIGNED
+from support import engines
+from support import openssl_made as om
+from support.harness import need, run_tool
+from support.openssl_made import BOB, DEPT, FIONA, FRANK, KINDS, MALLORY, SIGNED
 
 #: Loose reasons (case-insensitive), from the interface.
 TAMPERED = r"digest|does not match|altered|tampered"

@@ -13,10 +13,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-import engines
+from support import engines
 import sparkpostSMIME as tool
-from conftest import need, run_tool
-from pki import CA, pem_cert, pem_key, write
+from support.harness import need, run_tool
+from support.pki import CA, pem_cert, pem_key, write
 
 VICTIM = "victim@bank.example"
 BOB = "bob@example.org"

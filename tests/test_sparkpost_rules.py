@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-import engines
-from pki import pem_cert
-import sparkpost_rules as sp
-from sparkpost_rules import GenerationFailure, NotEmulated, check_transmission, \
+from support import engines
+from support.pki import pem_cert
+from support import sparkpost_rules as sp
+from support.sparkpost_rules import GenerationFailure, NotEmulated, check_transmission, \
     delivered_message
 
 

@@ -1,4 +1,4 @@
-"""The Debian 13 engines (NSS cmsutil 3.110, gpgsm 2.4 in a chroot, tests/trixie.py) work.
+"""The Debian 13 engines (NSS cmsutil 3.110, gpgsm 2.4 in a chroot, tests/support/trixie.py) work.
 
 OpenSSL 3.0 (the host's) makes CMS messages encrypted to EC P-256 and P-384 recipients
 (KeyAgreeRecipientInfo, ephemeral-static ECDH, AES key wrap) and to RSA ones, and ECDSA
@@ -19,10 +19,10 @@ import subprocess
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-import engines
-import trixie
-from conftest import PEOPLE, PKI, need
-from pki import CA, pem_cert, pem_key, write
+from support import engines
+from support import trixie
+from support.harness import PEOPLE, PKI, need
+from support.pki import CA, pem_cert, pem_key, write
 
 EC256 = "ec-p256@trixie.example"
 EC384 = "ec-p384@trixie.example"
@@ -99,16 +99,10 @@ def material(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tree():
-    need("debootstrap")
-    return trixie.chroot()
-
-
-@pytest.fixture(scope="module")
-def both(tree, material):
+def both(trixie_tree, material):
     """{"nss13": TrixieNSS, "gpgsm24": TrixieGpgSM} holding this module's identities."""
-    made = {"nss13": trixie.TrixieNSS(tree, material.pki),
-            "gpgsm24": trixie.TrixieGpgSM(tree, material.pki)}
+    made = {"nss13": trixie.TrixieNSS(trixie_tree, material.pki),
+            "gpgsm24": trixie.TrixieGpgSM(trixie_tree, material.pki)}
     yield made
     for engine in made.values():
         engine.close()
@@ -125,13 +119,13 @@ def version_tuple(text):
     return int(major), int(minor)
 
 
-def test_chroot_has_the_debian_13_tools(tree):
-    versions = tree.marker()["versions"]
+def test_chroot_has_the_debian_13_tools(trixie_tree):
+    versions = trixie_tree.marker()["versions"]
     assert version_tuple(versions["libnss3-tools"]) >= (3, 110), versions
     assert version_tuple(versions["gpgsm"]) >= (2, 4), versions
-    assert tree.versions() == versions  # the tree is what its marker says
+    assert trixie_tree.versions() == versions  # the tree is what its marker says
     # Nothing of ours is left mounted: each command's proc mount died with its namespace.
-    assert trixie._mounts_under(tree.root) == []
+    assert trixie._mounts_under(trixie_tree.root) == []
 
 
 @pytest.mark.parametrize("recipient, cipher, kdf", [

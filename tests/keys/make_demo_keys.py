@@ -11,7 +11,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from pki import CA, DAY, NOW, pem_cert, pem_key, write  # noqa: E402
+from support.pki import CA, DAY, NOW, pem_cert, pem_key, write  # noqa: E402
 
 
 def main():

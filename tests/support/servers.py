@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-import sparkpost_rules
-from pki import pem_cert, pem_key, write
+from . import sparkpost_rules
+from .pki import pem_cert, pem_key, write
 
 
 def free_port():
@@ -28,7 +28,7 @@ def server_context(ca, base, name="localhost"):
     import ipaddress
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
-    from pki import DAY, NOW, new_key
+    from .pki import DAY, NOW, new_key
     key = new_key()
     cert = (x509.CertificateBuilder().subject_name(x509.Name([
         x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, name)]))
@@ -38,6 +38,9 @@ def server_context(ca, base, name="localhost"):
         .add_extension(x509.SubjectAlternativeName([
             x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
             critical=False)
+        # RFC 5280 4.2.1.1; Python 3.13's default context (VERIFY_X509_STRICT) requires it
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+                       critical=False)
         .sign(ca.key, hashes.SHA256()))
     certfile = write(base + "/server.crt", pem_cert(cert, *ca.chain))
     keyfile = write(base + "/server.key", pem_key(key))

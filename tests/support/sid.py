@@ -3,14 +3,14 @@
 Debian 12's OpenSSL 3.0 knows no ML-KEM; OpenSSL 3.5 added ML-KEM keys and 3.6 the CMS
 KEMRecipientInfo, so the tests check post-quantum messages with sid's OpenSSL instead.
 :func:`chroot` builds (once, then reuses) a minimal sid tree with ``debootstrap``
-(tests/debian.py, cached in /var/cache/sparkpostSMIME-tests/sid or $SMIME_TEST_SID);
+(tests/support/debian.py, cached in /var/cache/sparkpostSMIME-tests/sid or $SMIME_TEST_SID);
 :class:`SidOpenSSL` runs ``openssl`` inside it on files of its own work directory.
 TEST-ONLY: every key handled here is a test key.
 """
 
 import re
 
-import debian
+from . import debian
 
 #: OpenSSL itself; its version is recorded in the tree's marker.
 SUITE = debian.Suite("sid", ("openssl",), "SMIME_TEST_SID", ("openssl",), ("openssl", "version"))

@@ -1,6 +1,6 @@
 """SparkPost's documented rules for transmissions with RFC 822 content, emulated locally.
 
-A stand-in for SparkPost (tests/servers.py) can call:
+A stand-in for SparkPost (tests/support/servers.py) can call:
 
 * ``check_transmission(body)`` -> ``(status, response)``: the answer SparkPost documents
   for a POST /api/v1/transmissions whose JSON body is *body* (a dict);

@@ -1,7 +1,7 @@
 """Newer Debian releases in cached chroots, for S/MIME engines the host's Debian lacks.
 
-A :class:`Suite` names a release and the packages the tests need from it (tests/trixie.py:
-Debian 13's NSS and gpgsm; tests/sid.py: Debian sid's OpenSSL 3.6 for ML-KEM).
+A :class:`Suite` names a release and the packages the tests need from it (tests/support/trixie.py:
+Debian 13's NSS and gpgsm; tests/support/sid.py: Debian sid's OpenSSL 3.6 for ML-KEM).
 :func:`chroot` builds (once, then reuses) a minimal tree of it with ``debootstrap`` in the
 suite's cache directory and returns a :class:`Chroot` that runs commands inside it.
 
@@ -30,7 +30,7 @@ import time
 
 from typing import NamedTuple
 
-import engines
+from . import engines
 
 #: Trees are cached in CACHE_ROOT/<suite> unless the suite's variable names another directory.
 CACHE_ROOT = "/var/cache/sparkpostSMIME-tests"
@@ -49,7 +49,7 @@ DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8),
 #: Work directories of engines live in ROOT/tmp under this prefix.
 WORK_PREFIX = "smime-work-"
 
-_CHROOTS = {}  # suite name -> the Chroot of this process (or the BuildError), once made
+_CHROOTS = {}  # Suite -> the Chroot of this process (or the BuildError), once made
 _LIBC = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
 
@@ -61,7 +61,8 @@ class BuildError(RuntimeError):
 class Suite(NamedTuple):
     """A Debian release to build a tree of, and what to install in it.
 
-    *name*: the debootstrap suite (also the cache directory's name); *packages*:
+    *name*: the debootstrap suite (also the cache directory's name, unless *tree*
+    names another); *packages*:
     installed by debootstrap itself (--include), from the same signed Release as the
     base; *env*: the variable naming another cache directory; *versions*: packages
     whose versions the marker records; *version_command*: a command whose first output
@@ -72,6 +73,7 @@ class Suite(NamedTuple):
     env: str
     versions: tuple
     version_command: tuple = ()
+    tree: str = ""
 
     def recipe(self):
         """Return the recipe: changing the suite, variant or packages rebuilds the tree."""
@@ -79,9 +81,9 @@ class Suite(NamedTuple):
                 "format": 1}
 
     def cache_dir(self):
-        """Return the absolute path of the cached tree: $<env> or CACHE_ROOT/<name>."""
+        """Return the absolute path of the cached tree: $<env> or CACHE_ROOT/<tree or name>."""
         return os.path.abspath(os.environ.get(self.env) or
-                               os.path.join(CACHE_ROOT, self.name))
+                               os.path.join(CACHE_ROOT, self.tree or self.name))
 
 
 def debian_mirror(paths=None):
@@ -135,7 +137,7 @@ def chroot(suite):
     Raises :class:`BuildError` when the build fails (again on later calls, without
     retrying) and PermissionError when not root.
     """
-    made = _CHROOTS.get(suite.name)
+    made = _CHROOTS.get(suite)
     if isinstance(made, Exception):
         raise made  # the build failed earlier in this process: do not retry it
     if made is None:
@@ -158,12 +160,12 @@ def chroot(suite):
                 fcntl.flock(lock, fcntl.LOCK_UN)
         except BuildError as exc:
             lock.close()
-            _CHROOTS[suite.name] = exc
+            _CHROOTS[suite] = exc
             raise
         except BaseException:
             lock.close()
             raise
-        made = _CHROOTS[suite.name] = Chroot(root, lock, suite)
+        made = _CHROOTS[suite] = Chroot(root, lock, suite)
     return made
 
 
@@ -235,7 +237,7 @@ def _build(root, suite):
         log.flush()
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                               env={"PATH": HOST_PATH, "LC_ALL": "C.UTF-8"}, timeout=1800,
-                              preexec_fn=_die_with_parent())
+                              preexec_fn=die_with_parent())
     if proc.returncode != 0:
         with open(log_path, "rb") as fh:
             tail = fh.read()[-3000:].decode(errors="replace")
@@ -307,7 +309,7 @@ def _remove_stale_work_dirs(root):
             shutil.rmtree(path, ignore_errors=True)  # died before making its lock
 
 
-def _die_with_parent():
+def die_with_parent():
     """Return a preexec_fn making the child (unshare) get SIGKILL when this process dies.
 
     unshare's --kill-child then kills the namespace's first process, and with it every
@@ -349,8 +351,13 @@ class Chroot:
         Every process the command starts (gpg-agent too) is killed when it ends, or when
         this process dies.
         """
-        return engines.run(self._prefix + list(args), data, ok=ok,
-                           env=dict(INNER_ENV, **(env or {})), preexec_fn=_die_with_parent())
+        return engines.run(self.command(args), data, ok=ok,
+                           env=dict(INNER_ENV, **(env or {})), preexec_fn=die_with_parent())
+
+    def command(self, args):
+        """Return the host command line that runs *args* inside the chroot (for Popen: give
+        it env=INNER_ENV plus variables, and preexec_fn=die_with_parent())."""
+        return self._prefix + list(args)
 
     def inside(self, host_path):
         """Return the path inside the chroot of *host_path*, which must be in the tree."""

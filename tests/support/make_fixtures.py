@@ -1,6 +1,6 @@
 """Regenerate tests/fancy-HTML-to-smt.eml (~19 KB) and tests/avocado-577k.eml (~577 KB).
 
-Run from the repository root: python3 tests/make_fixtures.py (deterministic output)."""
+Run from the repository root: python3 tests/support/make_fixtures.py (deterministic output)."""
 import base64, quopri, random, struct, zlib, textwrap
 random.seed(42)
 para = ("Avocados are a nutrient-dense fruit. Rich in monounsaturated fats, fibre, potassium and "

@@ -18,7 +18,7 @@ import time
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from servers import free_port
+from .servers import free_port
 
 DKIM_DOMAIN = "thetucks.com"
 DKIM_SELECTOR = "smimetest"

@@ -32,8 +32,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-import engines
-from pki import CA, DAY, NOW, new_key, pem_cert, pem_key, write
+from . import engines
+from .pki import CA, DAY, NOW, new_key, pem_cert, pem_key, write
 
 # -- the people ------------------------------------------------------------------
 

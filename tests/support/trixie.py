@@ -3,7 +3,7 @@
 Debian 12's NSS 3.87 and gpgsm 2.2.40 cannot decrypt CMS EnvelopedData for EC recipients
 (KeyAgreeRecipientInfo, ECDH ephemeral-static, AES key wrap), so the tests check such
 messages with trixie's tools instead.  :func:`chroot` builds (once, then reuses) a minimal
-trixie tree (tests/debian.py, cached in /var/cache/sparkpostSMIME-tests/trixie or
+trixie tree (tests/support/debian.py, cached in /var/cache/sparkpostSMIME-tests/trixie or
 $SMIME_TEST_TRIXIE); :class:`TrixieNSS` and :class:`TrixieGpgSM` mirror ``engines.NSS``
 and ``engines.GpgSM`` (and are subclasses of them, so ``engines.verify_signed`` treats
 them alike) but run the trixie tools inside it.  TEST-ONLY: every key is a test key.
@@ -14,9 +14,9 @@ import os
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-import debian
-import engines
-from debian import _mounts_under  # noqa: F401  (the tests check nothing is left mounted)
+from . import debian
+from . import engines
+from .debian import _mounts_under  # noqa: F401  (the tests check nothing is left mounted)
 
 #: NSS's cmsutil, GnuPG's gpgsm (cmsutil has no version option: libnss3's version is NSS's).
 SUITE = debian.Suite("trixie", ("libnss3-tools", "gpgsm", "gpg-agent"), "SMIME_TEST_TRIXIE",
