@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_tool
-from corpus import CORPUS
-from servers import SmtpServer
+from support.corpus import CORPUS
+from support.harness import ROOT, run_tool
+from support.servers import SmtpServer
 
 EXAMPLE = os.path.join(ROOT, "my_envs.sh.example")
 

@@ -350,7 +350,7 @@ import statistics, sys, time
 sys.path.insert(0, %(root)r)
 sys.path.insert(0, %(tests)r)
 import sparkpostSMIME as s
-import pki
+from support import pki
 from cryptography.hazmat.primitives.asymmetric import padding
 ca = pki.CA().intermediate()
 rcpt = {kind: s.Identity("%%s@bench.example" %% kind, ca.issue("%%s@bench.example" %% kind,
