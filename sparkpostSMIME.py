@@ -737,12 +737,21 @@ class Reporter:
     def __init__(self, verbose=False):
         self.verbose, self.secrets, self.warned, self.opened = verbose, [], set(), False
         self.closed = False  #: standard output's reader has gone
+        self.words = set()  #: secrets that are plain words: masked in transcripts only
 
     def secret(self, value):
-        """Remember a secret and its base64 forms (at every alignment) for redact()."""
+        """Remember a secret and its base64 forms (at every alignment) for redact().
+
+        A secret that is a short plain word ("wrong") is masked in transcripts, where
+        it stands as a value, but not in reports and errors, whose own words it
+        would otherwise turn into *** ("(*** password or corrupt)"): no report or
+        error of ours holds a secret, and a server or library would have to echo it.
+        """
         if not value or len(value) < 3:
             return
         raw = value.encode("utf-8")
+        if value.isalpha() and len(value) < 8:
+            self.words.add(value)
         forms = {value}
         for pad in range(3):  # the secret's base64 at each of the three byte alignments
             text = base64.b64encode(b"\0" * pad + raw).decode()
@@ -750,10 +759,11 @@ class Reporter:
             forms.add(text[skip:len(text) - 4].rstrip("=") if len(raw) > 6 else text[skip:])
         self.secrets.extend(sorted((f for f in forms if len(f) >= 3), key=len, reverse=True))
 
-    def redact(self, text):
-        """Return *text* with every registered secret replaced by ***."""
+    def redact(self, text, everywhere=False):
+        """Return *text* with every registered secret replaced by ***; a plain-word
+        secret only when *everywhere* (transcripts)."""
         for secret in self.secrets:
-            if secret in text:
+            if secret in text and (everywhere or secret not in self.words):
                 text = text.replace(secret, "***")
         return text
 
@@ -775,7 +785,7 @@ class Reporter:
 
     def transcript(self, line):
         """Write one verbose transcript line (swaks-style glyphs) to stderr."""
-        sys.stderr.write(self.redact(line) + "\n")
+        sys.stderr.write(self.redact(line, everywhere=True) + "\n")
 
     def stdout_closed(self):
         """Standard output's reader has gone: send what would follow to /dev/null."""

@@ -181,3 +181,22 @@ def test_dry_run_with_results_previews_a_resume(pki, tmp_path):
     assert b"1 message(s) already sent" in proc.stderr
     out = proc.stdout.decode()
     assert "m1.eml" in out and "m2.eml" in out and "m0.eml" not in out, out
+
+
+def test_a_password_that_is_a_common_word_leaves_errors_readable(pki, tmp_path):
+    """SMIME_KEY_PASSWORD=wrong, a key encrypted under another passphrase: the error keeps
+    its own words ("wrong SMIME_KEY_PASSWORD", not "*** SMIME_KEY_PASSWORD")."""
+    from cryptography.hazmat.primitives import serialization
+    keys = tmp_path / "keys"
+    shutil.copytree(pki.keys, keys)
+    key = pki.ids["alice@example.com"][0]
+    (keys / "alice@example.com.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"the-right-one")))
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(CORPUS["plain-ascii"])
+    proc = run_tool([str(msg), "--keys", str(keys), "--sign"],
+                    env={"SMIME_KEY_PASSWORD": "wrong"})
+    assert proc.returncode == 78, proc.stderr
+    assert b"wrong SMIME_KEY_PASSWORD for this private key" in proc.stderr, proc.stderr
+    assert b"***" not in proc.stderr
