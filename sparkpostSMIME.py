@@ -3168,6 +3168,7 @@ class TokenKey:
 
     def __init__(self, tokens, uri, public):
         self.tokens, self.uri, self.public = tokens, uri, public
+        self.checked = None  #: the process that found the token's key to be the certificate's
 
     def public_key(self):
         return self.public
@@ -3180,10 +3181,29 @@ class TokenKey:
         self.tokens.object(self.uri)  # loads the binding
         return getattr(self.tokens.binding.Mechanism, name)
 
+    def operate(self, action):
+        """Return action(key object) (Pkcs11.operate()), the key checked first."""
+        def checked(key):
+            if self.checked != os.getpid():
+                self.check(key)
+                self.checked = os.getpid()
+            return action(key)
+        return self.tokens.operate(self.uri, checked)
+
+    def check(self, key):
+        """Raise IdentityError when the token's *key* is not the certificate's (where
+        the token tells)."""
+
 
 class TokenRsaKey(TokenKey):
     """An RSA key on a token: PKCS#1 v1.5 signatures (CKM_RSA_PKCS over a DigestInfo,
-    which every token offers) and decryption (CKM_RSA_PKCS, RSAES-OAEP when received)."""
+    which every token offers) and decryption (CKM_RSA_PKCS)."""
+
+    def check(self, key):
+        modulus = key[self.tokens.binding.Attribute.MODULUS]
+        if int.from_bytes(modulus, "big") != self.public.public_numbers().n:
+            raise IdentityError("%s: the key on the token is not the one of its certificate "
+                                "(.crt)" % self.uri.text)
 
     def sign(self, data, pad, algorithm):
         """Return the RSASSA-PKCS1-v1_5 signature of *data* (RFC 8017 8.2)."""
@@ -3194,7 +3214,7 @@ class TokenRsaKey(TokenKey):
         h.update(data)
         info = digest_info(algorithm.name.upper().replace("-", ""), h.finalize())
         mechanism = self.mechanism("RSA_PKCS")
-        return self.tokens.operate(self.uri, lambda key: key.sign(info, mechanism=mechanism))
+        return self.operate(lambda key: key.sign(info, mechanism=mechanism))
 
     def decrypt(self, data, pad):
         """Return *data* decrypted (RSAES-PKCS1-v1_5, RFC 8017 7.2).  Raises ValueError
@@ -3203,7 +3223,7 @@ class TokenRsaKey(TokenKey):
             raise IdentityError("%s: RSAES-OAEP key transport is not offered with token keys "
                                 "(PKCS#1 v1.5 is)" % self.uri.text)
         mechanism = self.mechanism("RSA_PKCS")
-        return self.tokens.operate(self.uri, lambda key: key.decrypt(data, mechanism=mechanism))
+        return self.operate(lambda key: key.decrypt(data, mechanism=mechanism))
 
 
 class TokenEcKey(TokenKey):
@@ -3219,7 +3239,7 @@ class TokenEcKey(TokenKey):
         h = hashes.Hash(scheme.algorithm)
         h.update(data)
         digest, mechanism = h.finalize(), self.mechanism("ECDSA")
-        raw = self.tokens.operate(self.uri, lambda key: key.sign(digest, mechanism=mechanism))
+        raw = self.operate(lambda key: key.sign(digest, mechanism=mechanism))
         half = len(raw) // 2  # PKCS#11 writes r || s, each as long as the order
         return der(SEQUENCE, der_int(int.from_bytes(raw[:half], "big")),
                    der_int(int.from_bytes(raw[half:], "big")))
@@ -3234,7 +3254,7 @@ class TokenEcKey(TokenKey):
         p11 = self.tokens.binding
         template = {p11.Attribute.SENSITIVE: False, p11.Attribute.EXTRACTABLE: True,
                     p11.Attribute.TOKEN: False}
-        return self.tokens.operate(self.uri, lambda key: key.derive_key(
+        return self.operate(lambda key: key.derive_key(
             p11.KeyType.GENERIC_SECRET, size * 8, mechanism_param=(p11.KDF.NULL, None, point),
             template=template)[p11.Attribute.VALUE])
 

@@ -306,3 +306,14 @@ def test_uri_parsing_rfc7512():
                 "pkcs11:object=a;colour=blue", "file:x", "pkcs11:id=%01?pin-source=/x"):
         with pytest.raises(s.IdentityError):
             s.parse_pkcs11_uri(bad, "f.p11")
+
+
+def test_certificate_of_another_key_is_78(token, pki, tmp_path):
+    """A .crt that is not the token key's certificate: refused, no signature made."""
+    keys = tmp_path / "keys"
+    shutil.copytree(token.keys, keys)
+    _, cert = pki.inter.issue(RSA_ADDR)
+    write(str(keys / (RSA_ADDR + ".crt")), pem_cert(cert, pki.inter.cert))
+    proc = tool(token, [message(tmp_path, RSA_ADDR), "--keys", str(keys), "--sign"])
+    assert proc.returncode == 78, proc.stderr
+    assert b"not the one of its certificate" in proc.stderr and not proc.stdout
