@@ -17,13 +17,13 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TESTS)
+sys.path.insert(0, os.path.join(TESTS, "bench"))
+from bench import clean_env, timed  # noqa: E402
 from conftest import PKI, TOOL  # noqa: E402
 from pki import new_key  # noqa: E402
 from test_pkcs11 import EC_ADDR, MSG, RSA_ADDR, Token  # noqa: E402
@@ -33,15 +33,9 @@ def batch(inbox, keys, out, env, jobs):
     """Sign every message of *inbox* into *out*; return the wall seconds."""
     shutil.rmtree(out, ignore_errors=True)
     os.mkdir(out)
-    cmd = [sys.executable, TOOL, inbox, "--keys", keys, "--sign", "-o", out, "--jobs", str(jobs)]
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("SMTP_", "SMIME_"))}
-    full.update(env, XDG_CACHE_HOME=os.path.join(os.path.dirname(out), "cache"))
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit("failed (%d): %s" % (proc.returncode, proc.stderr.decode()[-500:]))
-    return wall
+    return timed([sys.executable, TOOL, inbox, "--keys", keys, "--sign", "-o", out, "--jobs",
+                  str(jobs)], clean_env(XDG_CACHE_HOME=os.path.join(os.path.dirname(out),
+                                                                    "cache"), **env))
 
 
 def inbox_of(base, sender, count):
