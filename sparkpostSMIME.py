@@ -2447,7 +2447,8 @@ def keystore_of(settings, reporter):
     """Return the Keystore of a run: its key directories, password and validated-keys list."""
     return Keystore(settings.key_dirs, settings.key_password,
                     os.path.join(settings.cache_dir, "validated-keys"), reporter.warn,
-                    Pkcs11(settings.pkcs11_module, settings.pkcs11_pin))
+                    Pkcs11(settings.pkcs11_module, settings.pkcs11_pin,
+                           os.path.join(settings.cache_dir, "pkcs11.lock")))
 
 
 def ml_kem_private_key(data, path):
@@ -3005,8 +3006,8 @@ class Pkcs11:
     goes away (removed): the next message opens it again.
     """
 
-    def __init__(self, module="", pin=""):
-        self.module, self.pin = module, pin
+    def __init__(self, module="", pin="", lock=""):
+        self.module, self.pin, self.lock = module, pin, lock  #: lock: see serialised()
         self.binding = self.lib = self.lib_pid = None
         self.sessions, self.objects = {}, {}  #: (pid, token) -> session; (pid, URI) -> key
         self.refused = {}  #: token name -> its AuthError (kept across forks: never retried)
@@ -3043,21 +3044,48 @@ class Pkcs11:
         """Return the key object *uri* names, in this process's session with its token."""
         pid = os.getpid()
         if (pid, uri.text) not in self.objects:
-            session = self.session(uri)
-            p11 = self.binding
-            attrs = {p11.Attribute.CLASS: p11.ObjectClass.PRIVATE_KEY}
-            if uri.object is not None:
-                attrs[p11.Attribute.LABEL] = uri.object
-            if uri.id is not None:
-                attrs[p11.Attribute.ID] = uri.id
-            keys = self.guarded(uri, lambda: list(session.get_objects(attrs)))
-            if len(keys) != 1:
-                self.forget(uri)
-                raise self.missing(uri, "no such private key on the token" if not keys
-                                   else "names %d keys: add id= or object=" % len(keys))
-            self.objects[(pid, uri.text)] = keys[0]
+            with self.serialised():
+                self.objects[(pid, uri.text)] = self.find(uri)
             self.seen.add(uri.text)
         return self.objects[(pid, uri.text)]
+
+    def serialised(self):
+        """Return a context holding the lock file *lock* (in the cache directory): the
+        processes of a run (--jobs) initialise the module and log in one at a time, as
+        a module reading its token at C_Initialize (SoftHSM2) may miss a token another
+        process is reading.  Nothing is held when the file cannot be made."""
+        import contextlib
+        import fcntl
+        try:
+            os.makedirs(os.path.dirname(self.lock), mode=0o700, exist_ok=True)
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def held():
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the lock
+        return held()
+
+    def find(self, uri):
+        """Return the key object *uri* names, found in a session opened if need be."""
+        session = self.session(uri)
+        p11 = self.binding
+        attrs = {p11.Attribute.CLASS: p11.ObjectClass.PRIVATE_KEY}
+        if uri.object is not None:
+            attrs[p11.Attribute.LABEL] = uri.object
+        if uri.id is not None:
+            attrs[p11.Attribute.ID] = uri.id
+        keys = self.guarded(uri, lambda: list(session.get_objects(attrs)))
+        if len(keys) != 1:
+            self.forget(uri)
+            raise self.missing(uri, "no such private key on the token" if not keys
+                               else "names %d keys: add id= or object=" % len(keys))
+        return keys[0]
 
     def session(self, uri):
         """Return this process's logged-in session with the token of *uri*."""

@@ -317,3 +317,19 @@ def test_certificate_of_another_key_is_78(token, pki, tmp_path):
     proc = tool(token, [message(tmp_path, RSA_ADDR), "--keys", str(keys), "--sign"])
     assert proc.returncode == 78, proc.stderr
     assert b"not the one of its certificate" in proc.stderr and not proc.stdout
+
+
+def test_workers_starting_together_each_find_the_token(token, pki, openssl, tmp_path):
+    """--jobs 4 into -o DIR, 200 messages: the workers start at once and each initialises the module
+    and logs in (SoftHSM2 misses its token when processes read it at the same moment:
+    they take turns); every message is written, signed."""
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    out.mkdir()
+    for i in range(200):
+        message(inbox, (RSA_ADDR, EC_ADDR)[i % 2], "number %d" % i, "m%02d.eml" % i)
+    proc = tool(token, [str(inbox), "--keys", token.keys, "--sign", "-o", str(out),
+                        "--jobs", "4"])
+    assert proc.returncode == 0, proc.stderr
+    assert len(os.listdir(out)) == 200
+    assert b"number 7." in openssl.verify((out / "m07.eml").read_bytes(), pki.cafile)
