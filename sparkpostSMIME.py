@@ -41,12 +41,15 @@ then the current directory:
     <from>.pem            sender's private key (may also hold its certificate and chain)
     <from>.crt            sender's certificate (when the .pem holds only the key)
     <from>.p12 / .pfx     sender's key and certificates in one PKCS#12 file
+    <from>.p11            a PKCS#11 URI (RFC 7512) of the sender's key on a token
+                          (HSM, smartcard), beside <from>.crt
     <recipient>.crt       each recipient's certificate (for --encrypt)
 
 Environment:
     SMIME_KEYS_DIR        extra key directories, ":"-separated
     SMIME_KEY_PASSWORD    passphrase of encrypted .pem keys and PKCS#12 files
     SMIME_CA_FILE         trusted roots for --verify, --decrypt and --harvest
+    PKCS11_MODULE, PKCS11_PIN   the PKCS#11 module and its user PIN (.p11 keys)
     SMTP_HOST, SMTP_PORT, SMTP_USER, SMTP_PASSWORD, SMTP_TLS, SMTP_CAFILE,
     SMTP_TLS_VERIFY, SMTP_TIMEOUT, SMTP_SPARKPOST, SMTP_HELO     (--send_smtp)
     SPARKPOST_API_KEY, SPARKPOST_HOST, SPARKPOST_TIMEOUT          (--send_api)
@@ -179,7 +182,7 @@ MAX_CAMPAIGN_ID, MAX_RFC822 = 64, 20_000_000
 #: Base64 lines cut by one struct.unpack call (a 3 KB format string).
 LINES_PER_CUT = 1024
 #: Private key files tried for a sender, in this order, in each key directory.
-KEY_SUFFIXES = (".pem", ".p12", ".pfx")
+KEY_SUFFIXES = (".pem", ".p12", ".pfx", ".p11")
 #: When signing, a Date farther than this many seconds from the signing time is replaced.
 DATE_SKEW = 300
 #: Thunderbird (NSS) calls a signature not valid when its signing-time is more than this
@@ -315,7 +318,8 @@ def smtp_exit_code(code):
 DEPENDENCIES = {"cryptography": ("cryptography", (45,), "S/MIME"),
                 "requests": ("requests", (2, 28), "--send_api"),
                 "dotenv": ("python-dotenv", (1, 0), "--env and .env files"),
-                "aiosmtpd": ("aiosmtpd", (1, 4), "--serve")}
+                "aiosmtpd": ("aiosmtpd", (1, 4), "--serve"),
+                "pkcs11": ("python-pkcs11", (0, 10), "PKCS#11 keys (.p11)")}
 
 
 def require(name):
@@ -350,6 +354,9 @@ def dependency_version(name, module):
     """Return the version of the imported dependency *module* as a tuple of numbers."""
     if name == "dotenv":
         from dotenv.version import __version__ as text
+    elif name == "pkcs11":  # it has no __version__
+        from importlib.metadata import version
+        text = version("python-pkcs11")
     else:
         text = getattr(module, "__version__", "")
     numbers = re.match(r"[\d.]*", text).group().strip(".")
@@ -633,10 +640,13 @@ class Settings(NamedTuple):
     max_size: int = 20_000_000   #: --serve: the SIZE we announce and enforce (RFC 1870)
     trusted_network: bool = False
     gateway: GatewaySettings = None
+    pkcs11_module: str = ""      #: $PKCS11_MODULE: the PKCS#11 module of .p11 keys
+    pkcs11_pin: str = ""         #: $PKCS11_PIN: its user PIN (a secret)
 
     def secrets(self):
         """Return every secret the settings hold, for redaction."""
         found = (self.key_password.decode("utf-8", "replace"),) if self.key_password else ()
+        found += (self.pkcs11_pin,) if self.pkcs11_pin else ()
         for part in (self.smtp, self.api, self.gateway):
             found += part.secrets() if part is not None else ()
         return found
@@ -665,7 +675,8 @@ def load_settings(argv, environ):
         hop_limit=env_number(env, "SMIME_HOP_LIMIT", HOP_LIMIT, high=1000),
         api=ApiSettings.from_env(env) if settings.send == "api" else None, notices=notices,
         gateway=GatewaySettings.from_env(env, *settings.serve, settings.trusted_network)
-        if settings.serve else None)
+        if settings.serve else None, pkcs11_module=env_path(env, "PKCS11_MODULE"),
+        pkcs11_pin=env.get("PKCS11_PIN", ""))
 
 
 def read_env_files(paths):
@@ -2303,11 +2314,13 @@ class Keystore:
     is read, parsed and checked once per process (a refusal is not kept: it is
     raised again for every message that needs it).  *validated*: the file
     listing key files that passed full validation (see validated_keys());
-    *warn*: the reporter's warn(text, topic), for exposed key files.
+    *warn*: the reporter's warn(text, topic), for exposed key files; *tokens*: the
+    Pkcs11 that opens the keys of .p11 files.
     """
 
-    def __init__(self, dirs, password=None, validated="", warn=None):
+    def __init__(self, dirs, password=None, validated="", warn=None, tokens=None):
         self.dirs, self.password, self.validated = list(dirs), password, validated
+        self.tokens = tokens or Pkcs11()
         self.warn = warn or (lambda text, topic=None: None)
         self.loaded, self.known = {}, None
 
@@ -2341,9 +2354,9 @@ class Keystore:
     def load_signer(self, address):
         path = self.find(address, KEY_SUFFIXES)
         if path is None:
-            raise IdentityError("no private key for %s: put %s.pem (or .p12) in one of: %s"
+            raise IdentityError("no private key for %s: put %s.pem (or .p12, .p11) in one of: %s"
                                 % (address, safe_address(address), ", ".join(self.dirs)))
-        for line in exposed(path, "private key file"):
+        for line in exposed(path, "private key file") if not path.endswith(".p11") else ():
             self.warn(line, path)
         key, certs, cert_path = self.key_and_certificates(address, path)
         if path.endswith(".pem") and cert_path == path and not any(same_key(c, key)
@@ -2357,7 +2370,10 @@ class Keystore:
 
     def key_and_certificates(self, address, path):
         """Return (private key, certificates, file of the certificate) for a key file:
-        a .pem (with <address>.crt beside it when it holds only the key) or PKCS#12."""
+        a .pem (with <address>.crt beside it when it holds only the key), a .p11 (a
+        key on a token, its certificate in <address>.crt) or PKCS#12."""
+        if path.endswith(".p11"):
+            return self.token_key(address, path)
         if not path.endswith(".pem"):
             key, cert, extra = self.pkcs12(path)
             return key, [cert] + extra, path
@@ -2369,6 +2385,20 @@ class Keystore:
         if crt is None:
             return key, certs, path
         return key, certs + load_certificates(read_key_file(crt), crt), crt
+
+    def token_key(self, address, path):
+        """Return (TokenKey, certificates, file of the certificate) of a .p11 file: the
+        key on a PKCS#11 token its URI names, the certificates of <address>.crt (the
+        key's own first: the one naming *address*)."""
+        crt = self.find(address, (".crt",))
+        if crt is None:
+            raise IdentityError("no certificate for %s: %s names a key on a PKCS#11 token; "
+                                "add %s.crt" % (address, path, safe_address(address)))
+        certs = load_certificates(read_key_file(crt), crt)
+        if not certs:
+            raise IdentityError("%s: holds no certificate" % crt)
+        certs.sort(key=lambda c: address not in cert_emails(c))
+        return self.tokens.key(read_uri_file(path), certs[0], crt), certs, crt
 
     def load_recipient(self, address):
         path = self.find(address, (".crt",))
@@ -2411,9 +2441,9 @@ class Keystore:
         """Return the certificates beside *address*'s private key, read without the key
         (None for a PKCS#12 file: its certificates are behind the password)."""
         path = self.find(address, KEY_SUFFIXES)
-        if path is None or not path.endswith(".pem"):
+        if path is None or not path.endswith((".pem", ".p11")):
             return None
-        certs = load_certificates(read_key_file(path), path)
+        certs = load_certificates(read_key_file(path), path) if path.endswith(".pem") else []
         crt = self.find(address, (".crt",))
         return certs + (load_certificates(read_key_file(crt), crt) if crt else [])
 
@@ -2480,7 +2510,9 @@ class Keystore:
 def keystore_of(settings, reporter):
     """Return the Keystore of a run: its key directories, password and validated-keys list."""
     return Keystore(settings.key_dirs, settings.key_password,
-                    os.path.join(settings.cache_dir, "validated-keys"), reporter.warn)
+                    os.path.join(settings.cache_dir, "validated-keys"), reporter.warn,
+                    Pkcs11(settings.pkcs11_module, settings.pkcs11_pin,
+                           os.path.join(settings.cache_dir, "pkcs11.lock")))
 
 
 def ml_kem_private_key(data, path):
@@ -2951,6 +2983,372 @@ def quantum_notes(msg, recipients):
              "copies for %s are not quantum-safe (recorded now, they can be read once a large "
              "quantum computer exists); --pq_only refuses such messages"
              % (msg.source, ", ".join(c.split(" (")[0] for c in classical))),)
+
+
+###############################################################################
+# PKCS#11: keys that never leave their token (RFC 7512 URIs) ##################
+###############################################################################
+# A <address>.p11 file names a private key on a PKCS#11 token (HSM, smartcard,
+# cloud HSM) by an RFC 7512 URI; PKCS11_MODULE is the module that reaches it,
+# PKCS11_PIN its user PIN.  A TokenKey is used as cryptography's private keys
+# are (sign, decrypt, exchange); its public half is the certificate's.  The
+# binding (python-pkcs11) is imported at the first use of a token key.  Each
+# process opens its own session and logs in once: a session opened before a
+# fork is unusable in the child (PKCS#11 v2.40 6.7.7), so sessions are kept by
+# process id.  A refused PIN is never tried again (tokens lock after a few).
+
+#: RFC 7512 2.3 path attributes we match on; the others name what we do not choose by.
+P11_ATTRIBUTES = ("token", "serial", "manufacturer", "model", "object", "id", "type")
+#: The longest .p11 file read, in octets.
+MAX_URI_FILE = 4096
+
+
+class Pkcs11Uri(NamedTuple):
+    """A parsed RFC 7512 URI of a private key: its *text* and the attributes it sets
+    (None when absent; *id* as bytes)."""
+    text: str
+    token: str = None
+    serial: str = None
+    manufacturer: str = None
+    model: str = None
+    object: str = None
+    id: bytes = None
+
+    def token_name(self):
+        """Return how errors name the token: its label, else its serial, else the URI."""
+        return self.token or self.serial or self.text
+
+
+def read_uri_file(path):
+    """Return the Pkcs11Uri in the .p11 file *path* (its one non-comment line).
+    Raises IdentityError."""
+    data = read_key_file(path)
+    lines = [line.strip() for line in data[:MAX_URI_FILE + 1].decode("utf-8", "replace")
+             .splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if len(data) > MAX_URI_FILE or len(lines) != 1:
+        raise IdentityError("%s: must hold one PKCS#11 URI line (RFC 7512), like "
+                            "pkcs11:token=NAME;object=LABEL;type=private" % path)
+    return parse_pkcs11_uri(lines[0], path)
+
+
+def parse_pkcs11_uri(text, path):
+    """Return the Pkcs11Uri of *text* (RFC 7512 2.3: "pkcs11:" path attributes joined by
+    ";", then an optional "?" query; values percent-encoded).  Raises IdentityError for
+    another scheme, an unknown or repeated attribute, a type other than private, or a
+    PIN in the URI (the PIN is PKCS11_PIN: a secret is not kept beside a key name)."""
+    from urllib.parse import unquote, unquote_to_bytes
+    if not text.lower().startswith("pkcs11:"):
+        raise IdentityError("%s: %r is not a PKCS#11 URI (RFC 7512: pkcs11:...)" % (path, text))
+    body, _, query = text[7:].partition("?")
+    found = {}
+    for part in filter(None, body.split(";")):
+        name, equals, value = part.partition("=")
+        name = name.strip().lower()
+        if not equals or name in found or (name not in P11_ATTRIBUTES
+                                           and not name.startswith(("x-", "library-", "slot-"))):
+            raise IdentityError("%s: %s: attribute %r is unknown, repeated or empty (RFC 7512 "
+                                "2.3)" % (path, text, name))
+        found[name] = unquote_to_bytes(value) if name == "id" else unquote(value)
+    if any(q.partition("=")[0].lower() in ("pin-value", "pin-source") for q in query.split("&")):
+        raise IdentityError("%s: the URI holds a PIN: remove it and set PKCS11_PIN" % path)
+    if found.pop("type", "private") != "private":
+        raise IdentityError("%s: %s: type must be private (the key; the certificate is the "
+                            ".crt file)" % (path, text))
+    if "object" not in found and "id" not in found:
+        raise IdentityError("%s: %s names no key: add object=LABEL or id=%%XX" % (path, text))
+    return Pkcs11Uri(text, **{k: v for k, v in found.items() if k in Pkcs11Uri._fields})
+
+
+class Pkcs11:
+    """The PKCS#11 module of a run (PKCS11_MODULE), its PIN, and per process its
+    logged-in sessions and the key objects found in them.
+
+    Used by one thread per process (the gateway builds in its event loop).
+    Errors: DependencyError (69) when the module cannot be loaded, ConfigError (78)
+    for a missing setting, IdentityError (78) for a token or key that is not there,
+    AuthError (77) for a refused PIN, DeliveryError (75) when a token that worked
+    goes away (removed): the next message opens it again.
+    """
+
+    def __init__(self, module="", pin="", lock=""):
+        self.module, self.pin, self.lock = module, pin, lock  #: lock: see serialised()
+        self.binding = self.lib = self.lib_pid = None
+        self.sessions, self.objects = {}, {}  #: (pid, token) -> session; (pid, URI) -> key
+        self.refused = {}  #: token name -> its AuthError (kept across forks: never retried)
+        self.seen = set()  #: URIs whose key was found: missing later means removed
+
+    def key(self, uri, cert, path):
+        """Return the TokenKey for *uri* whose certificate is *cert* (from *path*)."""
+        public = cert.public_key()
+        if not isinstance(public, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
+            raise IdentityError("%s: a PKCS#11 key must be RSA or EC" % path)
+        kind = TokenRsaKey if isinstance(public, rsa.RSAPublicKey) else TokenEcKey
+        return kind(self, uri, public)
+
+    def load(self):
+        """Return the module, loaded in this process (initialised again after a fork)."""
+        if not self.module:
+            raise ConfigError("a .p11 key needs PKCS11_MODULE: the path of the PKCS#11 "
+                              "module (e.g. /usr/lib/softhsm/libsofthsm2.so)")
+        pid = os.getpid()
+        if self.lib_pid != pid:
+            self.binding = require("pkcs11")
+            try:
+                lib = self.binding.lib(self.module)
+                if self.lib_pid is not None:  # loaded before the fork: C_Initialize here
+                    lib.reinitialize()
+            except self.binding.PKCS11Error as exc:
+                raise DependencyError("PKCS11_MODULE=%s: cannot be loaded as a PKCS#11 module "
+                                      "(%s): set the path of your token's module"
+                                      % (self.module, first_line(exc)))
+            self.lib, self.lib_pid = lib, pid
+        return self.lib
+
+    def object(self, uri):
+        """Return the key object *uri* names, in this process's session with its token."""
+        pid = os.getpid()
+        if (pid, uri.text) not in self.objects:
+            with self.serialised():
+                self.objects[(pid, uri.text)] = self.find(uri)
+            self.seen.add(uri.text)
+        return self.objects[(pid, uri.text)]
+
+    def serialised(self):
+        """Return a context holding the lock file *lock* (in the cache directory): the
+        processes of a run (--jobs) initialise the module and log in one at a time, as
+        a module reading its token at C_Initialize (SoftHSM2) may miss a token another
+        process is reading.  Nothing is held when the file cannot be made."""
+        import contextlib
+        import fcntl
+        try:
+            os.makedirs(os.path.dirname(self.lock), mode=0o700, exist_ok=True)
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def held():
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the lock
+        return held()
+
+    def find(self, uri):
+        """Return the key object *uri* names, found in a session opened if need be."""
+        session = self.session(uri)
+        p11 = self.binding
+        attrs = {p11.Attribute.CLASS: p11.ObjectClass.PRIVATE_KEY}
+        if uri.object is not None:
+            attrs[p11.Attribute.LABEL] = uri.object
+        if uri.id is not None:
+            attrs[p11.Attribute.ID] = uri.id
+        keys = self.guarded(uri, lambda: list(session.get_objects(attrs)))
+        if len(keys) != 1:
+            self.forget(uri)
+            raise self.missing(uri, "no such private key on the token" if not keys
+                               else "names %d keys: add id= or object=" % len(keys))
+        return keys[0]
+
+    def session(self, uri):
+        """Return this process's logged-in session with the token of *uri*."""
+        name = uri.token_name()
+        if name in self.refused:
+            raise self.refused[name]
+        slot = (os.getpid(), uri.token, uri.serial, uri.manufacturer, uri.model)
+        if slot not in self.sessions:
+            token = self.token(uri)
+            self.sessions[slot] = self.guarded(uri, lambda: self.login(token, uri))
+        return self.sessions[slot]
+
+    def token(self, uri):
+        """Return the one token of the module that *uri* matches."""
+        lib = self.load()
+        tokens = [t for t in self.guarded(uri, lambda: list(lib.get_tokens(
+                      token_label=uri.token,
+                      token_serial=uri.serial.encode() if uri.serial else None)))
+                  if uri.manufacturer in (None, t.manufacturer_id)
+                  and uri.model in (None, t.model)]
+        if len(tokens) != 1:
+            raise self.missing(uri, "no such token in PKCS11_MODULE=%s" % self.module
+                               if not tokens else "matches %d tokens: add token= or serial="
+                               % len(tokens))
+        return tokens[0]
+
+    def login(self, token, uri):
+        """Open a session with *token* and log in with the PIN (a PIN pad when the token
+        has one and PKCS11_PIN is not set).  Raises AuthError, kept for the token."""
+        p11 = self.binding
+        pin = self.pin or None
+        if pin is None and token.flags & p11.TokenFlag.PROTECTED_AUTHENTICATION_PATH:
+            pin = p11.PROTECTED_AUTH
+        if pin is None:
+            raise ConfigError("token %s: set PKCS11_PIN (its user PIN) to use %s"
+                              % (uri.token_name(), uri.text))
+        try:
+            return token.open(user_pin=pin)
+        except p11.UserAlreadyLoggedIn:  # by a session of ours the token still has
+            return token.open()
+        except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange, p11.PinExpired,
+                p11.PinLocked) as exc:
+            words = {"PinLocked": "is locked (too many wrong PINs)",
+                     "PinExpired": "has expired"}.get(type(exc).__name__, "was refused")
+            self.refused[uri.token_name()] = AuthError(
+                "token %s: the PIN (PKCS11_PIN) %s; not tried again: check it before the "
+                "token locks" % (uri.token_name(), words))
+            raise self.refused[uri.token_name()] from None
+
+    def guarded(self, uri, action):
+        """Return action(); a PKCS#11 fault becomes our error (see operate())."""
+        try:
+            return action()
+        except self.binding.PKCS11Error as exc:
+            raise self.fault(uri, exc) from None
+
+    def operate(self, uri, action):
+        """Return action(key object) for the key of *uri*.  Raises ValueError for data the
+        key refuses (a ciphertext not for it), IdentityError for an operation the key
+        or token does not offer, DeliveryError (75) when the token went away."""
+        key = self.object(uri)
+        p11 = self.binding
+        try:
+            return action(key)
+        except (p11.DataInvalid, p11.DataLenRange, p11.EncryptedDataInvalid,
+                p11.EncryptedDataLenRange) as exc:
+            raise ValueError(type(exc).__name__) from None
+        except (p11.MechanismInvalid, p11.MechanismParamInvalid, p11.FunctionNotSupported,
+                p11.KeyTypeInconsistent, p11.FunctionRejected) as exc:
+            raise IdentityError("%s: the token cannot do this with the key (%s)"
+                                % (uri.text, type(exc).__name__)) from None
+        except p11.PKCS11Error as exc:
+            raise self.fault(uri, exc) from None
+
+    def fault(self, uri, exc):
+        """Return our error for PKCS#11 error *exc*: the session is forgotten, and the
+        next message opens a new one."""
+        self.forget(uri)
+        if isinstance(exc, self.binding.PKCS11Error) and type(exc).__name__ in (
+                "NoSuchToken", "NoSuchKey"):
+            return self.missing(uri, "not found")
+        return DeliveryError("token %s: %s (removed or failing?): try again later"
+                             % (uri.token_name(), type(exc).__name__))
+
+    def missing(self, uri, what):
+        """Return the error for a token or key *uri* names that is not there: 75 when it
+        was there before in this run (a token removed), else 78 (a wrong URI)."""
+        if uri.text in self.seen:
+            return DeliveryError("token %s: %s: the token was removed? try again later"
+                                 % (uri.token_name(), uri.text))
+        return IdentityError("%s: %s" % (uri.text, what))
+
+    def forget(self, uri):
+        """Drop this process's session and key objects for the token of *uri*."""
+        pid = os.getpid()
+        self.sessions.pop((pid, uri.token, uri.serial, uri.manufacturer, uri.model), None)
+        for name in [k for k in self.objects if k[0] == pid]:
+            del self.objects[name]
+
+
+def digest_info(name, digest):
+    """Return the DER DigestInfo of *digest* made with hash *name* (RFC 8017 9.2)."""
+    return der(SEQUENCE, algorithm(HASH_OIDS[name], b"\x05\x00"), der(OCTET_STRING, digest))
+
+
+class TokenKey:
+    """A private key on a PKCS#11 token, its public half the certificate's key."""
+
+    def __init__(self, tokens, uri, public):
+        self.tokens, self.uri, self.public = tokens, uri, public
+        self.checked = None  #: the process that found the token's key to be the certificate's
+
+    def public_key(self):
+        return self.public
+
+    @property
+    def key_size(self):
+        return self.public.key_size
+
+    def mechanism(self, name):
+        self.tokens.object(self.uri)  # loads the binding
+        return getattr(self.tokens.binding.Mechanism, name)
+
+    def operate(self, action):
+        """Return action(key object) (Pkcs11.operate()), the key checked first."""
+        def checked(key):
+            if self.checked != os.getpid():
+                self.check(key)
+                self.checked = os.getpid()
+            return action(key)
+        return self.tokens.operate(self.uri, checked)
+
+    def check(self, key):
+        """Raise IdentityError when the token's *key* is not the certificate's (where
+        the token tells)."""
+
+
+class TokenRsaKey(TokenKey):
+    """An RSA key on a token: PKCS#1 v1.5 signatures (CKM_RSA_PKCS over a DigestInfo,
+    which every token offers) and decryption (CKM_RSA_PKCS)."""
+
+    def check(self, key):
+        modulus = key[self.tokens.binding.Attribute.MODULUS]
+        if int.from_bytes(modulus, "big") != self.public.public_numbers().n:
+            raise IdentityError("%s: the key on the token is not the one of its certificate "
+                                "(.crt)" % self.uri.text)
+
+    def sign(self, data, pad, algorithm):
+        """Return the RSASSA-PKCS1-v1_5 signature of *data* (RFC 8017 8.2)."""
+        if not isinstance(pad, padding.PKCS1v15):
+            raise IdentityError("%s: only PKCS#1 v1.5 signatures are made with token keys"
+                                % self.uri.text)
+        h = hashes.Hash(algorithm)
+        h.update(data)
+        info = digest_info(algorithm.name.upper().replace("-", ""), h.finalize())
+        mechanism = self.mechanism("RSA_PKCS")
+        return self.operate(lambda key: key.sign(info, mechanism=mechanism))
+
+    def decrypt(self, data, pad):
+        """Return *data* decrypted (RSAES-PKCS1-v1_5, RFC 8017 7.2).  Raises ValueError
+        when it does not decrypt, IdentityError for RSAES-OAEP (not offered here)."""
+        if not isinstance(pad, padding.PKCS1v15):
+            raise IdentityError("%s: RSAES-OAEP key transport is not offered with token keys "
+                                "(PKCS#1 v1.5 is)" % self.uri.text)
+        mechanism = self.mechanism("RSA_PKCS")
+        return self.operate(lambda key: key.decrypt(data, mechanism=mechanism))
+
+
+class TokenEcKey(TokenKey):
+    """An EC key on a token: ECDSA (hashed here, CKM_ECDSA: SoftHSM has no
+    CKM_ECDSA_SHA256) and ECDH (CKM_ECDH1_DERIVE, RFC 5753 3.1.2)."""
+
+    @property
+    def curve(self):
+        return self.public.curve
+
+    def sign(self, data, scheme):
+        """Return the DER ECDSA-Sig-Value of *data* (RFC 5480 2.2, RFC 5753 7.2)."""
+        h = hashes.Hash(scheme.algorithm)
+        h.update(data)
+        digest, mechanism = h.finalize(), self.mechanism("ECDSA")
+        raw = self.operate(lambda key: key.sign(digest, mechanism=mechanism))
+        half = len(raw) // 2  # PKCS#11 writes r || s, each as long as the order
+        return der(SEQUENCE, der_int(int.from_bytes(raw[:half], "big")),
+                   der_int(int.from_bytes(raw[half:], "big")))
+
+    def exchange(self, algorithm, peer):
+        """Return the ECDH shared secret with public key *peer* (its x coordinate, as
+        cryptography's exchange() does)."""
+        point = peer.public_bytes(serialization.Encoding.X962,
+                                  serialization.PublicFormat.UncompressedPoint)
+        size = (self.public.curve.key_size + 7) // 8
+        self.mechanism("ECDH1_DERIVE")
+        p11 = self.tokens.binding
+        template = {p11.Attribute.SENSITIVE: False, p11.Attribute.EXTRACTABLE: True,
+                    p11.Attribute.TOKEN: False}
+        return self.operate(lambda key: key.derive_key(
+            p11.KeyType.GENERIC_SECRET, size * 8, mechanism_param=(p11.KDF.NULL, None, point),
+            template=template)[p11.Attribute.VALUE])
 
 
 ###############################################################################
@@ -6877,7 +7275,7 @@ class KeyTransRecipientInfo(NamedTuple):
         else:
             raise MessageError("encrypted to us with a key transport this tool does not "
                                "support (%s)" % oid)
-        if not isinstance(ident.key, rsa.RSAPrivateKey):
+        if not isinstance(ident.key, (rsa.RSAPrivateKey, TokenRsaKey)):
             return None
         try:
             return ident.key.decrypt(encrypted_key, pad)
@@ -6916,7 +7314,7 @@ class KeyAgreeRecipientInfo(NamedTuple):
         if self.originator.tag != ctx(1) or scheme not in KDF_HASHES or wrap not in sizes:
             raise MessageError("encrypted to us with a key agreement this tool does not "
                                "support (%s)" % scheme)
-        if not isinstance(ident.key, ec.EllipticCurvePrivateKey):
+        if not isinstance(ident.key, (ec.EllipticCurvePrivateKey, TokenEcKey)):
             return None
         originator_key = Fields(self.originator)  # OriginatorPublicKey
         originator_key.take(SEQUENCE)  # its algorithm: our curve
