@@ -12,10 +12,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-import engines
-from conftest import ROOT, run_tool, need
-from pki import pem_cert, write
-from servers import ApiServer, SmtpServer
+from support import engines
+from support.harness import ROOT, need, run_tool
+from support.pki import pem_cert, write
+from support.servers import ApiServer, SmtpServer
 
 PIN = engines.plant_secret("pin-7Qx93-TEST-only")
 SO_PIN = engines.plant_secret("so-pin-5Rt18-TEST-only")

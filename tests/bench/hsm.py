@@ -5,7 +5,7 @@
 Run from the repository root (after the README's install, python-pkcs11 and
 `apt-get install -y softhsm2`):
 
-    .venv/bin/python tests/bench/pkcs11.py [--messages 300] [--rounds 3] [--jobs 1]
+    .venv/bin/python tests/bench/hsm.py [--messages 300] [--rounds 3] [--jobs 1]
 
 The token is SoftHSM2's, made in a temporary directory (its own SOFTHSM2_CONF) by
 tests/test_pkcs11.py's Token; a hardware token or a network HSM is slower, a cloud HSM
@@ -24,8 +24,8 @@ TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TESTS)
 sys.path.insert(0, os.path.join(TESTS, "bench"))
 from bench import clean_env, timed  # noqa: E402
-from conftest import PKI, TOOL  # noqa: E402
-from pki import new_key  # noqa: E402
+from support.harness import PKI, TOOL  # noqa: E402
+from support.pki import new_key  # noqa: E402
 from test_pkcs11 import EC_ADDR, MSG, RSA_ADDR, Token  # noqa: E402
 
 
