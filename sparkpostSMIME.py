@@ -850,9 +850,12 @@ def slices(data):
 
 
 def blocks(data, size):
-    """Yield the bytes of *data* (see pieces_of()) in blocks of exactly *size* octets, the
-    last one shorter: slices of a chunk holding whole blocks, a join where one straddles
-    chunks (a message is never copied whole)."""
+    """Yield the bytes of *data* (Chunks or bytes-like) in blocks of exactly *size* octets,
+    the last one shorter: slices of a chunk holding whole blocks, a join where one
+    straddles chunks (a message is never copied whole; a small one is one join)."""
+    if len(data) <= size:
+        yield b"".join(pieces_of(data))
+        return
     held, count = [], 0
     for chunk in pieces_of(data):
         view = memoryview(chunk)
@@ -1753,7 +1756,7 @@ def encode_base64(data):
 
 
 def base64_lines(data):
-    """Return *data* (see pieces_of()) as encode_base64() writes it, as Chunks made
+    """Return *data* (Chunks or bytes-like) as encode_base64() writes it, as Chunks made
     STREAM_BLOCK octets at a time (whole lines: the blocks' lines are the whole's)."""
     chars = (len(data) + 2) // 3 * 4
     size = chars + (chars + BASE64_LINE - 1) // BASE64_LINE * 2
@@ -3322,8 +3325,8 @@ def enveloped_data(content, recipients, key_size=32):
 
 
 def aes_cbc(key, iv, content):
-    """Return *content* (see pieces_of()) PKCS#7-padded and AES-CBC encrypted (RFC 5652
-    6.3, RFC 3565), as Chunks made STREAM_BLOCK octets at a time."""
+    """Return *content* (Chunks or bytes-like) PKCS#7-padded and AES-CBC encrypted (RFC
+    5652 6.3, RFC 3565), as Chunks made STREAM_BLOCK octets at a time."""
     pad = 16 - len(content) % 16
 
     def make():
