@@ -181,6 +181,12 @@ PROGRESS_MIN = 50
 MAX_CAMPAIGN_ID, MAX_RFC822 = 64, 20_000_000
 #: Base64 lines cut by one struct.unpack call (a 3 KB format string).
 LINES_PER_CUT = 1024
+#: A built message larger than this many octets is kept as Chunks, made again as it is
+#: written (memory that does not grow with the message); a smaller one as bytes.
+STREAM_ABOVE = 2 << 20
+#: Octets a big message is made in at a time (base64, AES-CBC, dot-stuffing): whole
+#: base64 groups of 57 octets (one 76-character line) and whole AES blocks of 16.
+STREAM_BLOCK = 57 * 16 * 1024
 #: Private key files tried for a sender, in this order, in each key directory.
 KEY_SUFFIXES = (".pem", ".p12", ".pfx", ".p11")
 #: When signing, a Date farther than this many seconds from the signing time is replaced.
@@ -810,10 +816,93 @@ class Reporter:
             self.say(line)
 
 
+class Chunks:
+    """Bytes made on demand, in order, a chunk at a time: a big message, never held whole.
+
+    len() is known before anything is made; each iteration runs *make* (a function
+    returning an iterator of bytes-like chunks) and makes the same bytes again.
+    Chunks.joined() puts bytes-like objects and other Chunks one after the other.
+    """
+
+    __slots__ = ("size", "make")
+
+    def __init__(self, size, make):
+        self.size, self.make = size, make
+
+    @classmethod
+    def joined(cls, *parts):
+        """Return the Chunks of *parts* (bytes-like objects and Chunks) one after the other."""
+        parts = [part for part in parts if len(part)]
+        return cls(sum(map(len, parts)), lambda: flatten(parts))
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        return iter(self.make())
+
+    def __radd__(self, head):
+        """bytes + Chunks: *head* (a Received field) before them."""
+        return Chunks.joined(head, self)
+
+    def __bytes__(self):
+        return b"".join(self)
+
+
+def flatten(parts):
+    """Yield the chunks of *parts*: bytes-like objects as they are, Chunks made."""
+    for part in parts:
+        if isinstance(part, Chunks):
+            yield from part
+        else:
+            yield part
+
+
+def pieces_of(data):
+    """Return *data* (bytes-like, a list or tuple of them, or Chunks) as an iterable of chunks."""
+    return data if isinstance(data, (Chunks, list, tuple)) else (data,)
+
+
+def slices(data):
+    """Yield the bytes of *data* (see pieces_of()) as bytes of at most STREAM_BLOCK octets."""
+    for chunk in flatten(pieces_of(data)):
+        for at in range(0, len(chunk), STREAM_BLOCK):
+            yield bytes(chunk[at:at + STREAM_BLOCK])
+
+
+def blocks(data, size):
+    """Yield the bytes of *data* (Chunks or bytes-like) in blocks of exactly *size* octets,
+    the last one shorter: slices of a chunk holding whole blocks, a join where one
+    straddles chunks (a message is never copied whole; a small one is one join)."""
+    if len(data) <= size:
+        yield b"".join(pieces_of(data))
+        return
+    held, count = [], 0
+    for chunk in pieces_of(data):
+        view = memoryview(chunk)
+        if count:
+            head, view = view[:size - count], view[size - count:]
+            held.append(head)
+            count += len(head)
+            if count < size:
+                continue
+            yield b"".join(held)
+            held, count = [], 0
+        whole = len(view) - len(view) % size
+        for at in range(0, whole, size):
+            yield view[at:at + size]
+        if whole < len(view):
+            held, count = [view[whole:]], len(view) - whole
+    if held:
+        yield b"".join(held)
+
+
 def write_stdout(data):
-    """Write bytes to standard output and flush.  Raises OutputError (74) on a full device."""
+    """Write *data* (bytes or Chunks) to standard output and flush.  Raises OutputError (74)
+    on a full device."""
     try:
-        sys.stdout.buffer.write(data)
+        for chunk in pieces_of(data):
+            sys.stdout.buffer.write(chunk)
         sys.stdout.buffer.flush()
     except BrokenPipeError:
         raise
@@ -877,18 +966,22 @@ class OutputGroup:
             or time.monotonic() - self.started >= GROUP_SECONDS)
 
     def add(self, path, data, mode=None, tmp=None):
-        """Write *data* for *path*, unnamed or under a temporary name (see
+        """Write *data* (bytes or Chunks) for *path*, unnamed or under a temporary name (see
         write_atomically)."""
         file = PendingFile(path, tmp, mode)
         try:
             if mode is not None:
                 os.fchmod(file.fd, mode)  # exactly *mode*, whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(file.fd, view):]
+            for chunk in pieces_of(data):  # Chunks: each written as it is made
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(file.fd, view):]
         except OSError as exc:
             file.drop()
             raise self.fault(path, exc)
+        except BaseException:  # Ctrl-C in the middle of a big message: nothing partial
+            file.drop()
+            raise
         if self.pending:
             previous = self.pending[-1]
             try:
@@ -1170,9 +1263,9 @@ def is_crlf(data):
     return crlf == data.count(b"\n") == data.count(b"\r")
 
 
-#: A Content-Transfer-Encoding field's value "binary", matched in a lower-cased copy from
+#: A Content-Transfer-Encoding field's value "binary", in any case, matched from
 #: "ransfer-encoding".
-_BINARY_CTE = re.compile(rb"ransfer-encoding[ \t]*:[ \t]*binary\b")
+_BINARY_CTE = re.compile(rb"(?i)ransfer-encoding[ \t]*:[ \t]*binary\b")
 #: One raw line and its ending, whatever that ending is (LF, CR or CRLF).
 _RAW_LINE = re.compile(rb"([^\r\n]*)(\r\n|\n|\r|\Z)")
 
@@ -1181,19 +1274,35 @@ def declares_binary(data):
     """True when *data* holds a Content-Transfer-Encoding: binary field (RFC 2045 6.2),
     its name and value in any case.
 
-    Works on one lower-cased copy: "binary" must be there (one C-speed search),
-    then each "ransfer-encoding" is looked at closely, so the usual message costs
-    microseconds; a false alarm only costs a closer look.
+    Works on lower-cased copies of a window at a time (lowered()): "binary" must be
+    there (one C-speed search), then each "ransfer-encoding" is looked at closely,
+    so the usual message costs microseconds; a false alarm only costs a closer look.
     """
-    lowered = data.lower()
-    if b"binary" not in lowered:
+    if not count_any_case(data, (b"binary",)):
         return False
-    at = lowered.find(b"ransfer-encoding")
-    while at >= 0:
-        if _BINARY_CTE.match(lowered, at):
-            return True
-        at = lowered.find(b"ransfer-encoding", at + 1)
+    for at, window in lowered(data, len(b"ransfer-encoding") - 1):
+        found = window.find(b"ransfer-encoding")
+        while found >= 0:
+            if _BINARY_CTE.match(data, at + found):
+                return True
+            found = window.find(b"ransfer-encoding", found + 1)
     return False
+
+
+def lowered(data, overlap):
+    """Yield (offset, lower-cased copy) of each window of *data*: STREAM_BLOCK octets and
+    *overlap* more, so that a word of *overlap* + 1 octets is whole in one of them (a big
+    message is never copied whole; a small one is one window)."""
+    for at in range(0, len(data), STREAM_BLOCK):
+        yield at, data[at:at + STREAM_BLOCK + overlap].lower()
+
+
+def count_any_case(data, words):
+    """Return how many times the lower-case *words* occur in *data*, in any case, together."""
+    longest, count = max(map(len, words)), 0
+    for _, window in lowered(data, longest - 1):  # each occurrence counted in its first window
+        count += sum(window.count(word, 0, STREAM_BLOCK + len(word) - 1) for word in words)
+    return count
 
 
 def message_to_crlf(data):
@@ -1220,8 +1329,7 @@ def check_mime_limits(msg):
     on a line beginning with "--": where those counts are within the limits, as in
     nearly all mail, the message cannot exceed them and nothing more is read.
     """
-    lowered = msg.body.lower()
-    if (lowered.count(b"boundary") + lowered.count(b"rfc822") < MAX_MIME_DEPTH
+    if (count_any_case(msg.body, (b"boundary", b"rfc822")) < MAX_MIME_DEPTH
             and msg.body.count(b"\n--") < MAX_MIME_PARTS):
         return
     count_parts(msg.entity_fields, msg.body, 0, [0])
@@ -1341,7 +1449,7 @@ def parse_message(data, source="-", envelope=None):
     *envelope*: the recipients of a message received over SMTP (--serve, RCPT TO):
     they, not the header, say who gets it.
     """
-    if not data.strip():
+    if not data or data.isspace():  # (not data.strip(): a copy of a big message)
         raise MessageError("%s: empty input, expected an RFC 5322 message" % source)
     mbox = _MBOX_FROM.match(data)
     if mbox:
@@ -1520,11 +1628,17 @@ def canonical_entity(fields, body, binary=True, depth=0):
     the message is known to declare no binary part; *depth*: how deep it is nested.
     Raises MessageError.
     """
+    return b"".join(canonical_pieces(fields, body, binary, depth))
+
+
+def canonical_pieces(fields, body, binary=True, depth=0):
+    """Return canonical_entity() as [header and empty line, body]: a body that is
+    canonical already is not copied."""
     check_depth(depth)
     if (not is_transport_safe(body) or transfer_encoding(fields) == b"binary"
             or binary and declares_binary(body)):
         fields, body = canonical_parts(fields, body, depth)
-    return b"".join([safe_fields(fields), b"\r\n", body])
+    return [safe_fields(fields) + b"\r\n", body]
 
 
 def canonical_parts(fields, body, depth=0):
@@ -1660,6 +1774,14 @@ def encode_base64(data):
     del text  # big messages: one copy less at the peak
     chunks.append(b"")  # the final CRLF, without copying the whole result again
     return b"\r\n".join(chunks)
+
+
+def base64_lines(data):
+    """Return *data* (Chunks or bytes-like) as encode_base64() writes it, as Chunks made
+    STREAM_BLOCK octets at a time (whole lines: the blocks' lines are the whole's)."""
+    chars = (len(data) + 2) // 3 * 4
+    size = chars + (chars + BASE64_LINE - 1) // BASE64_LINE * 2
+    return Chunks(size, lambda: map(encode_base64, blocks(data, STREAM_BLOCK)))
 
 
 def base64_text(data):
@@ -1810,8 +1932,8 @@ def der_header(tag, size):
 def der_pieces(tag, *parts):
     """Return one DER element as a list of pieces, its header first.
 
-    A part is bytes (or a memoryview) or such a list: a large payload is never
-    copied until the whole structure is joined once, at the end.
+    A part is bytes (or a memoryview, or Chunks) or such a list: a large payload is
+    never copied (Chunks.joined() makes the whole as it is written).
     """
     pieces = []
     for part in parts:
@@ -3413,7 +3535,8 @@ SIGNATURE_PART_HEADER = (b'Content-Type: application/pkcs7-signature; name="smim
 
 
 def canonical_content(msg):
-    """Return the canonical MIME entity of *msg*: the bytes that get signed.
+    """Return the canonical MIME entity of *msg*, the bytes that get signed, as a list of
+    pieces (canonical_pieces(): the body is not copied where it is canonical already).
 
     A message without Content-Type gets an explicit text/plain one.
     """
@@ -3428,7 +3551,7 @@ def canonical_content(msg):
                 pass
         default = Field("content-type", b"Content-Type: text/plain; charset=%s\r\n" % charset)
         fields = [default] + fields
-    return canonical_entity(fields, msg.body, msg.binary)
+    return canonical_pieces(fields, msg.body, msg.binary)
 
 
 def signed_der(content, signer, detached, now=None):
@@ -3439,13 +3562,17 @@ def signed_der(content, signer, detached, now=None):
     S/MIME capabilities (RFC 8551 2.5), an RSA PKCS#1 v1.5 (rsaEncryption,
     RFC 3370 3.2) or ECDSA signature over their DER; the signer's certificate and
     chain.  *detached*: the content is not encapsulated (multipart/signed); *now*:
-    the signing time (time.time(), default the present).
+    the signing time (time.time(), default the present).  *content*: bytes-like or
+    a list of them; returns Chunks (the content is not copied).
     """
     digest_name = signer.digest
     content_type, capabilities, digest_algorithm, digest_set = signed_constants(digest_name)
+    content = pieces_of(content)
+    digest = hashlib.new(digest_name.lower())
+    for piece in content:
+        digest.update(piece)
     attrs = der_set(content_type, attribute(ATTR_SIGNING_TIME, signing_time(now)),
-                    attribute(ATTR_MESSAGE_DIGEST, der(OCTET_STRING, getattr(
-                        hashlib, digest_name.lower())(content).digest())),
+                    attribute(ATTR_MESSAGE_DIGEST, der(OCTET_STRING, digest.digest())),
                     capabilities)
     if signer.info_head is None:  # version 1, sid, digestAlgorithm: the same every message
         signer.info_head = b"\x02\x01\x01" + signer.rid + digest_algorithm
@@ -3455,10 +3582,11 @@ def signed_der(content, signer, detached, now=None):
         encapsulated = [DETACHED_CONTENT_INFO]
     else:
         encapsulated = der_pieces(SEQUENCE, der_oid(ID_DATA),
-                                  der_pieces(ctx(0), der_pieces(OCTET_STRING, content)))
+                                  der_pieces(ctx(0), der_pieces(OCTET_STRING, list(content))))
     signed = der_pieces(SEQUENCE, b"\x02\x01\x01", digest_set,  # version 1
                         encapsulated, signer.certificate_set(), der(SET, signer_info))
-    return b"".join(der_pieces(SEQUENCE, der_oid(ID_SIGNED_DATA), der_pieces(ctx(0), signed)))
+    return Chunks.joined(*der_pieces(SEQUENCE, der_oid(ID_SIGNED_DATA),
+                                     der_pieces(ctx(0), signed)))
 
 
 #: The EncapsulatedContentInfo of a detached signature: id-data, no eContent (RFC 5652 5.2).
@@ -3541,42 +3669,56 @@ def sign_attributes(signer, attrs):
 
 
 def sign_opaque(content, signer, now=None):
-    """Return an application/pkcs7-mime signed-data entity embedding *content*."""
-    return b"".join([SIGNED_DATA_HEADER, b"\r\n",
-                     encode_base64(signed_der(content, signer, False, now))])
+    """Return an application/pkcs7-mime signed-data entity embedding *content* (bytes-like
+    or a list of them), as Chunks."""
+    return Chunks.joined(SIGNED_DATA_HEADER, b"\r\n",
+                         base64_lines(signed_der(content, signer, False, now)))
 
 
 def sign_detached(content, signer, now=None):
-    """Return a multipart/signed entity (RFC 8551 3.5.3, RFC 1847) over *content*."""
+    """Return a multipart/signed entity (RFC 8551 3.5.3, RFC 1847) over *content* (bytes-like
+    or a list of them), as Chunks."""
+    content = pieces_of(content)
     boundary = b"----=_smime_" + os.urandom(12).hex().encode()  # as secrets.token_hex(12)
-    while boundary in content:
+    while holds(content, boundary):
         boundary = b"----=_smime_" + os.urandom(12).hex().encode()
-    signature = encode_base64(signed_der(content, signer, True, now))
-    return b"".join([  # one copy of the (possibly large) content, not one per "+"
+    signature = encode_base64(bytes(signed_der(content, signer, True, now)))
+    return Chunks.joined(
         b'Content-Type: multipart/signed; protocol="application/pkcs7-signature";\r\n'
-        b' micalg=', signer.digest.lower().replace("sha", "sha-").encode(),
-        b'; boundary="', boundary, b'"\r\n\r\n'
-        b"This is an S/MIME signed message\r\n\r\n--", boundary, b"\r\n", content,
-        b"\r\n--", boundary, b"\r\n", SIGNATURE_PART_HEADER, b"\r\n", signature,
-        b"\r\n--", boundary, b"--\r\n"])
+        b' micalg=' + signer.digest.lower().replace("sha", "sha-").encode()
+        + b'; boundary="' + boundary + b'"\r\n\r\n'
+        b"This is an S/MIME signed message\r\n\r\n--" + boundary + b"\r\n", *content,
+        b"\r\n--" + boundary + b"\r\n" + SIGNATURE_PART_HEADER + b"\r\n" + signature
+        + b"\r\n--" + boundary + b"--\r\n")
+
+
+def holds(pieces, needle):
+    """True when the bytes of *pieces* (bytes-like objects) hold *needle*, also across two."""
+    tail = b""
+    for piece in pieces:
+        if needle in piece or needle in tail + bytes(piece[:len(needle)]):
+            return True
+        tail = (tail + bytes(piece[-len(needle):]))[-len(needle):]
+    return False
 
 
 def encrypt(content, recipients, cipher="aes256"):
-    """Return an application/pkcs7-mime enveloped-data entity of *content* (RFC 8551 3.3)."""
+    """Return an application/pkcs7-mime enveloped-data entity of *content* (RFC 8551 3.3):
+    Chunks, made as they are written (see Chunks)."""
     unique = list({ident.rid: ident for ident in recipients}.values())
-    der = b"".join(enveloped_data(content, unique, 32 if cipher == "aes256" else 16))
-    # (the pieces, a copy of the content, are gone before base64 needs as much again)
-    return b"".join([ENVELOPED_DATA_HEADER, b"\r\n", encode_base64(der)])
+    der = enveloped_data(content, unique, 32 if cipher == "aes256" else 16)
+    return Chunks.joined(ENVELOPED_DATA_HEADER, b"\r\n", base64_lines(der))
 
 
 def enveloped_data(content, recipients, key_size=32):
-    """Return the DER ContentInfo of an EnvelopedData of *content* (RFC 5652 6.1), as pieces.
+    """Return the DER ContentInfo of an EnvelopedData of *content* (RFC 5652 6.1), as Chunks.
 
     The content is encrypted with AES-CBC under a fresh key of *key_size* octets,
     and that key is given to each recipient Identity: RSA keys by
     KeyTransRecipientInfo, EC keys by KeyAgreeRecipientInfo, ML-KEM keys by
     KEMRecipientInfo.  Version 3 when there is an OtherRecipientInfo (RFC 9629 3),
     else 0 when every RecipientInfo is a KeyTransRecipientInfo, else 2 (RFC 5652 6.1).
+    The lengths are known ahead (CBC padding is deterministic): DER throughout.
     """
     key, iv = os.urandom(key_size), os.urandom(16)
     infos = [recipient_info(ident, key) for ident in recipients]
@@ -3586,17 +3728,22 @@ def enveloped_data(content, recipients, key_size=32):
         SEQUENCE, der_oid(ID_DATA), algorithm(AES_CBC[key_size], der(OCTET_STRING, iv)),
         der_pieces(ctx(0, constructed=False), aes_cbc(key, iv, content)))
     enveloped = der_pieces(SEQUENCE, der_int(version), der_set(*infos), encrypted_content_info)
-    return der_pieces(SEQUENCE, der_oid(ID_ENVELOPED_DATA), der_pieces(ctx(0), enveloped))
+    return Chunks.joined(*der_pieces(SEQUENCE, der_oid(ID_ENVELOPED_DATA),
+                                     der_pieces(ctx(0), enveloped)))
 
 
 def aes_cbc(key, iv, content):
-    """Return *content* PKCS#7-padded and AES-CBC encrypted (RFC 5652 6.3, RFC 3565)."""
-    encryptor = ciphers.Cipher(ciphers.algorithms.AES(key), ciphers.modes.CBC(iv)).encryptor()
+    """Return *content* (Chunks or bytes-like) PKCS#7-padded and AES-CBC encrypted (RFC
+    5652 6.3, RFC 3565), as Chunks made STREAM_BLOCK octets at a time."""
     pad = 16 - len(content) % 16
-    out = bytearray(len(content) + 31)  # update_into wants room for one more block
-    size = encryptor.update_into(content, out)
-    size += encryptor.update_into(bytes((pad,)) * pad, memoryview(out)[size:])
-    return memoryview(out)[:size]
+
+    def make():
+        encryptor = ciphers.Cipher(ciphers.algorithms.AES(key),
+                                   ciphers.modes.CBC(iv)).encryptor()
+        for block in blocks(content, STREAM_BLOCK):
+            yield encryptor.update(block)
+        yield encryptor.update(bytes((pad,)) * pad)
+    return Chunks(len(content) + pad, make)
 
 
 def recipient_info(ident, key):
@@ -3686,22 +3833,26 @@ def kem_key_encryption_key(secret, info, size, hash_name="SHA256"):
 
 
 def build_smime(msg, opts, signer=None, recipients=(), extra=b"", now=None):
-    """Return the final message bytes: outer header, MIME-Version, S/MIME entity.
+    """Return the final message: outer header, MIME-Version, S/MIME entity; bytes, or
+    Chunks above STREAM_ABOVE octets (made again as they are written).
 
     The outer fields keep their order, *extra* header lines follow them (outside
     anything signed); Bcc never appears in the output.  *now*: the signing time
     (see date_at_signing(), which gives the outer Date the same time).
     """
-    entity = canonical_content(msg)
+    content = canonical_content(msg)
+    entity = Chunks.joined(*content)
     if opts.sign_mode == "opaque":
-        entity = sign_opaque(entity, signer, now)
+        entity = sign_opaque(content, signer, now)
     elif opts.sign_mode == "detached":
-        entity = sign_detached(entity, signer, now)
+        entity = sign_detached(content, signer, now)
     if opts.encrypt:
         entity = encrypt(entity, recipients, opts.cipher)
     outer = safe_fields([f for f in msg.outer if f.name != "bcc"])
-    ending = b"" if entity.endswith(b"\r\n") else b"\r\n"  # SMTP DATA ends with CRLF
-    return b"".join([outer, extra, b"MIME-Version: 1.0\r\n", entity, ending])
+    last = content[1] or content[0]  # S/MIME entities end with a CRLF; plain content may not
+    ending = b"" if opts.sign_mode or opts.encrypt or last.endswith(b"\r\n") else b"\r\n"
+    data = Chunks.joined(outer, extra, b"MIME-Version: 1.0\r\n", entity, ending)  # (for DATA)
+    return bytes(data) if len(data) <= STREAM_ABOVE else data
 
 
 def date_at_signing(msg, now, keep=False):
@@ -3822,6 +3973,7 @@ def build_job(item, settings, keystore, extra=b"", served=(), msg=None, check=No
         raw = read_input(path)
         msg = parse_message(raw, path)
         digest = hashlib.sha256(raw).hexdigest() if settings.results else ""
+        del raw  # a big message is held once from here on: as its body
     if settings.send:
         check_hops(msg, settings.hop_limit)
     signer, recipients = find_identities(msg, settings, keystore)
@@ -4059,7 +4211,12 @@ class DryRun(Backend):
 
     def attempt(self, job):
         self.events.session(self.open())
-        head = job.data.split(b"\r\n\r\n", 1)[0].decode("ascii", "replace")
+        head = b""
+        for chunk in pieces_of(job.data):  # Chunks: only as far as the empty line
+            head += bytes(chunk[:MAX_HEADER_SIZE])
+            if b"\r\n\r\n" in head:
+                break
+        head = head.split(b"\r\n\r\n", 1)[0].decode("ascii", "replace")
         lines = ["  MAIL FROM:<%s>" % job.mail_from]
         lines += ["  RCPT TO:<%s>" % r for r in job.recipients]
         lines.append("  size %d octets; outer header:" % len(job.data))
@@ -4282,7 +4439,7 @@ class SmtpBackend(Backend):
             if outcome is None:
                 following = self.next_to_pipeline(queue)
                 then = self.counted_envelope(following) if following is not None else b""
-                self.smtp.send(dot_terminated(job.data, then))
+                self.send_data(job.data, then)
                 self.build_while_waiting(queue)
                 outcome = self.data_reply(job, refused)
         except KeyboardInterrupt:
@@ -4293,6 +4450,14 @@ class SmtpBackend(Backend):
             queue.put_back(following)
             following = None
         return outcome, following
+
+    def send_data(self, data, then=b""):
+        """Send the message *data* (bytes or Chunks) dot-stuffed, its end of data, then
+        *then* (the next envelope): bytes in one write, Chunks as they are made."""
+        if isinstance(data, Chunks):
+            self.smtp.send_chunks(dot_stuffed(data))
+            data, then = b"", b".\r\n" + then  # Chunks of a built message end with CRLF
+        self.smtp.send(dot_terminated(data, then) if data else then)
 
     def build_while_waiting(self, queue):
         """Build the next message, then more (up to BUILT_AHEAD) while the server has not
@@ -4477,10 +4642,23 @@ def dot_terminated(data, then=b""):
     """Return the message dot-stuffed where a line starts with "." (RFC 5321 4.5.2),
     with its final <CRLF>.<CRLF>, then *then* (the next envelope), as one bytes
     object (one copy of the message; base64 bodies never need stuffing)."""
+    data = bytes(data)  # Chunks: made whole (dot_stuffed() sends them as they are made)
     end = b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"
     if data.startswith(b".") or b"\n." in data:
         data = (b"." if data[:1] == b"." else b"") + data.replace(b"\n.", b"\n..")
     return b"".join((data, end, then))
+
+
+def dot_stuffed(data):
+    """Yield the CRLF message *data* (Chunks) in pieces of at most STREAM_BLOCK octets,
+    dot-stuffed where a line starts with "." (RFC 5321 4.5.2), also where a line
+    starts a chunk; without the end of data."""
+    line_start = True
+    for piece in slices(data):
+        if line_start and piece.startswith(b"."):
+            yield b"."
+        yield piece.replace(b"\n.", b"\n..") if b"\n." in piece else piece
+        line_start = piece.endswith(b"\n")
 
 
 def transcript_classes():
@@ -4509,6 +4687,15 @@ def transcript_classes():
             if self.log:
                 self.note_sent(s)
             super().send(s)
+
+        def send_chunks(self, chunks):
+            """Send message data made as *chunks*; the transcript shows its size only."""
+            size = 0
+            for chunk in chunks:
+                super().send(chunk)
+                size += len(chunk)
+            if self.log:
+                self.log("%s <%d octets of message data>" % (self._glyph(True), size))
 
         def note_sent(self, s):
             """Log what goes out (also for the gateway's own writes: SmtpHop)."""
@@ -4683,7 +4870,7 @@ def api_rules(msg, data, settings):
 
 
 def transmission_body(job, settings):
-    """Return the JSON request body (bytes) of a transmission for *job*."""
+    """Return the JSON request body (a bytearray) of a transmission for *job*."""
     import json
     msg = job.msg
     names = {}
@@ -4703,8 +4890,13 @@ def transmission_body(job, settings):
     body = {"options": options,
             "campaign_id": settings.campaign,
             "recipients": recipients,
-            "content": {"email_rfc822": job.data.decode("ascii")}}
-    return json.dumps(body).encode("ascii")
+            "content": {"email_rfc822": None}}
+    text = json.dumps(body)  # ... "email_rfc822": null}}: the message goes in place of null
+    out = bytearray(text[:-6].encode("ascii") + b'"')
+    for chunk in slices(job.data):  # one copy of the message: JSON-escaped a slice at a time
+        out += json.dumps(chunk.decode("ascii"))[1:-1].encode("ascii")
+    out += b'"}}'
+    return out
 
 
 def visible_to(msg):

@@ -100,6 +100,30 @@ def signed_message(pki, source=FANCY):
 
 # -- outputs: 73 when they cannot be created, 74 when they cannot be written ---------
 
+def ten_megabytes(path):
+    """Write a 10 MB message (a base64 attachment of random bytes) to *path*; return it."""
+    import base64
+    path.write_bytes(b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: big\r\n"
+                     b"Content-Type: application/octet-stream\r\n"
+                     b"Content-Transfer-Encoding: base64\r\n\r\n"
+                     + base64.encodebytes(os.urandom(7_500_000)).replace(b"\n", b"\r\n"))
+    return str(path)
+
+
+@pytest.mark.parametrize("target", ["file", "directory"])
+def test_disk_full_in_the_middle_of_a_big_output_leaves_nothing(pki, tmp_path, tmpfs, target):
+    """A 10 MB message is written as it is made (issue 29): the disk fills up in the middle
+    of it, 74 with one line, and nothing of it is left."""
+    source = ten_megabytes(tmp_path / "big.eml")
+    where = tmpfs("small", size="4m")
+    out = str(where / "out.eml") if target == "file" else str(where)
+    proc = run_tool([source, "--keys", pki.keys, "--sign", "--encrypt", "-o", out])
+    assert proc.returncode == 74, proc.stderr
+    err = proc.stderr.decode()
+    assert err.count("\n") == 1 and "No space left" in err, err
+    assert os.listdir(where) == []
+
+
 @pytest.mark.parametrize("where", ["missing-directory", "parent-is-a-file", "read-only"])
 def test_output_that_cannot_be_created_is_73(pki, tmp_path, tmpfs, where):
     msg = tmp_path / "m.eml"

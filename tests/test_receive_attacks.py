@@ -51,7 +51,7 @@ def message(sender, entity, to=BOB, extra=b""):
     """Return an RFC 5322 message around the S/MIME *entity*, dated now (as signed)."""
     from email.utils import formatdate
     return (b"From: %s\r\nTo: %s\r\nSubject: attack\r\nDate: %s\r\n%sMIME-Version: 1.0\r\n"
-            % (sender.encode(), to.encode(), formatdate().encode(), extra)) + entity
+            % (sender.encode(), to.encode(), formatdate().encode(), extra)) + bytes(entity)
 
 
 def signed(ident, content=TEXT, sender=None, detached=True):
@@ -219,7 +219,7 @@ def detached_entity(content, der_bytes):
 def signed_fields(ident, content=TEXT, detached=True):
     """The raw fields of a SignedData made by the tool: version, digestAlgorithms,
     encapContentInfo, certificates, signerInfos."""
-    sd = tool.Ber(tool.signed_der(content, ident, detached)).children()[1].children()[0]
+    sd = tool.Ber(bytes(tool.signed_der(content, ident, detached))).children()[1].children()[0]
     return [f.raw for f in sd.children()]
 
 

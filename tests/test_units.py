@@ -575,3 +575,58 @@ def test_base64_as_the_standard_library_writes_it():
         assert tool.base64_text(blob) == base64.b64encode(blob)
 
     check()
+
+
+def test_chunked_writers_as_their_whole_definitions():
+    """What is made a chunk at a time (issue 29) equals what the whole definitions make,
+    wherever the chunks are cut: base64 lines, AES-CBC, dot-stuffing for SMTP, and the
+    counts and binary field found a lowered window at a time across window boundaries."""
+    import base64
+    from cryptography.hazmat.primitives import padding as pkcs7_padding
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from hypothesis import given, settings, strategies as st
+    block = tool.STREAM_BLOCK
+    sizes = [0, 1, 56, 57, block - 1, block, block + 1, 2 * block + 57]
+
+    def chunked(data, cuts):
+        pieces, at = [], 0
+        for cut in sorted(cuts):
+            pieces.append(data[at:cut])
+            at = cut
+        pieces.append(data[at:])
+        return tool.Chunks.joined(*pieces)
+
+    key, iv = os.urandom(32), os.urandom(16)
+    for size in sizes:
+        data = os.urandom(size)
+        for cuts in ([], [size // 3, size // 2], [block - 1] if size >= block else [1]):
+            whole = chunked(data, [c for c in cuts if c <= size])
+            out = tool.base64_lines(whole)
+            assert bytes(out) == base64.encodebytes(data).replace(b"\n", b"\r\n")
+            assert len(out) == len(bytes(out))
+            padder = pkcs7_padding.PKCS7(128).padder()
+            enc = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+            expected = enc.update(padder.update(data) + padder.finalize()) + enc.finalize()
+            assert bytes(tool.aes_cbc(key, iv, whole)) == expected
+            assert len(tool.aes_cbc(key, iv, whole)) == len(expected)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.sampled_from([b".", b"\r\n", b"\r", b"\n", b"a", b"..", b"\r\n."]),
+                    max_size=40), st.lists(st.integers(0, 80), max_size=5))
+    def check_stuffing(parts, cuts):
+        data = b"".join(parts) + b"\r\n"
+        sent = b"".join(tool.dot_stuffed(chunked(data, [c for c in cuts if c <= len(data)])))
+        assert sent + b".\r\n" == tool.dot_terminated(data)
+
+    check_stuffing()
+    text = bytearray(b"x" * (3 * block))
+    for n, word in enumerate([b"BOUNDARY", b"rfc822", b"Binary", b"boundary"]):
+        at = (n + 1) * block - 3 if n < 3 else 10
+        text[at:at + len(word)] = word
+    text = bytes(text)
+    assert tool.count_any_case(text, (b"boundary", b"rfc822")) == 3
+    assert tool.count_any_case(text, (b"binary",)) == 1
+    field = b"\r\nContent-Transfer-Encoding:   BINARY\r\n"
+    at = block - 20  # "ransfer-encoding" across the first window's end
+    mixed = b"y" * at + field + b"y" * 100
+    assert tool.declares_binary(mixed) and not tool.declares_binary(mixed.replace(b"BIN", b"b1n"))
