@@ -2013,6 +2013,19 @@ CERT_SIGNATURES = {
 #: Certificate extensions read here (RFC 5280 4.2.1).
 EXT_KEY_USAGE, EXT_SUBJECT_ALT_NAME, EXT_NAME_CONSTRAINTS, EXT_EXTENDED_KEY_USAGE = (
     "2.5.29.15", "2.5.29.17", "2.5.29.30", "2.5.29.37")
+EXT_BASIC_CONSTRAINTS, EXT_SUBJECT_KEY_ID, EXT_CRL_DISTRIBUTION_POINTS, EXT_AUTHORITY_INFO = (
+    "2.5.29.19", "2.5.29.14", "2.5.29.31", "1.3.6.1.5.5.7.1.1")
+#: Extensions whose value is read here, checked to be DER when a certificate is read.
+READ_EXTENSIONS = {EXT_KEY_USAGE, EXT_SUBJECT_ALT_NAME, EXT_NAME_CONSTRAINTS,
+                   EXT_EXTENDED_KEY_USAGE, EXT_BASIC_CONSTRAINTS, EXT_SUBJECT_KEY_ID,
+                   EXT_CRL_DISTRIBUTION_POINTS, EXT_AUTHORITY_INFO}
+#: Extensions a certificate may mark critical (RFC 5280 4.2): those read here, the
+#: authority key identifier, issuerAltName, the certificate policy extensions (4.2.1.4,
+#: 4.2.1.5, 4.2.1.11, 4.2.1.14: no policy is required of a path, RFC 5280 6.1.1 (c)
+#: initial-policy-set anyPolicy, so they restrict nothing here) and OCSP no-check
+#: (RFC 6960 4.2.2.2.1).  A certificate with any other critical extension is refused.
+KNOWN_CRITICAL = READ_EXTENSIONS | {"2.5.29.35", "2.5.29.18", "2.5.29.32", "2.5.29.33",
+                                    "2.5.29.36", "2.5.29.54", "1.3.6.1.5.5.7.48.1.5"}
 #: The attribute type of names read here: emailAddress (RFC 5280 A.1).
 ATTR_EMAIL_ADDRESS = "1.2.840.113549.1.9.1"
 #: extKeyUsage purposes that allow S/MIME: emailProtection, anyExtendedKeyUsage.
@@ -2042,7 +2055,8 @@ class Certificate:
         tbs, signature_algorithm, signature = (outer.take(SEQUENCE), outer.take(SEQUENCE),
                                                outer.take(BIT_STRING))
         fields = Fields(tbs)
-        fields.optional(ctx(0))  # version [0] EXPLICIT
+        version = fields.optional(ctx(0))  # version [0] EXPLICIT, v1 when absent
+        self.version = Fields(version).take(INTEGER).integer() + 1 if version else 1
         self.serial = fields.take(INTEGER).raw
         self.inner_algorithm = fields.take(SEQUENCE).raw
         self.issuer_der = fields.take(SEQUENCE).raw
@@ -2053,7 +2067,8 @@ class Certificate:
         fields.optional(ctx(1, constructed=False))  # issuerUniqueID
         fields.optional(ctx(2, constructed=False))  # subjectUniqueID
         extensions = fields.optional(ctx(3))
-        self.extensions_der = read_extensions(extensions) if extensions else {}
+        self.extensions_der, self.critical = (read_extensions(extensions) if extensions
+                                              else ({}, set()))
         if top.end != len(self.der) or top.reader.ends or fields.rest():
             raise ValueError("not a DER certificate")
         self.tbs = tbs.raw
@@ -2143,20 +2158,27 @@ def verify_with(key, kind, hash_name, signature, data):
 
 
 def read_extensions(ber):
-    """Return {OID: DER value} of a certificate's [3] Extensions (RFC 5280 4.1.2.9).
+    """Return ({OID: DER value}, {OIDs of the critical ones}) of a certificate's [3]
+    Extensions (RFC 5280 4.1.2.9).
 
-    Raises ValueError for one that is not well-formed DER or appears twice.
+    The value of an extension this tool reads (READ_EXTENSIONS) must be one DER
+    element; others are kept as they are: an unknown non-critical extension is
+    ignored, whatever it holds (RFC 5280 4.2).  Raises ValueError for an extension
+    that appears twice or a malformed one this tool reads.
     """
-    found = {}
+    found, critical = {}, set()
     for item in Fields(ber).take(SEQUENCE).children():
         fields = Fields(item)
         oid = fields.take(OID).oid()
-        fields.optional(0x01)  # critical BOOLEAN DEFAULT FALSE
+        flag = fields.optional(0x01)  # critical BOOLEAN DEFAULT FALSE
         value = fields.take(OCTET_STRING).body
-        if oid in found or fields.rest() or der_checked(value).end != len(value):
+        if oid in found or fields.rest() or oid in READ_EXTENSIONS and (
+                not value or der_checked(value).end != len(value)):
             raise ValueError("extension %s twice or malformed" % oid)
         found[oid] = value
-    return found
+        if flag is not None and flag.body != b"\0":
+            critical.add(oid)
+    return found, critical
 
 
 def der_time(ber):
@@ -2614,18 +2636,6 @@ def recipient_from_file(address, path):
     return Identity(address, mine[0], path)
 
 
-def extension(cert, kind):
-    """Return the value of *cert*'s extension of class *kind*, or None when it has none.
-
-    Raises ValueError for extensions that cannot be parsed (a malformed certificate).
-    """
-    from cryptography import x509
-    try:
-        return cert.extensions.get_extension_for_class(kind).value
-    except x509.ExtensionNotFound:
-        return None
-
-
 def cert_emails(cert):
     """Return the lower-cased e-mail addresses of *cert*: SAN rfc822Name, else subject
     ([] for a certificate whose extensions cannot be read)."""
@@ -2640,12 +2650,15 @@ def check_certificate(cert, address, path, purpose, certs=()):
     """Refuse a certificate unfit to *purpose* ('sign' or 'encrypt') for *address*.
 
     Checks validity dates, the e-mail address (RFC 8550 3), key usage and
-    extended key usage (RFC 8550 4.4), and the rfc822Name constraints of the
-    issuers found among *certs* (the file's own chain: no trust store is read
-    when sending).  Raises IdentityError naming the reason.
+    extended key usage (RFC 8550 4.4), and the path rules (path_problem()) and
+    rfc822Name constraints of the issuers found among *certs* (the file's own
+    chain: no trust store is read when sending), as a recipient will check them.
+    Raises IdentityError naming the reason.
     """
+    issuers = issuer_path(cert, certs)
     reason = (certificate_problem(cert, address, purpose)
-              or name_constraint_problem(cert, issuer_path(cert, certs)))
+              or path_problem([cert] + issuers, bool(issuers) and is_self_signed(issuers[-1]))
+              or name_constraint_problem(cert, issuers))
     if reason:
         raise IdentityError("%s: certificate for %s %s" % (path, address, reason))
 
@@ -2660,7 +2673,7 @@ def certificate_problem(cert, address, purpose, now=None):
     emails = cert_emails(cert)
     if address.lower() not in emails:
         return "is issued to %s, not to this address" % (", ".join(emails) or "no e-mail address")
-    return usage_problem(cert, purpose)
+    return end_entity_problem(cert) or usage_problem(cert, purpose)
 
 
 def issuer_path(cert, certs):
@@ -2806,6 +2819,126 @@ def extended_key_usage(cert):
     (RFC 5280 4.2.1.12).  Raises ValueError for one that cannot be read."""
     value = cert.extension(EXT_EXTENDED_KEY_USAGE)
     return None if value is None else {purpose.oid() for purpose in Ber(value).children()}
+
+
+# -- Path rules (RFC 5280 6.1), one set for sending and receiving -------------------
+
+#: Most CAs between a certificate and its trust anchor, and most issuer candidates whose
+#: signature is checked while looking for a path (a message may carry 64 certificates).
+MAX_PATH_CAS, MAX_PATH_CANDIDATES = 8, 64
+#: KeyUsage keyCertSign (RFC 5280 4.2.1.3).
+KU_KEY_CERT_SIGN = 5
+#: Certificate signature algorithms with SHA-1, which no longer resists forgery.
+SHA1_CERT_SIGNATURES = {"1.2.840.113549.1.1.5", "1.2.840.10045.4.1", "1.2.840.10040.4.3"}
+#: Names of extKeyUsage purposes for messages (RFC 5280 4.2.1.12).
+EKU_NAMES = {"1.3.6.1.5.5.7.3.1": "TLS server authentication",
+             "1.3.6.1.5.5.7.3.2": "TLS client authentication",
+             "1.3.6.1.5.5.7.3.3": "code signing", "1.3.6.1.5.5.7.3.4": "e-mail protection",
+             "1.3.6.1.5.5.7.3.8": "time stamping", "1.3.6.1.5.5.7.3.9": "OCSP signing"}
+
+
+def path_problem(path, anchored, now=None):
+    """Return why certification path *path* (the certificate first, then each issuer)
+    is not valid for mail, or '' when it is (RFC 5280 6.1, with EKU chaining).
+
+    *anchored*: the last one is the trust anchor, whose own extensions and dates
+    are not checked (RFC 5280 6.1.1 (d): an anchor is a name and a key).  Every
+    other CA must be a v3 CA allowed to sign certificates, valid now, within its
+    pathLenConstraint, with no unknown critical extension, no SHA-1 signature and
+    no weak key, and its extKeyUsage, if any, must include e-mail protection (as
+    NSS, Windows and Apple treat a CA's EKU: a constraint).  The certificate itself
+    is checked by certificate_problem().
+    """
+    below = 0  # CAs below this one, self-issued ones not counted (RFC 5280 6.1.4 (l))
+    for ca in path[1:-1] if anchored else path[1:]:
+        problem = ca_problem(ca, below, now)
+        if problem:
+            return problem
+        below += ca.subject_der != ca.issuer_der
+    return ""
+
+
+def end_entity_problem(cert):
+    """Return why *cert*, a person's certificate, is refused whatever the purpose, or ''."""
+    try:
+        is_ca = basic_constraints(cert)[0]
+    except ValueError:
+        return "has extensions that cannot be read (a malformed certificate)"
+    if is_ca:
+        return ("is a CA certificate (basicConstraints cA=TRUE), not a person's: a CA's key "
+                "does not sign or receive mail")
+    return certificate_rule_problem(cert)
+
+
+def certificate_rule_problem(cert):
+    """Return why any certificate but a trust anchor is refused, or '': an unknown
+    critical extension (RFC 5280 4.2), a SHA-1 signature, a weak key."""
+    unknown = sorted(cert.critical - KNOWN_CRITICAL)
+    if unknown:
+        return ("has a critical extension this tool does not know (%s): refused, as RFC 5280 "
+                "4.2 requires" % ", ".join(unknown))
+    if algorithm_oid(Ber(cert.signature_algorithm)) in SHA1_CERT_SIGNATURES:
+        return "is signed with SHA-1, which no longer protects a certificate against forgery"
+    try:
+        return signer_key_problem(cert)
+    except (crypto_errors.UnsupportedAlgorithm, ValueError):
+        return ""  # a key cryptography cannot load: refused where it is used
+
+
+def ca_problem(ca, below, now=None):
+    """Return 'is issued by CA <name>, which ...' when CA certificate *ca*, with *below*
+    CAs under it in the path, breaks a rule of RFC 5280 6.1.3-6.1.4 or EKU chaining."""
+    now = now or datetime.now(timezone.utc)
+    try:
+        is_ca, length = basic_constraints(ca)
+        ku, eku = key_usage(ca), extended_key_usage(ca)
+    except ValueError:
+        return "is issued by CA %s, whose extensions cannot be read" % ca_name(ca)
+    reason = certificate_rule_problem(ca)
+    if reason:
+        pass
+    elif ca.version < 3:
+        reason = "is a version %d certificate: an intermediate CA must be v3" % ca.version
+    elif not is_ca:
+        reason = "is not a CA certificate (no basicConstraints cA=TRUE)"
+    elif length is not None and below > length:
+        reason = "allows %d CA%s below it (pathLenConstraint), the path has %d" % (
+            length, "" if length == 1 else "s", below)
+    elif ku is not None and KU_KEY_CERT_SIGN not in ku:
+        reason = "may not sign certificates (its key usage lacks keyCertSign)"
+    elif eku is not None and not EMAIL_PURPOSES & eku:
+        reason = ("is limited to %s (extended key usage), not e-mail protection: the "
+                  "certificates it issues are not valid for mail" % ", ".join(
+                      sorted(EKU_NAMES.get(p, p) for p in eku)))
+    elif not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
+        reason = "is not valid now (valid %s to %s)" % (ca.not_valid_before_utc.date(),
+                                                       ca.not_valid_after_utc.date())
+    return reason and "is issued by CA %s, which %s" % (ca_name(ca), reason)
+
+
+def signer_key_problem(cert):
+    """Return why the key of *cert* (a signer's, a recipient's or a CA's) is too weak,
+    or '': RSA keys of fewer than MIN_RSA_BITS, EC keys off the curves we use
+    (ECDH_SCHEMES)."""
+    key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        return "has a %d-bit RSA key: at least %d bits are needed" % (key.key_size, MIN_RSA_BITS)
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in ECDH_SCHEMES:
+        return "has an EC key on curve %s: P-256, P-384 and P-521 are accepted" % key.curve.name
+    return ""
+
+
+def basic_constraints(cert):
+    """Return (cA, pathLenConstraint or None) of *cert*, (False, None) without the
+    extension (RFC 5280 4.2.1.9).  Raises ValueError for one that cannot be read."""
+    value = cert.extension(EXT_BASIC_CONSTRAINTS)
+    if value is None:
+        return False, None
+    fields = Fields(Ber(value))
+    flag, length = fields.optional(0x01), fields.optional(INTEGER)
+    if fields.rest() or flag is not None and len(flag.body) != 1:
+        raise ValueError("a BasicConstraints that cannot be read")
+    return flag is not None and flag.body != b"\0", length.integer() if length else None
 
 
 def encryption_kind(cert):
@@ -6369,7 +6502,6 @@ class SignerInfo(NamedTuple):
 def read_signed_data(ber):
     """Return the SignedData in *ber*.  Raises ValueError when malformed, MessageError
     beyond MAX_CERTIFICATES or MAX_SIGNER_INFOS."""
-    from cryptography import x509
     fields = Fields(ber)
     fields.take(INTEGER)  # version
     fields.take(SET)  # digestAlgorithms: each SignerInfo names its own
@@ -6378,7 +6510,7 @@ def read_signed_data(ber):
     if e_content is not None:
         e_content = Fields(e_content).take().octets()
     certs = fields.optional(ctx(0))  # certificates [0] IMPLICIT CertificateSet
-    certs = [x509.load_der_x509_certificate(c.raw) for c in (
+    certs = [Certificate(c.raw) for c in (
         bounded(certs, MAX_CERTIFICATES, "certificates") if certs is not None else [])
         if c.tag == SEQUENCE]  # other certificate formats are not used by S/MIME
     fields.optional(ctx(1))  # crls
@@ -6462,13 +6594,9 @@ def signer_certificate(sid, certs):
 
 
 def subject_key_id(cert):
-    """Return the certificate's subjectKeyIdentifier, or None."""
-    from cryptography import x509
-    try:
-        found = extension(cert, x509.SubjectKeyIdentifier)
-    except ValueError:
-        return None
-    return found.digest if found is not None else None
+    """Return the certificate's subjectKeyIdentifier (RFC 5280 4.2.1.2), or None."""
+    value = Certificate.of(cert).extension(EXT_SUBJECT_KEY_ID)
+    return Ber(value).body if value is not None and value[0] == OCTET_STRING else None
 
 
 class SignedAttributes:
@@ -6620,56 +6748,87 @@ def signature_verdict(sig, sender, roots):
     if not problem:
         chain, problem = validated_chain(sig.cert, sig.certs, roots())
     problem = problem or name_constraint_problem(sig.cert, chain[1:])
-    return Verdict("the signer's certificate %s" % problem if problem else "", chain)
-
-
-def signer_key_problem(cert):
-    """Return why the key of signer certificate *cert* is too weak to vouch, or '': RSA
-    keys of fewer than MIN_RSA_BITS, EC keys off the curves we use (ECDH_SCHEMES), as
-    the path validation refuses for CAs."""
-    key = cert.public_key()
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
-        return "has a %d-bit RSA key: at least %d bits are needed" % (key.key_size, MIN_RSA_BITS)
-    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in ECDH_SCHEMES:
-        return "has an EC key on curve %s: P-256, P-384 and P-521 are accepted" % key.curve.name
-    return ""
+    return Verdict("the signer's certificate (%s) %s" % (ca_name(sig.cert), problem)
+                   if problem else "", chain)
 
 
 def validated_chain(cert, certs, roots):
-    """Return (the validated path, cert first, or [], why *cert* does not chain to a
-    trusted root with intermediates from *certs*, or '')."""
-    from cryptography.x509 import verification
-    builder = (verification.PolicyBuilder().store(verification.Store(roots))
-               .time(datetime.now(timezone.utc))
-               .extension_policies(ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(),
-                                   ee_policy=verification.ExtensionPolicy.permit_all()))
-    try:
-        verified = builder.build_client_verifier().verify(cert, [c for c in certs
-                                                                 if c is not cert])
-    except verification.VerificationError as exc:
-        return [], "does not chain to a trusted root (%s); pass the issuing CA with --ca" % exc
-    return list(verified.chain), ""
+    """Return (the validated path, cert first and a trust anchor of *roots* last, or
+    [], why *cert* has no path valid for mail with intermediates from *certs*, or '').
+
+    Paths are built issuer by issuer (name and signature, RFC 5280 6.1.3 (a)), at
+    most MAX_PATH_CAS deep and MAX_PATH_CANDIDATES signatures checked, and judged
+    by path_problem(); the first valid one is returned, else the first path's fault.
+    """
+    cert = Certificate.of(cert)
+    pool = [Certificate.of(c) for c in certs]
+    pool = [c for c in pool if c != cert and c not in roots]
+    faults = []
+    for path in candidate_paths([cert], pool, roots, [MAX_PATH_CANDIDATES]):
+        problem = path_problem(path, anchored=True)
+        if not problem:
+            return path, ""
+        faults.append(problem)
+    if faults:
+        return [], faults[0]
+    if roots.given:
+        return [], "does not chain to a trusted root of %s" % roots.path
+    return [], ("does not chain to a trusted root of the system's bundle (%s); pass the "
+                "issuing CA with --ca" % roots.path)
+
+
+def candidate_paths(path, pool, roots, budget):
+    """Yield each path from path[-1] to a trust anchor in *roots* through CAs of *pool*
+    (each issuer named and its key verified), spending *budget* [count] of signature
+    checks."""
+    current = path[-1]
+    if current in roots:  # a certificate trusted as it is: its own anchor
+        yield path
+        return
+    for ca in [r for r in roots if r.subject_der == current.issuer_der] + [
+            c for c in pool if c.subject_der == current.issuer_der and c not in path]:
+        if budget[0] <= 0 or len(path) > MAX_PATH_CAS + 1:
+            return
+        budget[0] -= 1
+        if ca.is_issuer_of(current):
+            yield from candidate_paths(path + [ca], pool, roots, budget)
+
+
+class TrustAnchors(list):
+    """The trusted roots (our Certificates), with the *path* they came from and whether
+    it was *given* (--ca or $SMIME_CA_FILE) or the system's bundle."""
+
+    def __init__(self, certs, path, given):
+        super().__init__(certs)
+        self.path, self.given = path, given
 
 
 def trust_store(cafile):
-    """Return the trusted roots: --ca / $SMIME_CA_FILE, else the system bundle.
+    """Return the TrustAnchors: --ca / $SMIME_CA_FILE, else the system bundle.
 
-    Raises ConfigError (78) when there is none or it cannot be read.
+    Certificates of a bundle that cannot be read are left out.  Raises ConfigError
+    (78) when there is no bundle, it cannot be read or it holds no certificate.
     """
     import ssl
-    from cryptography import x509
     paths = ssl.get_default_verify_paths()
     path = cafile or paths.cafile or paths.openssl_cafile
     if not path or not os.path.isfile(path):
         raise ConfigError("%s: no trusted CA bundle there: pass --ca FILE or set SMIME_CA_FILE"
                           % (path or "(none)"))
     try:
-        with open(path, "rb") as fh, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # system bundles hold old roots with odd serials
-            roots = x509.load_pem_x509_certificates(fh.read())
-    except (OSError, ValueError) as exc:
-        raise ConfigError("%s: cannot read the CA bundle: %s" % (path, exc))
-    return roots
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError("%s: cannot read the CA bundle: %s" % (path, exc.strerror or exc))
+    roots = []
+    for block in PEM_CERTIFICATE.findall(data):
+        try:
+            roots.append(Certificate(base64.b64decode(b"".join(block.split()), validate=True)))
+        except (ValueError, binascii.Error):
+            continue  # an old root in an odd encoding: it anchors nothing
+    if not roots:
+        raise ConfigError("%s: the CA bundle holds no readable PEM certificate" % path)
+    return TrustAnchors(unique_certs(roots), path, bool(cafile))
 
 
 # -- EnvelopedData and AuthEnvelopedData for our keys (RFC 5652 6, RFC 5083) --------
