@@ -2224,6 +2224,7 @@ class Identity:
         self.rid = issuer_and_serial(cert)
         self.kind, self.digest = key_kind(cert)
         self.cert_set = self.info_head = None  #: worked out on first use (signed_der())
+        self.renewals = []  #: decryption: other certificates of the same key
 
     def certificate_set(self):
         """Return the DER [0] CertificateSet of the certificate and its chain (RFC 5652
@@ -2309,6 +2310,9 @@ class Keystore:
             raise IdentityError("no certificate for %s: %s holds only the key; add %s.crt"
                                 % (address, path, safe_address(address)))
         signer = make_identity(address, key, certs, cert_path)
+        warning = expiry_warning(signer.cert, address, cert_path)
+        if warning:
+            self.warn(warning, "expiry " + address)
         if self.post_quantum(address):  # published with every signature: see harvest()
             signer.chain.append(self.recipient(address).cert)
         return signer
@@ -2380,11 +2384,13 @@ class Keystore:
         its certificate expires."""
         path = self.find(address, KEY_SUFFIXES)
         key, certs, _ = self.key_and_certificates(address, path)
-        leaf = next((c for c in certs if same_key(c, key)), None)
-        if leaf is None:
+        mine = unique_certs([c for c in certs if same_key(c, key)])
+        if not mine:
             raise IdentityError("%s: no certificate matching the private key for %s"
                                 % (path, address))
-        return Identity(address, leaf, path, key)
+        ident = Identity(address, current_cert(mine), path, key)
+        ident.renewals = [c for c in mine if c != ident.cert]  # the same key certified again
+        return ident
 
     def private_key(self, data, path):
         """Return the private key in PEM *data*.  Raises IdentityError.
@@ -2594,8 +2600,9 @@ def remember_validated(path, digest):
 
 
 def make_identity(address, key, certs, path):
-    """Pick the certificate of *key* among *certs*, check it, return the Identity."""
-    leaf = next((c for c in certs if same_key(c, key)), None)
+    """Pick the certificate of *key* among *certs* (the current one: see current_cert()),
+    check it, return the Identity."""
+    leaf = current_cert([c for c in certs if same_key(c, key)])
     if leaf is None:
         raise IdentityError("%s: the certificate does not match the private key for %s"
                             % (path, address))
@@ -2627,13 +2634,38 @@ def is_self_signed(cert):
 
 
 def recipient_from_file(address, path):
-    """Return the checked recipient Identity in certificate file *path*."""
+    """Return the checked recipient Identity in certificate file *path*: of the
+    certificates for *address* it holds (an old one and its renewal), the current one."""
     certs = load_certificates(read_key_file(path), path)
     if not certs:
         raise IdentityError("%s: holds no certificate" % path)
-    mine = [c for c in certs if address in cert_emails(c)] or certs[:1]
-    check_certificate(mine[0], address, path, "encrypt", certs)
-    return Identity(address, mine[0], path)
+    mine = current_cert([c for c in certs if address in cert_emails(c)] or certs[:1])
+    check_certificate(mine, address, path, "encrypt", certs)
+    return Identity(address, mine, path)
+
+
+def current_cert(certs, now=None):
+    """Return the one of *certs* (a person's old and renewed certificates) valid now that
+    expires last; when none is valid now, the one that expires last (whose refusal
+    names why); None for no certificate."""
+    now = now or datetime.now(timezone.utc)
+    valid = [c for c in certs if c.not_valid_before_utc <= now <= c.not_valid_after_utc]
+    return max(valid or certs, key=lambda c: c.not_valid_after_utc, default=None)
+
+
+#: An own certificate expiring within this many days is warned about (once per run).
+RENEWAL_WARNING_DAYS = 30
+
+
+def expiry_warning(cert, address, path, now=None):
+    """Return a warning when *cert*, our own, expires within RENEWAL_WARNING_DAYS, or ''."""
+    left = cert.not_valid_after_utc - (now or datetime.now(timezone.utc))
+    if left.days >= RENEWAL_WARNING_DAYS:
+        return ""
+    return ("%s: the certificate for %s expires on %s (in %s): renew it and put the new one "
+            "in %s.crt beside the old one" % (path, address, cert.not_valid_after_utc.date(),
+                                             duration(max(left.total_seconds(), 0)),
+                                             safe_address(address)))
 
 
 def cert_emails(cert):
@@ -7109,8 +7141,10 @@ def read_recipient_info(ber):
 
 
 def names_us(rid, ident):
-    """True when a RecipientIdentifier names *ident*'s certificate (RFC 5652 6.2.1, 6.2.2)."""
-    return names_cert(rid, ident.cert, ident.rid)
+    """True when a RecipientIdentifier names *ident*'s certificate, or another certificate
+    of its key (mail sent before a renewal) (RFC 5652 6.2.1, 6.2.2)."""
+    return names_cert(rid, ident.cert, ident.rid) or any(names_cert(rid, c)
+                                                         for c in ident.renewals)
 
 
 def names_cert(rid, cert, issuer_serial=None):
@@ -7503,25 +7537,35 @@ def signatures_within(fields, body, keyring, reasons, depth=0):
 def save_harvested(found, directory):
     """Write found.cert (and its chain) to '<dir>/<address>.crt' unless a better one is there.
 
-    A different certificate already saved is kept when it is valid and expires
-    later, unless the new one is post-quantum (ML-KEM) and the old one is not;
-    returns found with .path and .note set.  Raises OutputError (73/74).
+    A certificate for the address already saved that is valid and expires later is
+    kept, unless the new one is post-quantum (ML-KEM) and it is not: an older one
+    never replaces a newer one.  A newer one goes first in the file, and the
+    certificates there that are still valid stay beside it (the old one until it
+    expires: current_cert() chooses).  Returns found with .path and .note set.
+    Raises OutputError (73/74).
     """
     path = os.path.join(directory, found.address + ".crt")
     found.path, found.note = path, "saved"
+    kept = []
     if os.path.isfile(path):
-        old = [c for c in load_certificates(read_key_file(path), path)
-               if found.address in cert_emails(c)]
-        if old and cert_digest(old[0]) == cert_digest(found.cert):
+        there = load_certificates(read_key_file(path), path)
+        old = current_cert([c for c in there if found.address in cert_emails(c)])
+        if found.cert in there:
             found.note = "unchanged (already saved)"
             return found
-        if old and not certificate_problem(old[0], found.address, "encrypt") and \
-                old[0].not_valid_after_utc >= found.cert.not_valid_after_utc and \
-                (key_kind(found.cert)[0] != "mlkem" or key_kind(old[0])[0] == "mlkem"):
-            found.cert, found.note = old[0], "kept the existing certificate (valid, expires later)"
+        if old is not None and not certificate_problem(old, found.address, "encrypt") and \
+                old.not_valid_after_utc >= found.cert.not_valid_after_utc and \
+                (key_kind(found.cert)[0] != "mlkem" or key_kind(old)[0] == "mlkem"):
+            found.cert, found.note = old, "kept the existing certificate (valid, expires later)"
             return found
-        found.note = "replaced an older certificate" if old else "replaced %s" % path
-    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [found.cert] + found.chain)
+        now = datetime.now(timezone.utc)
+        kept = [c for c in there if c.not_valid_after_utc > now and c not in found.chain]
+        found.note = ("saved, the older certificate kept beside it until it expires"
+                      if old is not None and old in kept
+                      else "replaced an older certificate" if old is not None
+                      else "replaced %s" % path)
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM)
+                   for c in [found.cert] + found.chain + kept)
     write_atomically(path, pem)
     return found
 
