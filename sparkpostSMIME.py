@@ -1819,12 +1819,15 @@ class Ber:
         return list(self.each())
 
     def each(self):
-        """Yield the elements inside a constructed element, one at a time."""
+        """Yield the elements inside a constructed element, one at a time.  Raises
+        ValueError for one that runs past the end of this one (X.690 8.1.1)."""
         if not self.constructed:
             raise ValueError("a primitive element has no elements inside")
         at = self.start
         while at < self.stop:
             item = Ber(self.data, at, self.depth + 1, self.reader)
+            if item.end > self.stop:
+                raise ValueError("an ASN.1 element runs past the end of the one holding it")
             yield item
             at = item.end
 
@@ -1921,6 +1924,17 @@ class BerReader:
         return at, at + 2
 
 
+def der_encoding(ber):
+    """Return the DER encoding of BER element *ber* (X.690 10): definite lengths in their
+    shortest form, a constructed OCTET STRING as one primitive.  For values that are
+    hashed or fed to a KDF, which are defined on DER (RFC 9629 5); SET OF order is kept."""
+    if ber.tag == OCTET_STRING | 0x20:
+        return der(OCTET_STRING, ber.octets())
+    if not ber.constructed:
+        return der(ber.tag, ber.body)
+    return der(ber.tag, *(der_encoding(item) for item in ber.each()))
+
+
 def der_checked(data):
     """Return the element at the start of *data*, every length inside it checked to be
     in DER's shortest form (X.690 10.1), as certificates must be (RFC 5280 4.1).
@@ -1942,11 +1956,26 @@ class Fields:
         self.items, self.at = ber.children(), 0
 
     def take(self, tag=None):
-        """Return the next element; it must have *tag* when one is given."""
-        if self.at == len(self.items) or tag is not None and self.items[self.at].tag != tag:
+        """Return the next element; it must have *tag* when one is given (an OCTET STRING
+        may be constructed, as BER allows: read it with octets())."""
+        item = self.items[self.at] if self.at < len(self.items) else None
+        if item is None or tag is not None and item.tag != tag and not (
+                tag == OCTET_STRING and item.tag == OCTET_STRING | 0x20):
             raise ValueError("a CMS structure without a required field")
         self.at += 1
-        return self.items[self.at - 1]
+        return item
+
+    def last(self, tag=None):
+        """Return the next element (as take()), which must be the last one: the ASN.1
+        has no further field."""
+        item = self.take(tag)
+        self.end()
+        return item
+
+    def end(self):
+        """Raise ValueError when elements are left: a field the ASN.1 does not have."""
+        if self.rest():
+            raise ValueError("a CMS structure with a field too many")
 
     def optional(self, tag):
         """Return the next element when it has *tag*, else None."""
@@ -7004,7 +7033,7 @@ class KeyTransRecipientInfo(NamedTuple):
 def read_key_trans_recipient_info(ber):
     fields = Fields(ber)
     return KeyTransRecipientInfo(fields.take(INTEGER).integer(), fields.take(),
-                                 fields.take(SEQUENCE), fields.take(OCTET_STRING).octets())
+                                 fields.take(SEQUENCE), fields.last(OCTET_STRING).octets())
 
 
 class KeyAgreeRecipientInfo(NamedTuple):
@@ -7048,14 +7077,14 @@ class KeyAgreeRecipientInfo(NamedTuple):
 def read_key_agree_recipient_info(ber):
     fields = Fields(ber)
     version = fields.take(INTEGER).integer()
-    originator = Fields(fields.take(ctx(0))).take()
+    originator = Fields(fields.take(ctx(0))).last()
     ukm = fields.optional(ctx(1))
-    ukm = Fields(ukm).take(OCTET_STRING).octets() if ukm is not None else None
+    ukm = Fields(ukm).last(OCTET_STRING).octets() if ukm is not None else None
     algorithm = fields.take(SEQUENCE)
-    keys = [Fields(entry) for entry in bounded(fields.take(SEQUENCE), MAX_RECIPIENT_INFOS,
+    keys = [Fields(entry) for entry in bounded(fields.last(SEQUENCE), MAX_RECIPIENT_INFOS,
                                                "RecipientInfos (recipient keys)")]
     return KeyAgreeRecipientInfo(version, originator, ukm, algorithm,
-                                 [(key.take(), key.take(OCTET_STRING).octets()) for key in keys])
+                                 [(key.take(), key.last(OCTET_STRING).octets()) for key in keys])
 
 
 class OtherRecipientInfo(NamedTuple):
@@ -7101,7 +7130,7 @@ class KEMRecipientInfo(NamedTuple):
             secret = ident.key.decapsulate(self.kemct)
         except ValueError:  # a ciphertext of the wrong size
             return None
-        info = kem_other_info(self.wrap.raw, self.kek_length, self.ukm)
+        info = kem_other_info(der_encoding(self.wrap), self.kek_length, self.ukm)
         kek = kem_key_encryption_key(secret, info, self.kek_length, HKDF_HASHES[kdf])
         try:
             return keywrap.aes_key_unwrap(kek, encrypted_key)
@@ -7115,11 +7144,11 @@ def read_other_recipient_info(ber):
     fields = Fields(ber)
     if fields.take(OID).oid() != ID_ORI_KEM:
         return OtherRecipientInfo(ber.tag)
-    kemri = Fields(fields.take(SEQUENCE))
+    kemri = Fields(fields.last(SEQUENCE))
     version, rid, kem = kemri.take(INTEGER).integer(), kemri.take(), kemri.take(SEQUENCE)
     kemct, kdf = kemri.take(OCTET_STRING).octets(), kemri.take(SEQUENCE)
     kek_length, ukm = kemri.take(INTEGER).integer(), kemri.optional(ctx(0))
-    ukm = Fields(ukm).take(OCTET_STRING).octets() if ukm is not None else None
+    ukm = Fields(ukm).last(OCTET_STRING).octets() if ukm is not None else None
     wrap, encrypted_key = kemri.take(SEQUENCE), kemri.take(OCTET_STRING).octets()
     if kemri.rest() or not 1 <= kek_length <= 65535:
         raise ValueError("a KEMRecipientInfo unlike RFC 9629's")
@@ -7541,7 +7570,8 @@ def save_harvested(found, directory):
     kept, unless the new one is post-quantum (ML-KEM) and it is not: an older one
     never replaces a newer one.  A newer one goes first in the file, and the
     certificates there that are still valid stay beside it (the old one until it
-    expires: current_cert() chooses).  Returns found with .path and .note set.
+    expires: current_cert() chooses), unless it replaces a classical one by a
+    post-quantum one.  Returns found with .path and .note set.
     Raises OutputError (73/74).
     """
     path = os.path.join(directory, found.address + ".crt")
@@ -7558,8 +7588,9 @@ def save_harvested(found, directory):
                 (key_kind(found.cert)[0] != "mlkem" or key_kind(old)[0] == "mlkem"):
             found.cert, found.note = old, "kept the existing certificate (valid, expires later)"
             return found
-        now = datetime.now(timezone.utc)
-        kept = [c for c in there if c.not_valid_after_utc > now and c not in found.chain]
+        now = datetime.now(timezone.utc)  # a classical one gives way to a post-quantum one
+        kept = [c for c in there if c.not_valid_after_utc > now and c not in found.chain] if (
+            old is None or key_kind(old)[0] == key_kind(found.cert)[0]) else []
         found.note = ("saved, the older certificate kept beside it until it expires"
                       if old is not None and old in kept
                       else "replaced an older certificate" if old is not None
