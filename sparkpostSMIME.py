@@ -613,6 +613,8 @@ class Settings(NamedTuple):
     key_dirs: tuple = (".",)     #: --keys, then $SMIME_KEYS_DIR, then "."
     key_password: bytes = None   #: $SMIME_KEY_PASSWORD
     ca_file: str = ""            #: --ca, else $SMIME_CA_FILE
+    revocation: str = ""         #: --revocation, else $SMIME_REVOCATION, else soft
+    crl_files: tuple = ()        #: $SMIME_CRL_FILES: local CRLs (offline sites)
     cache_dir: str = ""          #: $XDG_CACHE_HOME/sparkpostSMIME
     smtp: SmtpSettings = None
     api: ApiSettings = None
@@ -650,10 +652,21 @@ def load_settings(argv, environ):
     return settings._replace(
         key_dirs=tuple(dirs + ["."]), key_password=password.encode("utf-8") if password else None,
         ca_file=home_path(settings.ca, env) or env_path(env, "SMIME_CA_FILE"),
+        revocation=revocation_policy(settings.revocation, env),
+        crl_files=tuple(home_path(f, env) for f in env.get("SMIME_CRL_FILES", "").split(":")
+                        if f),
         cache_dir=os.path.join(cache, "sparkpostSMIME"), smtp=smtp,
         api=ApiSettings.from_env(env) if settings.send == "api" else None, notices=notices,
         gateway=GatewaySettings.from_env(env, *settings.serve, settings.trusted_network)
         if settings.serve else None)
+
+
+def revocation_policy(option, env):
+    """Return --revocation, else $SMIME_REVOCATION, else 'soft'.  Raises ConfigError."""
+    policy = option or env.get("SMIME_REVOCATION", "").strip().lower() or "soft"
+    if policy not in REVOCATION_POLICIES:
+        raise ConfigError("SMIME_REVOCATION=%s: use off, soft or hard" % policy)
+    return policy
 
 
 def read_env_files(paths):
@@ -2294,10 +2307,21 @@ class Keystore:
     *warn*: the reporter's warn(text, topic), for exposed key files.
     """
 
-    def __init__(self, dirs, password=None, validated="", warn=None):
+    def __init__(self, dirs, password=None, validated="", warn=None, revocation=None):
         self.dirs, self.password, self.validated = list(dirs), password, validated
         self.warn = warn or (lambda text, topic=None: None)
         self.loaded, self.known = {}, None
+        self.revocation = revocation  #: a Revocation, or None (--revocation off)
+
+    def revoked(self, ident, whose):
+        """Raise IdentityError (78) when *ident*'s certificate is refused by the
+        revocation policy (see Revocation)."""
+        issuers = ident.chain or ()
+        problem = self.revocation and self.revocation.problem(ident.cert, next(
+            (c for c in issuers if c.is_issuer_of(ident.cert)), None))
+        if problem:
+            raise IdentityError("%s: %s certificate for %s %s" % (ident.path, whose,
+                                                                 ident.address, problem))
 
     def cached(self, load, address, *args):
         """Return load(address, *args), loaded once per process."""
@@ -2339,6 +2363,7 @@ class Keystore:
             raise IdentityError("no certificate for %s: %s holds only the key; add %s.crt"
                                 % (address, path, safe_address(address)))
         signer = make_identity(address, key, certs, cert_path)
+        self.revoked(signer, "the own")
         warning = expiry_warning(signer.cert, address, cert_path)
         if warning:
             self.warn(warning, "expiry " + address)
@@ -2366,7 +2391,9 @@ class Keystore:
         if path is None:
             raise IdentityError("no certificate for recipient %s: put %s.crt in one of: %s"
                                 % (address, safe_address(address), ", ".join(self.dirs)))
-        return recipient_from_file(address, path)
+        ident = recipient_from_file(address, path)
+        self.revoked(ident, "the recipient's")
+        return ident
 
     def load_own_copy(self, address, signing):
         """A post-quantum (ML-KEM) <from>.crt; else the signing certificate when it allows
@@ -2472,8 +2499,11 @@ class Keystore:
 
 def keystore_of(settings, reporter):
     """Return the Keystore of a run: its key directories, password and validated-keys list."""
+    revocation = None if settings.revocation == "off" else Revocation(
+        settings.revocation or "soft", settings.cache_dir, settings.crl_files, reporter.warn)
     return Keystore(settings.key_dirs, settings.key_password,
-                    os.path.join(settings.cache_dir, "validated-keys"), reporter.warn)
+                    os.path.join(settings.cache_dir, "validated-keys"), reporter.warn,
+                    revocation)
 
 
 def ml_kem_private_key(data, path):
@@ -2670,7 +2700,7 @@ def recipient_from_file(address, path):
         raise IdentityError("%s: holds no certificate" % path)
     mine = current_cert([c for c in certs if address in cert_emails(c)] or certs[:1])
     check_certificate(mine, address, path, "encrypt", certs)
-    return Identity(address, mine, path)
+    return Identity(address, mine, path, chain=issuer_path(mine, certs))
 
 
 def current_cert(certs, now=None):
@@ -3081,6 +3111,459 @@ def quantum_notes(msg, recipients):
              "copies for %s are not quantum-safe (recorded now, they can be read once a large "
              "quantum computer exists); --pq_only refuses such messages"
              % (msg.source, ", ".join(c.split(" (")[0] for c in classical))),)
+
+
+###############################################################################
+# Revocation: CRLs and OCSP (RFC 5280 5-6.3, RFC 6960) #########################
+###############################################################################
+# A certificate may be revoked before it expires (a stolen key).  Its issuer says
+# so in a CRL (from the certificate's CRL Distribution Points, or a local file for
+# offline sites) or through OCSP (the responder in its Authority Information
+# Access).  An answer counts only when signed by the issuer (or, for OCSP, by a
+# responder it certified for OCSP signing), for this certificate, and fresh.
+# Verdicts are cached on disk until the answer's nextUpdate, so a batch, the
+# gateway's workers and later runs ask at most once per certificate and source.
+# Policy (--revocation, $SMIME_REVOCATION): off (no request), soft (default:
+# revoked is refused, no answer is a warning), hard (anything but a fresh good
+# answer is refused).  urllib.request (standard library, imported on the first
+# fetch) does the fetching: OCSP and CRLs are plain HTTP of signed objects, and
+# its public handler API bounds redirects and schemes.
+
+REVOCATION_POLICIES = ("off", "soft", "hard")
+#: Seconds one fetch may take (connect, each read and the whole download), and all the
+#: fetches of one run together: a dead or slow responder never holds a run longer.
+FETCH_TIMEOUT, FETCH_BUDGET = 5.0, 20.0
+#: Largest OCSP response and CRL read, in octets; most redirects followed.
+MAX_OCSP_RESPONSE, MAX_CRL, MAX_REDIRECTS = 64 << 10, 16 << 20, 3
+#: Cached verdicts and CRLs kept at most (the oldest go first), and how long a verdict
+#: without a nextUpdate (an OCSP answer may have none) or a failure is kept.
+MAX_CACHE_ENTRIES, SHORT_CACHE_SECONDS = 2000, 3600
+#: OCSP (id-ad-ocsp) in an Authority Information Access, id-kp-OCSPSigning (RFC 6960).
+ID_AD_OCSP, ID_KP_OCSP_SIGNING = "1.3.6.1.5.5.7.48.1", "1.3.6.1.5.5.7.3.9"
+#: KeyUsage cRLSign (RFC 5280 4.2.1.3).
+KU_CRL_SIGN = 6
+
+
+class Status(NamedTuple):
+    """What the issuer says of one certificate: *state* 'good', 'revoked' or 'unknown'
+    (no answer that counts: *why*), its *source* (a URL or file), and for a revoked one
+    the *reason* and *when*; *until*: the epoch second it may be cached until."""
+    state: str
+    source: str = ""
+    why: str = ""
+    reason: str = ""
+    when: str = ""
+    until: float = 0.0
+
+
+class Revocation:
+    """The revocation checks of one run: *policy*, the cache directory, local CRL files,
+    the fetch budget, and *warn*(text, topic) for soft failures (once per certificate)."""
+
+    def __init__(self, policy, cache_dir, crl_files=(), warn=None):
+        self.policy, self.cache_dir, self.crl_files = policy, cache_dir, list(crl_files)
+        self.warn = warn or (lambda text, topic=None: None)
+        self.budget, self.crls, self.seen = FETCH_BUDGET, None, {}
+
+    def problem(self, cert, issuer):
+        """Return why *cert* (issued by *issuer*, or None when unknown) is refused under
+        the policy, or '' (after a warning when soft and there is no answer)."""
+        if self.policy == "off":
+            return ""
+        cert = Certificate.of(cert)
+        if cert.der not in self.seen:
+            self.seen[cert.der] = self.status(cert, issuer and Certificate.of(issuer))
+        status = self.seen[cert.der]
+        if status.state == "revoked":
+            return "is revoked (%s%s, %s): %s" % (
+                status.reason or "no reason given", ", since %s" % status.when
+                if status.when else "", status.source, describe_cert(cert))
+        if status.state == "good" or status.why == "" and self.policy == "soft":
+            return ""
+        if self.policy == "hard":
+            return ("has no fresh revocation answer (--revocation hard): %s: %s"
+                    % (status.why or "no OCSP responder or CRL named", describe_cert(cert)))
+        self.warn("no revocation answer for %s: %s; going on (--revocation soft)"
+                  % (describe_cert(cert), status.why), "revocation " + cert.der.hex()[-40:])
+        return ""
+
+    def chain_problem(self, chain):
+        """Return why a certificate of validated *chain* (leaf first, trust anchor last)
+        is refused, or ''; the anchor itself is not checked."""
+        for cert, issuer in zip(chain, chain[1:]):
+            problem = self.problem(cert, issuer)
+            if problem:
+                return problem
+        return ""
+
+    def status(self, cert, issuer):
+        """Return the Status of *cert*: a fresh cached one, else from the local CRL files,
+        OCSP, then the CRL Distribution Points; the first good or revoked answer wins."""
+        try:
+            sources = ([("file", path) for path in self.crl_files]
+                       + [("ocsp", url) for url in ocsp_urls(cert)]
+                       + [("crl", url) for url in crl_urls(cert)])
+        except ValueError:
+            return Status("unknown", why="its revocation sources cannot be read")
+        if not sources:
+            return Status("unknown")  # nothing to ask: soft goes on silently
+        cached = read_verdict(self.cache_dir, cert)
+        if cached is not None:
+            return cached
+        if issuer is None:
+            return Status("unknown", why="its issuer's certificate is not at hand")
+        whys = []
+        for source in sources:
+            try:
+                status = self.ask(source, cert, issuer)
+            except (OSError, ValueError, TypeError, crypto_errors.UnsupportedAlgorithm,
+                    crypto_errors.InvalidSignature) as exc:
+                whys.append("%s: %s" % (source[1], first_line(exc) or type(exc).__name__))
+                continue
+            if status is None:
+                continue  # a local CRL of another issuer
+            if status.state != "unknown":
+                write_verdict(self.cache_dir, cert, status)
+                return status
+            whys.append("%s: %s" % (status.source, status.why))
+        return Status("unknown", why="; ".join(whys))
+
+    def ask(self, source, cert, issuer):
+        """Return the Status one source gives (None: a local CRL that is not the issuer's).
+        Raises OSError (unreachable), ValueError (unreadable, badly signed, stale)."""
+        kind, where = source
+        if kind == "ocsp":
+            request = ocsp_request(cert, issuer)
+            return ocsp_status(self.fetch(where, request, MAX_OCSP_RESPONSE), cert, issuer,
+                               where)
+        if kind == "file":
+            crl = self.local_crls().get(where)
+            if crl is None or crl.issuer.public_bytes() != issuer.subject_der:
+                return None
+            return crl_status(crl, cert, issuer, where)
+        data = cached_crl(self.cache_dir, where)
+        if data is None:
+            data = self.fetch(where, None, MAX_CRL)
+        status = crl_status(load_crl(data), cert, issuer, where)
+        remember_crl(self.cache_dir, where, data, status.until)
+        return status
+
+    def local_crls(self):
+        """Return {path: CRL} of the local CRL files, read once.  Raises ConfigError
+        for one that cannot be read."""
+        if self.crls is None:
+            self.crls = {}
+            for path in self.crl_files:
+                try:
+                    with open(path, "rb") as fh:
+                        self.crls[path] = load_crl(fh.read(MAX_CRL + 1))
+                except (OSError, ValueError) as exc:
+                    raise ConfigError("%s: cannot read this CRL file (SMIME_CRL_FILES): %s"
+                                      % (path, first_line(exc)))
+        return self.crls
+
+    def fetch(self, url, data, limit):
+        """Return the body at http(s) *url* (POSTing OCSP request *data*), within the
+        run's budget.  Raises OSError or ValueError."""
+        if self.budget <= 0:
+            raise OSError("no time left for revocation fetches in this run (%d s)"
+                          % FETCH_BUDGET)
+        started = time.monotonic()
+        try:
+            return http_get(url, data, limit, min(FETCH_TIMEOUT, self.budget))
+        finally:
+            self.budget -= time.monotonic() - started
+
+
+def describe_cert(cert):
+    """Return 'subject ..., serial ...' naming *cert* in a report."""
+    try:
+        subject = cert.subject.rfc4514_string()
+    except ValueError:
+        subject = "(a subject that cannot be read)"
+    return "subject %s, serial %x" % (subject, cert.serial_number)
+
+
+def ocsp_urls(cert):
+    """Return the http(s) OCSP responder URLs of *cert*'s Authority Information Access
+    (RFC 5280 4.2.2.1)."""
+    value = cert.extension(EXT_AUTHORITY_INFO)
+    urls = []
+    for access in Ber(value).children() if value is not None else ():
+        fields = Fields(access)
+        method, location = fields.take(OID).oid(), fields.take()
+        if method == ID_AD_OCSP and location.tag == ctx(6, constructed=False):
+            urls.append(location.body.decode("ascii", "replace"))
+    return [u for u in urls if is_fetchable(u)][:2]
+
+
+def crl_urls(cert):
+    """Return the http(s) URLs of *cert*'s CRL Distribution Points (RFC 5280 4.2.1.13)
+    that give a full CRL of its issuer (no reasons, no cRLIssuer)."""
+    value = cert.extension(EXT_CRL_DISTRIBUTION_POINTS)
+    urls = []
+    for point in Ber(value).children() if value is not None else ():
+        parts = point.children()
+        if len(parts) != 1 or parts[0].tag != ctx(0):
+            continue
+        name = parts[0].children()[0]
+        if name.tag == ctx(0):  # fullName GeneralNames
+            urls += [n.body.decode("ascii", "replace") for n in name.children()
+                     if n.tag == ctx(6, constructed=False)]
+    return [u for u in urls if is_fetchable(u)][:2]
+
+
+def is_fetchable(url):
+    """True for an http:// or https:// URL (no ldap://, no file://)."""
+    return urlsplit(url).scheme in ("http", "https") and bool(urlsplit(url).hostname)
+
+
+def http_get(url, data, limit, timeout):
+    """Return the body of a GET (or, with *data*, an OCSP POST, RFC 6960 A.1) of *url*:
+    at most *limit* octets, MAX_REDIRECTS redirects to http(s) only, *timeout* seconds
+    in all.  Raises OSError or ValueError."""
+    import urllib.error
+    import urllib.request
+
+    class Redirects(urllib.request.HTTPRedirectHandler):
+        max_redirections = MAX_REDIRECTS
+
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            if not is_fetchable(newurl):
+                raise ValueError("redirected to %s, not an http(s) URL" % newurl)
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+    request = urllib.request.Request(url, data, {"Content-Type": "application/ocsp-request"}
+                                     if data else {})
+    deadline = time.monotonic() + timeout
+    try:
+        with urllib.request.build_opener(Redirects).open(request, timeout=timeout) as resp:
+            body = bytearray()
+            while len(body) <= limit:
+                if time.monotonic() > deadline:
+                    raise OSError("no answer within %d seconds" % timeout)
+                piece = resp.read1(16384)
+                if not piece:
+                    return bytes(body)
+                body += piece
+    except urllib.error.HTTPError as exc:
+        raise OSError("HTTP %d" % exc.code)
+    except urllib.error.URLError as exc:
+        raise OSError(str(exc.reason))
+    except (TimeoutError, ConnectionError) as exc:
+        raise OSError("no answer within %d seconds" % timeout if isinstance(
+            exc, TimeoutError) else str(exc))
+    raise ValueError("an answer larger than %d octets" % limit)
+
+
+def ocsp_request(cert, issuer):
+    """Return a DER OCSP request for *cert* (CertID with SHA-1, RFC 6960 4.1.1)."""
+    from cryptography.x509 import ocsp
+    builder = ocsp.OCSPRequestBuilder().add_certificate(cert.x509(), issuer.x509(),
+                                                         hashes.SHA1())
+    return builder.build().public_bytes(serialization.Encoding.DER)
+
+
+def ocsp_status(data, cert, issuer, url):
+    """Return the Status an OCSP response gives *cert* (RFC 6960 3.2): its SingleResponse
+    for the CertID of *cert*, signed by *issuer* or by a responder *issuer* certified
+    with id-kp-OCSPSigning, thisUpdate not in the future, nextUpdate not past.
+    Raises ValueError for an answer that does not count."""
+    from cryptography.x509 import ocsp
+    resp = ocsp.load_der_ocsp_response(data)
+    if resp.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+        raise ValueError("the responder answered %s" % resp.response_status.name.lower())
+    check_ocsp_signer(resp, issuer)
+    key_bits = spki_key_bits(issuer)
+    for single in resp.responses:
+        algorithm = single.hash_algorithm
+        if single.serial_number != cert.serial_number or \
+                single.issuer_key_hash != digest_of(algorithm, key_bits) or \
+                single.issuer_name_hash != digest_of(algorithm, issuer.subject_der):
+            continue
+        until = freshness(single.this_update_utc, single.next_update_utc, "OCSP answer")
+        if single.certificate_status == ocsp.OCSPCertStatus.GOOD:
+            return Status("good", url, until=until)
+        if single.certificate_status == ocsp.OCSPCertStatus.REVOKED:
+            return Status("revoked", url, reason=reason_name(single.revocation_reason),
+                          when=str(single.revocation_time_utc), until=until)
+        return Status("unknown", url, why="the responder does not know the certificate",
+                      until=until)
+    raise ValueError("the OCSP answer is not about this certificate")
+
+
+def check_ocsp_signer(resp, issuer):
+    """Raise ValueError unless OCSP response *resp* is signed by *issuer* or by a
+    responder certificate it carries that *issuer* issued for OCSP signing (RFC 6960
+    4.2.2.2), valid now."""
+    candidates = [issuer] + [Certificate.of(c) for c in resp.certificates[:4]]
+    named = [c for c in candidates if (resp.responder_name is not None and c.subject_der
+                                       == resp.responder_name.public_bytes())
+             or resp.responder_key_hash == digest_of(hashes.SHA1(), spki_key_bits(c))]
+    if not named:
+        raise ValueError("the OCSP answer is signed by a responder this tool cannot find")
+    signer, now = named[0], datetime.now(timezone.utc)
+    if signer != issuer and not (
+            issuer.is_issuer_of(signer) and ID_KP_OCSP_SIGNING in (
+                extended_key_usage(signer) or ()) and
+            signer.not_valid_before_utc <= now <= signer.not_valid_after_utc):
+        raise ValueError("the OCSP answer is signed by %s, which the issuer did not "
+                         "authorise to answer for it" % describe_cert(signer))
+    verify_signed_object(signer.public_key(), resp.signature, resp.tbs_response_bytes,
+                         resp.signature_hash_algorithm)
+
+
+def verify_signed_object(key, signature, data, hash_algorithm):
+    """Check the signature of a CRL or OCSP answer by public *key* (RSA PKCS#1 v1.5,
+    ECDSA, EdDSA).  Raises InvalidSignature or TypeError."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return key.verify(signature, data, padding.PKCS1v15(), hash_algorithm)
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return key.verify(signature, data, ec.ECDSA(hash_algorithm))
+    return key.verify(signature, data)
+
+
+def load_crl(data):
+    """Return the CRL in DER or PEM *data*.  Raises ValueError."""
+    from cryptography import x509
+    if len(data) > MAX_CRL:
+        raise ValueError("a CRL larger than %d octets" % MAX_CRL)
+    if data.lstrip().startswith(b"-----BEGIN"):
+        return x509.load_pem_x509_crl(data)
+    return x509.load_der_x509_crl(data)
+
+
+def crl_status(crl, cert, issuer, source):
+    """Return the Status CRL *crl* gives *cert* (RFC 5280 6.3): the CRL must be issued and
+    signed by *issuer* (allowed cRLSign when it has a keyUsage), nextUpdate not past.
+    Raises ValueError for a CRL that does not count."""
+    if crl.issuer.public_bytes() != issuer.subject_der:
+        raise ValueError("the CRL is issued by another CA")
+    usage = key_usage(issuer)
+    if usage is not None and KU_CRL_SIGN not in usage or \
+            not crl.is_signature_valid(issuer.public_key()):
+        raise ValueError("the CRL is not signed by the certificate's issuer")
+    until = freshness(crl.last_update_utc, crl.next_update_utc, "CRL")
+    entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+    if entry is None:
+        return Status("good", source, until=until)
+    from cryptography import x509
+    try:
+        reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        reason = None
+    return Status("revoked", source, reason=reason_name(reason),
+                  when=str(entry.revocation_date_utc), until=until)
+
+
+def freshness(this_update, next_update, what):
+    """Return until when an answer made at *this_update*, valid to *next_update* (None:
+    newer information is always available), may be used.  Raises ValueError for one
+    from the future or past its nextUpdate."""
+    now = datetime.now(timezone.utc)
+    if this_update.timestamp() > now.timestamp() + 300:
+        raise ValueError("the %s is dated in the future (%s)" % (what, this_update))
+    if next_update is None:
+        return now.timestamp() + 60  # used for this run, not kept
+    if next_update < now:
+        raise ValueError("the %s is stale (nextUpdate %s)" % (what, next_update))
+    return next_update.timestamp()
+
+
+def reason_name(reason):
+    """Return the CRLReason (RFC 5280 5.3.1) of cryptography's ReasonFlags as text."""
+    return reason.name if reason is not None else ""
+
+
+def spki_key_bits(cert):
+    """Return the subjectPublicKey bits of *cert* (what OCSP's key hashes cover)."""
+    fields = Fields(Ber(cert.spki))
+    fields.take(SEQUENCE)
+    return fields.take(BIT_STRING).body[1:]
+
+
+def digest_of(algorithm, data):
+    """Return the digest of *data* with cryptography's hash *algorithm*."""
+    digest = hashes.Hash(algorithm)
+    digest.update(bytes(data))
+    return digest.finalize()
+
+
+# -- The cache: $XDG_CACHE_HOME/sparkpostSMIME/revocation ------------------------------
+# One file per verdict (by the certificate's SHA-256) and per CRL (by its URL's): a
+# first line 'until-epoch state reason when source', then the CRL's DER.  Written
+# atomically; a file that cannot be read as one is ignored and fetched again.
+
+def cache_path(cache_dir, kind, key):
+    return os.path.join(cache_dir, "revocation", "%s-%s" % (
+        kind, hashlib.sha256(key).hexdigest()[:40]))
+
+
+def read_cached(path):
+    """Return (first line's fields, the rest) of a fresh cache file, else None."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CRL + 4096)
+        head, _, rest = data.partition(b"\n")
+        fields = head.decode("utf-8").split("\t")
+        if len(fields) == 5 and float(fields[0]) > time.time():
+            return fields, rest
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def write_cached(path, fields, rest=b""):
+    """Write a cache file atomically (best effort: a cache that cannot be written is
+    no fault), keeping at most MAX_CACHE_ENTRIES files."""
+    try:
+        directory = os.path.dirname(path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        names = os.listdir(directory)
+        if len(names) >= MAX_CACHE_ENTRIES:
+            oldest = sorted(names, key=lambda n: os.stat(os.path.join(directory, n)).st_mtime)
+            for name in oldest[:len(names) - MAX_CACHE_ENTRIES + 1]:
+                remove_quietly(os.path.join(directory, name))
+        line = "\t".join(str(f).replace("\t", " ").replace("\n", " ") for f in fields)
+        write_atomically(path, line.encode("utf-8") + b"\n" + rest, 0o600)
+    except (OSError, SmimeToolError):
+        pass
+
+
+def read_verdict(cache_dir, cert):
+    """Return the cached Status of *cert* if still fresh, else None."""
+    found = read_cached(cache_path(cache_dir, "cert", cert.der))
+    if found is None or found[0][1] not in ("good", "revoked"):
+        return None
+    until, state, reason, when, source = found[0]
+    return Status(state, source, "", reason, when, float(until))
+
+
+def write_verdict(cache_dir, cert, status):
+    if status.until > time.time() + 60:
+        write_cached(cache_path(cache_dir, "cert", cert.der), (
+            status.until, status.state, status.reason, status.when, status.source))
+
+
+def cached_crl(cache_dir, url):
+    """Return the DER/PEM of the CRL fetched from *url* if cached and fresh, else None."""
+    found = read_cached(cache_path(cache_dir, "crl", url.encode("utf-8")))
+    return found[1] if found is not None else None
+
+
+def remember_crl(cache_dir, url, data, until):
+    if until > time.time() + 60:
+        write_cached(cache_path(cache_dir, "crl", url.encode("utf-8")),
+                     (until, "crl", "", "", url), data)
+
+
+def recipient_problem(keystore, address):
+    """Return why mail to *address* cannot be encrypted ('' when it can): no usable
+    certificate, or a revoked one.  For the gateway's RCPT (550 5.7.1 on a reason)."""
+    try:
+        keystore.recipient(address)
+    except (IdentityError, MessageError) as exc:
+        return str(exc)
+    return ""
 
 
 ###############################################################################
@@ -6809,6 +7292,8 @@ def signature_verdict(sig, sender, roots):
     if not problem:
         chain, problem = validated_chain(sig.cert, sig.certs, roots())
     problem = problem or name_constraint_problem(sig.cert, chain[1:])
+    if not problem and roots().revocation is not None:
+        problem = roots().revocation.chain_problem(chain)
     return Verdict("the signer's certificate (%s) %s" % (ca_name(sig.cert), problem)
                    if problem else "", chain)
 
@@ -6857,14 +7342,15 @@ def candidate_paths(path, pool, roots, budget):
 
 class TrustAnchors(list):
     """The trusted roots (our Certificates), with the *path* they came from and whether
-    it was *given* (--ca or $SMIME_CA_FILE) or the system's bundle."""
+    it was *given* (--ca or $SMIME_CA_FILE) or the system's bundle, and the run's
+    *revocation* checks of the paths they anchor (None: off)."""
 
-    def __init__(self, certs, path, given):
+    def __init__(self, certs, path, given, revocation=None):
         super().__init__(certs)
-        self.path, self.given = path, given
+        self.path, self.given, self.revocation = path, given, revocation
 
 
-def trust_store(cafile):
+def trust_store(cafile, revocation=None):
     """Return the TrustAnchors: --ca / $SMIME_CA_FILE, else the system bundle.
 
     Certificates of a bundle that cannot be read are left out.  Raises ConfigError
@@ -6889,7 +7375,7 @@ def trust_store(cafile):
             continue  # an old root in an odd encoding: it anchors nothing
     if not roots:
         raise ConfigError("%s: the CA bundle holds no readable PEM certificate" % path)
-    return TrustAnchors(unique_certs(roots), path, bool(cafile))
+    return TrustAnchors(unique_certs(roots), path, bool(cafile), revocation)
 
 
 # -- EnvelopedData and AuthEnvelopedData for our keys (RFC 5652 6, RFC 5083) --------
@@ -7412,7 +7898,7 @@ def receive_all(settings, reporter):
     if len(paths) > 1 and settings.output:
         several_outputs(settings._replace(verify=True))
         distinct_outputs(settings, paths)
-    roots = once(lambda: trust_store(settings.ca_file))
+    roots = once(lambda: trust_store(settings.ca_file, keystore.revocation))
     stats = Stats(len(paths), "passed")
     for path in paths:
         try:
@@ -7609,7 +8095,7 @@ def harvest_all(settings, reporter):
     except OSError as exc:
         raise OutputError("%s: cannot create the key directory: %s"
                           % (keystore.dirs[0], exc.strerror or exc), EX_CANTCREAT)
-    roots = trust_store(settings.ca_file)
+    roots = trust_store(settings.ca_file, keystore.revocation)
     stats = Stats(0)
     for path in expand_inputs(settings.inputs):
         try:
@@ -7720,6 +8206,10 @@ def add_receiving_options(receiving):
     receiving.add_argument("--ca", default="", metavar="FILE",
                            help="trusted roots (PEM) for --verify, --decrypt and --harvest "
                                 "(default $SMIME_CA_FILE, else the system store)")
+    receiving.add_argument("--revocation", choices=REVOCATION_POLICIES, default="",
+                           help="CRL and OCSP checks of signers, recipients and our own "
+                                "certificate: off, soft (default: revoked is refused, no "
+                                "answer warns) or hard (no fresh good answer is refused)")
 
 
 def add_delivery_options(out):
@@ -7823,7 +8313,8 @@ def parse_args(argv):
                    env_files=tuple(ns.env), dry_run=ns.dry_run, keep_date=ns.keep_date,
                    verbose=ns.verbose,
                    retries=ns.retries, harvest=ns.harvest, verify=ns.verify,
-                   decrypt=ns.decrypt, require_signed=ns.require_signed, ca=ns.ca, jobs=ns.jobs,
+                   decrypt=ns.decrypt, require_signed=ns.require_signed, ca=ns.ca,
+                   revocation=ns.revocation, jobs=ns.jobs,
                    repeat=ns.repeat, results=ns.results, resume=ns.resume, archive=ns.archive,
                    retry_delay=ns.retry_delay, pq_only=ns.pq_only, serve=serve,
                    opportunistic=ns.opportunistic, max_size=ns.max_size,

@@ -4,7 +4,6 @@ allows them, and DER re-encoding of what a KDF takes (RFC 9629 5).  End to end o
 ML-KEM messages our --encrypt made, re-encoded in legal (or not) BER."""
 
 import base64
-import os
 
 import pytest
 
