@@ -41,12 +41,15 @@ then the current directory:
     <from>.pem            sender's private key (may also hold its certificate and chain)
     <from>.crt            sender's certificate (when the .pem holds only the key)
     <from>.p12 / .pfx     sender's key and certificates in one PKCS#12 file
-    <recipient>.crt       each recipient's certificate (for --encrypt)
+    <recipient>.crt       each recipient's certificate (for --encrypt); it may hold an
+                          old one and its renewal: the one valid now that expires last is used
 
 Environment:
     SMIME_KEYS_DIR        extra key directories, ":"-separated
     SMIME_KEY_PASSWORD    passphrase of encrypted .pem keys and PKCS#12 files
     SMIME_CA_FILE         trusted roots for --verify, --decrypt and --harvest
+    SMIME_REVOCATION      off, soft (default) or hard: CRL and OCSP checks (--revocation)
+    SMIME_CRL_FILES       local CRLs (DER or PEM), ":"-separated, for offline sites
     SMTP_HOST, SMTP_PORT, SMTP_USER, SMTP_PASSWORD, SMTP_TLS, SMTP_CAFILE,
     SMTP_TLS_VERIFY, SMTP_TIMEOUT, SMTP_SPARKPOST, SMTP_HELO     (--send_smtp)
     SPARKPOST_API_KEY, SPARKPOST_HOST, SPARKPOST_TIMEOUT          (--send_api)

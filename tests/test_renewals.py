@@ -10,18 +10,10 @@ import pytest
 from conftest import run_tool
 from corpus import CORPUS
 from pki import DAY, NOW, pem_cert, pem_key, write
+from test_identities import keys  # noqa: F401 - the fixture: alice's and bob's files
 
 ALICE, BOB = "alice@example.com", "bob@example.org"
 MSG = CORPUS["plain-ascii"]  # alice -> bob
-
-
-@pytest.fixture
-def keys(pki, tmp_path):
-    d = tmp_path / "keys"
-    d.mkdir()
-    for name in (ALICE + ".pem", ALICE + ".crt", BOB + ".crt"):
-        shutil.copy(os.path.join(pki.keys, name), d / name)
-    return d
 
 
 def tool(keys, flags, inputs=1):

@@ -21,6 +21,7 @@ import sparkpostSMIME as tool
 from conftest import need, run_tool
 from corpus import CORPUS
 from pki import DAY, NOW, name, new_key, pem_cert, pem_key, write
+from test_trust_rules import one_line as fails
 
 ALICE, BOB = "alice@example.com", "bob@example.org"
 BODY = "Content-Type: text/plain; charset=us-ascii\n\nRevocation test.\n"
@@ -56,6 +57,11 @@ class Handler(BaseHTTPRequestHandler):
         server.counts[self.path if body is None else "/%s/%s" % (kind, ca_name)] += 1
         if kind == "hang":
             server.stop.wait(30)
+            return
+        if kind == "big":  # an answer larger than any OCSP response
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"\0" * (128 << 10))
             return
         ca = server.cas.get(ca_name)
         data = None
@@ -258,14 +264,6 @@ class World:
         return run_tool([path, "--keys", self.keys] + list(flags), env=env or self.env())
 
 
-def fails(proc, code, *words):
-    err = proc.stderr.decode()
-    assert proc.returncode == code, err
-    for word in words:
-        assert word in err, err
-    return err
-
-
 def passes(proc, warnings=0):
     err = proc.stderr.decode()
     assert proc.returncode == 0, err
@@ -295,6 +293,20 @@ def test_good_answers_and_the_cache(world, server):
     passes(proc)
     assert server.counts[ocsp] == 2  # alice's (first run) and bob's (first --encrypt)
     assert server.counts["/crl/" + world.inter.label] == 0  # OCSP answered first
+
+
+def test_corrupt_cache_entries_are_fetched_again(world, server):
+    passes(world.verify())
+    cache = os.path.join(world.cache, "sparkpostSMIME", "revocation")
+    names = os.listdir(cache)
+    assert len(names) == 2  # alice's and the intermediate's verdicts
+    for entry in names:
+        write(os.path.join(cache, entry), b"\xff garbage\n\0\0")
+    passes(world.verify())
+    assert server.counts["/ocsp/" + world.inter.label] == 2
+    assert server.counts["/ocsp/" + world.root.label] == 2
+    passes(world.verify())  # rewritten, fresh again
+    assert server.counts["/ocsp/" + world.inter.label] == 2
 
 
 def test_revoked_signer_everywhere(world, server):
@@ -339,12 +351,13 @@ def test_gateway_hook_recipient_problem(world):
     assert "no certificate for recipient" in tool.recipient_problem(keystore, "x@example.com")
 
 
-@pytest.mark.parametrize("case", ["unknown", "down", "hang", "stale-crl", "wrong-key-crl",
-                                  "unauthorised-ocsp"])
+@pytest.mark.parametrize("case", ["unknown", "down", "hang", "big", "stale-crl",
+                                  "wrong-key-crl", "unauthorised-ocsp"])
 def test_no_answer_soft_warns_hard_refuses(server, tmp_path, case):
     leaf_ocsp = {"down": closed_port_url(), "hang": server.url("/hang/x"),
+                 "big": server.url("/big/x"),
                  "stale-crl": "", "wrong-key-crl": ""}.get(case)
-    leaf_crl = "" if case in ("unknown", "down", "hang", "unauthorised-ocsp") else None
+    leaf_crl = "" if case in ("unknown", "down", "hang", "big", "unauthorised-ocsp") else None
     world = World(server, tmp_path, tmp_path.name[-20:], leaf_ocsp=leaf_ocsp,
                   leaf_crl=leaf_crl)
     if case == "unknown":
@@ -359,6 +372,7 @@ def test_no_answer_soft_warns_hard_refuses(server, tmp_path, case):
         world.inter.responder = "unauthorised"
     err = passes(world.verify(), warnings=1)
     words = {"unknown": "does not know", "down": "127.0.0.1", "hang": "within 5 seconds",
+             "big": "larger than 65536 octets",
              "stale-crl": "stale", "wrong-key-crl": "not signed by the certificate's issuer",
              "unauthorised-ocsp": "did not authorise"}[case]
     assert words in err and "serial %x" % world.ids[ALICE][1].serial_number in err, err
