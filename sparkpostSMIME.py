@@ -2316,10 +2316,10 @@ class Keystore:
         self.loaded, self.known = {}, None
         self.revocation = revocation  #: a Revocation, or None (--revocation off)
 
-    def revoked(self, ident, whose):
-        """Raise IdentityError (78) when *ident*'s certificate is refused by the
-        revocation policy (see Revocation)."""
-        issuers = ident.chain or ()
+    def revoked(self, ident, whose, certs=()):
+        """Raise IdentityError (78) when *ident*'s certificate (its issuer among its chain
+        and *certs*) is refused by the revocation policy (see Revocation)."""
+        issuers = list(ident.chain) + list(certs)
         problem = self.revocation and self.revocation.problem(ident.cert, next(
             (c for c in issuers if c.is_issuer_of(ident.cert)), None))
         if problem:
@@ -2366,7 +2366,7 @@ class Keystore:
             raise IdentityError("no certificate for %s: %s holds only the key; add %s.crt"
                                 % (address, path, safe_address(address)))
         signer = make_identity(address, key, certs, cert_path)
-        self.revoked(signer, "the own")
+        self.revoked(signer, "the own", certs)
         warning = expiry_warning(signer.cert, address, cert_path)
         if warning:
             self.warn(warning, "expiry " + address)
