@@ -43,12 +43,15 @@ then the current directory:
     <from>.p12 / .pfx     sender's key and certificates in one PKCS#12 file
     <from>.p11            a PKCS#11 URI (RFC 7512) of the sender's key on a token
                           (HSM, smartcard), beside <from>.crt
-    <recipient>.crt       each recipient's certificate (for --encrypt)
+    <recipient>.crt       each recipient's certificate (for --encrypt); it may hold an
+                          old one and its renewal: the one valid now that expires last is used
 
 Environment:
     SMIME_KEYS_DIR        extra key directories, ":"-separated
     SMIME_KEY_PASSWORD    passphrase of encrypted .pem keys and PKCS#12 files
     SMIME_CA_FILE         trusted roots for --verify, --decrypt and --harvest
+    SMIME_REVOCATION      off, soft (default) or hard: CRL and OCSP checks (--revocation)
+    SMIME_CRL_FILES       local CRLs (DER or PEM), ":"-separated, for offline sites
     PKCS11_MODULE, PKCS11_PIN   the PKCS#11 module and its user PIN (.p11 keys)
     SMTP_HOST, SMTP_PORT, SMTP_USER, SMTP_PASSWORD, SMTP_TLS, SMTP_CAFILE,
     SMTP_TLS_VERIFY, SMTP_TIMEOUT, SMTP_SPARKPOST, SMTP_HELO     (--send_smtp)
@@ -636,6 +639,8 @@ class Settings(NamedTuple):
     key_dirs: tuple = (".",)     #: --keys, then $SMIME_KEYS_DIR, then "."
     key_password: bytes = None   #: $SMIME_KEY_PASSWORD
     ca_file: str = ""            #: --ca, else $SMIME_CA_FILE
+    revocation: str = ""         #: --revocation, else $SMIME_REVOCATION, else soft
+    crl_files: tuple = ()        #: $SMIME_CRL_FILES: local CRLs (offline sites)
     cache_dir: str = ""          #: $XDG_CACHE_HOME/sparkpostSMIME
     hop_limit: int = HOP_LIMIT   #: $SMIME_HOP_LIMIT: Received fields a sent message may have
     smtp: SmtpSettings = None
@@ -677,12 +682,23 @@ def load_settings(argv, environ):
     return settings._replace(
         key_dirs=tuple(dirs + ["."]), key_password=password.encode("utf-8") if password else None,
         ca_file=home_path(settings.ca, env) or env_path(env, "SMIME_CA_FILE"),
+        revocation=revocation_policy(settings.revocation, env),
+        crl_files=tuple(home_path(f, env) for f in env.get("SMIME_CRL_FILES", "").split(":")
+                        if f),
         cache_dir=os.path.join(cache, "sparkpostSMIME"), smtp=smtp,
         hop_limit=env_number(env, "SMIME_HOP_LIMIT", HOP_LIMIT, high=1000),
         api=ApiSettings.from_env(env) if settings.send == "api" else None, notices=notices,
         gateway=GatewaySettings.from_env(env, *settings.serve, settings.trusted_network)
         if settings.serve else None, pkcs11_module=env_path(env, "PKCS11_MODULE"),
         pkcs11_pin=env.get("PKCS11_PIN", ""))
+
+
+def revocation_policy(option, env):
+    """Return --revocation, else $SMIME_REVOCATION, else 'soft'.  Raises ConfigError."""
+    policy = option or env.get("SMIME_REVOCATION", "").strip().lower() or "soft"
+    if policy not in REVOCATION_POLICIES:
+        raise ConfigError("SMIME_REVOCATION=%s: use off, soft or hard" % policy)
+    return policy
 
 
 def read_env_files(paths):
@@ -2016,12 +2032,15 @@ class Ber:
         return list(self.each())
 
     def each(self):
-        """Yield the elements inside a constructed element, one at a time."""
+        """Yield the elements inside a constructed element, one at a time.  Raises
+        ValueError for one that runs past the end of this one (X.690 8.1.1)."""
         if not self.constructed:
             raise ValueError("a primitive element has no elements inside")
         at = self.start
         while at < self.stop:
             item = Ber(self.data, at, self.depth + 1, self.reader)
+            if item.end > self.stop:
+                raise ValueError("an ASN.1 element runs past the end of the one holding it")
             yield item
             at = item.end
 
@@ -2118,6 +2137,17 @@ class BerReader:
         return at, at + 2
 
 
+def der_encoding(ber):
+    """Return the DER encoding of BER element *ber* (X.690 10): definite lengths in their
+    shortest form, a constructed OCTET STRING as one primitive.  For values that are
+    hashed or fed to a KDF, which are defined on DER (RFC 9629 5); SET OF order is kept."""
+    if ber.tag == OCTET_STRING | 0x20:
+        return der(OCTET_STRING, ber.octets())
+    if not ber.constructed:
+        return der(ber.tag, ber.body)
+    return der(ber.tag, *(der_encoding(item) for item in ber.each()))
+
+
 def der_checked(data):
     """Return the element at the start of *data*, every length inside it checked to be
     in DER's shortest form (X.690 10.1), as certificates must be (RFC 5280 4.1).
@@ -2139,11 +2169,26 @@ class Fields:
         self.items, self.at = ber.children(), 0
 
     def take(self, tag=None):
-        """Return the next element; it must have *tag* when one is given."""
-        if self.at == len(self.items) or tag is not None and self.items[self.at].tag != tag:
+        """Return the next element; it must have *tag* when one is given (an OCTET STRING
+        may be constructed, as BER allows: read it with octets())."""
+        item = self.items[self.at] if self.at < len(self.items) else None
+        if item is None or tag is not None and item.tag != tag and not (
+                tag == OCTET_STRING and item.tag == OCTET_STRING | 0x20):
             raise ValueError("a CMS structure without a required field")
         self.at += 1
-        return self.items[self.at - 1]
+        return item
+
+    def last(self, tag=None):
+        """Return the next element (as take()), which must be the last one: the ASN.1
+        has no further field."""
+        item = self.take(tag)
+        self.end()
+        return item
+
+    def end(self):
+        """Raise ValueError when elements are left: a field the ASN.1 does not have."""
+        if self.rest():
+            raise ValueError("a CMS structure with a field too many")
 
     def optional(self, tag):
         """Return the next element when it has *tag*, else None."""
@@ -2210,6 +2255,19 @@ CERT_SIGNATURES = {
 #: Certificate extensions read here (RFC 5280 4.2.1).
 EXT_KEY_USAGE, EXT_SUBJECT_ALT_NAME, EXT_NAME_CONSTRAINTS, EXT_EXTENDED_KEY_USAGE = (
     "2.5.29.15", "2.5.29.17", "2.5.29.30", "2.5.29.37")
+EXT_BASIC_CONSTRAINTS, EXT_SUBJECT_KEY_ID, EXT_CRL_DISTRIBUTION_POINTS, EXT_AUTHORITY_INFO = (
+    "2.5.29.19", "2.5.29.14", "2.5.29.31", "1.3.6.1.5.5.7.1.1")
+#: Extensions whose value is read here, checked to be DER when a certificate is read.
+READ_EXTENSIONS = {EXT_KEY_USAGE, EXT_SUBJECT_ALT_NAME, EXT_NAME_CONSTRAINTS,
+                   EXT_EXTENDED_KEY_USAGE, EXT_BASIC_CONSTRAINTS, EXT_SUBJECT_KEY_ID,
+                   EXT_CRL_DISTRIBUTION_POINTS, EXT_AUTHORITY_INFO}
+#: Extensions a certificate may mark critical (RFC 5280 4.2): those read here, the
+#: authority key identifier, issuerAltName, the certificate policy extensions (4.2.1.4,
+#: 4.2.1.5, 4.2.1.11, 4.2.1.14: no policy is required of a path, RFC 5280 6.1.1 (c)
+#: initial-policy-set anyPolicy, so they restrict nothing here) and OCSP no-check
+#: (RFC 6960 4.2.2.2.1).  A certificate with any other critical extension is refused.
+KNOWN_CRITICAL = READ_EXTENSIONS | {"2.5.29.35", "2.5.29.18", "2.5.29.32", "2.5.29.33",
+                                    "2.5.29.36", "2.5.29.54", "1.3.6.1.5.5.7.48.1.5"}
 #: The attribute type of names read here: emailAddress (RFC 5280 A.1).
 ATTR_EMAIL_ADDRESS = "1.2.840.113549.1.9.1"
 #: extKeyUsage purposes that allow S/MIME: emailProtection, anyExtendedKeyUsage.
@@ -2239,7 +2297,8 @@ class Certificate:
         tbs, signature_algorithm, signature = (outer.take(SEQUENCE), outer.take(SEQUENCE),
                                                outer.take(BIT_STRING))
         fields = Fields(tbs)
-        fields.optional(ctx(0))  # version [0] EXPLICIT
+        version = fields.optional(ctx(0))  # version [0] EXPLICIT, v1 when absent
+        self.version = Fields(version).take(INTEGER).integer() + 1 if version else 1
         self.serial = fields.take(INTEGER).raw
         self.inner_algorithm = fields.take(SEQUENCE).raw
         self.issuer_der = fields.take(SEQUENCE).raw
@@ -2250,7 +2309,8 @@ class Certificate:
         fields.optional(ctx(1, constructed=False))  # issuerUniqueID
         fields.optional(ctx(2, constructed=False))  # subjectUniqueID
         extensions = fields.optional(ctx(3))
-        self.extensions_der = read_extensions(extensions) if extensions else {}
+        self.extensions_der, self.critical = (read_extensions(extensions) if extensions
+                                              else ({}, set()))
         if top.end != len(self.der) or top.reader.ends or fields.rest():
             raise ValueError("not a DER certificate")
         self.tbs = tbs.raw
@@ -2340,20 +2400,27 @@ def verify_with(key, kind, hash_name, signature, data):
 
 
 def read_extensions(ber):
-    """Return {OID: DER value} of a certificate's [3] Extensions (RFC 5280 4.1.2.9).
+    """Return ({OID: DER value}, {OIDs of the critical ones}) of a certificate's [3]
+    Extensions (RFC 5280 4.1.2.9).
 
-    Raises ValueError for one that is not well-formed DER or appears twice.
+    The value of an extension this tool reads (READ_EXTENSIONS) must be one DER
+    element; others are kept as they are: an unknown non-critical extension is
+    ignored, whatever it holds (RFC 5280 4.2).  Raises ValueError for an extension
+    that appears twice or a malformed one this tool reads.
     """
-    found = {}
+    found, critical = {}, set()
     for item in Fields(ber).take(SEQUENCE).children():
         fields = Fields(item)
         oid = fields.take(OID).oid()
-        fields.optional(0x01)  # critical BOOLEAN DEFAULT FALSE
+        flag = fields.optional(0x01)  # critical BOOLEAN DEFAULT FALSE
         value = fields.take(OCTET_STRING).body
-        if oid in found or fields.rest() or der_checked(value).end != len(value):
+        if oid in found or fields.rest() or oid in READ_EXTENSIONS and (
+                not value or der_checked(value).end != len(value)):
             raise ValueError("extension %s twice or malformed" % oid)
         found[oid] = value
-    return found
+        if flag is not None and flag.body != b"\0":
+            critical.add(oid)
+    return found, critical
 
 
 def der_time(ber):
@@ -2399,6 +2466,7 @@ class Identity:
         self.rid = issuer_and_serial(cert)
         self.kind, self.digest = key_kind(cert)
         self.cert_set = self.info_head = None  #: worked out on first use (signed_der())
+        self.renewals = []  #: decryption: other certificates of the same key
 
     def certificate_set(self):
         """Return the DER [0] CertificateSet of the certificate and its chain (RFC 5652
@@ -2440,11 +2508,23 @@ class Keystore:
     Pkcs11 that opens the keys of .p11 files.
     """
 
-    def __init__(self, dirs, password=None, validated="", warn=None, tokens=None):
+    def __init__(self, dirs, password=None, validated="", warn=None, tokens=None,
+                 revocation=None):
         self.dirs, self.password, self.validated = list(dirs), password, validated
         self.tokens = tokens or Pkcs11()
         self.warn = warn or (lambda text, topic=None: None)
         self.loaded, self.known = {}, None
+        self.revocation = revocation  #: a Revocation, or None (--revocation off)
+
+    def revoked(self, ident, whose, certs=()):
+        """Raise IdentityError (78) when *ident*'s certificate (its issuer among its chain
+        and *certs*) is refused by the revocation policy (see Revocation)."""
+        issuers = list(ident.chain) + list(certs)
+        problem = self.revocation and self.revocation.problem(ident.cert, next(
+            (c for c in issuers if c.is_issuer_of(ident.cert)), None))
+        if problem:
+            raise IdentityError("%s: %s certificate for %s %s" % (ident.path, whose,
+                                                                 ident.address, problem))
 
     def cached(self, load, address, *args):
         """Return load(address, *args), loaded once per process."""
@@ -2486,6 +2566,10 @@ class Keystore:
             raise IdentityError("no certificate for %s: %s holds only the key; add %s.crt"
                                 % (address, path, safe_address(address)))
         signer = make_identity(address, key, certs, cert_path)
+        self.revoked(signer, "the own", certs)
+        warning = expiry_warning(signer.cert, address, cert_path)
+        if warning:
+            self.warn(warning, "expiry " + address)
         if self.post_quantum(address):  # published with every signature: see harvest()
             signer.chain.append(self.recipient(address).cert)
         return signer
@@ -2527,7 +2611,9 @@ class Keystore:
         if path is None:
             raise IdentityError("no certificate for recipient %s: put %s.crt in one of: %s"
                                 % (address, safe_address(address), ", ".join(self.dirs)))
-        return recipient_from_file(address, path)
+        ident = recipient_from_file(address, path)
+        self.revoked(ident, "the recipient's")
+        return ident
 
     def load_own_copy(self, address, signing):
         """A post-quantum (ML-KEM) <from>.crt; else the signing certificate when it allows
@@ -2574,11 +2660,13 @@ class Keystore:
         its certificate expires."""
         path = self.find(address, KEY_SUFFIXES)
         key, certs, _ = self.key_and_certificates(address, path)
-        leaf = next((c for c in certs if same_key(c, key)), None)
-        if leaf is None:
+        mine = unique_certs([c for c in certs if same_key(c, key)])
+        if not mine:
             raise IdentityError("%s: no certificate matching the private key for %s"
                                 % (path, address))
-        return Identity(address, leaf, path, key)
+        ident = Identity(address, current_cert(mine), path, key)
+        ident.renewals = [c for c in mine if c != ident.cert]  # the same key certified again
+        return ident
 
     def private_key(self, data, path):
         """Return the private key in PEM *data*.  Raises IdentityError.
@@ -2631,10 +2719,12 @@ class Keystore:
 
 def keystore_of(settings, reporter):
     """Return the Keystore of a run: its key directories, password and validated-keys list."""
+    revocation = None if settings.revocation == "off" else Revocation(
+        settings.revocation or "soft", settings.cache_dir, settings.crl_files, reporter.warn)
     return Keystore(settings.key_dirs, settings.key_password,
                     os.path.join(settings.cache_dir, "validated-keys"), reporter.warn,
                     Pkcs11(settings.pkcs11_module, settings.pkcs11_pin,
-                           os.path.join(settings.cache_dir, "pkcs11.lock")))
+                           os.path.join(settings.cache_dir, "pkcs11.lock")), revocation)
 
 
 def ml_kem_private_key(data, path):
@@ -2790,8 +2880,9 @@ def remember_validated(path, digest):
 
 
 def make_identity(address, key, certs, path):
-    """Pick the certificate of *key* among *certs*, check it, return the Identity."""
-    leaf = next((c for c in certs if same_key(c, key)), None)
+    """Pick the certificate of *key* among *certs* (the current one: see current_cert()),
+    check it, return the Identity."""
+    leaf = current_cert([c for c in certs if same_key(c, key)])
     if leaf is None:
         raise IdentityError("%s: the certificate does not match the private key for %s"
                             % (path, address))
@@ -2823,25 +2914,38 @@ def is_self_signed(cert):
 
 
 def recipient_from_file(address, path):
-    """Return the checked recipient Identity in certificate file *path*."""
+    """Return the checked recipient Identity in certificate file *path*: of the
+    certificates for *address* it holds (an old one and its renewal), the current one."""
     certs = load_certificates(read_key_file(path), path)
     if not certs:
         raise IdentityError("%s: holds no certificate" % path)
-    mine = [c for c in certs if address in cert_emails(c)] or certs[:1]
-    check_certificate(mine[0], address, path, "encrypt", certs)
-    return Identity(address, mine[0], path)
+    mine = current_cert([c for c in certs if address in cert_emails(c)] or certs[:1])
+    check_certificate(mine, address, path, "encrypt", certs)
+    return Identity(address, mine, path, chain=issuer_path(mine, certs))
 
 
-def extension(cert, kind):
-    """Return the value of *cert*'s extension of class *kind*, or None when it has none.
+def current_cert(certs, now=None):
+    """Return the one of *certs* (a person's old and renewed certificates) valid now that
+    expires last; when none is valid now, the one that expires last (whose refusal
+    names why); None for no certificate."""
+    now = now or datetime.now(timezone.utc)
+    valid = [c for c in certs if c.not_valid_before_utc <= now <= c.not_valid_after_utc]
+    return max(valid or certs, key=lambda c: c.not_valid_after_utc, default=None)
 
-    Raises ValueError for extensions that cannot be parsed (a malformed certificate).
-    """
-    from cryptography import x509
-    try:
-        return cert.extensions.get_extension_for_class(kind).value
-    except x509.ExtensionNotFound:
-        return None
+
+#: An own certificate expiring within this many days is warned about (once per run).
+RENEWAL_WARNING_DAYS = 30
+
+
+def expiry_warning(cert, address, path, now=None):
+    """Return a warning when *cert*, our own, expires within RENEWAL_WARNING_DAYS, or ''."""
+    left = cert.not_valid_after_utc - (now or datetime.now(timezone.utc))
+    if left.days >= RENEWAL_WARNING_DAYS:
+        return ""
+    return ("%s: the certificate for %s expires on %s (in %s): renew it and put the new one "
+            "in %s.crt beside the old one" % (path, address, cert.not_valid_after_utc.date(),
+                                             duration(max(left.total_seconds(), 0)),
+                                             safe_address(address)))
 
 
 def cert_emails(cert):
@@ -2858,12 +2962,15 @@ def check_certificate(cert, address, path, purpose, certs=()):
     """Refuse a certificate unfit to *purpose* ('sign' or 'encrypt') for *address*.
 
     Checks validity dates, the e-mail address (RFC 8550 3), key usage and
-    extended key usage (RFC 8550 4.4), and the rfc822Name constraints of the
-    issuers found among *certs* (the file's own chain: no trust store is read
-    when sending).  Raises IdentityError naming the reason.
+    extended key usage (RFC 8550 4.4), and the path rules (path_problem()) and
+    rfc822Name constraints of the issuers found among *certs* (the file's own
+    chain: no trust store is read when sending), as a recipient will check them.
+    Raises IdentityError naming the reason.
     """
+    issuers = issuer_path(cert, certs)
     reason = (certificate_problem(cert, address, purpose)
-              or name_constraint_problem(cert, issuer_path(cert, certs)))
+              or path_problem([cert] + issuers, bool(issuers) and is_self_signed(issuers[-1]))
+              or name_constraint_problem(cert, issuers))
     if reason:
         raise IdentityError("%s: certificate for %s %s" % (path, address, reason))
 
@@ -2878,7 +2985,7 @@ def certificate_problem(cert, address, purpose, now=None):
     emails = cert_emails(cert)
     if address.lower() not in emails:
         return "is issued to %s, not to this address" % (", ".join(emails) or "no e-mail address")
-    return usage_problem(cert, purpose)
+    return end_entity_problem(cert) or usage_problem(cert, purpose)
 
 
 def issuer_path(cert, certs):
@@ -3024,6 +3131,126 @@ def extended_key_usage(cert):
     (RFC 5280 4.2.1.12).  Raises ValueError for one that cannot be read."""
     value = cert.extension(EXT_EXTENDED_KEY_USAGE)
     return None if value is None else {purpose.oid() for purpose in Ber(value).children()}
+
+
+# -- Path rules (RFC 5280 6.1), one set for sending and receiving -------------------
+
+#: Most CAs between a certificate and its trust anchor, and most issuer candidates whose
+#: signature is checked while looking for a path (a message may carry 64 certificates).
+MAX_PATH_CAS, MAX_PATH_CANDIDATES = 8, 64
+#: KeyUsage keyCertSign (RFC 5280 4.2.1.3).
+KU_KEY_CERT_SIGN = 5
+#: Certificate signature algorithms with SHA-1, which no longer resists forgery.
+SHA1_CERT_SIGNATURES = {"1.2.840.113549.1.1.5", "1.2.840.10045.4.1", "1.2.840.10040.4.3"}
+#: Names of extKeyUsage purposes for messages (RFC 5280 4.2.1.12).
+EKU_NAMES = {"1.3.6.1.5.5.7.3.1": "TLS server authentication",
+             "1.3.6.1.5.5.7.3.2": "TLS client authentication",
+             "1.3.6.1.5.5.7.3.3": "code signing", "1.3.6.1.5.5.7.3.4": "e-mail protection",
+             "1.3.6.1.5.5.7.3.8": "time stamping", "1.3.6.1.5.5.7.3.9": "OCSP signing"}
+
+
+def path_problem(path, anchored, now=None):
+    """Return why certification path *path* (the certificate first, then each issuer)
+    is not valid for mail, or '' when it is (RFC 5280 6.1, with EKU chaining).
+
+    *anchored*: the last one is the trust anchor, whose own extensions and dates
+    are not checked (RFC 5280 6.1.1 (d): an anchor is a name and a key).  Every
+    other CA must be a v3 CA allowed to sign certificates, valid now, within its
+    pathLenConstraint, with no unknown critical extension, no SHA-1 signature and
+    no weak key, and its extKeyUsage, if any, must include e-mail protection (as
+    NSS, Windows and Apple treat a CA's EKU: a constraint).  The certificate itself
+    is checked by certificate_problem().
+    """
+    below = 0  # CAs below this one, self-issued ones not counted (RFC 5280 6.1.4 (l))
+    for ca in path[1:-1] if anchored else path[1:]:
+        problem = ca_problem(ca, below, now)
+        if problem:
+            return problem
+        below += ca.subject_der != ca.issuer_der
+    return ""
+
+
+def end_entity_problem(cert):
+    """Return why *cert*, a person's certificate, is refused whatever the purpose, or ''."""
+    try:
+        is_ca = basic_constraints(cert)[0]
+    except ValueError:
+        return "has extensions that cannot be read (a malformed certificate)"
+    if is_ca:
+        return ("is a CA certificate (basicConstraints cA=TRUE), not a person's: a CA's key "
+                "does not sign or receive mail")
+    return certificate_rule_problem(cert)
+
+
+def certificate_rule_problem(cert):
+    """Return why any certificate but a trust anchor is refused, or '': an unknown
+    critical extension (RFC 5280 4.2), a SHA-1 signature, a weak key."""
+    unknown = sorted(cert.critical - KNOWN_CRITICAL)
+    if unknown:
+        return ("has a critical extension this tool does not know (%s): refused, as RFC 5280 "
+                "4.2 requires" % ", ".join(unknown))
+    if algorithm_oid(Ber(cert.signature_algorithm)) in SHA1_CERT_SIGNATURES:
+        return "is signed with SHA-1, which no longer protects a certificate against forgery"
+    try:
+        return signer_key_problem(cert)
+    except (crypto_errors.UnsupportedAlgorithm, ValueError):
+        return ""  # a key cryptography cannot load: refused where it is used
+
+
+def ca_problem(ca, below, now=None):
+    """Return 'is issued by CA <name>, which ...' when CA certificate *ca*, with *below*
+    CAs under it in the path, breaks a rule of RFC 5280 6.1.3-6.1.4 or EKU chaining."""
+    now = now or datetime.now(timezone.utc)
+    try:
+        is_ca, length = basic_constraints(ca)
+        ku, eku = key_usage(ca), extended_key_usage(ca)
+    except ValueError:
+        return "is issued by CA %s, whose extensions cannot be read" % ca_name(ca)
+    reason = certificate_rule_problem(ca)
+    if reason:
+        pass
+    elif ca.version < 3:
+        reason = "is a version %d certificate: an intermediate CA must be v3" % ca.version
+    elif not is_ca:
+        reason = "is not a CA certificate (no basicConstraints cA=TRUE)"
+    elif length is not None and below > length:
+        reason = "allows %d CA%s below it (pathLenConstraint), the path has %d" % (
+            length, "" if length == 1 else "s", below)
+    elif ku is not None and KU_KEY_CERT_SIGN not in ku:
+        reason = "may not sign certificates (its key usage lacks keyCertSign)"
+    elif eku is not None and not EMAIL_PURPOSES & eku:
+        reason = ("is limited to %s (extended key usage), not e-mail protection: the "
+                  "certificates it issues are not valid for mail" % ", ".join(
+                      sorted(EKU_NAMES.get(p, p) for p in eku)))
+    elif not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
+        reason = "is not valid now (valid %s to %s)" % (ca.not_valid_before_utc.date(),
+                                                       ca.not_valid_after_utc.date())
+    return reason and "is issued by CA %s, which %s" % (ca_name(ca), reason)
+
+
+def signer_key_problem(cert):
+    """Return why the key of *cert* (a signer's, a recipient's or a CA's) is too weak,
+    or '': RSA keys of fewer than MIN_RSA_BITS, EC keys off the curves we use
+    (ECDH_SCHEMES)."""
+    key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        return "has a %d-bit RSA key: at least %d bits are needed" % (key.key_size, MIN_RSA_BITS)
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in ECDH_SCHEMES:
+        return "has an EC key on curve %s: P-256, P-384 and P-521 are accepted" % key.curve.name
+    return ""
+
+
+def basic_constraints(cert):
+    """Return (cA, pathLenConstraint or None) of *cert*, (False, None) without the
+    extension (RFC 5280 4.2.1.9).  Raises ValueError for one that cannot be read."""
+    value = cert.extension(EXT_BASIC_CONSTRAINTS)
+    if value is None:
+        return False, None
+    fields = Fields(Ber(value))
+    flag, length = fields.optional(0x01), fields.optional(INTEGER)
+    if fields.rest() or flag is not None and len(flag.body) != 1:
+        raise ValueError("a BasicConstraints that cannot be read")
+    return flag is not None and flag.body != b"\0", length.integer() if length else None
 
 
 def encryption_kind(cert):
@@ -3471,6 +3698,459 @@ class TokenEcKey(TokenKey):
         return self.operate(lambda key: key.derive_key(
             p11.KeyType.GENERIC_SECRET, size * 8, mechanism_param=(p11.KDF.NULL, None, point),
             template=template)[p11.Attribute.VALUE])
+
+
+###############################################################################
+# Revocation: CRLs and OCSP (RFC 5280 5-6.3, RFC 6960) #########################
+###############################################################################
+# A certificate may be revoked before it expires (a stolen key).  Its issuer says
+# so in a CRL (from the certificate's CRL Distribution Points, or a local file for
+# offline sites) or through OCSP (the responder in its Authority Information
+# Access).  An answer counts only when signed by the issuer (or, for OCSP, by a
+# responder it certified for OCSP signing), for this certificate, and fresh.
+# Verdicts are cached on disk until the answer's nextUpdate, so a batch, the
+# gateway's workers and later runs ask at most once per certificate and source.
+# Policy (--revocation, $SMIME_REVOCATION): off (no request), soft (default:
+# revoked is refused, no answer is a warning), hard (anything but a fresh good
+# answer is refused).  urllib.request (standard library, imported on the first
+# fetch) does the fetching: OCSP and CRLs are plain HTTP of signed objects, and
+# its public handler API bounds redirects and schemes.
+
+REVOCATION_POLICIES = ("off", "soft", "hard")
+#: Seconds one fetch may take (connect, each read and the whole download), and all the
+#: fetches of one run together: a dead or slow responder never holds a run longer.
+FETCH_TIMEOUT, FETCH_BUDGET = 5.0, 20.0
+#: Largest OCSP response and CRL read, in octets; most redirects followed.
+MAX_OCSP_RESPONSE, MAX_CRL, MAX_REDIRECTS = 64 << 10, 16 << 20, 3
+#: Cached verdicts and CRLs kept at most (the oldest go first), and how long a verdict
+#: without a nextUpdate (an OCSP answer may have none) or a failure is kept.
+MAX_CACHE_ENTRIES, SHORT_CACHE_SECONDS = 2000, 3600
+#: OCSP (id-ad-ocsp) in an Authority Information Access, id-kp-OCSPSigning (RFC 6960).
+ID_AD_OCSP, ID_KP_OCSP_SIGNING = "1.3.6.1.5.5.7.48.1", "1.3.6.1.5.5.7.3.9"
+#: KeyUsage cRLSign (RFC 5280 4.2.1.3).
+KU_CRL_SIGN = 6
+
+
+class Status(NamedTuple):
+    """What the issuer says of one certificate: *state* 'good', 'revoked' or 'unknown'
+    (no answer that counts: *why*), its *source* (a URL or file), and for a revoked one
+    the *reason* and *when*; *until*: the epoch second it may be cached until."""
+    state: str
+    source: str = ""
+    why: str = ""
+    reason: str = ""
+    when: str = ""
+    until: float = 0.0
+
+
+class Revocation:
+    """The revocation checks of one run: *policy*, the cache directory, local CRL files,
+    the fetch budget, and *warn*(text, topic) for soft failures (once per certificate)."""
+
+    def __init__(self, policy, cache_dir, crl_files=(), warn=None):
+        self.policy, self.cache_dir, self.crl_files = policy, cache_dir, list(crl_files)
+        self.warn = warn or (lambda text, topic=None: None)
+        self.budget, self.crls, self.seen = FETCH_BUDGET, None, {}
+
+    def problem(self, cert, issuer):
+        """Return why *cert* (issued by *issuer*, or None when unknown) is refused under
+        the policy, or '' (after a warning when soft and there is no answer)."""
+        if self.policy == "off":
+            return ""
+        cert = Certificate.of(cert)
+        if cert.der not in self.seen:
+            self.seen[cert.der] = self.status(cert, issuer and Certificate.of(issuer))
+        status = self.seen[cert.der]
+        if status.state == "revoked":
+            return "is revoked (%s%s, %s): %s" % (
+                status.reason or "no reason given", ", since %s" % status.when
+                if status.when else "", status.source, describe_cert(cert))
+        if status.state == "good" or status.why == "" and self.policy == "soft":
+            return ""
+        if self.policy == "hard":
+            return ("has no fresh revocation answer (--revocation hard): %s: %s"
+                    % (status.why or "no OCSP responder or CRL named", describe_cert(cert)))
+        self.warn("no revocation answer for %s: %s; going on (--revocation soft)"
+                  % (describe_cert(cert), status.why), "revocation " + cert.der.hex()[-40:])
+        return ""
+
+    def chain_problem(self, chain):
+        """Return why a certificate of validated *chain* (leaf first, trust anchor last)
+        is refused, or ''; the anchor itself is not checked."""
+        for cert, issuer in zip(chain, chain[1:]):
+            problem = self.problem(cert, issuer)
+            if problem:
+                return problem
+        return ""
+
+    def status(self, cert, issuer):
+        """Return the Status of *cert*: a fresh cached one, else from the local CRL files,
+        OCSP, then the CRL Distribution Points; the first good or revoked answer wins."""
+        try:
+            sources = ([("file", path) for path in self.crl_files]
+                       + [("ocsp", url) for url in ocsp_urls(cert)]
+                       + [("crl", url) for url in crl_urls(cert)])
+        except ValueError:
+            return Status("unknown", why="its revocation sources cannot be read")
+        if not sources:
+            return Status("unknown")  # nothing to ask: soft goes on silently
+        cached = read_verdict(self.cache_dir, cert)
+        if cached is not None:
+            return cached
+        if issuer is None:
+            return Status("unknown", why="its issuer's certificate is not at hand")
+        whys = []
+        for source in sources:
+            try:
+                status = self.ask(source, cert, issuer)
+            except (OSError, ValueError, TypeError, crypto_errors.UnsupportedAlgorithm,
+                    crypto_errors.InvalidSignature) as exc:
+                whys.append("%s: %s" % (source[1], first_line(exc) or type(exc).__name__))
+                continue
+            if status is None:
+                continue  # a local CRL of another issuer
+            if status.state != "unknown":
+                write_verdict(self.cache_dir, cert, status)
+                return status
+            whys.append("%s: %s" % (status.source, status.why))
+        return Status("unknown", why="; ".join(whys))
+
+    def ask(self, source, cert, issuer):
+        """Return the Status one source gives (None: a local CRL that is not the issuer's).
+        Raises OSError (unreachable), ValueError (unreadable, badly signed, stale)."""
+        kind, where = source
+        if kind == "ocsp":
+            request = ocsp_request(cert, issuer)
+            return ocsp_status(self.fetch(where, request, MAX_OCSP_RESPONSE), cert, issuer,
+                               where)
+        if kind == "file":
+            crl = self.local_crls().get(where)
+            if crl is None or crl.issuer.public_bytes() != issuer.subject_der:
+                return None
+            return crl_status(crl, cert, issuer, where)
+        data = cached_crl(self.cache_dir, where)
+        if data is None:
+            data = self.fetch(where, None, MAX_CRL)
+        status = crl_status(load_crl(data), cert, issuer, where)
+        remember_crl(self.cache_dir, where, data, status.until)
+        return status
+
+    def local_crls(self):
+        """Return {path: CRL} of the local CRL files, read once.  Raises ConfigError
+        for one that cannot be read."""
+        if self.crls is None:
+            self.crls = {}
+            for path in self.crl_files:
+                try:
+                    with open(path, "rb") as fh:
+                        self.crls[path] = load_crl(fh.read(MAX_CRL + 1))
+                except (OSError, ValueError) as exc:
+                    raise ConfigError("%s: cannot read this CRL file (SMIME_CRL_FILES): %s"
+                                      % (path, first_line(exc)))
+        return self.crls
+
+    def fetch(self, url, data, limit):
+        """Return the body at http(s) *url* (POSTing OCSP request *data*), within the
+        run's budget.  Raises OSError or ValueError."""
+        if self.budget <= 0:
+            raise OSError("no time left for revocation fetches in this run (%d s)"
+                          % FETCH_BUDGET)
+        started = time.monotonic()
+        try:
+            return http_get(url, data, limit, min(FETCH_TIMEOUT, self.budget))
+        finally:
+            self.budget -= time.monotonic() - started
+
+
+def describe_cert(cert):
+    """Return 'subject ..., serial ...' naming *cert* in a report."""
+    try:
+        subject = cert.subject.rfc4514_string()
+    except ValueError:
+        subject = "(a subject that cannot be read)"
+    return "subject %s, serial %x" % (subject, cert.serial_number)
+
+
+def ocsp_urls(cert):
+    """Return the http(s) OCSP responder URLs of *cert*'s Authority Information Access
+    (RFC 5280 4.2.2.1)."""
+    value = cert.extension(EXT_AUTHORITY_INFO)
+    urls = []
+    for access in Ber(value).children() if value is not None else ():
+        fields = Fields(access)
+        method, location = fields.take(OID).oid(), fields.take()
+        if method == ID_AD_OCSP and location.tag == ctx(6, constructed=False):
+            urls.append(location.body.decode("ascii", "replace"))
+    return [u for u in urls if is_fetchable(u)][:2]
+
+
+def crl_urls(cert):
+    """Return the http(s) URLs of *cert*'s CRL Distribution Points (RFC 5280 4.2.1.13)
+    that give a full CRL of its issuer (no reasons, no cRLIssuer)."""
+    value = cert.extension(EXT_CRL_DISTRIBUTION_POINTS)
+    urls = []
+    for point in Ber(value).children() if value is not None else ():
+        parts = point.children()
+        if len(parts) != 1 or parts[0].tag != ctx(0):
+            continue
+        name = parts[0].children()[0]
+        if name.tag == ctx(0):  # fullName GeneralNames
+            urls += [n.body.decode("ascii", "replace") for n in name.children()
+                     if n.tag == ctx(6, constructed=False)]
+    return [u for u in urls if is_fetchable(u)][:2]
+
+
+def is_fetchable(url):
+    """True for an http:// or https:// URL (no ldap://, no file://)."""
+    return urlsplit(url).scheme in ("http", "https") and bool(urlsplit(url).hostname)
+
+
+def http_get(url, data, limit, timeout):
+    """Return the body of a GET (or, with *data*, an OCSP POST, RFC 6960 A.1) of *url*:
+    at most *limit* octets, MAX_REDIRECTS redirects to http(s) only, *timeout* seconds
+    in all.  Raises OSError or ValueError."""
+    import urllib.error
+    import urllib.request
+
+    class Redirects(urllib.request.HTTPRedirectHandler):
+        max_redirections = MAX_REDIRECTS
+
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            if not is_fetchable(newurl):
+                raise ValueError("redirected to %s, not an http(s) URL" % newurl)
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+    request = urllib.request.Request(url, data, {"Content-Type": "application/ocsp-request"}
+                                     if data else {})
+    deadline = time.monotonic() + timeout
+    try:
+        with urllib.request.build_opener(Redirects).open(request, timeout=timeout) as resp:
+            body = bytearray()
+            while len(body) <= limit:
+                if time.monotonic() > deadline:
+                    raise OSError("no answer within %d seconds" % timeout)
+                piece = resp.read1(16384)
+                if not piece:
+                    return bytes(body)
+                body += piece
+    except urllib.error.HTTPError as exc:
+        raise OSError("HTTP %d" % exc.code)
+    except urllib.error.URLError as exc:
+        raise OSError(str(exc.reason))
+    except (TimeoutError, ConnectionError) as exc:
+        raise OSError("no answer within %d seconds" % timeout if isinstance(
+            exc, TimeoutError) else str(exc))
+    raise ValueError("an answer larger than %d octets" % limit)
+
+
+def ocsp_request(cert, issuer):
+    """Return a DER OCSP request for *cert* (CertID with SHA-1, RFC 6960 4.1.1)."""
+    from cryptography.x509 import ocsp
+    builder = ocsp.OCSPRequestBuilder().add_certificate(cert.x509(), issuer.x509(),
+                                                         hashes.SHA1())
+    return builder.build().public_bytes(serialization.Encoding.DER)
+
+
+def ocsp_status(data, cert, issuer, url):
+    """Return the Status an OCSP response gives *cert* (RFC 6960 3.2): its SingleResponse
+    for the CertID of *cert*, signed by *issuer* or by a responder *issuer* certified
+    with id-kp-OCSPSigning, thisUpdate not in the future, nextUpdate not past.
+    Raises ValueError for an answer that does not count."""
+    from cryptography.x509 import ocsp
+    resp = ocsp.load_der_ocsp_response(data)
+    if resp.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+        raise ValueError("the responder answered %s" % resp.response_status.name.lower())
+    check_ocsp_signer(resp, issuer)
+    key_bits = spki_key_bits(issuer)
+    for single in resp.responses:
+        algorithm = single.hash_algorithm
+        if single.serial_number != cert.serial_number or \
+                single.issuer_key_hash != digest_of(algorithm, key_bits) or \
+                single.issuer_name_hash != digest_of(algorithm, issuer.subject_der):
+            continue
+        until = freshness(single.this_update_utc, single.next_update_utc, "OCSP answer")
+        if single.certificate_status == ocsp.OCSPCertStatus.GOOD:
+            return Status("good", url, until=until)
+        if single.certificate_status == ocsp.OCSPCertStatus.REVOKED:
+            return Status("revoked", url, reason=reason_name(single.revocation_reason),
+                          when=str(single.revocation_time_utc), until=until)
+        return Status("unknown", url, why="the responder does not know the certificate",
+                      until=until)
+    raise ValueError("the OCSP answer is not about this certificate")
+
+
+def check_ocsp_signer(resp, issuer):
+    """Raise ValueError unless OCSP response *resp* is signed by *issuer* or by a
+    responder certificate it carries that *issuer* issued for OCSP signing (RFC 6960
+    4.2.2.2), valid now."""
+    candidates = [issuer] + [Certificate.of(c) for c in resp.certificates[:4]]
+    named = [c for c in candidates if (resp.responder_name is not None and c.subject_der
+                                       == resp.responder_name.public_bytes())
+             or resp.responder_key_hash == digest_of(hashes.SHA1(), spki_key_bits(c))]
+    if not named:
+        raise ValueError("the OCSP answer is signed by a responder this tool cannot find")
+    signer, now = named[0], datetime.now(timezone.utc)
+    if signer != issuer and not (
+            issuer.is_issuer_of(signer) and ID_KP_OCSP_SIGNING in (
+                extended_key_usage(signer) or ()) and
+            signer.not_valid_before_utc <= now <= signer.not_valid_after_utc):
+        raise ValueError("the OCSP answer is signed by %s, which the issuer did not "
+                         "authorise to answer for it" % describe_cert(signer))
+    verify_signed_object(signer.public_key(), resp.signature, resp.tbs_response_bytes,
+                         resp.signature_hash_algorithm)
+
+
+def verify_signed_object(key, signature, data, hash_algorithm):
+    """Check the signature of a CRL or OCSP answer by public *key* (RSA PKCS#1 v1.5,
+    ECDSA, EdDSA).  Raises InvalidSignature or TypeError."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return key.verify(signature, data, padding.PKCS1v15(), hash_algorithm)
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return key.verify(signature, data, ec.ECDSA(hash_algorithm))
+    return key.verify(signature, data)
+
+
+def load_crl(data):
+    """Return the CRL in DER or PEM *data*.  Raises ValueError."""
+    from cryptography import x509
+    if len(data) > MAX_CRL:
+        raise ValueError("a CRL larger than %d octets" % MAX_CRL)
+    if data.lstrip().startswith(b"-----BEGIN"):
+        return x509.load_pem_x509_crl(data)
+    return x509.load_der_x509_crl(data)
+
+
+def crl_status(crl, cert, issuer, source):
+    """Return the Status CRL *crl* gives *cert* (RFC 5280 6.3): the CRL must be issued and
+    signed by *issuer* (allowed cRLSign when it has a keyUsage), nextUpdate not past.
+    Raises ValueError for a CRL that does not count."""
+    if crl.issuer.public_bytes() != issuer.subject_der:
+        raise ValueError("the CRL is issued by another CA")
+    usage = key_usage(issuer)
+    if usage is not None and KU_CRL_SIGN not in usage or \
+            not crl.is_signature_valid(issuer.public_key()):
+        raise ValueError("the CRL is not signed by the certificate's issuer")
+    until = freshness(crl.last_update_utc, crl.next_update_utc, "CRL")
+    entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+    if entry is None:
+        return Status("good", source, until=until)
+    from cryptography import x509
+    try:
+        reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        reason = None
+    return Status("revoked", source, reason=reason_name(reason),
+                  when=str(entry.revocation_date_utc), until=until)
+
+
+def freshness(this_update, next_update, what):
+    """Return until when an answer made at *this_update*, valid to *next_update* (None:
+    newer information is always available), may be used.  Raises ValueError for one
+    from the future or past its nextUpdate."""
+    now = datetime.now(timezone.utc)
+    if this_update.timestamp() > now.timestamp() + 300:
+        raise ValueError("the %s is dated in the future (%s)" % (what, this_update))
+    if next_update is None:
+        return now.timestamp() + 60  # used for this run, not kept
+    if next_update < now:
+        raise ValueError("the %s is stale (nextUpdate %s)" % (what, next_update))
+    return next_update.timestamp()
+
+
+def reason_name(reason):
+    """Return the CRLReason (RFC 5280 5.3.1) of cryptography's ReasonFlags as text."""
+    return reason.name if reason is not None else ""
+
+
+def spki_key_bits(cert):
+    """Return the subjectPublicKey bits of *cert* (what OCSP's key hashes cover)."""
+    fields = Fields(Ber(cert.spki))
+    fields.take(SEQUENCE)
+    return fields.take(BIT_STRING).body[1:]
+
+
+def digest_of(algorithm, data):
+    """Return the digest of *data* with cryptography's hash *algorithm*."""
+    digest = hashes.Hash(algorithm)
+    digest.update(bytes(data))
+    return digest.finalize()
+
+
+# -- The cache: $XDG_CACHE_HOME/sparkpostSMIME/revocation ------------------------------
+# One file per verdict (by the certificate's SHA-256) and per CRL (by its URL's): a
+# first line 'until-epoch state reason when source', then the CRL's DER.  Written
+# atomically; a file that cannot be read as one is ignored and fetched again.
+
+def cache_path(cache_dir, kind, key):
+    return os.path.join(cache_dir, "revocation", "%s-%s" % (
+        kind, hashlib.sha256(key).hexdigest()[:40]))
+
+
+def read_cached(path):
+    """Return (first line's fields, the rest) of a fresh cache file, else None."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CRL + 4096)
+        head, _, rest = data.partition(b"\n")
+        fields = head.decode("utf-8").split("\t")
+        if len(fields) == 5 and float(fields[0]) > time.time():
+            return fields, rest
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def write_cached(path, fields, rest=b""):
+    """Write a cache file atomically (best effort: a cache that cannot be written is
+    no fault), keeping at most MAX_CACHE_ENTRIES files."""
+    try:
+        directory = os.path.dirname(path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        names = os.listdir(directory)
+        if len(names) >= MAX_CACHE_ENTRIES:
+            oldest = sorted(names, key=lambda n: os.stat(os.path.join(directory, n)).st_mtime)
+            for name in oldest[:len(names) - MAX_CACHE_ENTRIES + 1]:
+                remove_quietly(os.path.join(directory, name))
+        line = "\t".join(str(f).replace("\t", " ").replace("\n", " ") for f in fields)
+        write_atomically(path, line.encode("utf-8") + b"\n" + rest, 0o600)
+    except (OSError, SmimeToolError):
+        pass
+
+
+def read_verdict(cache_dir, cert):
+    """Return the cached Status of *cert* if still fresh, else None."""
+    found = read_cached(cache_path(cache_dir, "cert", cert.der))
+    if found is None or found[0][1] not in ("good", "revoked"):
+        return None
+    until, state, reason, when, source = found[0]
+    return Status(state, source, "", reason, when, float(until))
+
+
+def write_verdict(cache_dir, cert, status):
+    if status.until > time.time() + 60:
+        write_cached(cache_path(cache_dir, "cert", cert.der), (
+            status.until, status.state, status.reason, status.when, status.source))
+
+
+def cached_crl(cache_dir, url):
+    """Return the DER/PEM of the CRL fetched from *url* if cached and fresh, else None."""
+    found = read_cached(cache_path(cache_dir, "crl", url.encode("utf-8")))
+    return found[1] if found is not None else None
+
+
+def remember_crl(cache_dir, url, data, until):
+    if until > time.time() + 60:
+        write_cached(cache_path(cache_dir, "crl", url.encode("utf-8")),
+                     (until, "crl", "", "", url), data)
+
+
+def recipient_problem(keystore, address):
+    """Return why mail to *address* cannot be encrypted ('' when it can): no usable
+    certificate, or a revoked one.  For the gateway's RCPT (550 5.7.1 on a reason)."""
+    try:
+        keystore.recipient(address)
+    except (IdentityError, MessageError) as exc:
+        return str(exc)
+    return ""
 
 
 ###############################################################################
@@ -7034,7 +7714,6 @@ class SignerInfo(NamedTuple):
 def read_signed_data(ber):
     """Return the SignedData in *ber*.  Raises ValueError when malformed, MessageError
     beyond MAX_CERTIFICATES or MAX_SIGNER_INFOS."""
-    from cryptography import x509
     fields = Fields(ber)
     fields.take(INTEGER)  # version
     fields.take(SET)  # digestAlgorithms: each SignerInfo names its own
@@ -7043,7 +7722,7 @@ def read_signed_data(ber):
     if e_content is not None:
         e_content = Fields(e_content).take().octets()
     certs = fields.optional(ctx(0))  # certificates [0] IMPLICIT CertificateSet
-    certs = [x509.load_der_x509_certificate(c.raw) for c in (
+    certs = [Certificate(c.raw) for c in (
         bounded(certs, MAX_CERTIFICATES, "certificates") if certs is not None else [])
         if c.tag == SEQUENCE]  # other certificate formats are not used by S/MIME
     fields.optional(ctx(1))  # crls
@@ -7127,13 +7806,9 @@ def signer_certificate(sid, certs):
 
 
 def subject_key_id(cert):
-    """Return the certificate's subjectKeyIdentifier, or None."""
-    from cryptography import x509
-    try:
-        found = extension(cert, x509.SubjectKeyIdentifier)
-    except ValueError:
-        return None
-    return found.digest if found is not None else None
+    """Return the certificate's subjectKeyIdentifier (RFC 5280 4.2.1.2), or None."""
+    value = Certificate.of(cert).extension(EXT_SUBJECT_KEY_ID)
+    return Ber(value).body if value is not None and value[0] == OCTET_STRING else None
 
 
 class SignedAttributes:
@@ -7285,56 +7960,90 @@ def signature_verdict(sig, sender, roots):
     if not problem:
         chain, problem = validated_chain(sig.cert, sig.certs, roots())
     problem = problem or name_constraint_problem(sig.cert, chain[1:])
-    return Verdict("the signer's certificate %s" % problem if problem else "", chain)
-
-
-def signer_key_problem(cert):
-    """Return why the key of signer certificate *cert* is too weak to vouch, or '': RSA
-    keys of fewer than MIN_RSA_BITS, EC keys off the curves we use (ECDH_SCHEMES), as
-    the path validation refuses for CAs."""
-    key = cert.public_key()
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
-        return "has a %d-bit RSA key: at least %d bits are needed" % (key.key_size, MIN_RSA_BITS)
-    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in ECDH_SCHEMES:
-        return "has an EC key on curve %s: P-256, P-384 and P-521 are accepted" % key.curve.name
-    return ""
+    if not problem and roots().revocation is not None:
+        problem = roots().revocation.chain_problem(chain)
+    return Verdict("the signer's certificate (%s) %s" % (ca_name(sig.cert), problem)
+                   if problem else "", chain)
 
 
 def validated_chain(cert, certs, roots):
-    """Return (the validated path, cert first, or [], why *cert* does not chain to a
-    trusted root with intermediates from *certs*, or '')."""
-    from cryptography.x509 import verification
-    builder = (verification.PolicyBuilder().store(verification.Store(roots))
-               .time(datetime.now(timezone.utc))
-               .extension_policies(ca_policy=verification.ExtensionPolicy.webpki_defaults_ca(),
-                                   ee_policy=verification.ExtensionPolicy.permit_all()))
-    try:
-        verified = builder.build_client_verifier().verify(cert, [c for c in certs
-                                                                 if c is not cert])
-    except verification.VerificationError as exc:
-        return [], "does not chain to a trusted root (%s); pass the issuing CA with --ca" % exc
-    return list(verified.chain), ""
+    """Return (the validated path, cert first and a trust anchor of *roots* last, or
+    [], why *cert* has no path valid for mail with intermediates from *certs*, or '').
+
+    Paths are built issuer by issuer (name and signature, RFC 5280 6.1.3 (a)), at
+    most MAX_PATH_CAS deep and MAX_PATH_CANDIDATES signatures checked, and judged
+    by path_problem(); the first valid one is returned, else the first path's fault.
+    """
+    cert = Certificate.of(cert)
+    pool = [Certificate.of(c) for c in certs]
+    pool = [c for c in pool if c != cert and c not in roots]
+    faults = []
+    for path in candidate_paths([cert], pool, roots, [MAX_PATH_CANDIDATES]):
+        problem = path_problem(path, anchored=True)
+        if not problem:
+            return path, ""
+        faults.append(problem)
+    if faults:
+        return [], faults[0]
+    if roots.given:
+        return [], "does not chain to a trusted root of %s" % roots.path
+    return [], ("does not chain to a trusted root of the system's bundle (%s); pass the "
+                "issuing CA with --ca" % roots.path)
 
 
-def trust_store(cafile):
-    """Return the trusted roots: --ca / $SMIME_CA_FILE, else the system bundle.
+def candidate_paths(path, pool, roots, budget):
+    """Yield each path from path[-1] to a trust anchor in *roots* through CAs of *pool*
+    (each issuer named and its key verified), spending *budget* [count] of signature
+    checks."""
+    current = path[-1]
+    if current in roots:  # a certificate trusted as it is: its own anchor
+        yield path
+        return
+    for ca in [r for r in roots if r.subject_der == current.issuer_der] + [
+            c for c in pool if c.subject_der == current.issuer_der and c not in path]:
+        if budget[0] <= 0 or len(path) > MAX_PATH_CAS + 1:
+            return
+        budget[0] -= 1
+        if ca.is_issuer_of(current):
+            yield from candidate_paths(path + [ca], pool, roots, budget)
 
-    Raises ConfigError (78) when there is none or it cannot be read.
+
+class TrustAnchors(list):
+    """The trusted roots (our Certificates), with the *path* they came from and whether
+    it was *given* (--ca or $SMIME_CA_FILE) or the system's bundle, and the run's
+    *revocation* checks of the paths they anchor (None: off)."""
+
+    def __init__(self, certs, path, given, revocation=None):
+        super().__init__(certs)
+        self.path, self.given, self.revocation = path, given, revocation
+
+
+def trust_store(cafile, revocation=None):
+    """Return the TrustAnchors: --ca / $SMIME_CA_FILE, else the system bundle.
+
+    Certificates of a bundle that cannot be read are left out.  Raises ConfigError
+    (78) when there is no bundle, it cannot be read or it holds no certificate.
     """
     import ssl
-    from cryptography import x509
     paths = ssl.get_default_verify_paths()
     path = cafile or paths.cafile or paths.openssl_cafile
     if not path or not os.path.isfile(path):
         raise ConfigError("%s: no trusted CA bundle there: pass --ca FILE or set SMIME_CA_FILE"
                           % (path or "(none)"))
     try:
-        with open(path, "rb") as fh, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # system bundles hold old roots with odd serials
-            roots = x509.load_pem_x509_certificates(fh.read())
-    except (OSError, ValueError) as exc:
-        raise ConfigError("%s: cannot read the CA bundle: %s" % (path, exc))
-    return roots
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError("%s: cannot read the CA bundle: %s" % (path, exc.strerror or exc))
+    roots = []
+    for block in PEM_CERTIFICATE.findall(data):
+        try:
+            roots.append(Certificate(base64.b64decode(b"".join(block.split()), validate=True)))
+        except (ValueError, binascii.Error):
+            continue  # an old root in an odd encoding: it anchors nothing
+    if not roots:
+        raise ConfigError("%s: the CA bundle holds no readable PEM certificate" % path)
+    return TrustAnchors(unique_certs(roots), path, bool(cafile), revocation)
 
 
 # -- EnvelopedData and AuthEnvelopedData for our keys (RFC 5652 6, RFC 5083) --------
@@ -7478,7 +8187,7 @@ class KeyTransRecipientInfo(NamedTuple):
 def read_key_trans_recipient_info(ber):
     fields = Fields(ber)
     return KeyTransRecipientInfo(fields.take(INTEGER).integer(), fields.take(),
-                                 fields.take(SEQUENCE), fields.take(OCTET_STRING).octets())
+                                 fields.take(SEQUENCE), fields.last(OCTET_STRING).octets())
 
 
 class KeyAgreeRecipientInfo(NamedTuple):
@@ -7522,14 +8231,14 @@ class KeyAgreeRecipientInfo(NamedTuple):
 def read_key_agree_recipient_info(ber):
     fields = Fields(ber)
     version = fields.take(INTEGER).integer()
-    originator = Fields(fields.take(ctx(0))).take()
+    originator = Fields(fields.take(ctx(0))).last()
     ukm = fields.optional(ctx(1))
-    ukm = Fields(ukm).take(OCTET_STRING).octets() if ukm is not None else None
+    ukm = Fields(ukm).last(OCTET_STRING).octets() if ukm is not None else None
     algorithm = fields.take(SEQUENCE)
-    keys = [Fields(entry) for entry in bounded(fields.take(SEQUENCE), MAX_RECIPIENT_INFOS,
+    keys = [Fields(entry) for entry in bounded(fields.last(SEQUENCE), MAX_RECIPIENT_INFOS,
                                                "RecipientInfos (recipient keys)")]
     return KeyAgreeRecipientInfo(version, originator, ukm, algorithm,
-                                 [(key.take(), key.take(OCTET_STRING).octets()) for key in keys])
+                                 [(key.take(), key.last(OCTET_STRING).octets()) for key in keys])
 
 
 class OtherRecipientInfo(NamedTuple):
@@ -7575,7 +8284,7 @@ class KEMRecipientInfo(NamedTuple):
             secret = ident.key.decapsulate(self.kemct)
         except ValueError:  # a ciphertext of the wrong size
             return None
-        info = kem_other_info(self.wrap.raw, self.kek_length, self.ukm)
+        info = kem_other_info(der_encoding(self.wrap), self.kek_length, self.ukm)
         kek = kem_key_encryption_key(secret, info, self.kek_length, HKDF_HASHES[kdf])
         try:
             return keywrap.aes_key_unwrap(kek, encrypted_key)
@@ -7589,11 +8298,11 @@ def read_other_recipient_info(ber):
     fields = Fields(ber)
     if fields.take(OID).oid() != ID_ORI_KEM:
         return OtherRecipientInfo(ber.tag)
-    kemri = Fields(fields.take(SEQUENCE))
+    kemri = Fields(fields.last(SEQUENCE))
     version, rid, kem = kemri.take(INTEGER).integer(), kemri.take(), kemri.take(SEQUENCE)
     kemct, kdf = kemri.take(OCTET_STRING).octets(), kemri.take(SEQUENCE)
     kek_length, ukm = kemri.take(INTEGER).integer(), kemri.optional(ctx(0))
-    ukm = Fields(ukm).take(OCTET_STRING).octets() if ukm is not None else None
+    ukm = Fields(ukm).last(OCTET_STRING).octets() if ukm is not None else None
     wrap, encrypted_key = kemri.take(SEQUENCE), kemri.take(OCTET_STRING).octets()
     if kemri.rest() or not 1 <= kek_length <= 65535:
         raise ValueError("a KEMRecipientInfo unlike RFC 9629's")
@@ -7615,8 +8324,10 @@ def read_recipient_info(ber):
 
 
 def names_us(rid, ident):
-    """True when a RecipientIdentifier names *ident*'s certificate (RFC 5652 6.2.1, 6.2.2)."""
-    return names_cert(rid, ident.cert, ident.rid)
+    """True when a RecipientIdentifier names *ident*'s certificate, or another certificate
+    of its key (mail sent before a renewal) (RFC 5652 6.2.1, 6.2.2)."""
+    return names_cert(rid, ident.cert, ident.rid) or any(names_cert(rid, c)
+                                                         for c in ident.renewals)
 
 
 def names_cert(rid, cert, issuer_serial=None):
@@ -7855,7 +8566,7 @@ def receive_all(settings, reporter):
     if len(paths) > 1 and settings.output:
         several_outputs(settings._replace(verify=True))
         distinct_outputs(settings, paths)
-    roots = once(lambda: trust_store(settings.ca_file))
+    roots = once(lambda: trust_store(settings.ca_file, keystore.revocation))
     stats = Stats(len(paths), "passed")
     for path in paths:
         try:
@@ -8009,25 +8720,37 @@ def signatures_within(fields, body, keyring, reasons, depth=0):
 def save_harvested(found, directory):
     """Write found.cert (and its chain) to '<dir>/<address>.crt' unless a better one is there.
 
-    A different certificate already saved is kept when it is valid and expires
-    later, unless the new one is post-quantum (ML-KEM) and the old one is not;
-    returns found with .path and .note set.  Raises OutputError (73/74).
+    A certificate for the address already saved that is valid and expires later is
+    kept, unless the new one is post-quantum (ML-KEM) and it is not: an older one
+    never replaces a newer one.  A newer one goes first in the file, and the
+    certificates there that are still valid stay beside it (the old one until it
+    expires: current_cert() chooses), unless it replaces a classical one by a
+    post-quantum one.  Returns found with .path and .note set.
+    Raises OutputError (73/74).
     """
     path = os.path.join(directory, found.address + ".crt")
     found.path, found.note = path, "saved"
+    kept = []
     if os.path.isfile(path):
-        old = [c for c in load_certificates(read_key_file(path), path)
-               if found.address in cert_emails(c)]
-        if old and cert_digest(old[0]) == cert_digest(found.cert):
+        there = load_certificates(read_key_file(path), path)
+        old = current_cert([c for c in there if found.address in cert_emails(c)])
+        if found.cert in there:
             found.note = "unchanged (already saved)"
             return found
-        if old and not certificate_problem(old[0], found.address, "encrypt") and \
-                old[0].not_valid_after_utc >= found.cert.not_valid_after_utc and \
-                (key_kind(found.cert)[0] != "mlkem" or key_kind(old[0])[0] == "mlkem"):
-            found.cert, found.note = old[0], "kept the existing certificate (valid, expires later)"
+        if old is not None and not certificate_problem(old, found.address, "encrypt") and \
+                old.not_valid_after_utc >= found.cert.not_valid_after_utc and \
+                (key_kind(found.cert)[0] != "mlkem" or key_kind(old)[0] == "mlkem"):
+            found.cert, found.note = old, "kept the existing certificate (valid, expires later)"
             return found
-        found.note = "replaced an older certificate" if old else "replaced %s" % path
-    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in [found.cert] + found.chain)
+        now = datetime.now(timezone.utc)  # a classical one gives way to a post-quantum one
+        kept = [c for c in there if c.not_valid_after_utc > now and c not in found.chain] if (
+            old is None or key_kind(old)[0] == key_kind(found.cert)[0]) else []
+        found.note = ("saved, the older certificate kept beside it until it expires"
+                      if old is not None and old in kept
+                      else "replaced an older certificate" if old is not None
+                      else "replaced %s" % path)
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM)
+                   for c in [found.cert] + found.chain + kept)
     write_atomically(path, pem)
     return found
 
@@ -8040,7 +8763,7 @@ def harvest_all(settings, reporter):
     except OSError as exc:
         raise OutputError("%s: cannot create the key directory: %s"
                           % (keystore.dirs[0], exc.strerror or exc), EX_CANTCREAT)
-    roots = trust_store(settings.ca_file)
+    roots = trust_store(settings.ca_file, keystore.revocation)
     stats = Stats(0)
     for path in expand_inputs(settings.inputs):
         try:
@@ -8151,6 +8874,10 @@ def add_receiving_options(receiving):
     receiving.add_argument("--ca", default="", metavar="FILE",
                            help="trusted roots (PEM) for --verify, --decrypt and --harvest "
                                 "(default $SMIME_CA_FILE, else the system store)")
+    receiving.add_argument("--revocation", choices=REVOCATION_POLICIES, default="",
+                           help="CRL and OCSP checks of signers, recipients and our own "
+                                "certificate: off, soft (default: revoked is refused, no "
+                                "answer warns) or hard (no fresh good answer is refused)")
 
 
 def add_delivery_options(out):
@@ -8254,7 +8981,8 @@ def parse_args(argv):
                    env_files=tuple(ns.env), dry_run=ns.dry_run, keep_date=ns.keep_date,
                    verbose=ns.verbose,
                    retries=ns.retries, harvest=ns.harvest, verify=ns.verify,
-                   decrypt=ns.decrypt, require_signed=ns.require_signed, ca=ns.ca, jobs=ns.jobs,
+                   decrypt=ns.decrypt, require_signed=ns.require_signed, ca=ns.ca,
+                   revocation=ns.revocation, jobs=ns.jobs,
                    repeat=ns.repeat, results=ns.results, resume=ns.resume, archive=ns.archive,
                    retry_delay=ns.retry_delay, pq_only=ns.pq_only, serve=serve,
                    opportunistic=ns.opportunistic, max_size=ns.max_size,

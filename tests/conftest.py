@@ -6,6 +6,7 @@ file uses sits at the top of that file.
 """
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -143,3 +144,13 @@ def smtp(request):
     """aiosmtpd, offering PIPELINING (the tool streams messages back to back) or not."""
     with SmtpServer(pipelining=request.param) as srv:
         yield srv
+
+
+@pytest.fixture
+def keys(pki, tmp_path):
+    """A fresh key directory holding copies of alice's and bob's good files."""
+    d = tmp_path / "keys"
+    d.mkdir()
+    for name in ("alice@example.com.pem", "alice@example.com.crt", "bob@example.org.crt"):
+        shutil.copy(os.path.join(pki.keys, name), d / name)
+    return d

@@ -150,8 +150,9 @@ def test_existing_certificate_kept_or_replaced(pki, frank, tmp_path):
     _, sooner = pki.inter.issue(FRANK, not_after=NOW + 10 * DAY)
     target.write_bytes(pem_cert(sooner))
     proc, _ = harvest(pki, tmp_path, signed)
-    assert proc.returncode == 0 and "replaced" in proc.stdout.decode()
-    assert pem_cert(frank["obj"]) in target.read_bytes()
+    assert proc.returncode == 0 and "older certificate kept beside it" in proc.stdout.decode()
+    assert target.read_bytes().startswith(pem_cert(frank["obj"]))
+    assert pem_cert(sooner) in target.read_bytes()  # the old one stays until it expires
     proc, _ = harvest(pki, tmp_path, signed)
     assert "unchanged" in proc.stdout.decode()
 

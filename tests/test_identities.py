@@ -17,16 +17,6 @@ MSG = CORPUS["plain-ascii"]  # alice@example.com -> bob@example.org
 ALICE, BOB = "alice@example.com", "bob@example.org"
 
 
-@pytest.fixture
-def keys(pki, tmp_path):
-    """A fresh key directory holding copies of alice's and bob's good files."""
-    d = tmp_path / "keys"
-    d.mkdir()
-    for name in (ALICE + ".pem", ALICE + ".crt", BOB + ".crt"):
-        shutil.copy(os.path.join(pki.keys, name), d / name)
-    return d
-
-
 def tool(keys, flags, env=None, msg=MSG, cwd=None):
     path = keys.parent / "in.eml"
     path.write_bytes(msg)

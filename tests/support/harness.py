@@ -151,3 +151,13 @@ def journal(path):
     """Return the rows (dicts) of journal *path*."""
     with open(path) as fh:
         return [json.loads(line) for line in fh]
+
+
+def one_line(proc, code, *words):
+    """Assert that *proc* ended with exit *code* and that its stderr holds every one of
+    *words*; return that stderr."""
+    err = proc.stderr.decode()
+    assert proc.returncode == code, err
+    for word in words:
+        assert word in err, err
+    return err
