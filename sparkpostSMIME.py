@@ -4070,13 +4070,8 @@ def transcript_classes():
 
         def send(self, s):
             if self.log:
-                self.note_sent(s)
-            super().send(s)
-
-        def note_sent(self, s):
-            """Log what goes out (also for the gateway's own writes: SmtpHop)."""
-            if self.log:
                 self.log("%s %s" % (self._glyph(True), self._shown(s)))
+            super().send(s)
 
         def _shown(self, s):
             if isinstance(s, bytes) and b"\r\n.\r\n" in s:  # a message, maybe the next envelope
@@ -4093,17 +4088,12 @@ def transcript_classes():
             return ("\n%s " % self._glyph(True)).join(lines)
 
         def getreply(self):
-            reply = super().getreply()
-            if self.log:
-                self.note_reply(*reply)
-            return reply
-
-        def note_reply(self, code, text):
-            """Log a reply (also one the gateway read itself: SmtpHop)."""
+            code, text = super().getreply()
             self._challenged = code == 334
             if self.log:
                 for line in text.decode("utf-8", "replace").split("\n"):
                     self.log("%s %d %s" % (self._glyph(False), code, line))
+            return code, text
 
     class SMTP(Transcript, smtplib.SMTP):
         pass
@@ -5388,15 +5378,15 @@ class Gateway:
                 self.reporter.warn("%s: RCPT <%s> refused: %s" % (server.tag, address, problem))
                 return "550 5.7.1 <%s>: no usable S/MIME certificate, the message cannot be " \
                        "encrypted to it: %s" % (address, self.private(problem))
-        code, text = await self.next_hop_of(server).rcpt(address)
+        code, text = await self.next_hop_of(server).call("rcpt", address)
         if code in (250, 251):
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(options)
         return relayed(code, text)
 
     async def handle_RSET(self, server, session, envelope):
-        if server.hop is not None and server.hop.open:
-            await self.next_hop_of(server).reset()
+        if server.hop is not None:
+            await server.hop.call("reset")
         return "250 2.0.0 Ok"
 
     async def handle_DATA(self, server, session, envelope):
@@ -5421,7 +5411,7 @@ class Gateway:
         self.messages += 1
         source = "%s.%d" % (self.prefix, self.messages)
         if bare_line_end(data):  # SMTP smuggling hides a second message behind one
-            await self.next_hop_of(server).reset()
+            await self.next_hop_of(server).call("reset")
             self.reporter.warn("%s: refused from %s: a bare CR or LF in DATA" % (source,
                                                                                 server.tag))
             return "554 5.6.0 bare CR or LF in the message: every line must end with CRLF " \
@@ -5430,14 +5420,14 @@ class Gateway:
         job = job._replace(started=started, mail_from=self.settings.mail_from or (
             "" if envelope.mail_from == "<>" else envelope.mail_from))
         if job.failure:
-            await self.next_hop_of(server).reset()
+            await self.next_hop_of(server).call("reset")
             outcome = failed_build(job._replace(recipients=tuple(rcpts)))
             reply = "%s %s" % (BUILD_REPLIES.get(job.failure[0], "451 4.3.0"),
                                one_line(self.private(job.failure[1])))
         else:
             job = job._replace(data=received_header(session, self.name, source, rcpts)
                                + job.data)
-            outcome = await self.next_hop_of(server).data(job)
+            outcome = await self.next_hop_of(server).call("data", job)
             reply = gateway_reply(outcome, server.hop.last)
         tally = Tally(outcome.job)
         tally.add(outcome)
@@ -5503,7 +5493,7 @@ class Gateway:
         """A client connection has ended: end its next-hop session (once a message still
         being relayed is done: serve_on() waits for these)."""
         if client.hop is not None:
-            ending = asyncio.ensure_future(client.hop.close())
+            ending = asyncio.ensure_future(client.hop.call("close"))
             self.endings.add(ending)
             ending.add_done_callback(self.endings.discard)
 
@@ -5671,8 +5661,6 @@ def gateway_protocols():
                                        "503 5.5.1 Error: need RCPT command")
             self.gateway.uploads += 1  # a message being received is in flight too
             try:
-                if self.hop is not None:
-                    self.hop.open_data()
                 await self.push("354 End data with <CR><LF>.<CR><LF>")
                 content, status = await read_data(self._reader, self.data_size_limit)
                 if content is not None:
@@ -5826,163 +5814,142 @@ class HopEvents:
         self.reporter.session(line)
 
 
-class SmtpHop:
-    """A client connection's session with the SMTP next hop, over an SmtpBackend's
-    connection (its TLS, AUTH and transcript).  The connection is opened in a thread
-    (connecting, STARTTLS and AUTH block); each mail transaction then runs on the
-    event loop over that socket (Link), without a thread.  The client's MAIL is kept
-    and goes out with its first RCPT, in one write with PIPELINING (RFC 2920); each
-    RCPT gets the next hop's own reply, the end of DATA its Outcome.  *open*: a
-    transaction is under way there; *last*: the next hop's last reply (code, text)."""
+class Hop:
+    """A client connection's session with the next hop: the back end of --send_smtp or
+    --send_api, its blocking calls made in the gateway's threads (call()).  *last*:
+    the next hop's last reply (code, text)."""
+
+    def __init__(self, backend, threads):
+        self.backend, self.threads = backend, threads
+        self.last, self.running = (0, ""), None  #: running: the last call made
+
+    async def call(self, name, *args):
+        """Return what the method *name* returns, run in a thread once the calls made
+        before it are done (a client sends one command at a time, but it may hang up
+        while one runs)."""
+        self.running = self.threads.submit(self.after, self.running, getattr(self, name), args)
+        return await asyncio.wrap_future(self.running)
+
+    @staticmethod
+    def after(before, method, args):
+        if before is not None:
+            futures.wait([before])
+        return method(*args)
+
+    def close(self):
+        """The client has gone: end the session (QUIT, RFC 5321 4.1.1.10)."""
+        self.backend.close()
+
+
+class SmtpHop(Hop):
+    """A client connection's session with the SMTP next hop: an SmtpBackend, the client
+    of --send_smtp (its connection, TLS, AUTH, transcript and errors).  The client's
+    MAIL is kept and goes out with its first RCPT, in one write with PIPELINING
+    (RFC 2920); each RCPT gets the next hop's own reply, the end of DATA its Outcome.
+    *open*: a transaction is under way there."""
 
     def __init__(self, settings, events, threads):
-        self.backend, self.threads = SmtpBackend(settings, events), threads
-        self.lock, self.link = asyncio.Lock(), None  #: the lock: one client command at a time
-        self.last, self.open, self.sender, self.refused = (0, ""), False, None, None
-        self.opening, self.in_data = None, False  #: a DATA sent ahead; a 354 taken
+        super().__init__(SmtpBackend(settings, events), threads)
+        self.open, self.sender, self.refused = False, None, None
 
     def mail(self, address, options):
         """Keep the client's MAIL FROM for the first RCPT; return 250 (does no I/O)."""
         self.sender, self.refused = (address, options), None
         return 250, "2.1.0 Ok"
 
-    async def rcpt(self, address):
+    def rcpt(self, address):
         """Send RCPT TO (after MAIL FROM for the first one); return the reply.  A next
         hop that refused MAIL gives that reply to every RCPT; one that cannot be
         reached gives 451."""
-        async with self.lock:
-            if self.sender is not None:
-                return await self.begin(address)
-            if self.refused is not None:
-                return self.refused
-            try:
-                return await self.command("RCPT TO:<%s>" % address)
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
-                return self.down(exc)
+        if self.sender is not None:
+            return self.begin(address)
+        if self.refused is not None:
+            return self.refused
+        try:
+            return self.command("RCPT TO:<%s>" % address)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
+            return self.down(exc)
 
-    async def begin(self, address):
+    def begin(self, address):
         """Open the transaction: a session that went away while idle is opened again,
         once."""
         (sender, options), self.sender = self.sender, None
-        for attempt in (1, 2):
-            reused = self.live()
+        reused = self.backend.smtp is not None
+        while True:
             try:
-                return await self.envelope(sender, options, address)
+                return self.envelope(sender, options, address)
             except Exception as exc:  # noqa: BLE001
                 reply = self.down(exc)
-                if not reused or attempt == 2:
-                    return reply
-        return reply
+            if not reused:
+                return reply
+            reused = False
 
-    async def envelope(self, sender, options, address):
-        """RSET an open transaction, connect if need be, send MAIL FROM (with the
-        client's SIZE and BODY=8BITMIME where the next hop knows them: RFC 1870,
-        RFC 6152) and the first RCPT TO; return the reply for the client."""
-        await self.abort()
-        await self.connected()
-        smtp = self.backend.smtp
-        self.backend.count += 1
-        extra = "".join(" " + o for o in options if o.startswith("SIZE=")
-                        and smtp.has_extn("size") or o == "BODY=8BITMIME"
-                        and smtp.has_extn("8bitmime"))
+    def envelope(self, sender, options, address):
+        """RSET an open transaction, connect if need be (SmtpBackend.ready()), send MAIL
+        FROM (with the client's SIZE and BODY=8BITMIME where the next hop knows them:
+        RFC 1870, RFC 6152) and the first RCPT TO; return the reply for the client."""
+        self.abort()
+        backend = self.backend
+        backend.ready()
+        backend.count += 1
+        smtp = backend.smtp
+        extra = "".join(" " + o for o in options if o.startswith("SIZE=") and backend.sized
+                        or o == "BODY=8BITMIME" and smtp.has_extn("8bitmime"))
         mail = "MAIL FROM:<%s>%s" % ("" if sender == "<>" else sender, extra)
         rcpt = "RCPT TO:<%s>" % address
-        if smtp.has_extn("pipelining"):
-            await self.link.send(("%s\r\n%s\r\n" % (mail, rcpt)).encode("ascii"))
-            first, second = await self.reply(), await self.reply()
+        if backend.pipelining:
+            smtp.send("%s\r\n%s\r\n" % (mail, rcpt))
+            first, second = self.reply(), self.reply()
         else:
-            first = await self.command(mail)
-            second = await self.command(rcpt) if first[0] == 250 else first
+            first = self.command(mail)
+            second = self.command(rcpt) if first[0] == 250 else first
         self.open = first[0] == 250
         if not self.open:
             self.refused = first
             return first
         return second
 
-    async def connected(self):
-        """Have a session: a new one (opened in a thread) when there is none, or after
-        MESSAGES_PER_CONNECTION on the last one."""
-        if self.live() and self.backend.count >= MESSAGES_PER_CONNECTION:
-            await self.quit()
-        if not self.live():
-            await asyncio.get_running_loop().run_in_executor(self.threads, self.backend.ready)
-            self.link = Link(self.backend.smtp, self.backend.settings.smtp.timeout)
+    def data(self, job):
+        """Send DATA and the message (RFC 5321 4.1.1.4); return its Outcome."""
+        backend, self.open = self.backend, False
+        try:
+            code, text = self.command("DATA")
+            if code != 354:
+                self.open = True
+                self.abort()
+                return backend.reply_outcome(job, "DATA refused", code, text)
+            backend.smtp.send(dot_terminated(job.data))
+            return backend.data_outcome(job, (), *self.reply())
+        except Exception as exc:  # noqa: BLE001
+            self.last = (451, "")
+            return error_outcome(job, backend.failure(exc))
 
-    def open_data(self):
-        """The client sent DATA: send ours now, so that the next hop's 354 comes while
-        the client's content does (data() or settle() takes that reply)."""
-        if self.open and self.live() and self.opening is None:
-            self.opening = asyncio.ensure_future(self.command("DATA"))
-
-    async def data_reply(self):
-        """Return the next hop's reply to DATA: to the one open_data() sent, or to one
-        sent now."""
-        opening, self.opening = self.opening, None
-        code, text = await (opening if opening is not None else self.command("DATA"))
-        self.in_data = code == 354
-        return code, text
-
-    async def data(self, job):
-        """Send DATA (if open_data() did not) and the message (RFC 5321 4.1.1.4); return
-        its Outcome."""
-        async with self.lock:
-            backend, self.open = self.backend, False
-            try:
-                code, text = await self.data_reply()
-                if code != 354:
-                    self.open = True
-                    await self.abort()
-                    return backend.reply_outcome(job, "DATA refused", code, text)
-                await self.link.send(dot_terminated(job.data))
-                self.in_data = False
-                return backend.data_outcome(job, (), *await self.reply())
-            except Exception as exc:  # noqa: BLE001
-                self.last, self.in_data = (451, ""), False
-                return error_outcome(job, backend.failure(exc))
-
-    async def reset(self):
+    def reset(self):
         """The client's RSET, or a message that was not built: end the transaction."""
-        async with self.lock:
-            self.sender = self.refused = None
-            await self.abort()
+        self.sender = self.refused = None
+        self.abort()
 
-    async def abort(self):
-        """RSET an open transaction (a connection that fails is dropped)."""
-        await self.settle()
-        if self.open and self.live():
+    def abort(self):
+        """RSET an open transaction (a connection that fails is closed)."""
+        if self.open and self.backend.smtp is not None:
             try:
-                await self.command("RSET")
+                self.command("RSET")
             except Exception as exc:  # noqa: BLE001
                 self.backend.failure(exc)
         self.open = False
 
-    async def settle(self):
-        """After a DATA sent ahead that no message followed (too big, refused, the
-        client gone): take its reply; a session left inside DATA cannot be reset, so it
-        is dropped, and the next hop discards the partial message (RFC 5321 3.8)."""
-        if self.opening is not None:
-            try:
-                await self.data_reply()
-            except Exception as exc:  # noqa: BLE001
-                self.down(exc)
-        if self.in_data:
-            self.backend.drop()
-            self.in_data = self.open = False
-
-    async def command(self, line):
-        if not self.live():
+    def command(self, line):
+        """Send the command *line*; return its reply (reply())."""
+        if self.backend.smtp is None:
             raise smtplib.SMTPServerDisconnected("the session was closed")
-        await self.link.send(line.encode("ascii") + b"\r\n")
-        return await self.reply()
+        self.backend.smtp.send(line + "\r\n")
+        return self.reply()
 
-    async def reply(self):
-        code, text = await self.link.reply()
+    def reply(self):
+        """Read the next reply; return it as (code, text), kept as the last."""
+        code, text = self.backend.smtp.getreply()
         self.last = code, decode_reply(text)
         return self.last
-
-    def live(self):
-        """True when the session this Link drives is open (a 421 or a failure closes it)."""
-        return self.link is not None and self.backend.smtp is self.link.smtp
 
     def down(self, exc):
         """Return the 451 reply for a next hop that failed (its session is closed)."""
@@ -5990,143 +5957,26 @@ class SmtpHop:
         self.last = (451, "")
         return 451, "4.4.1 next hop not available, try again later: %s" % error
 
-    async def close(self):
-        """The client has gone: end the session once a message in flight is done."""
-        async with self.lock:
-            await self.settle()
-            await self.quit()
 
-    async def quit(self):
-        """QUIT (RFC 5321 4.1.1.10); a session that fails meanwhile is just closed."""
-        if self.live():
-            try:
-                await self.command("QUIT")
-            except Exception:  # noqa: BLE001 - it is being closed anyway
-                pass
-        self.backend.drop()
-        self.link = None
-
-
-#: The longest reply line read from a next hop (smtplib's own limit), and the most
-#: lines in one reply.
-MAX_REPLY_LINE, MAX_REPLY_LINES = 8192, 1000
-
-
-class Link:
-    """The event loop's I/O on an smtplib session's socket, plain or TLS, set
-    non-blocking: send() writes, reply() reads one reply (RFC 5321 4.2) as smtplib's
-    getreply() does, each wait bounded by *timeout* (socket.timeout, as smtplib's).
-    The session's transcript logs both, redacted as its own."""
-
-    def __init__(self, smtp, timeout):
-        self.smtp, self.sock, self.timeout, self.buffer = smtp, smtp.sock, timeout, bytearray()
-        self.tls = hasattr(self.sock, "pending")  # an ssl.SSLSocket
-        self.sock.setblocking(False)
-
-    async def send(self, data):
-        """Write *data* whole."""
-        self.smtp.note_sent(data)
-        view, done = memoryview(data), 0
-        while done < len(view):
-            try:
-                done += self.sock.send(view[done:])
-            except (BlockingIOError, ssl.SSLWantWriteError):
-                await self.ready(writing=True)
-            except ssl.SSLWantReadError:
-                await self.ready(writing=False)
-
-    async def reply(self):
-        """Return the next reply: (code, its text lines joined by LF), code -1 when it is
-        not a number.  Raises smtplib.SMTPResponseException (a line over
-        MAX_REPLY_LINE, more than MAX_REPLY_LINES lines), SMTPServerDisconnected or
-        socket.timeout."""
-        texts = []
-        while True:
-            line = await self.line()
-            texts.append(line[4:].strip(b" \t\r\n"))
-            if len(texts) > MAX_REPLY_LINES:
-                raise smtplib.SMTPResponseException(500, b"Too many reply lines.")
-            try:
-                code = int(line[:3])
-            except ValueError:
-                code = -1
-                break
-            if line[3:4] != b"-":
-                break
-        self.smtp.note_reply(code, b"\n".join(texts))
-        return code, b"\n".join(texts)
-
-    async def line(self):
-        """Return the next line read, with its line end.  The socket is waited on
-        first: a reply is read just after its command was sent, so it is seldom
-        there yet (TLS may hold one decrypted already: pending())."""
-        while True:
-            end = self.buffer.find(b"\n")
-            if end >= 0:
-                line = bytes(self.buffer[:end + 1])
-                del self.buffer[:end + 1]
-                return line
-            if len(self.buffer) > MAX_REPLY_LINE:
-                raise smtplib.SMTPResponseException(500, b"Line too long.")
-            if not (self.tls and self.sock.pending()):
-                await self.ready(writing=False)
-            try:
-                chunk = self.sock.recv(65536)
-            except (BlockingIOError, ssl.SSLWantReadError):
-                continue
-            except ssl.SSLWantWriteError:
-                await self.ready(writing=True)
-                continue
-            if not chunk:
-                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
-            self.buffer += chunk
-
-    async def ready(self, writing):
-        """Wait until the socket can be written (or read).  Raises socket.timeout."""
-        loop, fd = asyncio.get_running_loop(), self.sock.fileno()
-        done = loop.create_future()
-        watch, unwatch = ((loop.add_writer, loop.remove_writer) if writing
-                          else (loop.add_reader, loop.remove_reader))
-        watch(fd, lambda: done.done() or done.set_result(None))
-        timer = loop.call_later(self.timeout, lambda: done.done() or done.set_exception(
-            socket.timeout("timed out")))
-        try:
-            await done
-        finally:
-            unwatch(fd)
-            timer.cancel()
-
-
-class ApiHop:
-    """A client connection's use of the SparkPost API: it answers for the whole
-    transmission, so the envelope is taken as it comes and recipients it rejects
-    are recorded (partial) from the Outcome of the end of DATA.  Requests are made
-    in a thread (requests blocks)."""
+class ApiHop(Hop):
+    """A client connection's use of the SparkPost API (an ApiBackend): it answers for
+    the whole transmission, so the envelope is taken as it comes and recipients it
+    rejects are recorded (partial) from the Outcome of the end of DATA."""
 
     def __init__(self, settings, events, threads):
-        self.backend, self.threads = ApiBackend(settings, events), threads
-        self.last, self.open = (0, ""), False
+        super().__init__(ApiBackend(settings, events), threads)
 
     def mail(self, address, options):
         return 250, "2.1.0 Ok"
 
-    async def rcpt(self, address):
+    def rcpt(self, address):
         return 250, "2.1.5 Ok"
 
-    def open_data(self):
-        """Nothing to open ahead: the transmission is one request."""
+    def data(self, job):
+        return self.backend.attempt(job)
 
-    async def data(self, job):
-        return await self.in_thread(self.backend.attempt, job)
-
-    async def reset(self):
+    def reset(self):
         """Nothing is open at the API between messages."""
-
-    async def close(self):
-        await self.in_thread(self.backend.close)
-
-    async def in_thread(self, call, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.threads, call, *args)
 
 
 #: The next-hop sessions by back-end name.

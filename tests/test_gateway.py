@@ -421,10 +421,10 @@ def test_smtp_smuggling_refused(start, sink, trick):
     assert gw.stop() == 0
 
 
-def test_refused_after_data_sent_ahead_nothing_passed_on(start, sink):
-    """The next hop's DATA goes out when the client's does: a message then refused here
-    (too big, a bare LF, no signing key) leaves nothing at the next hop, and the next
-    message on the same connection goes through."""
+def test_refused_after_rcpt_passed_on_nothing_passed_on(start, sink):
+    """Its envelope is at the next hop already: a message then refused here (too big,
+    a bare LF, no signing key) leaves nothing at the next hop, and the next message on
+    the same connection goes through."""
     gw = start(["--sign", "--max_size", "5000"], hop_env(sink))
     with gw.client() as c:
         for data, code in [(MSG + (b"x" * 80 + b"\r\n") * 100, 552),
@@ -437,7 +437,6 @@ def test_refused_after_data_sent_ahead_nothing_passed_on(start, sink):
     assert gw.stop() == 0
     (_, rcpts, data), = sink.messages
     assert rcpts == RCPTS[1:2] and b"Subject: gateway test" in data
-    assert sink.handler.connections == 4  # a session inside DATA can only be dropped
 
 
 def test_long_line_and_smtputf8_refused_cleanly(start, sink):
