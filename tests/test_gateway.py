@@ -325,25 +325,6 @@ def test_next_hop_over_tls_with_auth_large_messages_and_reconnects(start, tls_ct
     assert PASSWORD not in err + gw.stdout()
 
 
-def test_plain_paths_parse_as_aiosmtpd_parses_them():
-    """The gateway's fast path for <local@domain> gives aiosmtpd's own answer."""
-    from aiosmtpd.smtp import SMTP
-    from hypothesis import given, settings, strategies as st
-    import sparkpostSMIME
-    parse = SMTP(object())._getaddr
-    atom = st.text("aZ09.-_+=!#'{}|~^`$%&*/?(\" @[]<>\t", min_size=0, max_size=12)
-
-    @settings(max_examples=3000, deadline=None)
-    @given(atom, atom, st.sampled_from(["", " ", "\t", "  ", " (c) "]), atom)
-    def check(local, domain, space, rest):
-        arg = "<%s@%s>%s%s" % (local, domain, space, rest)
-        plain = sparkpostSMIME.PLAIN_PATH.match(arg)
-        if plain is not None:
-            assert (plain.group(1), plain.group(2)) == parse(arg)
-    check()
-    assert sparkpostSMIME.PLAIN_PATH.match("<first.last+tag@sub.example.com> SIZE=9")
-
-
 def test_api_next_hop_partial_refusal_recorded(tmp_path, pki):
     journal = tmp_path / "journal.jsonl"
     with ApiServer() as api:
@@ -437,6 +418,36 @@ def test_refused_after_rcpt_passed_on_nothing_passed_on(start, sink):
     assert gw.stop() == 0
     (_, rcpts, data), = sink.messages
     assert rcpts == RCPTS[1:2] and b"Subject: gateway test" in data
+
+
+def test_final_dot_split_across_reads_and_commands_pipelined_behind_it(start, sink):
+    """The final "." line is found wherever the reads split it, a line starting with "."
+    comes out unstuffed (RFC 5321 4.5.2), and commands pipelined behind the final dot
+    (RFC 2920) are the session's next ones."""
+    gw = start(["--sign_detached"], hop_env(sink))
+    body = MSG + b"..a line that starts with a dot\r\n"
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as s:
+        said = bytearray()
+
+        def send(*pieces, until=b"", times=1):
+            for piece in pieces:
+                s.sendall(piece)
+                time.sleep(0.05)  # one read each
+            while said.count(until) < times:
+                said.extend(s.recv(4096) or b"(closed)")
+        send(until=b"220 ")
+        send(b"EHLO app\r\n", until=b"250 HELP")
+        send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n",
+             until=b"354 ")
+        send(body[:-3], body[-3:] + b"\r", b"\n.", b"\r", b"\nMAIL FROM:<alice@example.com>\r\n"
+             b"RCPT TO:<carol@example.net>\r\nDATA\r\n", until=b"354 ", times=2)
+        send(MSG + b".\r\nQUIT\r\n", until=b"221 ")
+    assert said.count(b"250 2.0.0 Ok: queued") == 2, said
+    assert gw.stop() == 0
+    (_, first_rcpts, first), (_, second_rcpts, second) = sink.messages
+    assert first_rcpts == ["bob@example.org"] and second_rcpts == ["carol@example.net"]
+    assert b"\r\n.a line that starts with a dot\r\n" in first
+    assert b"Hello from an application" in second
 
 
 def test_long_line_and_smtputf8_refused_cleanly(start, sink):
