@@ -5153,8 +5153,8 @@ MAX_COMMANDS, MAX_AUTH = 100_000, 5
 #: A message that cannot be built -> the start of the reply to its DATA (RFC 3463).
 BUILD_REPLIES = {EX_CONFIG: "550 5.7.1", EX_DATAERR: "554 5.6.0"}
 #: Seconds a thread holds the GIL before one waiting may take it (Python's default is
-#: 0.005): a next-hop session opened or an API call made by a thread would wait for the
-#: event loop that long.
+#: 0.005): a next hop's reply read by a thread (Hop.call()) would wait for the event
+#: loop that long.
 GIL_SWITCH = 0.0002
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\b")
 
@@ -5820,6 +5820,7 @@ class Hop:
 
     @staticmethod
     def after(before, method, args):
+        """Return method(*args) once the Future *before* (or None) is done."""
         if before is not None:
             futures.wait([before])
         return method(*args)

@@ -302,9 +302,8 @@ def test_next_hop_lost_during_data_is_451_then_retried(start, sink):
 
 @pytest.mark.parametrize("tls", ["starttls", "tls"])
 def test_next_hop_over_tls_with_auth_large_messages_and_reconnects(start, tls_ctx, pki, tls):
-    """The transaction runs on the event loop over the TLS socket smtplib opened: a
-    6 MB message goes out whole (writes that would block), the session is reused and
-    opened again after MESSAGES_PER_CONNECTION, the password is never shown."""
+    """Over TLS and AUTH, as --send_smtp: a 6 MB message goes out whole, the session is
+    reused and opened again after MESSAGES_PER_CONNECTION, the password is never shown."""
     big = MSG.replace(b"Hello", b"".join(b"%075d\r\n" % i for i in range(80_000)) + b"Hello")
     with SmtpServer(tls_ctx, implicit_tls=tls == "tls", users={USER: PASSWORD},
                     auth_require_tls=tls == "starttls") as hop:  # aiosmtpd: see test_implicit_tls
@@ -384,6 +383,12 @@ def test_size_limit_announced_and_enforced(start, sink):
         assert c.mail("alice@example.com")[0] == 250  # no SIZE said: found out while reading
         assert c.rcpt(RCPTS[0])[0] == 250
         assert c.data(MSG + (b"x" * 80 + b"\r\n") * 100)[0] == 552
+    # over the limit in the second read, whose last CRLF begins the final dot's line
+    lines = (b"x" * 98 + b"\r\n") * 30
+    said = raw_session(gw.port, [b"EHLO app\r\n", b"MAIL FROM:<alice@example.com>\r\n",
+                                 b"RCPT TO:<bob@example.org>\r\n", b"DATA\r\n", MSG + lines,
+                                 lines * 2, b".\r\n", b"NOOP\r\n", b"QUIT\r\n"])
+    assert "552 5.3.4 message too big" in said and said.rstrip().endswith("221 Bye")
     assert sink.messages == []
     assert gw.stop() == 0
 
