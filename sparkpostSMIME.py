@@ -5152,10 +5152,6 @@ MAX_RECIPIENTS = 1000
 MAX_COMMANDS, MAX_AUTH = 100_000, 5
 #: A message that cannot be built -> the start of the reply to its DATA (RFC 3463).
 BUILD_REPLIES = {EX_CONFIG: "550 5.7.1", EX_DATAERR: "554 5.6.0"}
-#: Seconds a thread holds the GIL before one waiting may take it (Python's default is
-#: 0.005): a next hop's reply read by a thread (Hop.call()) would wait for the event
-#: loop that long.
-GIL_SWITCH = 0.0002
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\b")
 
 
@@ -5199,7 +5195,6 @@ class Gateway:
             self.gw.host, self.gw.port, "STARTTLS" if self.gw.cert else "no TLS",
             ", AUTH required" if self.gw.user else "", self.settings.jobs,
             "es" if self.settings.jobs > 1 else "", self.next_hop()))
-        sys.setswitchinterval(GIL_SWITCH)
         use_native_helpers()  # a gateway builds many messages, as a batch does
         code = self.serve_here(sock) if self.settings.jobs == 1 else self.serve_forked(sock)
         self.stats.total = self.stats.sent + self.stats.failed
