@@ -5380,7 +5380,7 @@ class Gateway:
         return relayed(code, text)
 
     async def handle_RSET(self, server, session, envelope):
-        if server.hop is not None:
+        if server.hop is not None and server.hop.open:  # no thread for nothing to reset
             await server.hop.call("reset")
         return "250 2.0.0 Ok"
 
@@ -5800,7 +5800,9 @@ class HopEvents:
 class Hop:
     """A client connection's session with the next hop: the back end of --send_smtp or
     --send_api, its blocking calls made in the gateway's threads (call()).  *last*:
-    the next hop's last reply (code, text)."""
+    the next hop's last reply (code, text); *open*: a transaction is under way there."""
+
+    open = False
 
     def __init__(self, backend, threads):
         self.backend, self.threads = backend, threads
@@ -5829,8 +5831,7 @@ class SmtpHop(Hop):
     """A client connection's session with the SMTP next hop: an SmtpBackend, the client
     of --send_smtp (its connection, TLS, AUTH, transcript and errors).  The client's
     MAIL is kept and goes out with its first RCPT, in one write with PIPELINING
-    (RFC 2920); each RCPT gets the next hop's own reply, the end of DATA its Outcome.
-    *open*: a transaction is under way there."""
+    (RFC 2920); each RCPT gets the next hop's own reply, the end of DATA its Outcome."""
 
     def __init__(self, settings, events, threads):
         super().__init__(SmtpBackend(settings, events), threads)
