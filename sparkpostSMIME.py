@@ -5365,7 +5365,7 @@ def transcript_classes():
 
         def send(self, s):
             if self.log:
-                self.note_sent(s)
+                self.log("%s %s" % (self._glyph(True), self._shown(s)))
             super().send(s)
 
         def send_chunks(self, chunks):
@@ -5376,11 +5376,6 @@ def transcript_classes():
                 size += len(chunk)
             if self.log:
                 self.log("%s <%d octets of message data>" % (self._glyph(True), size))
-
-        def note_sent(self, s):
-            """Log what goes out (also for the gateway's own writes: SmtpHop)."""
-            if self.log:
-                self.log("%s %s" % (self._glyph(True), self._shown(s)))
 
         def _shown(self, s):
             if isinstance(s, bytes) and b"\r\n.\r\n" in s:  # a message, maybe the next envelope
@@ -5397,17 +5392,12 @@ def transcript_classes():
             return ("\n%s " % self._glyph(True)).join(lines)
 
         def getreply(self):
-            reply = super().getreply()
-            if self.log:
-                self.note_reply(*reply)
-            return reply
-
-        def note_reply(self, code, text):
-            """Log a reply (also one the gateway read itself: SmtpHop)."""
+            code, text = super().getreply()
             self._challenged = code == 334
             if self.log:
                 for line in text.decode("utf-8", "replace").split("\n"):
                     self.log("%s %d %s" % (self._glyph(False), code, line))
+            return code, text
 
     class SMTP(Transcript, smtplib.SMTP):
         pass
@@ -6528,10 +6518,6 @@ MAX_RECIPIENTS = 1000
 MAX_COMMANDS, MAX_AUTH = 100_000, 5
 #: A message that cannot be built -> the start of the reply to its DATA (RFC 3463).
 BUILD_REPLIES = {EX_CONFIG: "550 5.7.1", EX_DATAERR: "554 5.6.0"}
-#: Seconds a thread holds the GIL before one waiting may take it (Python's default is
-#: 0.005): a next-hop session opened or an API call made by a thread would wait for the
-#: event loop that long.
-GIL_SWITCH = 0.0002
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\b")
 
 
@@ -6575,7 +6561,6 @@ class Gateway:
             self.gw.host, self.gw.port, "STARTTLS" if self.gw.cert else "no TLS",
             ", AUTH required" if self.gw.user else "", self.settings.jobs,
             "es" if self.settings.jobs > 1 else "", self.next_hop()))
-        sys.setswitchinterval(GIL_SWITCH)
         code = self.serve_here(sock) if self.settings.jobs == 1 else self.serve_forked(sock)
         self.stats.total = self.stats.sent + self.stats.failed
         for notice in self.stats.notices():
@@ -6753,21 +6738,20 @@ class Gateway:
                 self.reporter.warn("%s: RCPT <%s> refused: %s" % (server.tag, address, problem))
                 return "550 5.7.1 <%s>: no usable S/MIME certificate, the message cannot be " \
                        "encrypted to it: %s" % (address, self.private(problem))
-        code, text = await self.next_hop_of(server).rcpt(address)
+        code, text = await self.next_hop_of(server).call("rcpt", address)
         if code in (250, 251):
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(options)
         return relayed(code, text)
 
     async def handle_RSET(self, server, session, envelope):
-        if server.hop is not None and server.hop.open:
-            await self.next_hop_of(server).reset()
+        if server.hop is not None and server.hop.open:  # no thread for nothing to reset
+            await server.hop.call("reset")
         return "250 2.0.0 Ok"
 
     async def handle_DATA(self, server, session, envelope):
         """The end of DATA: relay the message; a client that goes away meanwhile does not
         stop it (its outcome is recorded, and stop() waits for it)."""
-        server._reset_timeout()  # the idle timer starts again for building and relaying
         flight = asyncio.ensure_future(self.relay(server, session, envelope))
         self.flights.add(flight)
         flight.add_done_callback(self.flights.discard)
@@ -6786,7 +6770,7 @@ class Gateway:
         self.messages += 1
         source = "%s.%d" % (self.prefix, self.messages)
         if bare_line_end(data):  # SMTP smuggling hides a second message behind one
-            await self.next_hop_of(server).reset()
+            await self.next_hop_of(server).call("reset")
             self.reporter.warn("%s: refused from %s: a bare CR or LF in DATA" % (source,
                                                                                 server.tag))
             return "554 5.6.0 bare CR or LF in the message: every line must end with CRLF " \
@@ -6795,14 +6779,14 @@ class Gateway:
         job = job._replace(started=started, mail_from=self.settings.mail_from or (
             "" if envelope.mail_from == "<>" else envelope.mail_from))
         if job.failure:
-            await self.next_hop_of(server).reset()
+            await self.next_hop_of(server).call("reset")
             outcome = failed_build(job._replace(recipients=tuple(rcpts)))
             reply = "%s %s" % (BUILD_REPLIES.get(job.failure[0], "451 4.3.0"),
                                one_line(self.private(job.failure[1])))
         else:
             job = job._replace(data=received_header(session, self.name, source, rcpts)
                                + job.data)
-            outcome = await self.next_hop_of(server).data(job)
+            outcome = await self.next_hop_of(server).call("data", job)
             reply = gateway_reply(outcome, server.hop.last)
         tally = Tally(outcome.job)
         tally.add(outcome)
@@ -6868,7 +6852,7 @@ class Gateway:
         """A client connection has ended: end its next-hop session (once a message still
         being relayed is done: serve_on() waits for these)."""
         if client.hop is not None:
-            ending = asyncio.ensure_future(client.hop.close())
+            ending = asyncio.ensure_future(client.hop.call("close"))
             self.endings.add(ending)
             ending.add_done_callback(self.endings.discard)
 
@@ -6997,11 +6981,14 @@ def gateway_protocols():
     the protocol that turns away a connection over the limit (421, RFC 5321 3.8)."""
 
     class Client(aiosmtpd_smtp.SMTP):
-        """One client connection: its tag, its next-hop session, our replies logged."""
+        """One client connection: its tag, its next-hop session, our replies logged, and
+        DATA content taken in chunks (data_received()), not line by line as aiosmtpd
+        takes it (~2.5 us a line: a third of a 19 KB message's time)."""
 
         def __init__(self, gateway, tag, **options):
             super().__init__(gateway, **options)
             self.gateway, self.tag, self.hop = gateway, tag, None
+            self.content = self.taken = self.over = None  #: DATA being taken, its end, too big
 
         def connection_made(self, transport):
             if self.transport is None:  # not again after STARTTLS
@@ -7013,42 +7000,48 @@ def gateway_protocols():
             self.gateway.hang_up(self)
             super().connection_lost(error)
 
-        def _getaddr(self, arg):
-            """aiosmtpd's address parser, made cheap for the usual <local@domain>: it
-            builds a class for every address (~25 us); other forms still go to it."""
-            plain = PLAIN_PATH.match(arg)
-            if plain is None:
-                return super()._getaddr(arg)
-            return plain.group(1), plain.group(2)
-
         async def push(self, status):
             self.gateway.transcript(self, "->", status)
             await super().push(status)
 
         async def smtp_DATA(self, arg):
-            """DATA (RFC 5321 4.1.1.4), its content read in chunks (read_data()), not
-            line by line as aiosmtpd does (a coroutine step per line); the checks
-            before it are aiosmtpd's."""
-            if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
-                return
+            """DATA (RFC 5321 4.1.1.4): aiosmtpd's own replies without recipients (HELO
+            and AUTH came before those); else the content, then our handler's reply."""
             if not self.envelope.rcpt_tos or arg:
-                return await self.push("501 5.5.4 Syntax: DATA" if arg else
-                                       "503 5.5.1 Error: need RCPT command")
+                return await super().smtp_DATA(arg)
             self.gateway.uploads += 1  # a message being received is in flight too
             try:
-                if self.hop is not None:
-                    self.hop.open_data()
+                self.content, self.over = bytearray(b"\r\n"), False  # "\r\n": a first "." line
+                self.taken = self.loop.create_future()
                 await self.push("354 End data with <CR><LF>.<CR><LF>")
-                content, status = await read_data(self._reader, self.data_size_limit)
+                content, status = data_content(await self.taken, self.data_size_limit)
                 if content is not None:
                     self.envelope.content = self.envelope.original_content = content
-                    status = await self._call_handler_hook("DATA")
-                self._set_post_data_state()
+                    status = await self.event_handler.handle_DATA(self, self.session,
+                                                                  self.envelope)
+                self.envelope = aiosmtpd_smtp.Envelope()
                 await self.push(status)
-            except asyncio.IncompleteReadError:  # the client went away
-                self.transport.close()
             finally:
                 self.gateway.uploads -= 1
+                self.content = None
+
+        def data_received(self, data):
+            """Bytes from the client: DATA content up to its final "." line while it is
+            taken (kept up to data_size_limit: RFC 1870), else commands for aiosmtpd."""
+            content = self.content
+            if content is None or self.taken.done():
+                return super().data_received(data)
+            seen = max(0, len(content) - 4)  # a final CRLF.CRLF may start in the last read
+            content += data
+            end = content.find(END_OF_DATA, seen)
+            if end < 0 and len(content) > self.data_size_limit + 4:  # too big: keep the tail
+                self.over = True
+                del content[:-4]
+            elif end >= 0:
+                self.taken.set_result(None if self.over or end > self.data_size_limit
+                                      else content[:end + 2])
+                if len(content) > end + 5:  # commands pipelined behind the final dot
+                    super().data_received(bytes(content[end + 5:]))
 
     class Busy(asyncio.Protocol):
         def connection_made(self, transport):
@@ -7058,42 +7051,20 @@ def gateway_protocols():
     return Client, Busy
 
 
-#: A path of MAIL or RCPT that is a plain dot-atom mailbox (RFC 5321 4.1.2), and what
-#: follows it: parsed as aiosmtpd's parser would.
-PLAIN_PATH = re.compile(r"<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+\.)*[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-                        r"@(?:[A-Za-z0-9-]+\.)*[A-Za-z0-9-]+)>[ \t]*([^ \t(\r\n][^\r\n]*|)\Z")
 #: The end of a message's data: a line holding only "." (RFC 5321 4.1.1.4).
 END_OF_DATA = b"\r\n.\r\n"
 #: The longest line taken in DATA: Postfix sends up to 999 octets (smtp_line_length_limit).
 MAX_DATA_LINE = 999
 
 
-async def read_data(reader, limit):
-    """Read a message's content from the asyncio *reader* up to its final "." line;
-    return (content, None), dot-unstuffed (RFC 5321 4.5.2), or (None, the reply) for
-    content over *limit* octets (RFC 1870) or with a line over 999 octets.
-
-    Reads in chunks of the reader's limit and never past the final dot, so
-    commands pipelined behind it stay for the session.  A final CRLF.CRLF is
-    looked for across two reads: a chunk never ends inside one (readuntil), and
-    a read that ends on a beginning of one is followed octet by octet.
-    Raises asyncio.IncompleteReadError when the client goes away.
-    """
-    got, over = bytearray(b"\r\n"), 0  # the DATA line's CRLF: a first line "." ends it
-    while not got.endswith(END_OF_DATA):
-        if any(got.endswith(END_OF_DATA[:k]) for k in (4, 3, 2, 1)):
-            got += await reader.readexactly(1)
-            continue
-        try:
-            got += await reader.readuntil(END_OF_DATA)
-        except asyncio.LimitOverrunError as exc:
-            got += await reader.read(exc.consumed)
-        if len(got) > limit + len(END_OF_DATA):  # too big: read on, keep only the tail
-            over += len(got) - 4
-            del got[:-4]
-    if over:
+def data_content(taken, limit):
+    """Return (the message, None) from the *taken* DATA content (the DATA line's CRLF
+    first, up to the CRLF before the final "."), dot-unstuffed (RFC 5321 4.5.2), or
+    (None, the reply) for content over *limit* octets (*taken* None: RFC 1870) or with
+    a line over 999 octets."""
+    if taken is None:
         return None, "552 5.3.4 message too big: at most %d octets (SIZE)" % limit
-    content = bytes(got[:-3]).replace(b"\r\n.", b"\r\n")[2:]
+    content = bytes(taken).replace(b"\r\n.", b"\r\n")[2:]
     if has_long_line(content, MAX_DATA_LINE):
         return None, "500 5.5.2 line too long: at most 999 octets and CRLF (RFC 5321 4.5.3.1.6)"
     return content, None
@@ -7191,163 +7162,144 @@ class HopEvents:
         self.reporter.session(line)
 
 
-class SmtpHop:
-    """A client connection's session with the SMTP next hop, over an SmtpBackend's
-    connection (its TLS, AUTH and transcript).  The connection is opened in a thread
-    (connecting, STARTTLS and AUTH block); each mail transaction then runs on the
-    event loop over that socket (Link), without a thread.  The client's MAIL is kept
-    and goes out with its first RCPT, in one write with PIPELINING (RFC 2920); each
-    RCPT gets the next hop's own reply, the end of DATA its Outcome.  *open*: a
-    transaction is under way there; *last*: the next hop's last reply (code, text)."""
+class Hop:
+    """A client connection's session with the next hop: the back end of --send_smtp or
+    --send_api, its blocking calls made in the gateway's threads (call()).  *last*:
+    the next hop's last reply (code, text); *open*: a transaction is under way there."""
+
+    open = False
+
+    def __init__(self, backend, threads):
+        self.backend, self.threads = backend, threads
+        self.last, self.running = (0, ""), None  #: running: the last call made
+
+    async def call(self, name, *args):
+        """Return what the method *name* returns, run in a thread once the calls made
+        before it are done (a client sends one command at a time, but it may hang up
+        while one runs)."""
+        self.running = self.threads.submit(self.after, self.running, getattr(self, name), args)
+        return await asyncio.wrap_future(self.running)
+
+    @staticmethod
+    def after(before, method, args):
+        """Return method(*args) once the Future *before* (or None) is done."""
+        if before is not None:
+            futures.wait([before])
+        return method(*args)
+
+    def close(self):
+        """The client has gone: end the session (QUIT, RFC 5321 4.1.1.10)."""
+        self.backend.close()
+
+
+class SmtpHop(Hop):
+    """A client connection's session with the SMTP next hop: an SmtpBackend, the client
+    of --send_smtp (its connection, TLS, AUTH, transcript and errors).  The client's
+    MAIL is kept and goes out with its first RCPT, in one write with PIPELINING
+    (RFC 2920); each RCPT gets the next hop's own reply, the end of DATA its Outcome."""
 
     def __init__(self, settings, events, threads):
-        self.backend, self.threads = SmtpBackend(settings, events), threads
-        self.lock, self.link = asyncio.Lock(), None  #: the lock: one client command at a time
-        self.last, self.open, self.sender, self.refused = (0, ""), False, None, None
-        self.opening, self.in_data = None, False  #: a DATA sent ahead; a 354 taken
+        super().__init__(SmtpBackend(settings, events), threads)
+        self.open, self.sender, self.refused = False, None, None
 
     def mail(self, address, options):
         """Keep the client's MAIL FROM for the first RCPT; return 250 (does no I/O)."""
         self.sender, self.refused = (address, options), None
         return 250, "2.1.0 Ok"
 
-    async def rcpt(self, address):
+    def rcpt(self, address):
         """Send RCPT TO (after MAIL FROM for the first one); return the reply.  A next
         hop that refused MAIL gives that reply to every RCPT; one that cannot be
         reached gives 451."""
-        async with self.lock:
-            if self.sender is not None:
-                return await self.begin(address)
-            if self.refused is not None:
-                return self.refused
-            try:
-                return await self.command("RCPT TO:<%s>" % address)
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
-                return self.down(exc)
+        if self.sender is not None:
+            return self.begin(address)
+        if self.refused is not None:
+            return self.refused
+        try:
+            return self.command("RCPT TO:<%s>" % address)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
+            return self.down(exc)
 
-    async def begin(self, address):
+    def begin(self, address):
         """Open the transaction: a session that went away while idle is opened again,
         once."""
         (sender, options), self.sender = self.sender, None
-        for attempt in (1, 2):
-            reused = self.live()
+        reused = self.backend.smtp is not None
+        while True:
             try:
-                return await self.envelope(sender, options, address)
+                return self.envelope(sender, options, address)
             except Exception as exc:  # noqa: BLE001
                 reply = self.down(exc)
-                if not reused or attempt == 2:
-                    return reply
-        return reply
+            if not reused:
+                return reply
+            reused = False
 
-    async def envelope(self, sender, options, address):
-        """RSET an open transaction, connect if need be, send MAIL FROM (with the
-        client's SIZE and BODY=8BITMIME where the next hop knows them: RFC 1870,
-        RFC 6152) and the first RCPT TO; return the reply for the client."""
-        await self.abort()
-        await self.connected()
-        smtp = self.backend.smtp
-        self.backend.count += 1
-        extra = "".join(" " + o for o in options if o.startswith("SIZE=")
-                        and smtp.has_extn("size") or o == "BODY=8BITMIME"
-                        and smtp.has_extn("8bitmime"))
+    def envelope(self, sender, options, address):
+        """RSET an open transaction, connect if need be (SmtpBackend.ready()), send MAIL
+        FROM (with the client's SIZE and BODY=8BITMIME where the next hop knows them:
+        RFC 1870, RFC 6152) and the first RCPT TO; return the reply for the client."""
+        self.abort()
+        backend = self.backend
+        backend.ready()
+        backend.count += 1
+        smtp = backend.smtp
+        extra = "".join(" " + o for o in options if o.startswith("SIZE=") and backend.sized
+                        or o == "BODY=8BITMIME" and smtp.has_extn("8bitmime"))
         mail = "MAIL FROM:<%s>%s" % ("" if sender == "<>" else sender, extra)
         rcpt = "RCPT TO:<%s>" % address
-        if smtp.has_extn("pipelining"):
-            await self.link.send(("%s\r\n%s\r\n" % (mail, rcpt)).encode("ascii"))
-            first, second = await self.reply(), await self.reply()
+        if backend.pipelining:
+            smtp.send("%s\r\n%s\r\n" % (mail, rcpt))
+            first, second = self.reply(), self.reply()
         else:
-            first = await self.command(mail)
-            second = await self.command(rcpt) if first[0] == 250 else first
+            first = self.command(mail)
+            second = self.command(rcpt) if first[0] == 250 else first
         self.open = first[0] == 250
         if not self.open:
             self.refused = first
             return first
         return second
 
-    async def connected(self):
-        """Have a session: a new one (opened in a thread) when there is none, or after
-        MESSAGES_PER_CONNECTION on the last one."""
-        if self.live() and self.backend.count >= MESSAGES_PER_CONNECTION:
-            await self.quit()
-        if not self.live():
-            await asyncio.get_running_loop().run_in_executor(self.threads, self.backend.ready)
-            self.link = Link(self.backend.smtp, self.backend.settings.smtp.timeout)
+    def data(self, job):
+        """Send DATA and the message (RFC 5321 4.1.1.4); return its Outcome."""
+        backend, self.open = self.backend, False
+        try:
+            code, text = self.command("DATA")
+            if code != 354:
+                self.open = True
+                self.abort()
+                return backend.reply_outcome(job, "DATA refused", code, text)
+            backend.smtp.send(dot_terminated(job.data))
+            return backend.data_outcome(job, (), *self.reply())
+        except Exception as exc:  # noqa: BLE001
+            self.last = (451, "")
+            return error_outcome(job, backend.failure(exc))
 
-    def open_data(self):
-        """The client sent DATA: send ours now, so that the next hop's 354 comes while
-        the client's content does (data() or settle() takes that reply)."""
-        if self.open and self.live() and self.opening is None:
-            self.opening = asyncio.ensure_future(self.command("DATA"))
-
-    async def data_reply(self):
-        """Return the next hop's reply to DATA: to the one open_data() sent, or to one
-        sent now."""
-        opening, self.opening = self.opening, None
-        code, text = await (opening if opening is not None else self.command("DATA"))
-        self.in_data = code == 354
-        return code, text
-
-    async def data(self, job):
-        """Send DATA (if open_data() did not) and the message (RFC 5321 4.1.1.4); return
-        its Outcome."""
-        async with self.lock:
-            backend, self.open = self.backend, False
-            try:
-                code, text = await self.data_reply()
-                if code != 354:
-                    self.open = True
-                    await self.abort()
-                    return backend.reply_outcome(job, "DATA refused", code, text)
-                await self.link.send(dot_terminated(job.data))
-                self.in_data = False
-                return backend.data_outcome(job, (), *await self.reply())
-            except Exception as exc:  # noqa: BLE001
-                self.last, self.in_data = (451, ""), False
-                return error_outcome(job, backend.failure(exc))
-
-    async def reset(self):
+    def reset(self):
         """The client's RSET, or a message that was not built: end the transaction."""
-        async with self.lock:
-            self.sender = self.refused = None
-            await self.abort()
+        self.sender = self.refused = None
+        self.abort()
 
-    async def abort(self):
-        """RSET an open transaction (a connection that fails is dropped)."""
-        await self.settle()
-        if self.open and self.live():
+    def abort(self):
+        """RSET an open transaction (a connection that fails is closed)."""
+        if self.open and self.backend.smtp is not None:
             try:
-                await self.command("RSET")
+                self.command("RSET")
             except Exception as exc:  # noqa: BLE001
                 self.backend.failure(exc)
         self.open = False
 
-    async def settle(self):
-        """After a DATA sent ahead that no message followed (too big, refused, the
-        client gone): take its reply; a session left inside DATA cannot be reset, so it
-        is dropped, and the next hop discards the partial message (RFC 5321 3.8)."""
-        if self.opening is not None:
-            try:
-                await self.data_reply()
-            except Exception as exc:  # noqa: BLE001
-                self.down(exc)
-        if self.in_data:
-            self.backend.drop()
-            self.in_data = self.open = False
-
-    async def command(self, line):
-        if not self.live():
+    def command(self, line):
+        """Send the command *line*; return its reply (reply())."""
+        if self.backend.smtp is None:
             raise smtplib.SMTPServerDisconnected("the session was closed")
-        await self.link.send(line.encode("ascii") + b"\r\n")
-        return await self.reply()
+        self.backend.smtp.send(line + "\r\n")
+        return self.reply()
 
-    async def reply(self):
-        code, text = await self.link.reply()
+    def reply(self):
+        """Read the next reply; return it as (code, text), kept as the last."""
+        code, text = self.backend.smtp.getreply()
         self.last = code, decode_reply(text)
         return self.last
-
-    def live(self):
-        """True when the session this Link drives is open (a 421 or a failure closes it)."""
-        return self.link is not None and self.backend.smtp is self.link.smtp
 
     def down(self, exc):
         """Return the 451 reply for a next hop that failed (its session is closed)."""
@@ -7355,143 +7307,26 @@ class SmtpHop:
         self.last = (451, "")
         return 451, "4.4.1 next hop not available, try again later: %s" % error
 
-    async def close(self):
-        """The client has gone: end the session once a message in flight is done."""
-        async with self.lock:
-            await self.settle()
-            await self.quit()
 
-    async def quit(self):
-        """QUIT (RFC 5321 4.1.1.10); a session that fails meanwhile is just closed."""
-        if self.live():
-            try:
-                await self.command("QUIT")
-            except Exception:  # noqa: BLE001 - it is being closed anyway
-                pass
-        self.backend.drop()
-        self.link = None
-
-
-#: The longest reply line read from a next hop (smtplib's own limit), and the most
-#: lines in one reply.
-MAX_REPLY_LINE, MAX_REPLY_LINES = 8192, 1000
-
-
-class Link:
-    """The event loop's I/O on an smtplib session's socket, plain or TLS, set
-    non-blocking: send() writes, reply() reads one reply (RFC 5321 4.2) as smtplib's
-    getreply() does, each wait bounded by *timeout* (socket.timeout, as smtplib's).
-    The session's transcript logs both, redacted as its own."""
-
-    def __init__(self, smtp, timeout):
-        self.smtp, self.sock, self.timeout, self.buffer = smtp, smtp.sock, timeout, bytearray()
-        self.tls = hasattr(self.sock, "pending")  # an ssl.SSLSocket
-        self.sock.setblocking(False)
-
-    async def send(self, data):
-        """Write *data* whole."""
-        self.smtp.note_sent(data)
-        view, done = memoryview(data), 0
-        while done < len(view):
-            try:
-                done += self.sock.send(view[done:])
-            except (BlockingIOError, ssl.SSLWantWriteError):
-                await self.ready(writing=True)
-            except ssl.SSLWantReadError:
-                await self.ready(writing=False)
-
-    async def reply(self):
-        """Return the next reply: (code, its text lines joined by LF), code -1 when it is
-        not a number.  Raises smtplib.SMTPResponseException (a line over
-        MAX_REPLY_LINE, more than MAX_REPLY_LINES lines), SMTPServerDisconnected or
-        socket.timeout."""
-        texts = []
-        while True:
-            line = await self.line()
-            texts.append(line[4:].strip(b" \t\r\n"))
-            if len(texts) > MAX_REPLY_LINES:
-                raise smtplib.SMTPResponseException(500, b"Too many reply lines.")
-            try:
-                code = int(line[:3])
-            except ValueError:
-                code = -1
-                break
-            if line[3:4] != b"-":
-                break
-        self.smtp.note_reply(code, b"\n".join(texts))
-        return code, b"\n".join(texts)
-
-    async def line(self):
-        """Return the next line read, with its line end.  The socket is waited on
-        first: a reply is read just after its command was sent, so it is seldom
-        there yet (TLS may hold one decrypted already: pending())."""
-        while True:
-            end = self.buffer.find(b"\n")
-            if end >= 0:
-                line = bytes(self.buffer[:end + 1])
-                del self.buffer[:end + 1]
-                return line
-            if len(self.buffer) > MAX_REPLY_LINE:
-                raise smtplib.SMTPResponseException(500, b"Line too long.")
-            if not (self.tls and self.sock.pending()):
-                await self.ready(writing=False)
-            try:
-                chunk = self.sock.recv(65536)
-            except (BlockingIOError, ssl.SSLWantReadError):
-                continue
-            except ssl.SSLWantWriteError:
-                await self.ready(writing=True)
-                continue
-            if not chunk:
-                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
-            self.buffer += chunk
-
-    async def ready(self, writing):
-        """Wait until the socket can be written (or read).  Raises socket.timeout."""
-        loop, fd = asyncio.get_running_loop(), self.sock.fileno()
-        done = loop.create_future()
-        watch, unwatch = ((loop.add_writer, loop.remove_writer) if writing
-                          else (loop.add_reader, loop.remove_reader))
-        watch(fd, lambda: done.done() or done.set_result(None))
-        timer = loop.call_later(self.timeout, lambda: done.done() or done.set_exception(
-            socket.timeout("timed out")))
-        try:
-            await done
-        finally:
-            unwatch(fd)
-            timer.cancel()
-
-
-class ApiHop:
-    """A client connection's use of the SparkPost API: it answers for the whole
-    transmission, so the envelope is taken as it comes and recipients it rejects
-    are recorded (partial) from the Outcome of the end of DATA.  Requests are made
-    in a thread (requests blocks)."""
+class ApiHop(Hop):
+    """A client connection's use of the SparkPost API (an ApiBackend): it answers for
+    the whole transmission, so the envelope is taken as it comes and recipients it
+    rejects are recorded (partial) from the Outcome of the end of DATA."""
 
     def __init__(self, settings, events, threads):
-        self.backend, self.threads = ApiBackend(settings, events), threads
-        self.last, self.open = (0, ""), False
+        super().__init__(ApiBackend(settings, events), threads)
 
     def mail(self, address, options):
         return 250, "2.1.0 Ok"
 
-    async def rcpt(self, address):
+    def rcpt(self, address):
         return 250, "2.1.5 Ok"
 
-    def open_data(self):
-        """Nothing to open ahead: the transmission is one request."""
+    def data(self, job):
+        return self.backend.attempt(job)
 
-    async def data(self, job):
-        return await self.in_thread(self.backend.attempt, job)
-
-    async def reset(self):
+    def reset(self):
         """Nothing is open at the API between messages."""
-
-    async def close(self):
-        await self.in_thread(self.backend.close)
-
-    async def in_thread(self, call, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.threads, call, *args)
 
 
 #: The next-hop sessions by back-end name.

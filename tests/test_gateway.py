@@ -302,9 +302,8 @@ def test_next_hop_lost_during_data_is_451_then_retried(start, sink):
 
 @pytest.mark.parametrize("tls", ["starttls", "tls"])
 def test_next_hop_over_tls_with_auth_large_messages_and_reconnects(start, tls_ctx, pki, tls):
-    """The transaction runs on the event loop over the TLS socket smtplib opened: a
-    6 MB message goes out whole (writes that would block), the session is reused and
-    opened again after MESSAGES_PER_CONNECTION, the password is never shown."""
+    """Over TLS and AUTH, as --send_smtp: a 6 MB message goes out whole, the session is
+    reused and opened again after MESSAGES_PER_CONNECTION, the password is never shown."""
     big = MSG.replace(b"Hello", b"".join(b"%075d\r\n" % i for i in range(80_000)) + b"Hello")
     with SmtpServer(tls_ctx, implicit_tls=tls == "tls", users={USER: PASSWORD},
                     auth_require_tls=tls == "starttls") as hop:  # aiosmtpd: see test_implicit_tls
@@ -323,25 +322,6 @@ def test_next_hop_over_tls_with_auth_large_messages_and_reconnects(start, tls_ct
     assert "next hop ~> MAIL FROM:<alice@example.com>" in err and "next hop <~ 250" in err
     assert re.search(r"next hop ~> <\d{7} octets of message data>", err)
     assert PASSWORD not in err + gw.stdout()
-
-
-def test_plain_paths_parse_as_aiosmtpd_parses_them():
-    """The gateway's fast path for <local@domain> gives aiosmtpd's own answer."""
-    from aiosmtpd.smtp import SMTP
-    from hypothesis import given, settings, strategies as st
-    import sparkpostSMIME
-    parse = SMTP(object())._getaddr
-    atom = st.text("aZ09.-_+=!#'{}|~^`$%&*/?(\" @[]<>\t", min_size=0, max_size=12)
-
-    @settings(max_examples=3000, deadline=None)
-    @given(atom, atom, st.sampled_from(["", " ", "\t", "  ", " (c) "]), atom)
-    def check(local, domain, space, rest):
-        arg = "<%s@%s>%s%s" % (local, domain, space, rest)
-        plain = sparkpostSMIME.PLAIN_PATH.match(arg)
-        if plain is not None:
-            assert (plain.group(1), plain.group(2)) == parse(arg)
-    check()
-    assert sparkpostSMIME.PLAIN_PATH.match("<first.last+tag@sub.example.com> SIZE=9")
 
 
 def test_api_next_hop_partial_refusal_recorded(tmp_path, pki):
@@ -403,6 +383,12 @@ def test_size_limit_announced_and_enforced(start, sink):
         assert c.mail("alice@example.com")[0] == 250  # no SIZE said: found out while reading
         assert c.rcpt(RCPTS[0])[0] == 250
         assert c.data(MSG + (b"x" * 80 + b"\r\n") * 100)[0] == 552
+    # over the limit in the second read, whose last CRLF begins the final dot's line
+    lines = (b"x" * 98 + b"\r\n") * 30
+    said = raw_session(gw.port, [b"EHLO app\r\n", b"MAIL FROM:<alice@example.com>\r\n",
+                                 b"RCPT TO:<bob@example.org>\r\n", b"DATA\r\n", MSG + lines,
+                                 lines * 2, b".\r\n", b"NOOP\r\n", b"QUIT\r\n"])
+    assert "552 5.3.4 message too big" in said and said.rstrip().endswith("221 Bye")
     assert sink.messages == []
     assert gw.stop() == 0
 
@@ -421,10 +407,10 @@ def test_smtp_smuggling_refused(start, sink, trick):
     assert gw.stop() == 0
 
 
-def test_refused_after_data_sent_ahead_nothing_passed_on(start, sink):
-    """The next hop's DATA goes out when the client's does: a message then refused here
-    (too big, a bare LF, no signing key) leaves nothing at the next hop, and the next
-    message on the same connection goes through."""
+def test_refused_after_rcpt_passed_on_nothing_passed_on(start, sink):
+    """Its envelope is at the next hop already: a message then refused here (too big,
+    a bare LF, no signing key) leaves nothing at the next hop, and the next message on
+    the same connection goes through."""
     gw = start(["--sign", "--max_size", "5000"], hop_env(sink))
     with gw.client() as c:
         for data, code in [(MSG + (b"x" * 80 + b"\r\n") * 100, 552),
@@ -437,7 +423,36 @@ def test_refused_after_data_sent_ahead_nothing_passed_on(start, sink):
     assert gw.stop() == 0
     (_, rcpts, data), = sink.messages
     assert rcpts == RCPTS[1:2] and b"Subject: gateway test" in data
-    assert sink.handler.connections == 4  # a session inside DATA can only be dropped
+
+
+def test_final_dot_split_across_reads_and_commands_pipelined_behind_it(start, sink):
+    """The final "." line is found wherever the reads split it, a line starting with "."
+    comes out unstuffed (RFC 5321 4.5.2), and commands pipelined behind the final dot
+    (RFC 2920) are the session's next ones."""
+    gw = start(["--sign_detached"], hop_env(sink))
+    body = MSG + b"..a line that starts with a dot\r\n"
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as s:
+        said = bytearray()
+
+        def send(*pieces, until=b"", times=1):
+            for piece in pieces:
+                s.sendall(piece)
+                time.sleep(0.05)  # one read each
+            while said.count(until) < times:
+                said.extend(s.recv(4096) or b"(closed)")
+        send(until=b"220 ")
+        send(b"EHLO app\r\n", until=b"250 HELP")
+        send(b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n",
+             until=b"354 ")
+        send(body[:-3], body[-3:] + b"\r", b"\n.", b"\r", b"\nMAIL FROM:<alice@example.com>\r\n"
+             b"RCPT TO:<carol@example.net>\r\nDATA\r\n", until=b"354 ", times=2)
+        send(MSG + b".\r\nQUIT\r\n", until=b"221 ")
+    assert said.count(b"250 2.0.0 Ok: queued") == 2, said
+    assert gw.stop() == 0
+    (_, first_rcpts, first), (_, second_rcpts, second) = sink.messages
+    assert first_rcpts == ["bob@example.org"] and second_rcpts == ["carol@example.net"]
+    assert b"\r\n.a line that starts with a dot\r\n" in first
+    assert b"Hello from an application" in second
 
 
 def test_long_line_and_smtputf8_refused_cleanly(start, sink):
