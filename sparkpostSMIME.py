@@ -11,7 +11,7 @@
 #     "cryptography>=45",
 #     "requests>=2.28",
 #     "python-dotenv>=1.0",
-#     "aiosmtpd>=1.4",
+#     "aiosmtpd>=1.4.6",
 # ]
 # ///
 
@@ -112,30 +112,6 @@ try:
 except ImportError:  # cryptography < 47 has no ML-KEM (FIPS 203)
     mlkem = None
 
-
-class LazyModule:
-    """A module imported on first use (the gateway's, until it imports its own)."""
-
-    __slots__ = ("_name", "_alias")
-
-    def __init__(self, name, alias):
-        self._name, self._alias = name, alias
-
-    def __getattr__(self, attr):
-        __import__(self._name)
-        module = sys.modules[self._name]
-        globals()[self._alias] = module
-        return getattr(module, attr)
-
-
-#: the gateway (--serve) only: its event loop, SMTP server and threads, its log, AUTH
-asyncio = LazyModule("asyncio", "asyncio")
-aiosmtpd_smtp = LazyModule("aiosmtpd.smtp", "aiosmtpd_smtp")
-futures = LazyModule("concurrent.futures", "futures")
-logging = LazyModule("logging", "logging")
-hmac = LazyModule("hmac", "hmac")
-smtplib = LazyModule("smtplib", "smtplib")
-ssl = LazyModule("ssl", "ssl")
 
 __version__ = "1.0.0"
 
@@ -327,7 +303,7 @@ def smtp_exit_code(code):
 DEPENDENCIES = {"cryptography": ("cryptography", (45,), "S/MIME"),
                 "requests": ("requests", (2, 28), "--send_api"),
                 "dotenv": ("python-dotenv", (1, 0), "--env and .env files"),
-                "aiosmtpd": ("aiosmtpd", (1, 4), "--serve"),
+                "aiosmtpd": ("aiosmtpd", (1, 4, 6), "--serve"),
                 "pkcs11": ("python-pkcs11", (0, 10), "PKCS#11 keys (.p11)")}
 
 
@@ -6611,6 +6587,8 @@ class Gateway:
         """Serve in this process until stop(): the connections of the listening *sock*,
         or (a forked process) those handed over on the socket pair *sock*; return the
         exit code."""
+        from concurrent import futures
+        import asyncio
         self.keystore = keystore_of(self.settings, self.reporter)
         self.recorder = Recorder(self.settings, self.reporter, self.stats, self.halt)
         self.threads = futures.ThreadPoolExecutor(self.gw.connections + 2, "next-hop")
@@ -6624,6 +6602,7 @@ class Gateway:
     async def serve_on(self, sock):
         """The event loop's part: serve the connections of *sock* (see serve_here())
         until stop(), then finish the messages in flight and close every connection."""
+        import asyncio
         loop = asyncio.get_running_loop()
         self.done = asyncio.Event()
         self.quiet_library()
@@ -6662,6 +6641,7 @@ class Gateway:
     def quiet_library(self):
         """Silence aiosmtpd's own log; with -v, copy each client command it logs (AUTH
         data already hidden by it) into our transcript."""
+        import logging
         log = logging.getLogger("mail.log")
         log.propagate = False
         log.setLevel(logging.INFO if self.settings.verbose else logging.CRITICAL + 1)
@@ -6680,6 +6660,7 @@ class Gateway:
 
     def smtp_options(self):
         """Return aiosmtpd's options: our limits, STARTTLS and AUTH as the settings say."""
+        import ssl
         gw = self.gw
         options = dict(data_size_limit=self.settings.max_size, enable_SMTPUTF8=False,
                        decode_data=False, hostname=self.name, ident="sparkpostSMIME gateway",
@@ -6701,6 +6682,8 @@ class Gateway:
     def authenticate(self, server, session, envelope, mechanism, auth_data):
         """aiosmtpd's authenticator: SMIME_GATEWAY_USER and its password (RFC 4954;
         PLAIN and LOGIN, offered only after STARTTLS)."""
+        from aiosmtpd import smtp as aiosmtpd_smtp
+        import hmac
         gw = self.gw
         good = isinstance(auth_data, aiosmtpd_smtp.LoginPassword) and all([
             hmac.compare_digest(auth_data.login, gw.user.encode("utf-8")),
@@ -6752,6 +6735,7 @@ class Gateway:
     async def handle_DATA(self, server, session, envelope):
         """The end of DATA: relay the message; a client that goes away meanwhile does not
         stop it (its outcome is recorded, and stop() waits for it)."""
+        import asyncio
         flight = asyncio.ensure_future(self.relay(server, session, envelope))
         self.flights.add(flight)
         flight.add_done_callback(self.flights.discard)
@@ -6851,6 +6835,7 @@ class Gateway:
     def hang_up(self, client):
         """A client connection has ended: end its next-hop session (once a message still
         being relayed is done: serve_on() waits for these)."""
+        import asyncio
         if client.hop is not None:
             ending = asyncio.ensure_future(client.hop.call("close"))
             self.endings.add(ending)
@@ -6979,6 +6964,8 @@ class Supervisor:
 def gateway_protocols():
     """Return (Client, Busy): aiosmtpd's SMTP session with the gateway's additions, and
     the protocol that turns away a connection over the limit (421, RFC 5321 3.8)."""
+    from aiosmtpd import smtp as aiosmtpd_smtp
+    import asyncio
 
     class Client(aiosmtpd_smtp.SMTP):
         """One client connection: its tag, its next-hop session, our replies logged, and
@@ -7177,12 +7164,14 @@ class Hop:
         """Return what the method *name* returns, run in a thread once the calls made
         before it are done (a client sends one command at a time, but it may hang up
         while one runs)."""
+        import asyncio
         self.running = self.threads.submit(self.after, self.running, getattr(self, name), args)
         return await asyncio.wrap_future(self.running)
 
     @staticmethod
     def after(before, method, args):
         """Return method(*args) once the Future *before* (or None) is done."""
+        from concurrent import futures
         if before is not None:
             futures.wait([before])
         return method(*args)
@@ -7290,6 +7279,7 @@ class SmtpHop(Hop):
 
     def command(self, line):
         """Send the command *line*; return its reply (reply())."""
+        import smtplib
         if self.backend.smtp is None:
             raise smtplib.SMTPServerDisconnected("the session was closed")
         self.backend.smtp.send(line + "\r\n")

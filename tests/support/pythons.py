@@ -26,11 +26,11 @@ from .harness import TOOL
 SUITE = debian.Suite("trixie", ("python3", "pypy3"), "SMIME_TEST_PYTHONS",
                      ("python3", "pypy3"), ("pypy3", "--version"), tree="trixie-pythons")
 #: The newest of every dependency (what a fresh pip install brings).
-NEWEST = ("cryptography>=45", "requests>=2.28", "python-dotenv>=1.0", "aiosmtpd>=1.4")
+NEWEST = ("cryptography>=45", "requests>=2.28", "python-dotenv>=1.0", "aiosmtpd>=1.4.6")
 #: Debian 13's pypy3 loads cryptography 45.x/46.x wheels only.
-PYPY = ("cryptography>=45,<47", "requests>=2.28", "python-dotenv>=1.0", "aiosmtpd>=1.4")
+PYPY = ("cryptography>=45,<47", "requests>=2.28", "python-dotenv>=1.0", "aiosmtpd>=1.4.6")
 #: The minimum versions requirements.txt declares.
-MINIMUM = ("cryptography==45.0.0", "requests==2.28.0", "python-dotenv==1.0.0", "aiosmtpd==1.4.0")
+MINIMUM = ("cryptography==45.0.0", "requests==2.28.0", "python-dotenv==1.0.0", "aiosmtpd==1.4.6")
 #: Wheel platforms of an x86-64 glibc >= 2.34 (Debian 13 has 2.41).
 PLATFORMS = ("manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "linux_x86_64")
