@@ -3,8 +3,8 @@
 Under Debian 13's python3 (3.13) and pypy3 (in a cached chroot, support/pythons.py) and
 under this machine's Python with the minimum versions requirements.txt declares: sign and
 encrypt (OpenSSL decrypts and verifies), sign detached (the tool's own --verify), a batch
-with --results, a --send_smtp with STARTTLS and AUTH, and the gateway (--serve) relaying to
-an SMTP server.  The servers run here; the tool reaches them over loopback.  The newest
+with --results and --jobs 2, a --send_smtp with STARTTLS and AUTH, and the gateway (--serve
+--jobs 2) relaying to an SMTP server.  The servers run here; the tool reaches them over loopback.  The newest
 release of every dependency is what the rest of the suite runs on (tests/requirements.txt
 has no upper bounds).
 """
@@ -115,7 +115,7 @@ def test_batch_with_results(runner, tls_server):
     results = write(runner, "results.jsonl", b"")
     os.unlink(os.path.join(runner.base, "results.jsonl"))
     out = ok(runner.run([runner.path(os.path.join(runner.base, "inbox")), "--sign",
-                         "--send_smtp", "--results", results] + keys(runner),
+                         "--send_smtp", "--results", results, "--jobs", "2"] + keys(runner),
                         env=smtp_env(runner, tls_server)))
     match = SUMMARY.match(out.strip().splitlines()[-1])
     assert match and match.groups()[:2] == ("3", "0"), out
@@ -129,7 +129,7 @@ def test_gateway_relays_signed_and_encrypted(runner, pki):
     port = free_port()
     with SmtpServer() as sink, open(os.path.join(runner.base, "gw.err"), "wb") as err:
         proc = runner.serve(["--serve", "127.0.0.1:%d" % port, "--send_smtp", "--sign",
-                             "--encrypt"] + keys(runner),
+                             "--encrypt", "--jobs", "2"] + keys(runner),
                             {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(sink.port),
                              "SMTP_TLS": "none", "SMTP_TIMEOUT": "10"},
                             out=err, err=err)
