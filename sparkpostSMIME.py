@@ -2665,8 +2665,8 @@ class Keystore:
         except (TypeError, ValueError):
             if encrypted:
                 raise IdentityError("%s: wrong SMIME_KEY_PASSWORD for this private key (or an "
-                                    "encrypted ML-KEM key holding its expanded key: write it "
-                                    "seed-only, see README)" % path)
+                                    "encrypted ML-KEM key holding its expanded key, which "
+                                    "cannot be read: store it in the seed-only form)" % path)
             key = ml_kem_private_key(data, path)  # OpenSSL's forms cryptography cannot read
             if key is None:
                 raise IdentityError("%s: the private key cannot be read (corrupt or "
