@@ -7382,10 +7382,11 @@ class Spool:
     that shrinks while it is read raises ValueError (a truncated message).
     """
 
-    __slots__ = ("fd", "start", "stop", "owner", "window", "at", "__weakref__")
+    __slots__ = ("fd", "start", "stop", "owner", "window", "at", "crlf", "__weakref__")
 
     def __init__(self, fd, start, stop, owner=None):
         self.fd, self.start, self.stop, self.window, self.at = fd, start, stop, b"", 0
+        self.crlf = None  #: every line break a CRLF (canonical() finds out once)
         self.owner = owner  #: the Spool whose finalizer closes *fd* (None: this one)
         if owner is None:
             import weakref
@@ -7500,16 +7501,39 @@ def entity_parts(data):
 
 
 def canonical(data):
-    """Return message_to_crlf(*data*): a Spool whose line breaks are all CRLF as it is (no
-    change to make), checked a window at a time; any other read whole."""
+    """Return message_to_crlf(*data*) as far as its header is concerned (all the MIME
+    layers need: a base64 body decodes the same with any line breaks; crlf_body() makes a
+    body canonical where it counts): a Spool with a CRLF header as it is, else one whose
+    line breaks are all CRLF (checked a block at a time), any other read whole."""
     if not isinstance(data, Spool):
         return message_to_crlf(data)
-    crlf = cr = lf = 0
-    last = b""
-    for block in data.blocks():
-        crlf += block.count(b"\r\n") + (last == b"\r" and block[:1] == b"\n")
-        cr, lf, last = cr + block.count(b"\r"), lf + block.count(b"\n"), block[-1:]
-    return data if crlf == cr == lf else message_to_crlf(bytes(data))
+    head = data[:MAX_HEADER_SIZE + 4]
+    end = head.find(b"\r\n\r\n")
+    if is_crlf(head[:end + 4] if end >= 0 else head):
+        return data
+    return whole_crlf(data)
+
+
+def whole_crlf(data):
+    """Return Spool *data* when its line breaks are all CRLF (found out once, a block at a
+    time), else message_to_crlf() of it, read whole."""
+    if data.crlf is None:
+        crlf = cr = lf = 0
+        last = b""
+        for block in data.blocks():
+            crlf += block.count(b"\r\n") + (last == b"\r" and block[:1] == b"\n")
+            cr, lf, last = cr + block.count(b"\r"), lf + block.count(b"\n"), block[-1:]
+        data.crlf = crlf == cr == lf
+    return data if data.crlf else message_to_crlf(bytes(data))
+
+
+def crlf_body(fields, body):
+    """Return the *body* of an entity with header *fields* as message_to_crlf() makes it:
+    bytes as they are (already made so), a Spool checked (whole_crlf())."""
+    if not isinstance(body, Spool) or whole_crlf(body) is body:
+        return body
+    return split_header(message_to_crlf(b"".join(f.raw for f in fields) + b"\r\n"
+                                        + bytes(body)))[1]
 
 
 def is_entity(data):
@@ -7724,7 +7748,8 @@ def open_layer(kind, fields, body, keyring):
     """Return (Layer, the entity inside it) for one S/MIME layer."""
     if kind == "multipart/signed":
         boundary = parse_content_type(field_value(fields, "content-type"))[1].get("boundary")
-        parts = signed_parts(body, (boundary or "").encode("ascii", "replace"))
+        parts = signed_parts(crlf_body(fields, body), (boundary or "").encode("ascii",
+                                                                                "replace"))
         if not boundary or len(parts) < 2:
             raise MessageError("a multipart/signed entity without its two parts")
         sig_fields, sig_body = entity_parts(parts[1])
@@ -8560,7 +8585,7 @@ def receive(data, source, keystore, roots, mode, require_signed=False):
     if out.signer is not None and not out.problem:
         out.warnings += date_mismatch(fields, out.signer)
     outer = b"".join(f.raw for f in fields if not f.name.startswith("content-"))
-    content = inner if inner is not None else body
+    content = inner if inner is not None else crlf_body(entity_fields, body)
     if isinstance(content, Spool):
         content = content.chunks()
     out.output = outer + (content if inner is not None else
