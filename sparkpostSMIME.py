@@ -2026,7 +2026,11 @@ class Ber:
         if not self.constructed:
             return self.body
         out = bytearray()
-        self.collect(out, memoryview(self.data))
+        try:
+            view = memoryview(self.data)
+        except TypeError:  # a Spool (a big received message): read piece by piece
+            view = self.data
+        self.collect(out, view)
         return bytes(out)
 
     def collect(self, out, view):
@@ -7355,6 +7359,271 @@ MAX_LAYERS = 3
 DELIVERY_FIELDS = ("to", "cc", "bcc", "delivered-to", "x-original-to", "from")
 
 
+# -- Big messages: read from their file, each layer spooled (issue 29) ---------------
+#
+# A received message larger than SPOOL_ABOVE is not read into memory: it is read
+# from its file a window at a time (a Spool), and what each layer holds (the DER
+# decoded from base64, the decrypted content, a constructed eContent) is written
+# to a private temporary file, unnamed (or unlinked at once, mode 0600), that
+# nothing outlives.  Ber reads a Spool as it reads bytes; the big values (the
+# encrypted content, the signed content) go through in STREAM_BLOCK pieces.
+
+#: Received messages larger than this (octets) are read from their file a window at a time.
+SPOOL_ABOVE = STREAM_ABOVE
+#: Octets read at once for the small reads of a Spool (ASN.1 headers, MIME headers).
+SPOOL_WINDOW = 1 << 16
+
+
+class Spool:
+    """The octets *start* to *stop* of a file (descriptor *fd*), read where asked: len(),
+    spool[i], spool[a:b] (bytes: meant for small ranges), view(), blocks().
+
+    The descriptor is closed once no Spool of it is left (weakref.finalize).  A file
+    that shrinks while it is read raises ValueError (a truncated message).
+    """
+
+    __slots__ = ("fd", "start", "stop", "owner", "window", "at", "crlf", "__weakref__")
+
+    def __init__(self, fd, start, stop, owner=None):
+        self.fd, self.start, self.stop, self.window, self.at = fd, start, stop, b"", 0
+        self.crlf = None  #: every line break a CRLF (canonical() finds out once)
+        self.owner = owner  #: the Spool whose finalizer closes *fd* (None: this one)
+        if owner is None:
+            import weakref
+            weakref.finalize(self, os.close, fd)
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise ValueError("a Spool is read in order")
+            return self.read(start, max(start, stop))
+        if key < 0:
+            key += len(self)
+        if not 0 <= key < len(self):
+            raise IndexError("beyond the end of the message")
+        return self.read(key, key + 1)[0]
+
+    def __bytes__(self):
+        return self.read(0, len(self))
+
+    def read(self, start, stop):
+        """Return octets *start* to *stop* (from this Spool's start) as bytes."""
+        at = self.at
+        if at <= start and stop <= at + len(self.window):
+            return self.window[start - at:stop - at]
+        if stop - start > SPOOL_WINDOW:
+            return self.pread(start, stop)
+        self.window, self.at = self.pread(start, min(len(self), start + SPOOL_WINDOW)), start
+        return self.window[:stop - start]
+
+    def pread(self, start, stop):
+        """Return octets *start* to *stop* read from the file.  Raises ValueError when it is
+        shorter than that."""
+        data = os.pread(self.fd, stop - start, self.start + start)
+        while len(data) < stop - start:
+            more = os.pread(self.fd, stop - start - len(data), self.start + start + len(data))
+            if not more:
+                raise ValueError("the message file shrank while it was read")
+            data += more
+        return data
+
+    def view(self, start, stop):
+        """Return the Spool of octets *start* to *stop* of this one (no copy)."""
+        return Spool(self.fd, self.start + start, self.start + stop, self.owner or self)
+
+    def blocks(self, start=0, stop=None):
+        """Yield octets *start* to *stop* in blocks of STREAM_BLOCK octets."""
+        stop = len(self) if stop is None else stop
+        for at in range(start, stop, STREAM_BLOCK):
+            yield self.pread(at, min(at + STREAM_BLOCK, stop))
+
+    def chunks(self):
+        """Return the octets as Chunks (to be written to -o)."""
+        return Chunks(len(self), self.blocks)
+
+
+def read_received(path):
+    """Return the message at *path* ("-" = stdin): bytes, or a Spool when it is larger than
+    SPOOL_ABOVE (stdin copied to a temporary file first).  Raises InputError."""
+    if path == "-":
+        head = sys.stdin.buffer.read(SPOOL_ABOVE + 1)
+        if len(head) <= SPOOL_ABOVE:
+            return head
+        return temporary_spool(itertools.chain(
+            (head,), iter(lambda: sys.stdin.buffer.read(STREAM_BLOCK), b"")))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        size = os.fstat(fd).st_size
+    except OSError:
+        return read_input(path)  # its error
+    if size <= SPOOL_ABOVE:
+        os.close(fd)
+        return read_input(path)
+    return Spool(fd, 0, size)
+
+
+def temporary_spool(chunks):
+    """Return a Spool of the octets of *chunks* (an iterable of bytes-like objects), written
+    to a private temporary file in $TMPDIR: mode 0600, unnamed (O_TMPFILE) or unlinked at
+    once, so nothing is left behind whatever happens.  Raises OutputError (74) when it
+    cannot be written (a full disk); what *chunks* raises is raised."""
+    import tempfile
+    with tempfile.TemporaryFile(buffering=0) as file:
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[file.write(view):]
+            fd = os.dup(file.fileno())
+        except OSError as exc:
+            raise OutputError("a temporary file in %s: cannot write: %s" % (
+                tempfile.gettempdir(), exc.strerror or exc))
+    return Spool(fd, 0, os.fstat(fd).st_size)
+
+
+def entity_parts(data):
+    """Return (header fields, body) of CRLF *data* (bytes or a Spool) as split_header() does;
+    a Spool's body is a Spool of it.  Raises MessageError for a header larger than
+    MAX_HEADER_SIZE."""
+    if not isinstance(data, Spool):
+        return split_header(data)
+    head = data[:MAX_HEADER_SIZE + 4]
+    fields, rest = split_header(head)
+    start = len(head) - len(rest)
+    if start == len(head) < len(data):  # the header goes on past MAX_HEADER_SIZE
+        raise MessageError("a header larger than %d octets (folded over too many lines?)"
+                           % MAX_HEADER_SIZE)
+    return fields, data.view(start, len(data))
+
+
+def canonical(data):
+    """Return message_to_crlf(*data*) as far as its header is concerned (all the MIME
+    layers need: a base64 body decodes the same with any line breaks; crlf_body() makes a
+    body canonical where it counts): a Spool with a CRLF header as it is, else one whose
+    line breaks are all CRLF (checked a block at a time), any other read whole."""
+    if not isinstance(data, Spool):
+        return message_to_crlf(data)
+    head = data[:MAX_HEADER_SIZE + 4]
+    end = head.find(b"\r\n\r\n")
+    if is_crlf(head[:end + 4] if end >= 0 else head):
+        return data
+    return whole_crlf(data)
+
+
+def whole_crlf(data):
+    """Return Spool *data* when its line breaks are all CRLF (found out once, a block at a
+    time), else message_to_crlf() of it, read whole."""
+    if data.crlf is None:
+        crlf = cr = lf = 0
+        last = b""
+        for block in data.blocks():
+            crlf += block.count(b"\r\n") + (last == b"\r" and block[:1] == b"\n")
+            cr, lf, last = cr + block.count(b"\r"), lf + block.count(b"\n"), block[-1:]
+        data.crlf = crlf == cr == lf
+    return data if data.crlf else message_to_crlf(bytes(data))
+
+
+def crlf_body(fields, body):
+    """Return the *body* of an entity with header *fields* as message_to_crlf() makes it:
+    bytes as they are (already made so), a Spool checked (whole_crlf())."""
+    if not isinstance(body, Spool) or whole_crlf(body) is body:
+        return body
+    return split_header(message_to_crlf(b"".join(f.raw for f in fields) + b"\r\n"
+                                        + bytes(body)))[1]
+
+
+def is_entity(data):
+    """is_mime_entity() of *data* (bytes or a Spool: its header only)."""
+    if not isinstance(data, Spool):
+        return is_mime_entity(data)
+    return is_mime_entity(data[:MAX_HEADER_SIZE + 4])
+
+
+def decoded(body, cte):
+    """Return decode_body(*body*, *cte*): a Spool's base64 decoded a window at a time into
+    a temporary Spool."""
+    if not isinstance(body, Spool):
+        return decode_body(body, cte)
+    if cte == b"base64":
+        return temporary_spool(base64_decoded(body))
+    return decode_body(bytes(body), cte) if cte == b"quoted-printable" else body
+
+
+def base64_decoded(body):
+    """Yield the octets of base64 Spool *body* as decode_body() decodes it (leniently),
+    a block at a time."""
+    left = b""
+    for block in body.blocks():
+        text = left + block.translate(None, _NOT_BASE64)
+        whole = len(text) - len(text) % 4
+        yield binascii.a2b_base64(text[:whole])
+        left = text[whole:]
+    left = left[:len(left) - 1 if len(left) % 4 == 1 else len(left)]
+    yield binascii.a2b_base64(left + b"=" * (-len(left) % 4))
+
+
+def signed_parts(body, boundary):
+    """Return the first two of multipart_parts(*body*, *boundary*): the same for a Spool,
+    whose delimiter lines are found a block at a time (as Spools; a delimiter line with
+    more than MAX_LINE trailing blanks is not one)."""
+    if not isinstance(body, Spool):
+        return multipart_parts(body, boundary)[:2]
+    mark = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)")
+    parts, start = [], None
+    for at in delimiter_candidates(body, boundary):
+        window = body[at:at + 2 * MAX_LINE]
+        found = mark.match(window)
+        if not found or found.end() == len(window) < len(body) - at:
+            continue
+        if start is not None:
+            parts.append(body.view(start, at))
+        if found.group(1) or len(parts) == 2:
+            return parts
+        start = at + found.end() + 2
+    if start is not None:
+        parts.append(body.view(min(start, len(body)), len(body)))
+    return parts
+
+
+def delimiter_candidates(body, boundary):
+    """Yield, in order, where a delimiter line of *boundary* may start in Spool *body*: its
+    start, and each CRLF followed by "--" and the boundary."""
+    needle = b"\r\n--" + boundary
+    if body[:len(needle) - 2] == needle[2:]:
+        yield 0
+    for at in range(0, len(body), STREAM_BLOCK):
+        block = body[at:at + STREAM_BLOCK + len(needle) - 1]
+        found = block.find(needle)
+        while 0 <= found < STREAM_BLOCK:
+            yield at + found
+            found = block.find(needle, found + 1)
+
+
+def octet_chunks(ber):
+    """Yield the value of OCTET STRING *ber* (primitive or constructed, X.690 8.7) in
+    pieces of at most STREAM_BLOCK octets, never joined."""
+    if ber.constructed:
+        for piece in ber.each():
+            yield from octet_chunks(piece)
+        return
+    for at in range(ber.start, ber.stop, STREAM_BLOCK):
+        yield ber.data[at:min(at + STREAM_BLOCK, ber.stop)]
+
+
+def octet_value(ber):
+    """Return the value of OCTET STRING *ber*: bytes, or a Spool when it is in one (a
+    primitive one without a copy)."""
+    if not isinstance(ber.data, Spool):
+        return ber.octets()
+    if not ber.constructed:
+        return ber.data.view(ber.start, ber.stop)
+    return temporary_spool(octet_chunks(ber))
+
+
 class Signature(NamedTuple):
     """One SignerInfo, checked (RFC 5652 5.3, 5.4, 5.6); built once by check_signer().
 
@@ -7466,11 +7735,11 @@ def open_layers(fields, body, keyring, depth=0):
             crypto_errors.UnsupportedAlgorithm) as exc:  # not CMS after all
         raise MessageError("the S/MIME part is malformed (%s)" % (
             first_line(exc) if isinstance(exc, ValueError) else type(exc).__name__))
-    entity = message_to_crlf(inner)
-    if not is_mime_entity(entity):
+    entity = canonical(inner)
+    if not is_entity(entity):
         raise MessageError("the %s content is not a MIME entity (RFC 8551 3.1): nothing "
                            "vouches for what a mail client would make of it" % layer.kind)
-    inner_fields, inner_body = split_header(entity)
+    inner_fields, inner_body = entity_parts(entity)
     layers, innermost = open_layers(inner_fields, inner_body, keyring, depth + 1)
     return [layer] + layers, inner if innermost is None else innermost
 
@@ -7479,14 +7748,15 @@ def open_layer(kind, fields, body, keyring):
     """Return (Layer, the entity inside it) for one S/MIME layer."""
     if kind == "multipart/signed":
         boundary = parse_content_type(field_value(fields, "content-type"))[1].get("boundary")
-        parts = multipart_parts(body, (boundary or "").encode("ascii", "replace"))
+        parts = signed_parts(crlf_body(fields, body), (boundary or "").encode("ascii",
+                                                                                "replace"))
         if not boundary or len(parts) < 2:
             raise MessageError("a multipart/signed entity without its two parts")
-        sig_fields, sig_body = split_header(parts[1])
-        der = decode_body(sig_body, transfer_encoding(sig_fields))
+        sig_fields, sig_body = entity_parts(parts[1])
+        der = decoded(sig_body, transfer_encoding(sig_fields))
         signatures, _ = signed_data(content_info(der, ID_SIGNED_DATA), parts[0])
         return Layer("signed", signatures, how="multipart/signed"), parts[0]
-    der = decode_body(body, transfer_encoding(fields))
+    der = decoded(body, transfer_encoding(fields))
     oid, content = content_info(der)
     if oid == ID_SIGNED_DATA:
         signatures, inner = signed_data(content)
@@ -7516,8 +7786,8 @@ def content_info(der, expected=None):
 
 class SignedData(NamedTuple):
     """A SignedData (RFC 5652 5.1): *e_content_type* and *e_content* of its
-    EncapsulatedContentInfo (None when detached), its *certificates* (parsed) and
-    *signer_infos*."""
+    EncapsulatedContentInfo (its OCTET STRING, a Ber; None when detached), its
+    *certificates* (parsed) and *signer_infos*."""
     e_content_type: str
     e_content: object
     certificates: list
@@ -7545,7 +7815,7 @@ def read_signed_data(ber):
     encap = Fields(fields.take(SEQUENCE))  # EncapsulatedContentInfo
     e_content_type, e_content = encap.take(OID).oid(), encap.optional(ctx(0))
     if e_content is not None:
-        e_content = Fields(e_content).take().octets()
+        e_content = Fields(e_content).take(OCTET_STRING)
     certs = fields.optional(ctx(0))  # certificates [0] IMPLICIT CertificateSet
     certs = [Certificate(c.raw) for c in (
         bounded(certs, MAX_CERTIFICATES, "certificates") if certs is not None else [])
@@ -7570,15 +7840,18 @@ def read_signer_info(ber):
 def signed_data(ber, detached=None):
     """Return ([Signature], signed content) of a SignedData, every SignerInfo checked.
 
-    *detached*: the content of a multipart/signed; else the encapsulated one.  The
-    content is hashed once per digest algorithm.  Raises MessageError for content
+    *detached*: the content of a multipart/signed; else the encapsulated one (bytes,
+    or a Spool when the message is in one).  The content is hashed once per digest
+    algorithm.  Raises MessageError for content
     that is not id-data (RFC 8551 2.4.1) or missing, or no signer at all.
     """
     signed = read_signed_data(ber)
     if signed.e_content_type != ID_DATA:
         raise MessageError("the signed content is of type %s, not id-data: S/MIME signs MIME "
                            "entities (RFC 8551 2.4.1)" % signed.e_content_type)
-    content = detached if detached is not None else signed.e_content
+    if detached is None and signed.e_content is not None:
+        detached = octet_value(signed.e_content)
+    content = detached
     if content is None:
         raise MessageError("a detached signature outside a multipart/signed")
     if not signed.signer_infos:
@@ -7608,15 +7881,17 @@ def check_signer(info, certs, content, digests):
         problem = "the signer's certificate is not in the message"
     algorithm = hash_name = ""
     if not problem:  # with attributes, their DER SET OF is what was signed (RFC 5652 5.4)
-        signed = content if attrs is None else b"\x31" + info.signed_attrs.raw[1:]
+        signed = bytes(content) if attrs is None else b"\x31" + info.signed_attrs.raw[1:]
         problem, algorithm, hash_name = signature_problem(cert, info, signed, digest)
     return Signature(cert, certs, problem, digest, hash_name, algorithm, signing_time)
 
 
 def content_digest(name, content):
-    """Return the digest *name* (a DIGESTS value) of *content*."""
+    """Return the digest *name* (a DIGESTS value) of *content* (bytes, or a Spool hashed a
+    block at a time)."""
     digest = hashes.Hash(getattr(hashes, name)())
-    digest.update(content)
+    for block in content.blocks() if isinstance(content, Spool) else (content,):
+        digest.update(block)
     return digest.finalize()
 
 
@@ -8195,12 +8470,13 @@ def content_cipher(env):
 def decrypt_envelope(env, cipher, key):
     """Return the content of *env* decrypted with content-encryption *key* under *cipher*
     (content_cipher()), or None when anything is wrong: no key, a wrong key length, a
-    bad padding or tag, a plaintext that is not a MIME entity (RFC 5652 6.3, RFC 5083)."""
+    bad padding or tag, a plaintext that is not a MIME entity (RFC 5652 6.3, RFC 5083).
+    Decrypted a block at a time: bytes, or a temporary Spool when the message is in one."""
     if key is None or len(key) != cipher[1] or env.encrypted_content is None:
         return None
     algorithm = Fields(env.content_encryption_algorithm)
     algorithm.take(OID)
-    params, data = algorithm.rest(), env.encrypted_content.octets()
+    params, data = algorithm.rest(), env.encrypted_content
     try:
         if cipher[2] == "GCM":  # GCMParameters: the nonce, then the tag length
             mode = ciphers.modes.GCM(Fields(params[0]).take(OCTET_STRING).octets(), env.mac,
@@ -8210,15 +8486,30 @@ def decrypt_envelope(env, cipher, key):
         decryptor = ciphers.Cipher(ciphers.algorithms.AES(key), mode).decryptor()
         if env.auth_attrs is not None:  # the authenticated attributes, as a DER SET OF
             decryptor.authenticate_additional_data(b"\x31" + env.auth_attrs.raw[1:])
-        plain = decryptor.update(data) + decryptor.finalize()
+        plain = decrypted(decryptor, octet_chunks(data), cipher[2] == "CBC")
+        plain = temporary_spool(plain) if isinstance(data.data, Spool) else b"".join(plain)
     except (ValueError, IndexError, crypto_errors.InvalidTag):
         return None
-    if cipher[2] == "CBC":
-        pad = plain[-1] if plain else 0
-        if not 1 <= pad <= 16 or plain[-pad:] != bytes((pad,)) * pad:
-            return None  # a wrong key (RSA's implicit rejection gives one) or damage
-        plain = plain[:-pad]
-    return plain if is_mime_entity(message_to_crlf(plain)) else None
+    return plain if is_entity(canonical(plain)) else None
+
+
+def decrypted(decryptor, chunks, unpad):
+    """Yield the plaintext of ciphertext *chunks* through *decryptor*; with *unpad*, the
+    CBC padding (RFC 5652 6.3) checked and removed.  Raises ValueError for a bad padding
+    (a wrong key: RSA's implicit rejection gives one; or damage), InvalidTag for GCM."""
+    held = b""
+    for chunk in chunks:
+        out = held + decryptor.update(chunk)
+        held = out[-16:]
+        if len(out) > 16:
+            yield out[:-16]
+    last = held + decryptor.finalize()
+    if unpad:
+        pad = last[-1] if last else 0
+        if not 1 <= pad <= 16 or last[-pad:] != bytes((pad,)) * pad:
+            raise ValueError("a bad CBC padding")
+        last = last[:-pad]
+    yield last
 
 
 # -- Whole messages ----------------------------------------------------------------
@@ -8273,7 +8564,7 @@ def receive(data, source, keystore, roots, mode, require_signed=False):
     """
     out = Received(source)
     try:
-        fields, body = split_header(message_to_crlf(data))
+        fields, body = entity_parts(canonical(data))
         if not fields:
             raise MessageError("not an RFC 5322 message (no header fields)")
         header = Message(source, fields, [], b"")
@@ -8294,8 +8585,11 @@ def receive(data, source, keystore, roots, mode, require_signed=False):
     if out.signer is not None and not out.problem:
         out.warnings += date_mismatch(fields, out.signer)
     outer = b"".join(f.raw for f in fields if not f.name.startswith("content-"))
-    out.output = outer + (inner if inner is not None else
-                          b"".join(f.raw for f in entity_fields) + b"\r\n" + body)
+    content = inner if inner is not None else crlf_body(entity_fields, body)
+    if isinstance(content, Spool):
+        content = content.chunks()
+    out.output = outer + (content if inner is not None else
+                          b"".join(f.raw for f in entity_fields) + b"\r\n" + content)
     return out
 
 
@@ -8305,7 +8599,7 @@ def inner_from_problem(received, inner):
     (a mail client may show it instead of the outer one)."""
     if received.signer is None or inner is None:
         return ""
-    fields = split_header(message_to_crlf(inner))[0]
+    fields = entity_parts(canonical(inner))[0]
     inside = addresses_of(Message(received.source, fields, [], b""), "from")
     if inside and inside != received.senders:
         return ("the signed content carries its own From: %s, not the verified signer %s; "
@@ -8395,9 +8689,9 @@ def receive_all(settings, reporter):
     stats = Stats(len(paths), "passed")
     for path in paths:
         try:
-            received = receive(read_input(path), path, keystore, roots, mode,
+            received = receive(read_received(path), path, keystore, roots, mode,
                                settings.require_signed)
-        except (InputError, IdentityError) as exc:
+        except (InputError, IdentityError, OutputError) as exc:
             received = Received(path)
             received.problem, received.code = str(exc), exc.exit_code
         except SmimeToolError:  # a setting at fault (the CA bundle): every input would fail

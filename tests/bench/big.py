@@ -13,7 +13,9 @@ sender's own copy (tests/keys).  Each program runs as its own process, its outpu
 file; wall time and peak RSS (ru_maxrss from wait4) are the best of the rounds, every
 program once per round in turn.  OpenSSL's pipeline is two processes, `openssl cms -sign`
 (-nodetach when opaque) then `openssl cms -encrypt` (-aes256, the same two recipients):
-its time is their sum, its peak the larger.  Nothing here is pass/fail.
+its time is their sum, its peak the larger.  Receiving (--receive): the first tool's
+--sign --encrypt and --sign_detached --encrypt outputs, read by `--verify -o FILE` against
+`openssl cms -decrypt` then `openssl cms -verify`.  Nothing here is pass/fail.
 """
 
 import argparse
@@ -59,6 +61,23 @@ def openssl(message, opaque, encrypt, out):
     return runs
 
 
+RECEIVE_MODES = [("--sign --encrypt", None, None), ("--sign_detached --encrypt", None, None)]
+
+
+def verify_ours(tool, message, out):
+    return [run([tool, "--verify", message, "--keys", KEYS, "--ca",
+                 os.path.join(KEYS, "demo-ca.crt"), "-o", out])]
+
+
+def verify_openssl(message, out):
+    """OpenSSL's CLI pipeline: decrypt for RCPT, then verify; a list of runs."""
+    key = lambda name: os.path.join(KEYS, name)  # noqa: E731
+    return [run(["openssl", "cms", "-decrypt", "-in", message, "-recip", key(RCPT + ".crt"),
+                 "-inkey", key(RCPT + ".pem"), "-out", out + ".decrypted"]),
+            run(["openssl", "cms", "-verify", "-in", out + ".decrypted", "-CAfile",
+                 key("demo-ca.crt"), "-out", out])]
+
+
 def make_message(directory, size):
     """Return the path of a big_message() of *size* MB, made by another process: a child's
     ru_maxrss counts its parent's pages up to its exec, so this one stays small."""
@@ -82,6 +101,7 @@ def main():
     ap.add_argument("--sizes", default="19,100", help="message sizes in MB (default 19,100)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tool", action="append", help="a copy of sparkpostSMIME.py (repeatable)")
+    ap.add_argument("--receive", action="store_true", help="--verify instead of building")
     args = ap.parse_args()
     tools = [os.path.abspath(t) for t in args.tool or [TOOL]]
     with tempfile.TemporaryDirectory(prefix="smime-big-") as tmp:
@@ -91,9 +111,16 @@ def main():
         for size in [int(s) for s in args.sizes.split(",")]:
             message = make_message(tmp, size)
             out = os.path.join(tmp, "out.eml")
-            for flags, opaque, encrypt in MODES:
-                programs = [lambda: openssl(message, opaque, encrypt, out)]
-                programs += [lambda t=t: ours(t, message, flags, out) for t in tools]
+            for flags, opaque, encrypt in MODES if not args.receive else RECEIVE_MODES:
+                if args.receive:  # flags: how the message to read is built
+                    built = os.path.join(tmp, "built.eml")
+                    best([ours(tools[0], message, flags, built)])
+                    programs = [lambda: verify_openssl(built, out)]
+                    programs += [lambda t=t: verify_ours(t, built, out) for t in tools]
+                    flags = "--verify of " + flags
+                else:
+                    programs = [lambda: openssl(message, opaque, encrypt, out)]
+                    programs += [lambda t=t: ours(t, message, flags, out) for t in tools]
                 rounds = [[] for _ in programs]
                 for _ in range(args.rounds):
                     for n, program in enumerate(programs):
