@@ -4284,21 +4284,13 @@ def attribute(oid, value):
     return head + value
 
 
-_LAST_SIGNING_TIME = [None, b""]  #: (the second last written, its value)
-
-
 def signing_time(now=None):
     """Return the signing-time value: UTCTime up to 2049, GeneralizedTime after (RFC 5652
-    11.3).  A batch signs many messages in one second: the last value is kept."""
-    second = int((time.time() if now is None else now) // 1)
-    if _LAST_SIGNING_TIME[0] != second:
-        stamp = time.gmtime(second)
-        if stamp.tm_year < 2050:
-            value = der(0x17, time.strftime("%y%m%d%H%M%SZ", stamp).encode("ascii"))
-        else:
-            value = der(0x18, time.strftime("%Y%m%d%H%M%SZ", stamp).encode("ascii"))
-        _LAST_SIGNING_TIME[:] = second, value
-    return _LAST_SIGNING_TIME[1]
+    11.3)."""
+    stamp = time.gmtime(int((time.time() if now is None else now) // 1))
+    if stamp.tm_year < 2050:
+        return der(0x17, time.strftime("%y%m%d%H%M%SZ", stamp).encode("ascii"))
+    return der(0x18, time.strftime("%Y%m%d%H%M%SZ", stamp).encode("ascii"))
 
 
 def smime_capabilities():
@@ -4538,25 +4530,16 @@ def date_at_signing(msg, now, keep=False):
 
 
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-_LAST_DATE = [None, ""]  #: (the second and time zone last written, its date-time)
-
-
 def rfc5322_date(when):
     """Return the RFC 5322 3.3 date-time of *when* (seconds since the epoch) in local time,
     as email.utils.formatdate(when, localtime=True) writes it (without importing
-    email.utils, its socket, urllib and charset modules: ~3 ms of a single run).
-    A batch writes the same second many times: the last one is kept."""
-    key = (int(when // 1), time.tzname, time.timezone)
-    if _LAST_DATE[0] == key:
-        return _LAST_DATE[1]
+    email.utils, its socket, urllib and charset modules: ~3 ms of a single run)."""
     stamp = time.localtime(when)
     offset = stamp.tm_gmtoff // 60
-    text = "%s, %02d %s %04d %02d:%02d:%02d %s%02d%02d" % (
+    return "%s, %02d %s %04d %02d:%02d:%02d %s%02d%02d" % (
         ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")[stamp.tm_wday], stamp.tm_mday,
         MONTHS[stamp.tm_mon - 1], stamp.tm_year, stamp.tm_hour, stamp.tm_min, stamp.tm_sec,
         "-" if offset < 0 else "+", abs(offset) // 60, abs(offset) % 60)
-    _LAST_DATE[:] = key, text
-    return text
 
 
 #: A date-time as RFC 5322 3.3 writes it (day name, a year from 1000, seconds, numeric zone
@@ -6317,7 +6300,6 @@ def run_batch(settings, reporter):
     stats = Stats(len(items), "sent" if settings.send else "written")
     if len(items) > 1:
         freeze_start_up()  # what start-up loaded lives to the end: not scanned again and again
-        gc.enable()  # main() paused it for the start-up; a batch makes garbage as it goes
     halt = mmap.mmap(-1, 1)  # shared with forked workers: non-zero = take no new message
     with Stop(halt, reporter.warn, batch=len(items) > 1) as stop:
         if settings.jobs > 1 and len(items) > 1:
@@ -8916,8 +8898,6 @@ def run(settings, reporter):
         reporter.secret(secret)
     for notice in settings.notices:
         reporter.warn(notice)
-    if settings.harvest or settings.verify or settings.decrypt or settings.serve:
-        gc.enable()  # main() paused it for a single message's start-up; these may run long
     if settings.harvest:
         return harvest_all(settings, reporter)
     if settings.verify or settings.decrypt:
@@ -8934,8 +8914,6 @@ def main(argv=None, environ=None):
     """
     argv = sys.argv[1:] if argv is None else argv
     reporter = Reporter()
-    collecting = gc.isenabled()
-    gc.disable()  # imports and keys are kept for good: no cycles to look for (~3 ms a run)
     try:
         with warnings.catch_warnings():
             if "--debug" not in argv:  # a dependency's warnings (deprecations) are not
@@ -8959,9 +8937,6 @@ def main(argv=None, environ=None):
         reporter.warn("internal error: %s: %s (run with --debug for details)"
                       % (type(exc).__name__, exc))
         return EX_SOFTWARE
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def exit_now(code):
