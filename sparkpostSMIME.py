@@ -1946,22 +1946,17 @@ def der_int(number):
     return der(INTEGER, number.to_bytes(number.bit_length() // 8 + 1, "big", signed=True))
 
 
-_OIDS = {}
-
-
 def der_oid(dotted):
     """Return a DER OBJECT IDENTIFIER from its dotted form (X.690 8.19)."""
-    if dotted not in _OIDS:
-        arcs = [int(a) for a in dotted.split(".")]
-        body = bytearray()
-        for arc in [arcs[0] * 40 + arcs[1]] + arcs[2:]:
-            group = [arc & 0x7F]
-            while arc > 0x7F:
-                arc >>= 7
-                group.append(0x80 | arc & 0x7F)
-            body += bytes(reversed(group))
-        _OIDS[dotted] = der(OID, bytes(body))
-    return _OIDS[dotted]
+    arcs = [int(a) for a in dotted.split(".")]
+    body = bytearray()
+    for arc in [arcs[0] * 40 + arcs[1]] + arcs[2:]:
+        group = [arc & 0x7F]
+        while arc > 0x7F:
+            arc >>= 7
+            group.append(0x80 | arc & 0x7F)
+        body += bytes(reversed(group))
+    return der(OID, bytes(body))
 
 
 def algorithm(oid, parameters=b""):
@@ -4253,35 +4248,18 @@ DETACHED_CONTENT_INFO = der(SEQUENCE, der_oid(ID_DATA))
 HASH_OIDS = {name: oid for oid, name in DIGESTS.items()}
 
 
-_SIGNED_CONSTANTS = {}
-
-
 def signed_constants(digest_name):
-    """Return what every SignedData with digest *digest_name* repeats, worked out once:
-    (the content-type attribute, the SMIMECapabilities attribute, the digest
-    AlgorithmIdentifier, the SET of it)."""
-    if digest_name not in _SIGNED_CONSTANTS:
-        digest_algorithm = algorithm(HASH_OIDS[digest_name], der(NULL))
-        _SIGNED_CONSTANTS[digest_name] = (attribute(ATTR_CONTENT_TYPE, der_oid(ID_DATA)),
-                                          smime_capabilities(), digest_algorithm,
-                                          der_set(digest_algorithm))
-    return _SIGNED_CONSTANTS[digest_name]
-
-
-_ATTRIBUTE_HEADS = {}
+    """Return what every SignedData with digest *digest_name* repeats: (the content-type
+    attribute, the SMIMECapabilities attribute, the digest AlgorithmIdentifier, the SET
+    of it)."""
+    digest_algorithm = algorithm(HASH_OIDS[digest_name], der(NULL))
+    return (attribute(ATTR_CONTENT_TYPE, der_oid(ID_DATA)), smime_capabilities(),
+            digest_algorithm, der_set(digest_algorithm))
 
 
 def attribute(oid, value):
-    """Return an Attribute: its type and a SET holding *value* (RFC 5652 5.3).
-
-    What comes before *value* depends only on the type and the value's length
-    (a signing time, a digest): it is worked out once for each.
-    """
-    head = _ATTRIBUTE_HEADS.get((oid, len(value)))
-    if head is None:
-        whole = der(SEQUENCE, der_oid(oid), der(SET, value))
-        head = _ATTRIBUTE_HEADS[oid, len(value)] = whole[:len(whole) - len(value)]
-    return head + value
+    """Return an Attribute: its type and a SET holding *value* (RFC 5652 5.3)."""
+    return der(SEQUENCE, der_oid(oid), der(SET, value))
 
 
 def signing_time(now=None):
@@ -4903,7 +4881,7 @@ class SmtpBackend(Backend):
     def __init__(self, settings, events):
         super().__init__(settings, events)
         self.smtp, self.mode, self.count = None, "plain", 0  #: count: messages on this session
-        self.context = self.classes = None  #: made once: the CA store costs ~35 ms
+        self.context = None  #: made once: the CA store costs ~35 ms
         self.pipelining = self.sized = False  #: the session offers PIPELINING, SIZE (EHLO)
 
     def describe(self):
@@ -4914,7 +4892,7 @@ class SmtpBackend(Backend):
 
     def preload(self):
         """Import smtplib and load the CA store now (before forking workers)."""
-        self.transcript_classes()
+        transcript_classes()
         if self.settings.smtp.tls in ("tls", "starttls"):  # "auto" may never need it
             self.tls_context()
 
@@ -4950,7 +4928,7 @@ class SmtpBackend(Backend):
         """Return a connected, greeted smtplib session (implicit TLS for SMTP_TLS=tls)."""
         s = self.settings.smtp
         self.count, self.mode = 0, "plain"  # a new connection is in clear until TLS says not
-        plain, secure = self.transcript_classes()
+        plain, secure = transcript_classes()
         helo = s.helo or socket.gethostname()  # getfqdn() can stall on reverse DNS
         log = self.events.transcript if self.settings.verbose else None
         if s.tls == "tls":
@@ -5027,12 +5005,6 @@ class SmtpBackend(Backend):
                  if kind in ("DNS", "IP Address")]
         return names or [value for rdn in cert.get("subject", ()) for kind, value in rdn
                          if kind == "commonName"]
-
-    def transcript_classes(self):
-        """Return (SMTP, SMTP_SSL) classes writing a redacted transcript (made once)."""
-        if self.classes is None:
-            self.classes = transcript_classes()
-        return self.classes
 
     # -- the mail transaction ------------------------------------------------------
 
