@@ -4937,9 +4937,6 @@ class SmtpBackend(Backend):
                           context=context or self.tls_context(), log=log)
         else:
             smtp = plain(s.host, s.port, local_hostname=helo, timeout=s.timeout, log=log)
-        # Commands go out in whole groups already: do not let Nagle hold the last segment
-        smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        smtp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         smtp.ehlo()
         return smtp
 
@@ -6270,8 +6267,6 @@ def run_batch(settings, reporter):
     build = lambda item: build_job(item, settings, keystore, extra,  # noqa: E731
                                    served.get(item, ()), check=backend.check)
     stats = Stats(len(items), "sent" if settings.send else "written")
-    if len(items) > 1:
-        freeze_start_up()  # what start-up loaded lives to the end: not scanned again and again
     halt = mmap.mmap(-1, 1)  # shared with forked workers: non-zero = take no new message
     with Stop(halt, reporter.warn, batch=len(items) > 1) as stop:
         if settings.jobs > 1 and len(items) > 1:
@@ -6306,7 +6301,6 @@ def run_parallel(settings, backend, build, items, reporter, stats, halt):
     sent up.  Imports, keys and the CA store are loaded before forking.
     """
     preload(backend, build, items[0])
-    freeze_start_up()  # the workers inherit these objects: keep their pages shared, unscanned
     sys.stdout.flush()
     sys.stderr.flush()
     channels, jobs = {}, settings.jobs
