@@ -2438,15 +2438,12 @@ class Identity:
         self.key, self.chain = key, [Certificate.of(c) for c in chain]
         self.rid = issuer_and_serial(cert)
         self.kind, self.digest = key_kind(cert)
-        self.cert_set = self.info_head = None  #: worked out on first use (signed_der())
         self.renewals = []  #: decryption: other certificates of the same key
 
     def certificate_set(self):
         """Return the DER [0] CertificateSet of the certificate and its chain (RFC 5652
-        10.2.3), sorted as a DER SET OF, worked out once."""
-        if self.cert_set is None:
-            self.cert_set = der(ctx(0), *sorted(c.der for c in [self.cert] + self.chain))
-        return self.cert_set
+        10.2.3), sorted as a DER SET OF."""
+        return der(ctx(0), *sorted(c.der for c in [self.cert] + self.chain))
 
 
 def key_kind(cert):
@@ -4227,9 +4224,8 @@ def signed_der(content, signer, detached, now=None):
     attrs = der_set(content_type, attribute(ATTR_SIGNING_TIME, signing_time(now)),
                     attribute(ATTR_MESSAGE_DIGEST, der(OCTET_STRING, digest.digest())),
                     capabilities)
-    if signer.info_head is None:  # version 1, sid, digestAlgorithm: the same every message
-        signer.info_head = b"\x02\x01\x01" + signer.rid + digest_algorithm
-    signer_info = der(SEQUENCE, signer.info_head, bytes((ctx(0),)) + attrs[1:],
+    signer_info = der(SEQUENCE, b"\x02\x01\x01" + signer.rid + digest_algorithm,  # version 1
+                      bytes((ctx(0),)) + attrs[1:],
                       *sign_attributes(signer, attrs))
     if detached:
         encapsulated = [DETACHED_CONTENT_INFO]
@@ -4511,6 +4507,8 @@ def date_at_signing(msg, now, keep=False):
 
 
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
 def rfc5322_date(when):
     """Return the RFC 5322 3.3 date-time of *when* (seconds since the epoch) in local time,
     as email.utils.formatdate(when, localtime=True) writes it (without importing
