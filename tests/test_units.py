@@ -197,9 +197,9 @@ def test_date_fast_path_reads_as_email_parseaddr():
     assert tool.date_timestamp(b"Mon, 02 Nov 2026 10:00:00 +0000") == 1793613600
 
 
-def test_rfc5322_date_cache_follows_the_zone(monkeypatch):
-    """The last date-time written is reused within its second, not across a time zone
-    change."""
+def test_rfc5322_date_follows_the_second_and_the_zone(monkeypatch):
+    """The date-time written is that of its second (fractions dropped) in the time zone
+    in force when it is written."""
     when = 1793613600.25
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
@@ -527,9 +527,9 @@ def test_canonical_checks_answer_as_their_definitions():
     assert not tool.is_transport_safe(big)
 
 
-def test_signing_time_values_and_reuse():
-    """UTCTime up to 2049, GeneralizedTime after (RFC 5652 11.3); the value kept for a
-    second is that second's, never the previous one's."""
+def test_signing_time_values():
+    """UTCTime up to 2049, GeneralizedTime after (RFC 5652 11.3); each value is its own
+    second's (fractions dropped), never the previous one's."""
     assert tool.signing_time(1793613600.9) == b"\x17\x0d261102100000Z"
     assert tool.signing_time(1793613600.1) == b"\x17\x0d261102100000Z"
     assert tool.signing_time(1793613601.0) == b"\x17\x0d261102100001Z"
