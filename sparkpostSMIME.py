@@ -5743,13 +5743,19 @@ def prefetch(build, items):
     for item in items:
         try:
             yield build(item)
-        except SmimeToolError as exc:
-            yield Job(item[0], item[1], started=time.perf_counter(),
-                      failure=(exc.exit_code, str(exc)))
         except Exception as exc:  # noqa: BLE001 - a bug: this message fails, not the batch
-            yield Job(item[0], item[1], started=time.perf_counter(), failure=(
-                EX_SOFTWARE, "%s: internal error while building: %s: %s"
-                % (item[0], type(exc).__name__, exc)))
+            yield failed_job(item, exc)
+
+
+def failed_job(item, error):
+    """Return the Job of work *item* whose building raised *error*: its exit code and
+    reason, or for anything but a SmimeToolError (a bug) EX_SOFTWARE."""
+    if isinstance(error, SmimeToolError):
+        return Job(item[0], item[1], started=time.perf_counter(),
+                   failure=(error.exit_code, str(error)))
+    return Job(item[0], item[1], started=time.perf_counter(), failure=(
+        EX_SOFTWARE, "%s: internal error while building: %s: %s"
+        % (item[0], type(error).__name__, error)))
 
 
 def work(settings, backend, jobs, record, halted):
@@ -6759,14 +6765,13 @@ class Gateway:
                                                                                 server.tag))
             return "554 5.6.0 bare CR or LF in the message: every line must end with CRLF " \
                    "(RFC 5321 2.3.8)"
-        job = self.build(source, data, rcpts)
+        job, refusal = self.build(source, data, rcpts)
         job = job._replace(started=started, mail_from=self.settings.mail_from or (
             "" if envelope.mail_from == "<>" else envelope.mail_from))
         if job.failure:
             await self.next_hop_of(server).call("reset")
             outcome = failed_build(job._replace(recipients=tuple(rcpts)))
-            reply = "%s %s" % (BUILD_REPLIES.get(job.failure[0], "451 4.3.0"),
-                               one_line(self.private(job.failure[1])))
+            reply = "%s %s" % (refusal, one_line(self.private(job.failure[1])))
         else:
             job = job._replace(data=received_header(session, self.name, source, rcpts)
                                + job.data)
@@ -6778,11 +6783,12 @@ class Gateway:
         return reply
 
     def build(self, source, data, rcpts):
-        """Return the Job of a received message: built as a file would be (build_job),
+        """Return (Job, '') for a received message: built as a file would be (build_job),
         or as it came when it is S/MIME already (no double wrapping when a filter
-        loops).  A message that cannot be built is a Job carrying its failure
-        (prefetch()).  Runs in the event loop: cryptography would hold the GIL in a
-        thread as well."""
+        loops); or (a Job carrying its failure, the start of the reply: build_reply())
+        for a message that cannot be built.  The hop limit applies to both (RFC 5321
+        6.3).  Runs in the event loop: cryptography would hold the GIL in a thread as
+        well."""
         recipients = [r.lower() for r in rcpts]
         settings = self.settings
         if settings.encrypt and settings.opportunistic and any(
@@ -6791,14 +6797,16 @@ class Gateway:
                                "usable certificate" % source)
             settings = settings._replace(encrypt=False)
 
-        def build(item):
+        try:
             msg = parse_message(data, source, recipients)
+            check_hops(msg, settings.hop_limit)
             if smime_kind(msg.entity_fields):
                 return Job(source, 0, data, msg.sender, tuple(recipients), msg, notes=(
-                    (None, "%s: already S/MIME, passed on unchanged" % source),))
-            return build_job(item, settings, self.keystore, self.extra, msg=msg,
-                             check=self.rules.check)
-        return next(prefetch(build, [(source, 0)]))
+                    (None, "%s: already S/MIME, passed on unchanged" % source),)), ""
+            return build_job((source, 0), settings, self.keystore, self.extra, msg=msg,
+                             check=self.rules.check), ""
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
+            return failed_job((source, 0), exc), build_reply(exc)
 
     def next_hop_of(self, server):
         """Return the client connection's next-hop session, made at the first use."""
@@ -7074,6 +7082,16 @@ def received_header(session, name, source, recipients):
     return ("Received: from %s ([%s])\r\n\tby %s (sparkpostSMIME) with %s id %s%s;\r\n\t%s\r\n"
             % (helo or "unknown", peer, name, kind, source, to, rfc5322_date(time.time()))
             ).encode("ascii", "replace")
+
+
+def build_reply(error):
+    """Return the start of the reply to the end of DATA for a message that could not
+    be built (RFC 3463): the error's own (a mail loop: 554 5.4.6), 5xx for a fault
+    of the message (BUILD_REPLIES), else 451 4.3.0: a fault on our side, the client
+    keeps the message and tries again."""
+    if isinstance(error, SmimeToolError):
+        return getattr(error, "reply", "") or BUILD_REPLIES.get(error.exit_code, "451 4.3.0")
+    return "451 4.3.0"
 
 
 def relayed(code, text):

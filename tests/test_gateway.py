@@ -372,6 +372,46 @@ def test_unbuildable_message_is_554_560(start, sink):
     assert gw.stop() == 0
 
 
+def test_mail_loop_refused_554_546_also_when_already_smime(start, sink, pki, tmp_path):
+    """More Received fields than the hop limit (RFC 5321 6.3): a loop, refused at the end
+    of DATA, S/MIME or not (already-S/MIME mail would otherwise circle unchanged)."""
+    from support.harness import run_tool
+    src = tmp_path / "m.eml"
+    src.write_bytes(MSG)
+    signed = run_tool([str(src), "--sign", "--keys", pki.keys]).stdout
+    hops = b"".join(b"Received: from hop%d.example by gw.example; Mon, 02 Nov 2026 10:00:00 "
+                    b"+0000\r\n" % n for n in range(6))
+    gw = start(["--sign", "--encrypt"], hop_env(sink, SMIME_HOP_LIMIT="5"))
+    with gw.client() as c:
+        for data in (hops + MSG, hops + signed):
+            with pytest.raises(smtplib.SMTPDataError) as err:
+                c.sendmail("alice@example.com", RCPTS[:1], data)
+            assert err.value.smtp_code == 554 and err.value.smtp_error.startswith(b"5.4.6 ")
+            assert b"hop limit of 5" in err.value.smtp_error
+        assert c.sendmail("alice@example.com", RCPTS[:1], hops[hops.index(b"Received", 1):]
+                          + signed) == {}  # 5: within the limit
+    assert len(sink.messages) == 1
+    assert gw.stop() == 0
+
+
+def test_mime_bomb_refused_554_nothing_relayed(start, sink):
+    """10,000 nested multiparts of plain text: refused (MAX_MIME_DEPTH), not signed."""
+    depth = 10_000
+    bomb = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (n, n)
+                    for n in range(depth)) + b"Content-Type: text/plain\r\n\r\nboom\r\n"
+    bomb += b"".join(b"--b%d--\r\n" % n for n in reversed(range(depth)))
+    head = MSG.split(b"Content-Type:")[0]
+    gw = start(["--sign", "--encrypt"], hop_env(sink))
+    with gw.client() as c:
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            c.sendmail("alice@example.com", RCPTS[:1], head + bomb)
+        assert err.value.smtp_code == 554 and err.value.smtp_error.startswith(b"5.6.0 ")
+        assert b"nested deeper than 50" in err.value.smtp_error
+        assert c.sendmail("alice@example.com", RCPTS[:1], MSG) == {}
+    assert len(sink.messages) == 1 and b"boom" not in sink.messages[0][2]
+    assert gw.stop() == 0
+
+
 # -- hostile clients ---------------------------------------------------------------
 
 def test_size_limit_announced_and_enforced(start, sink):
