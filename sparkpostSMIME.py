@@ -6498,6 +6498,9 @@ def worker_process(settings, backend, build, items, reporter, stats, channel, ha
 MAX_RECIPIENTS = 1000
 #: Commands one client connection may send, and AUTH commands among them.
 MAX_COMMANDS, MAX_AUTH = 100_000, 5
+#: The longest address in MAIL or RCPT: a path is at most 256 octets with its "<>"
+#: (RFC 5321 4.5.3.1.3).
+MAX_PATH = 254
 #: A message that cannot be built -> the start of the reply to its DATA (RFC 3463).
 BUILD_REPLIES = {EX_CONFIG: "550 5.7.1", EX_DATAERR: "554 5.6.0"}
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\b")
@@ -6707,9 +6710,14 @@ class Gateway:
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, options):
-        """MAIL FROM: kept for the next hop (it goes out with the first RCPT)."""
+        """MAIL FROM: kept for the next hop (it goes out with the first RCPT); an
+        address that breaks RFC 5321 4.1.2 is refused (501 5.1.7)."""
         if self.stopping:
             return "421 4.3.2 %s is shutting down, try again later" % self.name
+        problem = address_problem(address)
+        if problem:
+            self.reporter.warn("%s: MAIL %s refused: %s" % (server.tag, ascii(address), problem))
+            return "501 5.1.7 bad sender address syntax: %s (RFC 5321 4.1.2)" % problem
         code, text = self.next_hop_of(server).mail(address, options)
         if code == 250:
             envelope.mail_from = address
@@ -6721,6 +6729,10 @@ class Gateway:
         else passed on to the next hop, whose reply is ours."""
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 too many recipients (at most %d per message)" % MAX_RECIPIENTS
+        problem = address_problem(address)
+        if problem:
+            self.reporter.warn("%s: RCPT %s refused: %s" % (server.tag, ascii(address), problem))
+            return "553 5.1.3 bad recipient address syntax: %s (RFC 5321 4.1.2)" % problem
         if self.settings.encrypt and not self.settings.opportunistic:
             problem = self.recipient_problem(address)
             if problem:
@@ -6999,6 +7011,25 @@ def gateway_protocols():
             self.gateway.transcript(self, "->", status)
             await super().push(status)
 
+        async def smtp_MAIL(self, arg):
+            """MAIL (RFC 5321 4.1.1.2), its argument checked as sent: aiosmtpd's parser
+            turns whitespace in an address into a quoted string."""
+            if arg and _CONTROL.search(arg):
+                return await self.refuse_path("MAIL", "501 5.1.7 bad sender", arg)
+            return await super().smtp_MAIL(arg)
+
+        async def smtp_RCPT(self, arg):
+            """RCPT (RFC 5321 4.1.1.3), its argument checked as MAIL's."""
+            if arg and _CONTROL.search(arg):
+                return await self.refuse_path("RCPT", "553 5.1.3 bad recipient", arg)
+            return await super().smtp_RCPT(arg)
+
+        async def refuse_path(self, verb, reply, arg):
+            self.gateway.reporter.warn("%s: %s %s refused: a control character" % (
+                self.tag, verb, ascii(arg)[:200]))
+            await self.push("%s address syntax: a control character in the address or its "
+                            "parameters (RFC 5321 4.1.2)" % reply)
+
         async def smtp_DATA(self, arg):
             """DATA (RFC 5321 4.1.1.4): aiosmtpd's own replies without recipients (HELO
             and AUTH came before those); else the content, then our handler's reply."""
@@ -7082,6 +7113,20 @@ def received_header(session, name, source, recipients):
     return ("Received: from %s ([%s])\r\n\tby %s (sparkpostSMIME) with %s id %s%s;\r\n\t%s\r\n"
             % (helo or "unknown", peer, name, kind, source, to, rfc5322_date(time.time()))
             ).encode("ascii", "replace")
+
+
+def address_problem(address):
+    """Return why the address of a MAIL or RCPT command cannot go on ('' when it can):
+    a control character, quoted or not (RFC 5321 4.1.2: neither atext nor qtextSMTP
+    holds one), 8-bit (SMTPUTF8, RFC 6531, is not offered) or a path longer than
+    RFC 5321 4.5.3.1.3 allows."""
+    if _CONTROL.search(address):
+        return "a control character in the address"
+    if not address.isascii():
+        return "8-bit characters in the address (SMTPUTF8 is not offered)"
+    if len(address) > MAX_PATH:
+        return "longer than %d characters" % MAX_PATH
+    return ""
 
 
 def build_reply(error):

@@ -512,6 +512,27 @@ def test_long_line_and_smtputf8_refused_cleanly(start, sink):
     assert gw.stop() == 0
 
 
+@pytest.mark.parametrize("args", [["--sign"], ["--sign", "--encrypt", "--opportunistic"]])
+def test_control_characters_and_8bit_in_mail_and_rcpt_refused(start, sink, args):
+    """RFC 5321 4.1.2: no control character in an address, quoted or not; no 8-bit
+    without SMTPUTF8 (refused): 501 5.1.7 at MAIL, 553 5.1.3 at RCPT, nothing of them
+    goes to the next hop, and the session goes on."""
+    gw = start(args, hop_env(sink))
+    bad = [b"<ste\x00ve@example.com>", b'<"a\x00b"@example.com>', b'<"a\rRSET"@example.com>',
+           b"<a\x7fb@example.com>", b"<a\tb@example.com>", b"<" + b"a" * 300 + b"@example.com>"]
+    lines = [b"EHLO app\r\n"] + [b"MAIL FROM:%s\r\n" % a for a in bad]
+    lines += [b"MAIL FROM:<alice@example.com>\r\n"] + [b"RCPT TO:%s\r\n" % a for a in bad]
+    lines += [b"RCPT TO:<bob@example.org>\r\n", b"DATA\r\n", MSG + b".\r\n", b"QUIT\r\n"]
+    said = raw_session(gw.port, lines)
+    assert said.count("501 5.1.7 bad sender address syntax") == len(bad), said
+    assert said.count("553 5.1.3 bad recipient address syntax") == len(bad), said
+    assert "250 2.0.0 Ok: queued" in said
+    (mail_from, rcpts, _), = sink.messages
+    assert mail_from == "alice@example.com" and rcpts == ["bob@example.org"]
+    assert sink.handler.addresses == ["alice@example.com", "bob@example.org"]
+    assert gw.stop() == 0
+
+
 def test_fuzzing_clients_never_stop_the_server_or_lose_a_message(start, sink):
     gw = start(["--sign", "--jobs", "2"], hop_env(sink))
     rng = random.Random(19)

@@ -67,6 +67,7 @@ class Recorder:
         self.refuse = {}        # address -> "550 5.7.1 relaying denied"
         self.refuse_once = {}   # address -> reply for its first RCPT only
         self.auth_seen = []     # (mechanism, login)
+        self.addresses = []     # every address of MAIL and RCPT, as received
         self.connections = 0    # connections that sent MAIL so far
         self.drop_every = 0
         self.tempfail_data = 0
@@ -92,11 +93,13 @@ class Recorder:
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         self.connection(session)
+        self.addresses.append(address)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        self.addresses.append(address)
         if address.lower() in self.refuse_once:
             return self.refuse_once.pop(address.lower())
         if address.lower() in self.refuse:
