@@ -5973,6 +5973,7 @@ class Stats:
         self.failed_at = 0.0  #: time.monotonic() of the first failure (sets the exit code)
         self.latencies, self.start = [], time.perf_counter()
         self.notes = {}  #: topic -> [messages, the first one's warning]: see notices()
+        self.refused = None  #: the gateway: recipients it refused at RCPT (None: not counted)
 
     def add(self, res):
         if res.status in ("sent", "written"):
@@ -5993,10 +5994,12 @@ class Stats:
         """Count a message's (topic, warning) note; the first warning of a topic is kept."""
         self.notes.setdefault(topic, [0, text])[0] += count
 
-    def merge(self, sent, failed, code, failed_at, latencies, notes):
+    def merge(self, sent, failed, code, failed_at, latencies, notes, refused=None):
         """Add a worker process's counts; its exit code wins as fault() says, the earliest
         failure's among equals."""
         self.sent, self.failed = self.sent + sent, self.failed + failed
+        if refused is not None:
+            self.refused = (self.refused or 0) + refused
         self.latencies += latencies
         for topic, (count, text) in notes.items():
             self.note(topic, text, count)
@@ -6005,7 +6008,8 @@ class Stats:
 
     def counts(self):
         """Return this process's counts, as merge() takes them."""
-        return self.sent, self.failed, self.code, self.failed_at, self.latencies, self.notes
+        return (self.sent, self.failed, self.code, self.failed_at, self.latencies, self.notes,
+                self.refused)
 
     def notices(self):
         """Return the run's warnings, one per topic of the messages' notes: the first
@@ -6019,12 +6023,15 @@ class Stats:
         return notices
 
     def summary(self):
-        """Return 'N sent, M failed[, K not sent] in S seconds (R msg/s); latency ...'."""
+        """Return 'N sent, M failed[, K not sent][, R recipients refused] in S seconds (R
+        msg/s); latency ...'."""
         wall = time.perf_counter() - self.start
         text = "Summary: %d %s, %d failed" % (self.sent, self.done, self.failed)
         left = self.total - self.sent - self.failed
         if left:
             text += ", %d not %s" % (left, self.done)
+        if self.refused is not None:
+            text += ", %s refused" % plural(self.refused, "recipient")
         text += " in %.3f seconds (%.1f msg/s)" % (wall, self.sent / wall if wall else 0.0)
         if self.latencies:
             lat = sorted(self.latencies)
@@ -6533,6 +6540,7 @@ class Gateway:
         self.rules = make_backend(settings, reporter)  #: the next hop's rules; never opened
         self.extra = extra_header(settings, self.rules)
         self.stats, self.stopping, self.spawned = Stats(0), False, 0
+        self.stats.refused = 0
         self.keystore = self.recorder = self.threads = self.done = None
         self.clients, self.flights, self.endings, self.uploads = set(), set(), set(), 0
         self.connections = self.messages = 0
@@ -6725,8 +6733,17 @@ class Gateway:
         return relayed(code, text)
 
     async def handle_RCPT(self, server, session, envelope, address, options):
-        """RCPT TO: refused here when --encrypt has no certificate for it (550 5.7.1),
-        else passed on to the next hop, whose reply is ours."""
+        """RCPT TO: refused here (rcpt()) or by the next hop, whose reply is ours; the
+        refused ones are counted for the summary."""
+        reply = await self.rcpt(server, envelope, address, options)
+        if not reply.startswith("25"):
+            self.stats.refused += 1
+        return reply
+
+    async def rcpt(self, server, envelope, address, options):
+        """Return the reply to RCPT TO: refused here when there are too many, the address
+        breaks RFC 5321 4.1.2 (553 5.1.3) or --encrypt has no certificate for it (550
+        5.7.1), else passed on to the next hop."""
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 too many recipients (at most %d per message)" % MAX_RECIPIENTS
         problem = address_problem(address)
@@ -7027,6 +7044,8 @@ def gateway_protocols():
         async def refuse_path(self, verb, reply, arg):
             self.gateway.reporter.warn("%s: %s %s refused: a control character" % (
                 self.tag, verb, ascii(arg)[:200]))
+            if verb == "RCPT":
+                self.gateway.stats.refused += 1
             await self.push("%s address syntax: a control character in the address or its "
                             "parameters (RFC 5321 4.1.2)" % reply)
 

@@ -192,8 +192,13 @@ def test_rcpt_without_certificate_refused_at_rcpt(start, sink, pki):
     assert pki.keys.encode() not in text  # our key directories stay private
     (_, rcpts, _), = sink.messages  # the next hop never heard of the refused one
     assert rcpts == RCPTS[:1]
+    with gw.client() as c:  # the next hop's refusal and a bad address count too
+        sink.handler.refuse["carol@example.net"] = "550 5.1.1 no such user"
+        assert c.mail("alice@example.com")[0] == 250
+        assert c.rcpt("carol@example.net")[0] == 550 and c.rcpt("a\x01b@example.org")[0] == 553
     assert gw.stop() == 0
     assert "RCPT <nobody@example.com> refused: no certificate" in gw.stderr()
+    assert "Summary: 1 sent, 0 failed, 3 recipients refused in " in gw.stdout()
 
 
 def test_sender_without_key_refused_at_end_of_data(start, sink):
@@ -827,8 +832,12 @@ def test_a_gateway_process_that_dies_is_replaced(start, sink):
     for _ in range(4):  # connections go to each process in turn: all of them serve
         with gw.client() as c:
             assert c.sendmail("alice@example.com", RCPTS[:1], MSG) == {}
+    with gw.client() as c:  # a refusal, counted by its process and added up at the end
+        assert c.mail("alice@example.com")[0] == 250
+        assert c.rcpt("bad\x7f@example.org")[0] == 553
     assert len(sink.messages) == 5
     assert gw.stop() == 0
+    assert ", 1 recipient refused in " in gw.stdout()
     assert "ended (-9): starting another" in gw.stderr()
 
 
