@@ -5317,6 +5317,29 @@ def dot_stuffed(data):
         line_start = piece.endswith(b"\n")
 
 
+#: Lines read of one reply of an SMTP server (RFC 5321 4.2.1 sets no bound: Postfix
+#: sends a few dozen at most).
+MAX_REPLY_LINES = 1000
+
+
+class ReplyLines:
+    """A server's reply stream (the file smtplib reads replies from) allowing *left*
+    more lines: past them readline() raises OSError, which smtplib reports as the
+    connection lost (SMTPServerDisconnected) after closing it."""
+
+    def __init__(self, stream):
+        self.stream, self.left = stream, MAX_REPLY_LINES
+
+    def readline(self, size=-1):
+        if self.left <= 0:
+            raise OSError("a reply of more than %d lines" % MAX_REPLY_LINES)
+        self.left -= 1
+        return self.stream.readline(size)
+
+    def close(self):
+        self.stream.close()
+
+
 def transcript_classes():
     """Return (SMTP, SMTP_SSL) subclasses that write a redacted transcript.
 
@@ -5368,6 +5391,13 @@ def transcript_classes():
             return ("\n%s " % self._glyph(True)).join(lines)
 
         def getreply(self):
+            """Read a reply (smtplib's), of at most MAX_REPLY_LINES lines: smtplib bounds
+            their length, not their number (a server sending lines without end would
+            be read for ever); beyond, SMTPServerDisconnected and the session closed."""
+            if self.file is None and self.sock is not None:  # as smtplib would, counted
+                self.file = ReplyLines(self.sock.makefile("rb"))
+            if isinstance(self.file, ReplyLines):
+                self.file.left = MAX_REPLY_LINES
             code, text = super().getreply()
             self._challenged = code == 334
             if self.log:

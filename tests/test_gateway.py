@@ -292,6 +292,52 @@ def test_next_hop_down_or_silent_is_451(start, tmp_path):
         assert gw.stop() == 0
 
 
+class EndlessReplies:
+    """A raw next hop whose EHLO reply never ends (ten thousand '250-' lines, then a
+    last one), every other command answered 250."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.sendall(b"220 endless ESMTP\r\n")
+                    for line in conn.makefile("rb"):
+                        if line[:4].upper() in (b"EHLO", b"HELO"):
+                            conn.sendall(b"250-talkative\r\n" * 10_000 + b"250 OK\r\n")
+                        else:
+                            conn.sendall(b"250 OK\r\n")
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+
+
+def test_next_hop_reply_of_too_many_lines_is_451(start):
+    """smtplib bounds a reply's line length, not its number of lines: a next hop past
+    MAX_REPLY_LINES is broken, the client hears 451 and keeps the message."""
+    hop = EndlessReplies()
+    try:
+        gw = start(["--sign"], {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(hop.port),
+                                "SMTP_TLS": "none"})
+        with gw.client() as c:
+            assert c.mail("alice@example.com")[0] == 250
+            code, text = c.rcpt(RCPTS[0])
+            assert code == 451 and b"more than 1000 lines" in text, text
+        assert gw.stop() == 0
+    finally:
+        hop.close()
+
+
 def test_next_hop_lost_during_data_is_451_then_retried(start, sink):
     sink.handler.drop_every = 1
     gw = start(["--sign"], hop_env(sink))
