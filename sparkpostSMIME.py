@@ -247,6 +247,13 @@ class TlsError(ConfigError):
     """The server's TLS certificate is not trusted, or is for another name."""
 
 
+class ServiceError(SmimeToolError):
+    """A fault on our side while the gateway serves, which the operator can mend (a key
+    file that opened at start-up and does not now): 451 4.3.0, the client keeps the
+    message and tries again."""
+    exit_code = EX_TEMPFAIL
+
+
 class AuthError(SmimeToolError):
     """The server refused our credentials (SMTP 530/535, API 401/403)."""
     exit_code = EX_NOPERM
@@ -6578,6 +6585,7 @@ class Gateway:
     def run(self):
         """Listen, serve until SIGTERM or Ctrl-C, print the summary; return the exit code.
         Raises ConfigError (the address, TLS files) or OutputError (journal, archive)."""
+        self.keystore = self.checked_keystore()
         sock = self.bind()
         Recorder(self.settings, self.reporter, self.stats, bool).close()  # can they be opened?
         self.reporter.warn("serving on %s port %d (%s%s; %d process%s), next hop: %s" % (
@@ -6590,6 +6598,20 @@ class Gateway:
             self.reporter.warn(notice)
         self.reporter.say(self.stats.summary())
         return code
+
+    def checked_keystore(self):
+        """Return the Keystore, every identity it can sign with loaded and checked
+        (check_signers(): the processes of --jobs inherit them).  Raises
+        IdentityError or ConfigError naming the file: no message is taken with a key
+        that cannot be used."""
+        keystore = keystore_of(self.settings, self.reporter)
+        if self.settings.sign_mode:
+            try:
+                check_signers(keystore)
+            except SmimeToolError as exc:
+                raise IdentityError("--serve checks every signing key before it listens: %s"
+                                    % exc)
+        return keystore
 
     def bind(self):
         """Return the listening socket.  Raises ConfigError when the address cannot be
@@ -6636,7 +6658,6 @@ class Gateway:
         exit code."""
         from concurrent import futures
         import asyncio
-        self.keystore = keystore_of(self.settings, self.reporter)
         self.recorder = Recorder(self.settings, self.reporter, self.stats, self.halt)
         self.threads = futures.ThreadPoolExecutor(self.gw.connections + 2, "next-hop")
         try:
@@ -6862,10 +6883,25 @@ class Gateway:
             if smime_kind(msg.entity_fields):
                 return Job(source, 0, data, msg.sender, tuple(recipients), msg, notes=(
                     (None, "%s: already S/MIME, passed on unchanged" % source),)), ""
+            if settings.sign_mode:
+                self.signer_of(msg.sender)
             return build_job((source, 0), settings, self.keystore, self.extra, msg=msg,
                              check=self.rules.check), ""
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
             return failed_job((source, 0), exc), build_reply(exc)
+
+    def signer_of(self, address):
+        """Load the sender's identity (loaded at start-up, or a key file added since).
+        Raises ServiceError (451) when its key file is there but cannot be used (not
+        readable, a wrong password, a certificate expired): a fault on our side.  A
+        From address without a key file is the message's fault: build_job() says so."""
+        if self.keystore.find(address, KEY_SUFFIXES) is None:
+            return
+        try:
+            self.keystore.signer(address)
+        except IdentityError as exc:
+            raise ServiceError("the signing key cannot be used now, try again later: %s"
+                               % exc)
 
     def next_hop_of(self, server):
         """Return the client connection's next-hop session, made at the first use."""
@@ -6922,8 +6958,13 @@ class Gateway:
             self.done.set()
 
     def reload(self):
-        """SIGHUP: read keys and certificates again (as the next messages need them)."""
-        self.keystore = keystore_of(self.settings, self.reporter)
+        """SIGHUP: read keys and certificates again, the signing keys checked as at
+        start-up; with a problem the keys read before stay in use."""
+        try:
+            self.keystore = self.checked_keystore()
+        except SmimeToolError as exc:
+            self.reporter.warn("SIGHUP: %s; the keys read before stay in use" % exc)
+            return
         self.reporter.warn("SIGHUP: keys and certificates are read again")
 
 
@@ -7162,6 +7203,31 @@ def received_header(session, name, source, recipients):
     return ("Received: from %s ([%s])\r\n\tby %s (sparkpostSMIME) with %s id %s%s;\r\n\t%s\r\n"
             % (helo or "unknown", peer, name, kind, source, to, rfc5322_date(time.time()))
             ).encode("ascii", "replace")
+
+
+def check_signers(keystore):
+    """Load every identity *keystore* can sign with, as a message from each would load
+    it: each key file of the key directories (<address>.pem, .p12, .pfx, .p11 that
+    find_file() would pick, with a certificate in it or beside it) opened with SMIME_KEY_PASSWORD or PKCS11_PIN, its
+    certificate valid now and not revoked, a token's key found and matching it.
+    Return their addresses.  Raises IdentityError or ConfigError naming the file."""
+    addresses = []
+    for directory in keystore.dirs:
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue  # a key directory that is not there holds no key
+        for name in names:
+            stem, suffix = os.path.splitext(name)
+            if suffix in KEY_SUFFIXES and "@" in stem and _SAFE_ADDRESS.match(stem.lower()):
+                addresses.append(stem.lower())
+    for address in dict.fromkeys(addresses):
+        if keystore.find(address, KEY_SUFFIXES) is None or keystore.certificates(address) == []:
+            continue  # not a file, a link out of its directory, a key without certificate
+        signer = keystore.signer(address)
+        if isinstance(signer.key, TokenKey):
+            signer.key.operate(lambda key: None)  # logs in, finds the key, checks it
+    return list(dict.fromkeys(addresses))
 
 
 def address_problem(address):

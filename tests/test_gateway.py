@@ -723,6 +723,63 @@ def test_sighup_reloads_certificates(start, sink, pki, tmp_path):
     assert "SIGHUP: keys and certificates are read again" in gw.stderr()
 
 
+def write_p12(pki, address, path, password=b"p12-Pa55-TEST"):
+    """Write *address*'s key and certificate as a password-protected PKCS#12 file."""
+    from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
+    key, cert = pki.ids[address]
+    path.write_bytes(pkcs12.serialize_key_and_certificates(
+        address.encode(), key, cert, [pki.inter.cert], BestAvailableEncryption(password)))
+
+
+def test_a_signing_key_that_cannot_be_opened_stops_the_start_78(tmp_path, pki):
+    """Every signing key is opened before listening: a .p12 without SMIME_KEY_PASSWORD
+    is exit 78 at start-up naming the file, not a 550 for every message."""
+    from support.harness import run_tool
+    keys = tmp_path / "keys"
+    shutil.copytree(pki.keys, keys)
+    (keys / "alice@example.com.pem").unlink()
+    write_p12(pki, "alice@example.com", keys / "alice@example.com.p12")
+    port = free_port()
+    proc = run_tool(["--serve", str(port), "--send_smtp", "--sign", "--keys", str(keys)],
+                    env={"SMTP_HOST": "127.0.0.1"})
+    assert proc.returncode == 78, proc.stderr
+    line = proc.stderr.decode().splitlines()[-1]  # before it: the key file's mode, warned
+    assert "alice@example.com.p12: cannot open the PKCS#12 file" in line
+    assert "SMIME_KEY_PASSWORD" in line and "serving on" not in line
+
+
+def test_our_side_faults_while_serving_are_451_the_message_s_own_550(start, sink, pki, tmp_path):
+    """Keys loaded at start-up serve on when their file goes; a key file added later
+    that cannot be opened is our fault (451 4.3.0: the client keeps the message), a
+    From address without any key the message's (550), and SIGHUP keeps the keys that
+    work rather than take a broken one."""
+    keys = tmp_path / "keys"
+    shutil.copytree(pki.keys, keys)
+    (keys / "bob@example.org.pem").unlink()
+    gw = start(["--sign"], hop_env(sink), keys=str(keys))
+    (keys / "alice@example.com.pem").unlink()  # loaded already
+    write_p12(pki, "bob@example.org", keys / "bob@example.org.p12")  # no SMIME_KEY_PASSWORD
+    bob = MSG.replace(b"From: Alice Example <alice@example.com>", b"From: bob@example.org")
+    with gw.client() as c:
+        assert c.sendmail("alice@example.com", RCPTS[1:2], MSG) == {}
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            c.sendmail("bob@example.org", RCPTS[1:2], bob)
+        assert err.value.smtp_code == 451 and err.value.smtp_error.startswith(b"4.3.0 ")
+        assert b"cannot open the PKCS#12 file" in err.value.smtp_error
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            c.sendmail("x@example.com", RCPTS[1:2], MSG.replace(b"alice@", b"nokey@"))
+        assert err.value.smtp_code == 550
+        gw.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "SIGHUP" not in gw.stderr() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.sendmail("alice@example.com", RCPTS[1:2], MSG) == {}
+    assert len(sink.messages) == 2
+    assert gw.stop() == 0
+    assert "the keys read before stay in use" in gw.stderr()
+    assert "Summary: 2 sent, 2 failed" in gw.stdout()
+
+
 def test_journal_and_archive_as_in_batch_mode(start, sink, tmp_path):
     journal, archive = tmp_path / "sent.jsonl", tmp_path / "archive"
     gw = start(["--sign", "--encrypt", "--results", str(journal), "--archive", str(archive)],
