@@ -509,6 +509,7 @@ class GatewaySettings(NamedTuple):
     password: str = ""
     timeout: float = 300.0       #: seconds a client may stay silent (RFC 5321 4.5.3.2.7)
     connections: int = 100       #: clients served at once
+    per_client: int = 20         #: connections at once from one client address
 
     def __repr__(self):
         return "GatewaySettings(%s:%d, password=***)" % (self.host, self.port)
@@ -542,7 +543,8 @@ class GatewaySettings(NamedTuple):
                               "hosts can reach it" % (host, port))
         return cls(host, port, cert, key, user, password,
                    env_number(env, "SMIME_GATEWAY_TIMEOUT", 300.0, float, low=1, high=3600),
-                   env_number(env, "SMIME_GATEWAY_CONNECTIONS", 100, high=10000))
+                   env_number(env, "SMIME_GATEWAY_CONNECTIONS", 100, high=10000),
+                   env_number(env, "SMIME_GATEWAY_CONNECTIONS_PER_CLIENT", 20, high=10000))
 
     secrets = SmtpSettings.secrets  #: the password and the AUTH PLAIN string
 
@@ -6542,6 +6544,15 @@ def worker_process(settings, backend, build, items, reporter, stats, channel, ha
 MAX_RECIPIENTS = 1000
 #: Commands one client connection may send, and AUTH commands among them.
 MAX_COMMANDS, MAX_AUTH = 100_000, 5
+#: NOOP, RSET, HELP, VRFY and failed commands a session may send before its first
+#: accepted MAIL (and again after each one) unless authenticated: then 421 and closed.
+MAX_IDLE_COMMANDS = 20
+#: The slowest upload allowed: a command line or message must arrive within
+#: max(SMIME_GATEWAY_TIMEOUT, --max_size / MIN_DATA_RATE) seconds (64 KiB/s).
+MIN_DATA_RATE = 65536
+#: A failed AUTH makes the next AUTH from that client address wait: 1 s, doubled per
+#: failure in a row, at most 30 s (one success clears it); addresses remembered.
+AUTH_DELAY, MAX_AUTH_DELAY, MAX_AUTH_ADDRESSES = 1.0, 30.0, 10_000
 #: The longest address in MAIL or RCPT: a path is at most 256 octets with its "<>"
 #: (RFC 5321 4.5.3.1.3).
 MAX_PATH = 254
@@ -6581,6 +6592,9 @@ class Gateway:
         self.keystore = self.recorder = self.threads = self.done = None
         self.clients, self.flights, self.endings, self.uploads = set(), set(), set(), 0
         self.connections = self.messages = 0
+        self.by_address = collections.Counter()  #: client address -> its connections
+        self.failed_logins = {}  #: client address -> (failures in a row, monotonic until)
+        self.channel = None  #: a forked process's Channel to the first one
 
     def run(self):
         """Listen, serve until SIGTERM or Ctrl-C, print the summary; return the exit code.
@@ -6634,7 +6648,7 @@ class Gateway:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)  # until its event loop takes them
         self.prefix += "-%d" % self.spawned
-        code = EX_SOFTWARE
+        code, self.channel = EX_SOFTWARE, channel
         try:
             code = self.serve_here(control)
         except SmimeToolError as exc:
@@ -6675,10 +6689,9 @@ class Gateway:
         self.done = asyncio.Event()
         self.quiet_library()
         smtp, busy = gateway_protocols()
-        limit = max(1, self.gw.connections // self.settings.jobs)
 
         def factory():
-            if self.stopping or len(self.clients) >= limit:
+            if self.stopping:
                 return busy()
             self.connections += 1
             return smtp(self, "c%d" % self.connections, **self.options)
@@ -6732,7 +6745,7 @@ class Gateway:
         gw = self.gw
         options = dict(data_size_limit=self.settings.max_size, enable_SMTPUTF8=False,
                        decode_data=False, hostname=self.name, ident="sparkpostSMIME gateway",
-                       timeout=gw.timeout,
+                       timeout=self.deadline(),
                        command_call_limit={"AUTH": MAX_AUTH, "*": MAX_COMMANDS})
         if gw.cert:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -6747,6 +6760,61 @@ class Gateway:
                            authenticator=self.authenticate)
         return options
 
+    def deadline(self):
+        """Return the seconds a command line or a message's upload may take at most:
+        SMIME_GATEWAY_TIMEOUT, or longer for --max_size at MIN_DATA_RATE (aiosmtpd's
+        timeout, counted from a client's last command; silence is Client.silent()'s)."""
+        return max(self.gw.timeout, self.settings.max_size / MIN_DATA_RATE)
+
+    def admit(self, client, transport):
+        """Return '' and count the new connection of *client*, or the 421 reply when
+        it would pass SMIME_GATEWAY_CONNECTIONS or _PER_CLIENT (RFC 5321 3.8).
+        Counted as each connection is made, in order, also in a burst."""
+        peer = transport.get_extra_info("peername")
+        client.address = peer[0] if isinstance(peer, tuple) else "unknown"
+        if len(self.clients) >= self.gw.connections:
+            return "421 4.7.0 too many connections, try again later"
+        if self.by_address[client.address] >= self.gw.per_client:
+            return "421 4.7.0 too many connections from your address, try again later"
+        self.clients.add(client)
+        self.by_address[client.address] += 1
+        return ""
+
+    def release(self, client):
+        """A connection admit() counted has ended (the first process hears of it)."""
+        self.clients.discard(client)
+        self.by_address[client.address] -= 1
+        if self.by_address[client.address] <= 0:
+            del self.by_address[client.address]
+        if self.channel is not None:
+            self.channel.send(("ended", client.address))
+
+    async def hold_auth(self, client):
+        """Before an AUTH: wait while failures from the client's address say so."""
+        import asyncio
+        failures, until = self.failed_logins.get(client.address, (0, 0.0))
+        wait = until - time.monotonic()
+        if wait > 0:
+            self.reporter.warn("%s: AUTH from %s held %.1f seconds (%d failed in a row)"
+                               % (client.tag, client.address, wait, failures))
+            client.pausing = True
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                client.pausing = False
+
+    def failed_auth(self, client, mechanism):
+        """Count a failed AUTH of *client*'s address: its next AUTH waits AUTH_DELAY
+        doubled per failure in a row, at most MAX_AUTH_DELAY; log it."""
+        failures = self.failed_logins.pop(client.address, (0, 0.0))[0] + 1
+        delay = min(MAX_AUTH_DELAY, AUTH_DELAY * 2 ** min(failures - 1, 16))
+        self.failed_logins[client.address] = (failures, time.monotonic() + delay)
+        while len(self.failed_logins) > MAX_AUTH_ADDRESSES:  # the oldest go first
+            del self.failed_logins[next(iter(self.failed_logins))]
+        self.reporter.warn("%s: AUTH %s refused from %s (wrong user or password; %d failed "
+                           "in a row: its next AUTH waits %g seconds)"
+                           % (client.tag, mechanism, client.address, failures, delay))
+
     def authenticate(self, server, session, envelope, mechanism, auth_data):
         """aiosmtpd's authenticator: SMIME_GATEWAY_USER and its password (RFC 4954;
         PLAIN and LOGIN, offered only after STARTTLS)."""
@@ -6757,8 +6825,9 @@ class Gateway:
             hmac.compare_digest(auth_data.login, gw.user.encode("utf-8")),
             hmac.compare_digest(auth_data.password, gw.password.encode("utf-8"))])
         if not good:
-            self.reporter.warn("%s: AUTH %s refused (wrong user or password)"
-                               % (server.tag, mechanism))
+            self.failed_auth(server, mechanism)
+        else:
+            self.failed_logins.pop(server.address, None)
         return aiosmtpd_smtp.AuthResult(success=good, handled=False)
 
     # -- the SMTP dialogue (aiosmtpd's handler hooks) --------------------------------
@@ -6779,6 +6848,7 @@ class Gateway:
             return "501 5.1.7 bad sender address syntax: %s (RFC 5321 4.1.2)" % problem
         code, text = self.next_hop_of(server).mail(address, options)
         if code == 250:
+            server.idle_commands = 0
             envelope.mail_from = address
             envelope.mail_options.extend(options)
         return relayed(code, text)
@@ -6973,11 +7043,13 @@ class Supervisor:
     and hands each connection to the N forked processes in turn (SCM_RIGHTS over a
     socket pair each: shared listening sockets let the first process to wake take
     every connection), forwards SIGTERM, Ctrl-C and SIGHUP to them, replaces one that
-    dies, and adds their counts up (a Channel each)."""
+    dies, and adds their counts up (a Channel each).  It holds the connection limits
+    as it accepts: each process tells it when a connection has ended."""
 
     def __init__(self, gateway, sock):
         self.gateway, self.sock, self.poller = gateway, sock, select.poll()
         self.children, self.code, self.turn = {}, EX_OK, 0  #: children: pipe fd -> process
+        self.open = {}  #: pipe fd -> collections.Counter: client address -> connections
 
     def run(self):
         """Serve until the last process has ended; return the exit code (74 when one could
@@ -7017,6 +7089,7 @@ class Supervisor:
         os.close(writer)
         theirs.close()
         self.children[reader] = (Channel(reader, pid), time.monotonic(), ours)
+        self.open[reader] = collections.Counter()
         self.poller.register(reader, select.POLLIN)
 
     def forward(self, signum, frame=None):
@@ -7029,26 +7102,51 @@ class Supervisor:
             os.kill(channel.pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
 
     def hand_over(self):
-        """Accept a connection and pass it to the next process that takes it."""
+        """Accept a connection and pass it to the next process that takes it, or turn it
+        away (421) over SMIME_GATEWAY_CONNECTIONS or _PER_CLIENT."""
         try:
-            conn, _ = self.sock.accept()
+            conn, peer = self.sock.accept()
         except OSError:  # gone already, or closed by forward()
             return
+        address = peer[0] if isinstance(peer, tuple) else "unknown"
         with conn:
+            refusal = self.refusal(address)
+            if refusal:
+                try:
+                    conn.send(refusal.encode("ascii") + b"\r\n")
+                except OSError:
+                    pass
+                return
             for _ in range(len(self.children)):
                 self.turn += 1
-                control = list(self.children.values())[self.turn % len(self.children)][2]
+                fd = list(self.children)[self.turn % len(self.children)]
                 try:
-                    socket.send_fds(control, [b"c"], [conn.fileno()])
+                    socket.send_fds(self.children[fd][2], [b"c"], [conn.fileno()])
+                    self.open[fd][address] += 1
                     return
                 except OSError:  # that process is ending: the next one
                     continue
+
+    def refusal(self, address):
+        """Return the 421 reply for a new connection from *address* over a limit, or ''
+        (Gateway.admit() for all the processes)."""
+        gw = self.gateway.gw
+        if sum(sum(c.values()) for c in self.open.values()) >= gw.connections:
+            return "421 4.7.0 too many connections, try again later"
+        if sum(c[address] for c in self.open.values()) >= gw.per_client:
+            return "421 4.7.0 too many connections from your address, try again later"
+        return ""
 
     def read(self, fd):
         """Take a process's counts from its pipe; at its end, ended()."""
         chunk = os.read(fd, 65536)
         for message in self.children[fd][0].receive(chunk):
-            self.gateway.stats.merge(*message[1:])
+            if message[0] == "ended":
+                self.open[fd][message[1]] -= 1
+                if self.open[fd][message[1]] <= 0:
+                    del self.open[fd][message[1]]
+            else:
+                self.gateway.stats.merge(*message[1:])
         if not chunk:
             self.ended(fd)
 
@@ -7056,6 +7154,7 @@ class Supervisor:
         """A process has ended: all stop if it could not record a message or failed on
         starting; else another one takes its place (unless stopping)."""
         channel, started, control = self.children.pop(fd)
+        del self.open[fd]  # its connections have gone with it
         self.poller.unregister(fd)
         os.close(fd)
         control.close()
@@ -7078,26 +7177,102 @@ def gateway_protocols():
     class Client(aiosmtpd_smtp.SMTP):
         """One client connection: its tag, its next-hop session, our replies logged, and
         DATA content taken in chunks (data_received()), not line by line as aiosmtpd
-        takes it (~2.5 us a line: a third of a 19 KB message's time)."""
+        takes it (~2.5 us a line: a third of a 19 KB message's time).  Its limits:
+        admitted or not (Gateway.admit()), silence (silent()), idle commands (idle()),
+        AUTH held after failures (Gateway.hold_auth())."""
 
         def __init__(self, gateway, tag, **options):
             super().__init__(gateway, **options)
             self.gateway, self.tag, self.hop = gateway, tag, None
             self.content = self.taken = self.over = None  #: DATA being taken, its end, too big
+            self.address, self.admitted, self.pausing = "unknown", False, False
+            self.idle_commands, self.silence = 0, None
 
         def connection_made(self, transport):
             if self.transport is None:  # not again after STARTTLS
-                self.gateway.clients.add(self)
+                refusal = self.gateway.admit(self, transport)
+                if refusal:
+                    transport.write(refusal.encode("ascii") + b"\r\n")
+                    return transport.close()
+                self.admitted = True
             super().connection_made(transport)
+            self.listen()
 
         def connection_lost(self, error):
-            self.gateway.clients.discard(self)
+            if not self.admitted:  # turned away: aiosmtpd never started
+                return
+            if self.silence is not None:
+                self.silence.cancel()
+            self.gateway.release(self)
             self.gateway.hang_up(self)
             super().connection_lost(error)
 
         async def push(self, status):
             self.gateway.transcript(self, "->", status)
             await super().push(status)
+            self.listen()
+            if isinstance(status, str) and status[:1] in "45" and status[:3] != "421":
+                await self.idle()
+
+        def listen(self):
+            """Start the wait for the client again: it has sent something, or we have
+            answered (SMIME_GATEWAY_TIMEOUT: seconds it may stay silent)."""
+            if self.silence is not None:
+                self.silence.cancel()
+            self.silence = self.loop.call_later(self.gateway.gw.timeout, self.silent)
+
+        def silent(self):
+            """The client has been silent for SMIME_GATEWAY_TIMEOUT: 421 and close,
+            unless the wait is ours (the next hop, a message being relayed, AUTH held)."""
+            hop, transport = self.hop, self.transport
+            if transport is None or transport.is_closing():
+                return
+            if self.pausing or (self.content is not None and self.taken.done()) or (
+                    hop is not None and hop.running is not None and not hop.running.done()):
+                return self.listen()
+            transport.write(b"421 4.4.2 %s: nothing heard for %g seconds, closing\r\n"
+                            % (self.gateway.name.encode("ascii", "replace"),
+                               self.gateway.gw.timeout))
+            transport.close()
+
+        async def idle(self):
+            """Count a command that takes no message further (NOOP, RSET, HELP, VRFY, or
+            one that failed) before the session's first accepted MAIL (and since its
+            last), unless it has authenticated: the MAX_IDLE_COMMANDS-th gets 421 and
+            the connection is closed."""
+            if self.session is None or self.session.authenticated or (
+                    self.envelope.mail_from is not None):
+                return
+            self.idle_commands += 1
+            if self.idle_commands >= MAX_IDLE_COMMANDS and self.transport is not None:
+                await self.push("421 4.7.0 %d commands without a message, closing"
+                                % self.idle_commands)
+                self.transport.close()
+
+        async def smtp_NOOP(self, arg):
+            await self.counted(super().smtp_NOOP(arg))
+
+        async def smtp_RSET(self, arg):
+            await self.counted(super().smtp_RSET(arg))
+
+        async def smtp_HELP(self, arg):
+            await self.counted(super().smtp_HELP(arg))
+
+        async def smtp_VRFY(self, arg):
+            await self.counted(super().smtp_VRFY(arg))
+
+        async def counted(self, command):
+            """Run aiosmtpd's *command*, counted by idle() once (a failure is already)."""
+            before = self.idle_commands
+            await command
+            if self.idle_commands == before:
+                await self.idle()
+
+        async def smtp_AUTH(self, arg):
+            """AUTH (RFC 4954), held while failures from this address say so."""
+            await self.gateway.hold_auth(self)
+            if self.transport is not None:
+                await super().smtp_AUTH(arg)
 
         async def smtp_MAIL(self, arg):
             """MAIL (RFC 5321 4.1.1.2), its argument checked as sent: aiosmtpd's parser
@@ -7144,6 +7319,7 @@ def gateway_protocols():
         def data_received(self, data):
             """Bytes from the client: DATA content up to its final "." line while it is
             taken (kept up to data_size_limit: RFC 1870), else commands for aiosmtpd."""
+            self.listen()
             content = self.content
             if content is None or self.taken.done():
                 return super().data_received(data)

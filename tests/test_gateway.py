@@ -630,11 +630,138 @@ def test_connection_cap_and_idle_timeout(start, sink):
     third = raw_session(gw.port, [b"QUIT\r\n"])
     assert third.startswith("421 4.7.0 too many connections")
     time.sleep(3)  # both idle longer than SMIME_GATEWAY_TIMEOUT: closed by the gateway
+    try:  # its 421, or (the connection reset first) no reply at all
+        assert first.noop()[0] == 421
+    except smtplib.SMTPServerDisconnected:
+        pass
     with pytest.raises(smtplib.SMTPServerDisconnected):
         first.noop()
     with gw.client() as c:
         assert c.noop()[0] == 250
     second.close()
+    assert gw.stop() == 0
+
+
+def greetings(sockets):
+    """Return the first reply line each of the raw *sockets* got (then close them)."""
+    said = []
+    for s in sockets:
+        try:
+            said.append(s.makefile("rb").readline().decode("ascii", "replace"))
+        except OSError:
+            said.append("")
+        s.close()
+    return said
+
+
+def test_connection_cap_counted_as_connections_are_accepted(start, sink):
+    """A burst arriving while the gateway is busy (reading and building a big message)
+    is counted connection by connection: never more than SMIME_GATEWAY_CONNECTIONS."""
+    gw = start(["--sign", "--encrypt"], hop_env(sink, SMIME_GATEWAY_CONNECTIONS="5"))
+    big = MSG + b"".join(b"%076d\r\n" % n for n in range(100_000))  # ~7.8 MB
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as busy:
+        busy.sendall(b"EHLO app\r\nMAIL FROM:<alice@example.com>\r\n"
+                     b"RCPT TO:<bob@example.org>\r\nDATA\r\n")
+        reply = b""
+        while b"354 " not in reply:
+            reply += busy.recv(4096) or b"(closed)"
+            assert b"(closed)" not in reply
+        busy.sendall(big + b".\r\n")
+        burst = [socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+                 for _ in range(20)]
+        said = greetings(burst)
+        while b"250 2.0.0 Ok: queued" not in reply:
+            reply += busy.recv(4096) or b"(closed)"
+            assert b"(closed)" not in reply
+    assert sum(line.startswith("220 ") for line in said) == 4, said  # 5 with the busy one
+    assert sum(line.startswith("421 4.7.0 too many connections") for line in said) == 16
+    assert gw.stop() == 0
+
+
+def client_when_free(gw):
+    """Return a client of *gw* once a connection is free: with --jobs, the first process
+    counts a closed connection until its process has seen it end."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return gw.client()
+        except smtplib.SMTPConnectError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_connections_per_client_address_capped(start, sink, jobs):
+    gw = start(["--sign", "--jobs", jobs],
+               hop_env(sink, SMIME_GATEWAY_CONNECTIONS_PER_CLIENT="2"))
+    first = client_when_free(gw)  # after the start-up probe's connection
+    second = client_when_free(gw)
+    third = raw_session(gw.port, [b"QUIT\r\n"])
+    assert third.startswith("421 4.7.0 too many connections from your address"), third
+    first.quit()
+    with client_when_free(gw) as c:
+        assert c.sendmail("alice@example.com", RCPTS[:1], MSG) == {}
+    second.quit()
+    assert gw.stop() == 0
+
+
+def test_idle_commands_before_mail_end_the_session(start, sink):
+    """NOOP, RSET, HELP, VRFY and failed commands keep no session alive for ever: the
+    MAX_IDLE_COMMANDS-th (20) before a MAIL gets 421; a MAIL starts the count again."""
+    gw = start(["--sign"], hop_env(sink))
+    junk = [b"NOOP\r\n", b"RSET\r\n", b"HELP\r\n", b"VRFY x\r\n", b"BOGUS\r\n"]
+    said = raw_session(gw.port, [b"EHLO app\r\n"] + junk * 5)
+    assert said.rstrip().endswith("421 4.7.0 20 commands without a message, closing"), said
+    assert said.count("\r\n") == 1 + 5 + 20 + 1  # greeting, EHLO, 20 replies, 421
+    good = [b"MAIL FROM:<alice@example.com>\r\n", b"RCPT TO:<bob@example.org>\r\n",
+            b"DATA\r\n", MSG + b".\r\n"]
+    said = raw_session(gw.port, [b"EHLO app\r\n"] + junk[:4] * 4 + good + junk[:4] * 4
+                       + [b"QUIT\r\n"])
+    assert "421" not in said and said.rstrip().endswith("221 Bye"), said
+    assert len(sink.messages) == 1
+    assert gw.stop() == 0
+
+
+def trickle(port, pieces, pause):
+    """Send a message's DATA in *pieces* (bytes) *pause* seconds apart; return what the
+    gateway said (until it closed or answered the end of data)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"EHLO app\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>"
+                  b"\r\nDATA\r\n")
+        said = b""
+        while b"354 " not in said:
+            said += s.recv(4096)
+        try:
+            for piece in pieces:
+                time.sleep(pause)
+                s.sendall(piece)
+            s.sendall(b".\r\nQUIT\r\n")
+        except OSError:
+            pass
+        while True:
+            try:
+                chunk = s.recv(4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            said += chunk
+    return said.decode("ascii", "replace")
+
+
+def test_data_timeout_is_silence_with_a_deadline_by_size(start, sink):
+    """SMIME_GATEWAY_TIMEOUT is the silence allowed between reads, also in DATA; the
+    whole upload has max(timeout, --max_size / 64 KiB/s) seconds (here 2 s and 6 s)."""
+    gw = start(["--sign", "--max_size", str(6 * 65536)],
+               hop_env(sink, SMIME_GATEWAY_TIMEOUT="2"))
+    lines = [MSG] + [b"line %d of a slow upload\r\n" % n for n in range(9)]
+    said = trickle(gw.port, lines, 0.5)  # 4.5 s in all, never 2 s silent
+    assert "250 2.0.0 Ok: queued" in said, said
+    said = trickle(gw.port, [MSG, b"then silence\r\n"], 3)  # 3 s silent
+    assert "421 4.4.2" in said and "nothing heard for 2 seconds" in said
+    said = trickle(gw.port, [MSG] + lines[1:], 0.9)  # 8.1 s in all: past the deadline
+    assert "Ok: queued" not in said
+    assert len(sink.messages) == 1
     assert gw.stop() == 0
 
 
@@ -669,6 +796,40 @@ def test_auth_only_after_starttls(start, sink, pki, tls_ctx, tmp_path):
     assert "client <~ AUTH" in err and "client <~ mail FROM:<alice@example.com>" in err
     assert "next hop -> MAIL FROM:<alice@example.com>" in err
     assert PASSWORD not in err + gw.stdout()
+
+
+def test_failed_auth_slows_that_address_across_connections(start, sink, pki, tmp_path):
+    """Each failed AUTH is logged and makes the next AUTH from that address wait (1 s,
+    then doubled), on any of its connections; a success clears it."""
+    import base64
+    from support.servers import server_context
+    base = tmp_path / "tls"
+    base.mkdir()
+    server_context(pki.inter, str(base))
+    gw = start(["--sign"], hop_env(sink, SMIME_GATEWAY_TLS_CERT=str(base / "server.crt"),
+                                   SMIME_GATEWAY_TLS_KEY=str(base / "server.key"),
+                                   SMIME_GATEWAY_USER=USER, SMIME_GATEWAY_PASSWORD=PASSWORD))
+    wrong = "AUTH PLAIN " + base64.b64encode(b"\0%s\0wrong" % USER.encode()).decode()
+
+    def session():
+        c = gw.client()
+        c.starttls(context=ssl.create_default_context(cafile=pki.cafile))
+        c.ehlo("app.example")
+        return c
+    first, second = session(), session()
+    assert first.docmd(wrong)[0] == 535
+    assert second.docmd(wrong)[0] == 535  # held 1 s first
+    second.login(USER, PASSWORD)  # held 2 s, then clears the count
+    assert first.docmd(wrong)[0] == 535
+    first.close()
+    second.close()
+    assert gw.stop() == 0
+    err = gw.stderr()
+    assert err.count("AUTH PLAIN refused from 127.0.0.1 (wrong user or password; 1 failed "
+                     "in a row: its next AUTH waits 1 seconds)") == 2, err
+    assert "2 failed in a row: its next AUTH waits 2 seconds" in err
+    assert re.search(r"AUTH from 127\.0\.0\.1 held [12]\.\d seconds \(2 failed in a row\)",
+                     err), err
 
 
 def test_listening_beyond_loopback_needs_tls_and_auth_or_trust(tmp_path, pki):
