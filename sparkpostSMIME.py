@@ -7385,9 +7385,10 @@ def received_header(session, name, source, recipients):
 def check_signers(keystore):
     """Load every identity *keystore* can sign with, as a message from each would load
     it: each key file of the key directories (<address>.pem, .p12, .pfx, .p11 that
-    find_file() would pick, with a certificate in it or beside it) opened with SMIME_KEY_PASSWORD or PKCS11_PIN, its
-    certificate valid now and not revoked, a token's key found and matching it.
-    Return their addresses.  Raises IdentityError or ConfigError naming the file."""
+    find_file() would pick, with a certificate in it or beside it) opened with
+    SMIME_KEY_PASSWORD or PKCS11_PIN, its certificate valid now and not revoked, a
+    token's key found and matching it.  Return their addresses.  Raises IdentityError
+    or ConfigError naming the file."""
     addresses = []
     for directory in keystore.dirs:
         try:

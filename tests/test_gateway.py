@@ -22,7 +22,7 @@ import pytest
 
 from support import engines
 from support.harness import CACHE, ROOT, TOOL
-from support.servers import ApiServer, SilentServer, SmtpServer, free_port
+from support.servers import ApiServer, EndlessReplies, SilentServer, SmtpServer, free_port
 
 USER = "gateway-app"
 PASSWORD = engines.plant_secret("gw-Pa55word-TEST-only")
@@ -129,15 +129,20 @@ def raw_session(port, lines, timeout=10):
             s.shutdown(socket.SHUT_WR)
         except OSError:  # the server has closed the connection already
             pass
-        while True:
-            try:
-                chunk = s.recv(4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            got += chunk
-    return got.decode("ascii", "replace")
+        return (got + read_to_end(s)).decode("ascii", "replace")
+
+
+def read_to_end(s):
+    """Return what the socket *s* receives until the server closes it (or resets it)."""
+    got = b""
+    while True:
+        try:
+            chunk = s.recv(4096)
+        except OSError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
 
 
 def decrypt_all(openssl, pki, data, people):
@@ -292,41 +297,10 @@ def test_next_hop_down_or_silent_is_451(start, tmp_path):
         assert gw.stop() == 0
 
 
-class EndlessReplies:
-    """A raw next hop whose EHLO reply never ends (ten thousand '250-' lines, then a
-    last one), every other command answered 250."""
-
-    def __init__(self):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    conn.sendall(b"220 endless ESMTP\r\n")
-                    for line in conn.makefile("rb"):
-                        if line[:4].upper() in (b"EHLO", b"HELO"):
-                            conn.sendall(b"250-talkative\r\n" * 10_000 + b"250 OK\r\n")
-                        else:
-                            conn.sendall(b"250 OK\r\n")
-                except OSError:
-                    pass
-
-    def close(self):
-        self.listener.close()
-
-
 def test_next_hop_reply_of_too_many_lines_is_451(start):
     """smtplib bounds a reply's line length, not its number of lines: a next hop past
     MAX_REPLY_LINES is broken, the client hears 451 and keeps the message."""
-    hop = EndlessReplies()
-    try:
+    with EndlessReplies() as hop:
         gw = start(["--sign"], {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(hop.port),
                                 "SMTP_TLS": "none"})
         with gw.client() as c:
@@ -334,8 +308,6 @@ def test_next_hop_reply_of_too_many_lines_is_451(start):
             code, text = c.rcpt(RCPTS[0])
             assert code == 451 and b"more than 1000 lines" in text, text
         assert gw.stop() == 0
-    finally:
-        hop.close()
 
 
 def test_next_hop_lost_during_data_is_451_then_retried(start, sink):
@@ -738,15 +710,7 @@ def trickle(port, pieces, pause):
             s.sendall(b".\r\nQUIT\r\n")
         except OSError:
             pass
-        while True:
-            try:
-                chunk = s.recv(4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            said += chunk
-    return said.decode("ascii", "replace")
+        return (said + read_to_end(s)).decode("ascii", "replace")
 
 
 def test_data_timeout_is_silence_with_a_deadline_by_size(start, sink):

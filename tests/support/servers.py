@@ -200,11 +200,35 @@ class SilentServer(StopOnExit):
             except OSError:
                 return
             self.conns.append(conn)
+            self.talk(conn)
+
+    def talk(self, conn):
+        """What it says on a connection: nothing."""
 
     def stop(self):
         self.sock.close()
         for c in self.conns:
             c.close()
+
+
+class EndlessReplies(SilentServer):
+    """An SMTP server whose EHLO reply never ends (ten thousand '250-' lines, then a
+    last one); every other command is answered 250."""
+
+    def talk(self, conn):
+        threading.Thread(target=self.converse, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def converse(conn):
+        try:
+            conn.sendall(b"220 endless ESMTP\r\n")
+            for line in conn.makefile("rb"):
+                if line[:4].upper() in (b"EHLO", b"HELO"):
+                    conn.sendall(b"250-talkative\r\n" * 10_000 + b"250 OK\r\n")
+                else:
+                    conn.sendall(b"250 OK\r\n")
+        except (OSError, ValueError):
+            pass
 
 
 class ApiServer(StopOnExit):
