@@ -7200,10 +7200,10 @@ def gateway_protocols():
             self.listen()
 
         def connection_lost(self, error):
-            if not self.admitted:  # turned away: aiosmtpd never started
-                return
             if self.silence is not None:
                 self.silence.cancel()
+            if not self.admitted:  # turned away: aiosmtpd never started
+                return
             self.gateway.release(self)
             self.gateway.hang_up(self)
             super().connection_lost(error)
