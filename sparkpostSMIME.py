@@ -57,7 +57,8 @@ Environment:
     SMTP_TLS_VERIFY, SMTP_TIMEOUT, SMTP_SPARKPOST, SMTP_HELO     (--send_smtp)
     SPARKPOST_API_KEY, SPARKPOST_HOST, SPARKPOST_TIMEOUT          (--send_api)
     SMIME_GATEWAY_TLS_CERT, SMIME_GATEWAY_TLS_KEY, SMIME_GATEWAY_USER,
-    SMIME_GATEWAY_PASSWORD, SMIME_GATEWAY_TIMEOUT, SMIME_GATEWAY_CONNECTIONS (--serve)
+    SMIME_GATEWAY_PASSWORD, SMIME_GATEWAY_TIMEOUT, SMIME_GATEWAY_CONNECTIONS,
+    SMIME_GATEWAY_CONNECTIONS_PER_CLIENT                                 (--serve)
 
 Exit codes (sysexits.h):
     0 ok, 64 usage, 65 unusable message, 66 input missing or unreadable,
@@ -246,6 +247,13 @@ class IdentityError(ConfigError):
 
 class TlsError(ConfigError):
     """The server's TLS certificate is not trusted, or is for another name."""
+
+
+class ServiceError(SmimeToolError):
+    """A fault on our side while the gateway serves, which the operator can mend (a key
+    file that opened at start-up and does not now): 451 4.3.0, the client keeps the
+    message and tries again."""
+    exit_code = EX_TEMPFAIL
 
 
 class AuthError(SmimeToolError):
@@ -503,6 +511,7 @@ class GatewaySettings(NamedTuple):
     password: str = ""
     timeout: float = 300.0       #: seconds a client may stay silent (RFC 5321 4.5.3.2.7)
     connections: int = 100       #: clients served at once
+    per_client: int = 20         #: connections at once from one client address
 
     def __repr__(self):
         return "GatewaySettings(%s:%d, password=***)" % (self.host, self.port)
@@ -536,7 +545,8 @@ class GatewaySettings(NamedTuple):
                               "hosts can reach it" % (host, port))
         return cls(host, port, cert, key, user, password,
                    env_number(env, "SMIME_GATEWAY_TIMEOUT", 300.0, float, low=1, high=3600),
-                   env_number(env, "SMIME_GATEWAY_CONNECTIONS", 100, high=10000))
+                   env_number(env, "SMIME_GATEWAY_CONNECTIONS", 100, high=10000),
+                   env_number(env, "SMIME_GATEWAY_CONNECTIONS_PER_CLIENT", 20, high=10000))
 
     secrets = SmtpSettings.secrets  #: the password and the AUTH PLAIN string
 
@@ -5274,6 +5284,29 @@ def dot_stuffed(data):
         line_start = piece.endswith(b"\n")
 
 
+#: Lines read of one reply of an SMTP server (RFC 5321 4.2.1 sets no bound: Postfix
+#: sends a few dozen at most).
+MAX_REPLY_LINES = 1000
+
+
+class ReplyLines:
+    """A server's reply stream (the file smtplib reads replies from) allowing *left*
+    more lines: past them readline() raises OSError, which smtplib reports as the
+    connection lost (SMTPServerDisconnected) after closing it."""
+
+    def __init__(self, stream):
+        self.stream, self.left = stream, MAX_REPLY_LINES
+
+    def readline(self, size=-1):
+        if self.left <= 0:
+            raise OSError("a reply of more than %d lines" % MAX_REPLY_LINES)
+        self.left -= 1
+        return self.stream.readline(size)
+
+    def close(self):
+        self.stream.close()
+
+
 def transcript_classes():
     """Return (SMTP, SMTP_SSL) subclasses that write a redacted transcript.
 
@@ -5325,6 +5358,13 @@ def transcript_classes():
             return ("\n%s " % self._glyph(True)).join(lines)
 
         def getreply(self):
+            """Read a reply (smtplib's), of at most MAX_REPLY_LINES lines: smtplib bounds
+            their length, not their number (a server sending lines without end would
+            be read for ever); beyond, SMTPServerDisconnected and the session closed."""
+            if self.file is None and self.sock is not None:  # as smtplib would, counted
+                self.file = ReplyLines(self.sock.makefile("rb"))
+            if isinstance(self.file, ReplyLines):
+                self.file.left = MAX_REPLY_LINES
             code, text = super().getreply()
             self._challenged = code == 334
             if self.log:
@@ -5700,13 +5740,19 @@ def prefetch(build, items):
     for item in items:
         try:
             yield build(item)
-        except SmimeToolError as exc:
-            yield Job(item[0], item[1], started=time.perf_counter(),
-                      failure=(exc.exit_code, str(exc)))
         except Exception as exc:  # noqa: BLE001 - a bug: this message fails, not the batch
-            yield Job(item[0], item[1], started=time.perf_counter(), failure=(
-                EX_SOFTWARE, "%s: internal error while building: %s: %s"
-                % (item[0], type(exc).__name__, exc)))
+            yield failed_job(item, exc)
+
+
+def failed_job(item, error):
+    """Return the Job of work *item* whose building raised *error*: its exit code and
+    reason, or for anything but a SmimeToolError (a bug) EX_SOFTWARE."""
+    if isinstance(error, SmimeToolError):
+        return Job(item[0], item[1], started=time.perf_counter(),
+                   failure=(error.exit_code, str(error)))
+    return Job(item[0], item[1], started=time.perf_counter(), failure=(
+        EX_SOFTWARE, "%s: internal error while building: %s: %s"
+        % (item[0], type(error).__name__, error)))
 
 
 def work(settings, backend, jobs, record, halted):
@@ -5924,6 +5970,7 @@ class Stats:
         self.failed_at = 0.0  #: time.monotonic() of the first failure (sets the exit code)
         self.latencies, self.start = [], time.perf_counter()
         self.notes = {}  #: topic -> [messages, the first one's warning]: see notices()
+        self.refused = None  #: the gateway: recipients it refused at RCPT (None: not counted)
 
     def add(self, res):
         if res.status in ("sent", "written"):
@@ -5944,10 +5991,12 @@ class Stats:
         """Count a message's (topic, warning) note; the first warning of a topic is kept."""
         self.notes.setdefault(topic, [0, text])[0] += count
 
-    def merge(self, sent, failed, code, failed_at, latencies, notes):
+    def merge(self, sent, failed, code, failed_at, latencies, notes, refused=None):
         """Add a worker process's counts; its exit code wins as fault() says, the earliest
         failure's among equals."""
         self.sent, self.failed = self.sent + sent, self.failed + failed
+        if refused is not None:
+            self.refused = (self.refused or 0) + refused
         self.latencies += latencies
         for topic, (count, text) in notes.items():
             self.note(topic, text, count)
@@ -5956,7 +6005,8 @@ class Stats:
 
     def counts(self):
         """Return this process's counts, as merge() takes them."""
-        return self.sent, self.failed, self.code, self.failed_at, self.latencies, self.notes
+        return (self.sent, self.failed, self.code, self.failed_at, self.latencies, self.notes,
+                self.refused)
 
     def notices(self):
         """Return the run's warnings, one per topic of the messages' notes: the first
@@ -5970,12 +6020,15 @@ class Stats:
         return notices
 
     def summary(self):
-        """Return 'N sent, M failed[, K not sent] in S seconds (R msg/s); latency ...'."""
+        """Return 'N sent, M failed[, K not sent][, R recipients refused] in S seconds (R
+        msg/s); latency ...'."""
         wall = time.perf_counter() - self.start
         text = "Summary: %d %s, %d failed" % (self.sent, self.done, self.failed)
         left = self.total - self.sent - self.failed
         if left:
             text += ", %d not %s" % (left, self.done)
+        if self.refused is not None:
+            text += ", %s refused" % plural(self.refused, "recipient")
         text += " in %.3f seconds (%.1f msg/s)" % (wall, self.sent / wall if wall else 0.0)
         if self.latencies:
             lat = sorted(self.latencies)
@@ -6445,6 +6498,18 @@ def worker_process(settings, backend, build, items, reporter, stats, channel, ha
 MAX_RECIPIENTS = 1000
 #: Commands one client connection may send, and AUTH commands among them.
 MAX_COMMANDS, MAX_AUTH = 100_000, 5
+#: NOOP, RSET, HELP, VRFY and failed commands a session may send before its first
+#: accepted MAIL (and again after each one) unless authenticated: then 421 and closed.
+MAX_IDLE_COMMANDS = 20
+#: The slowest upload allowed: a command line or message must arrive within
+#: max(SMIME_GATEWAY_TIMEOUT, --max_size / MIN_DATA_RATE) seconds (64 KiB/s).
+MIN_DATA_RATE = 65536
+#: A failed AUTH makes the next AUTH from that client address wait: 1 s, doubled per
+#: failure in a row, at most 30 s (one success clears it); addresses remembered.
+AUTH_DELAY, MAX_AUTH_DELAY, MAX_AUTH_ADDRESSES = 1.0, 30.0, 10_000
+#: The longest address in MAIL or RCPT: a path is at most 256 octets with its "<>"
+#: (RFC 5321 4.5.3.1.3).
+MAX_PATH = 254
 #: A message that cannot be built -> the start of the reply to its DATA (RFC 3463).
 BUILD_REPLIES = {EX_CONFIG: "550 5.7.1", EX_DATAERR: "554 5.6.0"}
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\b")
@@ -6477,13 +6542,18 @@ class Gateway:
         self.rules = make_backend(settings, reporter)  #: the next hop's rules; never opened
         self.extra = extra_header(settings, self.rules)
         self.stats, self.stopping, self.spawned = Stats(0), False, 0
+        self.stats.refused = 0
         self.keystore = self.recorder = self.threads = self.done = None
         self.clients, self.flights, self.endings, self.uploads = set(), set(), set(), 0
         self.connections = self.messages = 0
+        self.by_address = collections.Counter()  #: client address -> its connections
+        self.failed_logins = {}  #: client address -> (failures in a row, monotonic until)
+        self.channel = None  #: a forked process's Channel to the first one
 
     def run(self):
         """Listen, serve until SIGTERM or Ctrl-C, print the summary; return the exit code.
         Raises ConfigError (the address, TLS files) or OutputError (journal, archive)."""
+        self.keystore = self.checked_keystore()
         sock = self.bind()
         Recorder(self.settings, self.reporter, self.stats, bool).close()  # can they be opened?
         self.reporter.warn("serving on %s port %d (%s%s; %d process%s), next hop: %s" % (
@@ -6496,6 +6566,20 @@ class Gateway:
             self.reporter.warn(notice)
         self.reporter.say(self.stats.summary())
         return code
+
+    def checked_keystore(self):
+        """Return the Keystore, every identity it can sign with loaded and checked
+        (check_signers(): the processes of --jobs inherit them).  Raises
+        IdentityError or ConfigError naming the file: no message is taken with a key
+        that cannot be used."""
+        keystore = keystore_of(self.settings, self.reporter)
+        if self.settings.sign_mode:
+            try:
+                check_signers(keystore)
+            except SmimeToolError as exc:
+                raise IdentityError("--serve checks every signing key before it listens: %s"
+                                    % exc)
+        return keystore
 
     def bind(self):
         """Return the listening socket.  Raises ConfigError when the address cannot be
@@ -6518,7 +6602,7 @@ class Gateway:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)  # until its event loop takes them
         self.prefix += "-%d" % self.spawned
-        code = EX_SOFTWARE
+        code, self.channel = EX_SOFTWARE, channel
         try:
             code = self.serve_here(control)
         except SmimeToolError as exc:
@@ -6542,7 +6626,6 @@ class Gateway:
         exit code."""
         from concurrent import futures
         import asyncio
-        self.keystore = keystore_of(self.settings, self.reporter)
         self.recorder = Recorder(self.settings, self.reporter, self.stats, self.halt)
         self.threads = futures.ThreadPoolExecutor(self.gw.connections + 2, "next-hop")
         try:
@@ -6560,10 +6643,9 @@ class Gateway:
         self.done = asyncio.Event()
         self.quiet_library()
         smtp, busy = gateway_protocols()
-        limit = max(1, self.gw.connections // self.settings.jobs)
 
         def factory():
-            if self.stopping or len(self.clients) >= limit:
+            if self.stopping:
                 return busy()
             self.connections += 1
             return smtp(self, "c%d" % self.connections, **self.options)
@@ -6617,7 +6699,7 @@ class Gateway:
         gw = self.gw
         options = dict(data_size_limit=self.settings.max_size, enable_SMTPUTF8=False,
                        decode_data=False, hostname=self.name, ident="sparkpostSMIME gateway",
-                       timeout=gw.timeout,
+                       timeout=self.deadline(),
                        command_call_limit={"AUTH": MAX_AUTH, "*": MAX_COMMANDS})
         if gw.cert:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -6632,6 +6714,61 @@ class Gateway:
                            authenticator=self.authenticate)
         return options
 
+    def deadline(self):
+        """Return the seconds a command line or a message's upload may take at most:
+        SMIME_GATEWAY_TIMEOUT, or longer for --max_size at MIN_DATA_RATE (aiosmtpd's
+        timeout, counted from a client's last command; silence is Client.silent()'s)."""
+        return max(self.gw.timeout, self.settings.max_size / MIN_DATA_RATE)
+
+    def admit(self, client, transport):
+        """Return '' and count the new connection of *client*, or the 421 reply when
+        it would pass SMIME_GATEWAY_CONNECTIONS or _PER_CLIENT (RFC 5321 3.8).
+        Counted as each connection is made, in order, also in a burst."""
+        peer = transport.get_extra_info("peername")
+        client.address = peer[0] if isinstance(peer, tuple) else "unknown"
+        if len(self.clients) >= self.gw.connections:
+            return "421 4.7.0 too many connections, try again later"
+        if self.by_address[client.address] >= self.gw.per_client:
+            return "421 4.7.0 too many connections from your address, try again later"
+        self.clients.add(client)
+        self.by_address[client.address] += 1
+        return ""
+
+    def release(self, client):
+        """A connection admit() counted has ended (the first process hears of it)."""
+        self.clients.discard(client)
+        self.by_address[client.address] -= 1
+        if self.by_address[client.address] <= 0:
+            del self.by_address[client.address]
+        if self.channel is not None:
+            self.channel.send(("ended", client.address))
+
+    async def hold_auth(self, client):
+        """Before an AUTH: wait while failures from the client's address say so."""
+        import asyncio
+        failures, until = self.failed_logins.get(client.address, (0, 0.0))
+        wait = until - time.monotonic()
+        if wait > 0:
+            self.reporter.warn("%s: AUTH from %s held %.1f seconds (%d failed in a row)"
+                               % (client.tag, client.address, wait, failures))
+            client.pausing = True
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                client.pausing = False
+
+    def failed_auth(self, client, mechanism):
+        """Count a failed AUTH of *client*'s address: its next AUTH waits AUTH_DELAY
+        doubled per failure in a row, at most MAX_AUTH_DELAY; log it."""
+        failures = self.failed_logins.pop(client.address, (0, 0.0))[0] + 1
+        delay = min(MAX_AUTH_DELAY, AUTH_DELAY * 2 ** min(failures - 1, 16))
+        self.failed_logins[client.address] = (failures, time.monotonic() + delay)
+        while len(self.failed_logins) > MAX_AUTH_ADDRESSES:  # the oldest go first
+            del self.failed_logins[next(iter(self.failed_logins))]
+        self.reporter.warn("%s: AUTH %s refused from %s (wrong user or password; %d failed "
+                           "in a row: its next AUTH waits %g seconds)"
+                           % (client.tag, mechanism, client.address, failures, delay))
+
     def authenticate(self, server, session, envelope, mechanism, auth_data):
         """aiosmtpd's authenticator: SMIME_GATEWAY_USER and its password (RFC 4954;
         PLAIN and LOGIN, offered only after STARTTLS)."""
@@ -6642,8 +6779,9 @@ class Gateway:
             hmac.compare_digest(auth_data.login, gw.user.encode("utf-8")),
             hmac.compare_digest(auth_data.password, gw.password.encode("utf-8"))])
         if not good:
-            self.reporter.warn("%s: AUTH %s refused (wrong user or password)"
-                               % (server.tag, mechanism))
+            self.failed_auth(server, mechanism)
+        else:
+            self.failed_logins.pop(server.address, None)
         return aiosmtpd_smtp.AuthResult(success=good, handled=False)
 
     # -- the SMTP dialogue (aiosmtpd's handler hooks) --------------------------------
@@ -6654,20 +6792,39 @@ class Gateway:
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, options):
-        """MAIL FROM: kept for the next hop (it goes out with the first RCPT)."""
+        """MAIL FROM: kept for the next hop (it goes out with the first RCPT); an
+        address that breaks RFC 5321 4.1.2 is refused (501 5.1.7)."""
         if self.stopping:
             return "421 4.3.2 %s is shutting down, try again later" % self.name
+        problem = address_problem(address)
+        if problem:
+            self.reporter.warn("%s: MAIL %s refused: %s" % (server.tag, ascii(address), problem))
+            return "501 5.1.7 bad sender address syntax: %s (RFC 5321 4.1.2)" % problem
         code, text = self.next_hop_of(server).mail(address, options)
         if code == 250:
+            server.idle_commands = 0
             envelope.mail_from = address
             envelope.mail_options.extend(options)
         return relayed(code, text)
 
     async def handle_RCPT(self, server, session, envelope, address, options):
-        """RCPT TO: refused here when --encrypt has no certificate for it (550 5.7.1),
-        else passed on to the next hop, whose reply is ours."""
+        """RCPT TO: refused here (rcpt()) or by the next hop, whose reply is ours; the
+        refused ones are counted for the summary."""
+        reply = await self.rcpt(server, envelope, address, options)
+        if not reply.startswith("25"):
+            self.stats.refused += 1
+        return reply
+
+    async def rcpt(self, server, envelope, address, options):
+        """Return the reply to RCPT TO: refused here when there are too many, the address
+        breaks RFC 5321 4.1.2 (553 5.1.3) or --encrypt has no certificate for it (550
+        5.7.1), else passed on to the next hop."""
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 too many recipients (at most %d per message)" % MAX_RECIPIENTS
+        problem = address_problem(address)
+        if problem:
+            self.reporter.warn("%s: RCPT %s refused: %s" % (server.tag, ascii(address), problem))
+            return "553 5.1.3 bad recipient address syntax: %s (RFC 5321 4.1.2)" % problem
         if self.settings.encrypt and not self.settings.opportunistic:
             problem = self.recipient_problem(address)
             if problem:
@@ -6712,14 +6869,13 @@ class Gateway:
                                                                                 server.tag))
             return "554 5.6.0 bare CR or LF in the message: every line must end with CRLF " \
                    "(RFC 5321 2.3.8)"
-        job = self.build(source, data, rcpts)
+        job, refusal = self.build(source, data, rcpts)
         job = job._replace(started=started, mail_from=self.settings.mail_from or (
             "" if envelope.mail_from == "<>" else envelope.mail_from))
         if job.failure:
             await self.next_hop_of(server).call("reset")
             outcome = failed_build(job._replace(recipients=tuple(rcpts)))
-            reply = "%s %s" % (BUILD_REPLIES.get(job.failure[0], "451 4.3.0"),
-                               one_line(self.private(job.failure[1])))
+            reply = "%s %s" % (refusal, one_line(self.private(job.failure[1])))
         else:
             job = job._replace(data=received_header(session, self.name, source, rcpts)
                                + job.data)
@@ -6731,11 +6887,12 @@ class Gateway:
         return reply
 
     def build(self, source, data, rcpts):
-        """Return the Job of a received message: built as a file would be (build_job),
+        """Return (Job, '') for a received message: built as a file would be (build_job),
         or as it came when it is S/MIME already (no double wrapping when a filter
-        loops).  A message that cannot be built is a Job carrying its failure
-        (prefetch()).  Runs in the event loop: cryptography would hold the GIL in a
-        thread as well."""
+        loops); or (a Job carrying its failure, the start of the reply: build_reply())
+        for a message that cannot be built.  The hop limit applies to both (RFC 5321
+        6.3).  Runs in the event loop: cryptography would hold the GIL in a thread as
+        well."""
         recipients = [r.lower() for r in rcpts]
         settings = self.settings
         if settings.encrypt and settings.opportunistic and any(
@@ -6744,14 +6901,31 @@ class Gateway:
                                "usable certificate" % source)
             settings = settings._replace(encrypt=False)
 
-        def build(item):
+        try:
             msg = parse_message(data, source, recipients)
+            check_hops(msg, settings.hop_limit)
             if smime_kind(msg.entity_fields):
                 return Job(source, 0, data, msg.sender, tuple(recipients), msg, notes=(
-                    (None, "%s: already S/MIME, passed on unchanged" % source),))
-            return build_job(item, settings, self.keystore, self.extra, msg=msg,
-                             check=self.rules.check)
-        return next(prefetch(build, [(source, 0)]))
+                    (None, "%s: already S/MIME, passed on unchanged" % source),)), ""
+            if settings.sign_mode:
+                self.signer_of(msg.sender)
+            return build_job((source, 0), settings, self.keystore, self.extra, msg=msg,
+                             check=self.rules.check), ""
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
+            return failed_job((source, 0), exc), build_reply(exc)
+
+    def signer_of(self, address):
+        """Load the sender's identity (loaded at start-up, or a key file added since).
+        Raises ServiceError (451) when its key file is there but cannot be used (not
+        readable, a wrong password, a certificate expired): a fault on our side.  A
+        From address without a key file is the message's fault: build_job() says so."""
+        if self.keystore.find(address, KEY_SUFFIXES) is None:
+            return
+        try:
+            self.keystore.signer(address)
+        except IdentityError as exc:
+            raise ServiceError("the signing key cannot be used now, try again later: %s"
+                               % exc)
 
     def next_hop_of(self, server):
         """Return the client connection's next-hop session, made at the first use."""
@@ -6808,8 +6982,13 @@ class Gateway:
             self.done.set()
 
     def reload(self):
-        """SIGHUP: read keys and certificates again (as the next messages need them)."""
-        self.keystore = keystore_of(self.settings, self.reporter)
+        """SIGHUP: read keys and certificates again, the signing keys checked as at
+        start-up; with a problem the keys read before stay in use."""
+        try:
+            self.keystore = self.checked_keystore()
+        except SmimeToolError as exc:
+            self.reporter.warn("SIGHUP: %s; the keys read before stay in use" % exc)
+            return
         self.reporter.warn("SIGHUP: keys and certificates are read again")
 
 
@@ -6818,11 +6997,13 @@ class Supervisor:
     and hands each connection to the N forked processes in turn (SCM_RIGHTS over a
     socket pair each: shared listening sockets let the first process to wake take
     every connection), forwards SIGTERM, Ctrl-C and SIGHUP to them, replaces one that
-    dies, and adds their counts up (a Channel each)."""
+    dies, and adds their counts up (a Channel each).  It holds the connection limits
+    as it accepts: each process tells it when a connection has ended."""
 
     def __init__(self, gateway, sock):
         self.gateway, self.sock, self.poller = gateway, sock, select.poll()
         self.children, self.code, self.turn = {}, EX_OK, 0  #: children: pipe fd -> process
+        self.open = {}  #: pipe fd -> collections.Counter: client address -> connections
 
     def run(self):
         """Serve until the last process has ended; return the exit code (74 when one could
@@ -6862,6 +7043,7 @@ class Supervisor:
         os.close(writer)
         theirs.close()
         self.children[reader] = (Channel(reader, pid), time.monotonic(), ours)
+        self.open[reader] = collections.Counter()
         self.poller.register(reader, select.POLLIN)
 
     def forward(self, signum, frame=None):
@@ -6874,26 +7056,51 @@ class Supervisor:
             os.kill(channel.pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
 
     def hand_over(self):
-        """Accept a connection and pass it to the next process that takes it."""
+        """Accept a connection and pass it to the next process that takes it, or turn it
+        away (421) over SMIME_GATEWAY_CONNECTIONS or _PER_CLIENT."""
         try:
-            conn, _ = self.sock.accept()
+            conn, peer = self.sock.accept()
         except OSError:  # gone already, or closed by forward()
             return
+        address = peer[0] if isinstance(peer, tuple) else "unknown"
         with conn:
+            refusal = self.refusal(address)
+            if refusal:
+                try:
+                    conn.send(refusal.encode("ascii") + b"\r\n")
+                except OSError:
+                    pass
+                return
             for _ in range(len(self.children)):
                 self.turn += 1
-                control = list(self.children.values())[self.turn % len(self.children)][2]
+                fd = list(self.children)[self.turn % len(self.children)]
                 try:
-                    socket.send_fds(control, [b"c"], [conn.fileno()])
+                    socket.send_fds(self.children[fd][2], [b"c"], [conn.fileno()])
+                    self.open[fd][address] += 1
                     return
                 except OSError:  # that process is ending: the next one
                     continue
+
+    def refusal(self, address):
+        """Return the 421 reply for a new connection from *address* over a limit, or ''
+        (Gateway.admit() for all the processes)."""
+        gw = self.gateway.gw
+        if sum(sum(c.values()) for c in self.open.values()) >= gw.connections:
+            return "421 4.7.0 too many connections, try again later"
+        if sum(c[address] for c in self.open.values()) >= gw.per_client:
+            return "421 4.7.0 too many connections from your address, try again later"
+        return ""
 
     def read(self, fd):
         """Take a process's counts from its pipe; at its end, ended()."""
         chunk = os.read(fd, 65536)
         for message in self.children[fd][0].receive(chunk):
-            self.gateway.stats.merge(*message[1:])
+            if message[0] == "ended":
+                self.open[fd][message[1]] -= 1
+                if self.open[fd][message[1]] <= 0:
+                    del self.open[fd][message[1]]
+            else:
+                self.gateway.stats.merge(*message[1:])
         if not chunk:
             self.ended(fd)
 
@@ -6901,6 +7108,7 @@ class Supervisor:
         """A process has ended: all stop if it could not record a message or failed on
         starting; else another one takes its place (unless stopping)."""
         channel, started, control = self.children.pop(fd)
+        del self.open[fd]  # its connections have gone with it
         self.poller.unregister(fd)
         os.close(fd)
         control.close()
@@ -6923,26 +7131,123 @@ def gateway_protocols():
     class Client(aiosmtpd_smtp.SMTP):
         """One client connection: its tag, its next-hop session, our replies logged, and
         DATA content taken in chunks (data_received()), not line by line as aiosmtpd
-        takes it (~2.5 us a line: a third of a 19 KB message's time)."""
+        takes it (~2.5 us a line: a third of a 19 KB message's time).  Its limits:
+        admitted or not (Gateway.admit()), silence (silent()), idle commands (idle()),
+        AUTH held after failures (Gateway.hold_auth())."""
 
         def __init__(self, gateway, tag, **options):
             super().__init__(gateway, **options)
             self.gateway, self.tag, self.hop = gateway, tag, None
             self.content = self.taken = self.over = None  #: DATA being taken, its end, too big
+            self.address, self.admitted, self.pausing = "unknown", False, False
+            self.idle_commands, self.silence = 0, None
 
         def connection_made(self, transport):
             if self.transport is None:  # not again after STARTTLS
-                self.gateway.clients.add(self)
+                refusal = self.gateway.admit(self, transport)
+                if refusal:
+                    transport.write(refusal.encode("ascii") + b"\r\n")
+                    return transport.close()
+                self.admitted = True
             super().connection_made(transport)
+            self.listen()
 
         def connection_lost(self, error):
-            self.gateway.clients.discard(self)
+            if self.silence is not None:
+                self.silence.cancel()
+            if not self.admitted:  # turned away: aiosmtpd never started
+                return
+            self.gateway.release(self)
             self.gateway.hang_up(self)
             super().connection_lost(error)
 
         async def push(self, status):
             self.gateway.transcript(self, "->", status)
             await super().push(status)
+            self.listen()
+            if isinstance(status, str) and status[:1] in "45" and status[:3] != "421":
+                await self.idle()
+
+        def listen(self):
+            """Start the wait for the client again: it has sent something, or we have
+            answered (SMIME_GATEWAY_TIMEOUT: seconds it may stay silent)."""
+            if self.silence is not None:
+                self.silence.cancel()
+            self.silence = self.loop.call_later(self.gateway.gw.timeout, self.silent)
+
+        def silent(self):
+            """The client has been silent for SMIME_GATEWAY_TIMEOUT: 421 and close,
+            unless the wait is ours (the next hop, a message being relayed, AUTH held)."""
+            hop, transport = self.hop, self.transport
+            if transport is None or transport.is_closing():
+                return
+            if self.pausing or (self.content is not None and self.taken.done()) or (
+                    hop is not None and hop.running is not None and not hop.running.done()):
+                return self.listen()
+            transport.write(b"421 4.4.2 %s: nothing heard for %g seconds, closing\r\n"
+                            % (self.gateway.name.encode("ascii", "replace"),
+                               self.gateway.gw.timeout))
+            transport.close()
+
+        async def idle(self):
+            """Count a command that takes no message further (NOOP, RSET, HELP, VRFY, or
+            one that failed) before the session's first accepted MAIL (and since its
+            last), unless it has authenticated: the MAX_IDLE_COMMANDS-th gets 421 and
+            the connection is closed."""
+            if self.session is None or self.session.authenticated or (
+                    self.envelope.mail_from is not None):
+                return
+            self.idle_commands += 1
+            if self.idle_commands >= MAX_IDLE_COMMANDS and self.transport is not None:
+                await self.push("421 4.7.0 %d commands without a message, closing"
+                                % self.idle_commands)
+                self.transport.close()
+
+        async def smtp_NOOP(self, arg):
+            await self.counted(super().smtp_NOOP(arg))
+
+        async def smtp_RSET(self, arg):
+            await self.counted(super().smtp_RSET(arg))
+
+        async def smtp_HELP(self, arg):
+            await self.counted(super().smtp_HELP(arg))
+
+        async def smtp_VRFY(self, arg):
+            await self.counted(super().smtp_VRFY(arg))
+
+        async def counted(self, command):
+            """Run aiosmtpd's *command*, counted by idle() once (a failure is already)."""
+            before = self.idle_commands
+            await command
+            if self.idle_commands == before:
+                await self.idle()
+
+        async def smtp_AUTH(self, arg):
+            """AUTH (RFC 4954), held while failures from this address say so."""
+            await self.gateway.hold_auth(self)
+            if self.transport is not None:
+                await super().smtp_AUTH(arg)
+
+        async def smtp_MAIL(self, arg):
+            """MAIL (RFC 5321 4.1.1.2), its argument checked as sent: aiosmtpd's parser
+            turns whitespace in an address into a quoted string."""
+            if arg and _CONTROL.search(arg):
+                return await self.refuse_path("MAIL", "501 5.1.7 bad sender", arg)
+            return await super().smtp_MAIL(arg)
+
+        async def smtp_RCPT(self, arg):
+            """RCPT (RFC 5321 4.1.1.3), its argument checked as MAIL's."""
+            if arg and _CONTROL.search(arg):
+                return await self.refuse_path("RCPT", "553 5.1.3 bad recipient", arg)
+            return await super().smtp_RCPT(arg)
+
+        async def refuse_path(self, verb, reply, arg):
+            self.gateway.reporter.warn("%s: %s %s refused: a control character" % (
+                self.tag, verb, ascii(arg)[:200]))
+            if verb == "RCPT":
+                self.gateway.stats.refused += 1
+            await self.push("%s address syntax: a control character in the address or its "
+                            "parameters (RFC 5321 4.1.2)" % reply)
 
         async def smtp_DATA(self, arg):
             """DATA (RFC 5321 4.1.1.4): aiosmtpd's own replies without recipients (HELO
@@ -6968,6 +7273,7 @@ def gateway_protocols():
         def data_received(self, data):
             """Bytes from the client: DATA content up to its final "." line while it is
             taken (kept up to data_size_limit: RFC 1870), else commands for aiosmtpd."""
+            self.listen()
             content = self.content
             if content is None or self.taken.done():
                 return super().data_received(data)
@@ -7027,6 +7333,56 @@ def received_header(session, name, source, recipients):
     return ("Received: from %s ([%s])\r\n\tby %s (sparkpostSMIME) with %s id %s%s;\r\n\t%s\r\n"
             % (helo or "unknown", peer, name, kind, source, to, rfc5322_date(time.time()))
             ).encode("ascii", "replace")
+
+
+def check_signers(keystore):
+    """Load every identity *keystore* can sign with, as a message from each would load
+    it: each key file of the key directories (<address>.pem, .p12, .pfx, .p11 that
+    find_file() would pick, with a certificate in it or beside it) opened with
+    SMIME_KEY_PASSWORD or PKCS11_PIN, its certificate valid now and not revoked, a
+    token's key found and matching it.  Return their addresses.  Raises IdentityError
+    or ConfigError naming the file."""
+    addresses = []
+    for directory in keystore.dirs:
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue  # a key directory that is not there holds no key
+        for name in names:
+            stem, suffix = os.path.splitext(name)
+            if suffix in KEY_SUFFIXES and "@" in stem and _SAFE_ADDRESS.match(stem.lower()):
+                addresses.append(stem.lower())
+    for address in dict.fromkeys(addresses):
+        if keystore.find(address, KEY_SUFFIXES) is None or keystore.certificates(address) == []:
+            continue  # not a file, a link out of its directory, a key without certificate
+        signer = keystore.signer(address)
+        if isinstance(signer.key, TokenKey):
+            signer.key.operate(lambda key: None)  # logs in, finds the key, checks it
+    return list(dict.fromkeys(addresses))
+
+
+def address_problem(address):
+    """Return why the address of a MAIL or RCPT command cannot go on ('' when it can):
+    a control character, quoted or not (RFC 5321 4.1.2: neither atext nor qtextSMTP
+    holds one), 8-bit (SMTPUTF8, RFC 6531, is not offered) or a path longer than
+    RFC 5321 4.5.3.1.3 allows."""
+    if _CONTROL.search(address):
+        return "a control character in the address"
+    if not address.isascii():
+        return "8-bit characters in the address (SMTPUTF8 is not offered)"
+    if len(address) > MAX_PATH:
+        return "longer than %d characters" % MAX_PATH
+    return ""
+
+
+def build_reply(error):
+    """Return the start of the reply to the end of DATA for a message that could not
+    be built (RFC 3463): the error's own (a mail loop: 554 5.4.6), 5xx for a fault
+    of the message (BUILD_REPLIES), else 451 4.3.0: a fault on our side, the client
+    keeps the message and tries again."""
+    if isinstance(error, SmimeToolError):
+        return getattr(error, "reply", "") or BUILD_REPLIES.get(error.exit_code, "451 4.3.0")
+    return "451 4.3.0"
 
 
 def relayed(code, text):

@@ -22,7 +22,7 @@ import pytest
 
 from support import engines
 from support.harness import CACHE, ROOT, TOOL
-from support.servers import ApiServer, SilentServer, SmtpServer, free_port
+from support.servers import ApiServer, EndlessReplies, SilentServer, SmtpServer, free_port
 
 USER = "gateway-app"
 PASSWORD = engines.plant_secret("gw-Pa55word-TEST-only")
@@ -129,15 +129,20 @@ def raw_session(port, lines, timeout=10):
             s.shutdown(socket.SHUT_WR)
         except OSError:  # the server has closed the connection already
             pass
-        while True:
-            try:
-                chunk = s.recv(4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            got += chunk
-    return got.decode("ascii", "replace")
+        return (got + read_to_end(s)).decode("ascii", "replace")
+
+
+def read_to_end(s):
+    """Return what the socket *s* receives until the server closes it (or resets it)."""
+    got = b""
+    while True:
+        try:
+            chunk = s.recv(4096)
+        except OSError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
 
 
 def decrypt_all(openssl, pki, data, people):
@@ -192,8 +197,13 @@ def test_rcpt_without_certificate_refused_at_rcpt(start, sink, pki):
     assert pki.keys.encode() not in text  # our key directories stay private
     (_, rcpts, _), = sink.messages  # the next hop never heard of the refused one
     assert rcpts == RCPTS[:1]
+    with gw.client() as c:  # the next hop's refusal and a bad address count too
+        sink.handler.refuse["carol@example.net"] = "550 5.1.1 no such user"
+        assert c.mail("alice@example.com")[0] == 250
+        assert c.rcpt("carol@example.net")[0] == 550 and c.rcpt("a\x01b@example.org")[0] == 553
     assert gw.stop() == 0
     assert "RCPT <nobody@example.com> refused: no certificate" in gw.stderr()
+    assert "Summary: 1 sent, 0 failed, 3 recipients refused in " in gw.stdout()
 
 
 def test_sender_without_key_refused_at_end_of_data(start, sink):
@@ -287,6 +297,19 @@ def test_next_hop_down_or_silent_is_451(start, tmp_path):
         assert gw.stop() == 0
 
 
+def test_next_hop_reply_of_too_many_lines_is_451(start):
+    """smtplib bounds a reply's line length, not its number of lines: a next hop past
+    MAX_REPLY_LINES is broken, the client hears 451 and keeps the message."""
+    with EndlessReplies() as hop:
+        gw = start(["--sign"], {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(hop.port),
+                                "SMTP_TLS": "none"})
+        with gw.client() as c:
+            assert c.mail("alice@example.com")[0] == 250
+            code, text = c.rcpt(RCPTS[0])
+            assert code == 451 and b"more than 1000 lines" in text, text
+        assert gw.stop() == 0
+
+
 def test_next_hop_lost_during_data_is_451_then_retried(start, sink):
     sink.handler.drop_every = 1
     gw = start(["--sign"], hop_env(sink))
@@ -369,6 +392,46 @@ def test_unbuildable_message_is_554_560(start, sink):
         assert err.value.smtp_code == 554 and err.value.smtp_error.startswith(
             b"5.6.0 ") and b"no From address" in err.value.smtp_error
     assert sink.messages == []
+    assert gw.stop() == 0
+
+
+def test_mail_loop_refused_554_546_also_when_already_smime(start, sink, pki, tmp_path):
+    """More Received fields than the hop limit (RFC 5321 6.3): a loop, refused at the end
+    of DATA, S/MIME or not (already-S/MIME mail would otherwise circle unchanged)."""
+    from support.harness import run_tool
+    src = tmp_path / "m.eml"
+    src.write_bytes(MSG)
+    signed = run_tool([str(src), "--sign", "--keys", pki.keys]).stdout
+    hops = b"".join(b"Received: from hop%d.example by gw.example; Mon, 02 Nov 2026 10:00:00 "
+                    b"+0000\r\n" % n for n in range(6))
+    gw = start(["--sign", "--encrypt"], hop_env(sink, SMIME_HOP_LIMIT="5"))
+    with gw.client() as c:
+        for data in (hops + MSG, hops + signed):
+            with pytest.raises(smtplib.SMTPDataError) as err:
+                c.sendmail("alice@example.com", RCPTS[:1], data)
+            assert err.value.smtp_code == 554 and err.value.smtp_error.startswith(b"5.4.6 ")
+            assert b"hop limit of 5" in err.value.smtp_error
+        assert c.sendmail("alice@example.com", RCPTS[:1], hops[hops.index(b"Received", 1):]
+                          + signed) == {}  # 5: within the limit
+    assert len(sink.messages) == 1
+    assert gw.stop() == 0
+
+
+def test_mime_bomb_refused_554_nothing_relayed(start, sink):
+    """10,000 nested multiparts of plain text: refused (MAX_MIME_DEPTH), not signed."""
+    depth = 10_000
+    bomb = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (n, n)
+                    for n in range(depth)) + b"Content-Type: text/plain\r\n\r\nboom\r\n"
+    bomb += b"".join(b"--b%d--\r\n" % n for n in reversed(range(depth)))
+    head = MSG.split(b"Content-Type:")[0]
+    gw = start(["--sign", "--encrypt"], hop_env(sink))
+    with gw.client() as c:
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            c.sendmail("alice@example.com", RCPTS[:1], head + bomb)
+        assert err.value.smtp_code == 554 and err.value.smtp_error.startswith(b"5.6.0 ")
+        assert b"nested deeper than 50" in err.value.smtp_error
+        assert c.sendmail("alice@example.com", RCPTS[:1], MSG) == {}
+    assert len(sink.messages) == 1 and b"boom" not in sink.messages[0][2]
     assert gw.stop() == 0
 
 
@@ -472,6 +535,27 @@ def test_long_line_and_smtputf8_refused_cleanly(start, sink):
     assert gw.stop() == 0
 
 
+@pytest.mark.parametrize("args", [["--sign"], ["--sign", "--encrypt", "--opportunistic"]])
+def test_control_characters_and_8bit_in_mail_and_rcpt_refused(start, sink, args):
+    """RFC 5321 4.1.2: no control character in an address, quoted or not; no 8-bit
+    without SMTPUTF8 (refused): 501 5.1.7 at MAIL, 553 5.1.3 at RCPT, nothing of them
+    goes to the next hop, and the session goes on."""
+    gw = start(args, hop_env(sink))
+    bad = [b"<ste\x00ve@example.com>", b'<"a\x00b"@example.com>', b'<"a\rRSET"@example.com>',
+           b"<a\x7fb@example.com>", b"<a\tb@example.com>", b"<" + b"a" * 300 + b"@example.com>"]
+    lines = [b"EHLO app\r\n"] + [b"MAIL FROM:%s\r\n" % a for a in bad]
+    lines += [b"MAIL FROM:<alice@example.com>\r\n"] + [b"RCPT TO:%s\r\n" % a for a in bad]
+    lines += [b"RCPT TO:<bob@example.org>\r\n", b"DATA\r\n", MSG + b".\r\n", b"QUIT\r\n"]
+    said = raw_session(gw.port, lines)
+    assert said.count("501 5.1.7 bad sender address syntax") == len(bad), said
+    assert said.count("553 5.1.3 bad recipient address syntax") == len(bad), said
+    assert "250 2.0.0 Ok: queued" in said
+    (mail_from, rcpts, _), = sink.messages
+    assert mail_from == "alice@example.com" and rcpts == ["bob@example.org"]
+    assert sink.handler.addresses == ["alice@example.com", "bob@example.org"]
+    assert gw.stop() == 0
+
+
 def test_fuzzing_clients_never_stop_the_server_or_lose_a_message(start, sink):
     gw = start(["--sign", "--jobs", "2"], hop_env(sink))
     rng = random.Random(19)
@@ -518,11 +602,130 @@ def test_connection_cap_and_idle_timeout(start, sink):
     third = raw_session(gw.port, [b"QUIT\r\n"])
     assert third.startswith("421 4.7.0 too many connections")
     time.sleep(3)  # both idle longer than SMIME_GATEWAY_TIMEOUT: closed by the gateway
+    try:  # its 421, or (the connection reset first) no reply at all
+        assert first.noop()[0] == 421
+    except smtplib.SMTPServerDisconnected:
+        pass
     with pytest.raises(smtplib.SMTPServerDisconnected):
         first.noop()
     with gw.client() as c:
         assert c.noop()[0] == 250
     second.close()
+    assert gw.stop() == 0
+
+
+def greetings(sockets):
+    """Return the first reply line each of the raw *sockets* got (then close them)."""
+    said = []
+    for s in sockets:
+        try:
+            said.append(s.makefile("rb").readline().decode("ascii", "replace"))
+        except OSError:
+            said.append("")
+        s.close()
+    return said
+
+
+def test_connection_cap_counted_as_connections_are_accepted(start, sink):
+    """A burst arriving while the gateway is busy (reading and building a big message)
+    is counted connection by connection: never more than SMIME_GATEWAY_CONNECTIONS."""
+    gw = start(["--sign", "--encrypt"], hop_env(sink, SMIME_GATEWAY_CONNECTIONS="5"))
+    big = MSG + b"".join(b"%076d\r\n" % n for n in range(100_000))  # ~7.8 MB
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as busy:
+        busy.sendall(b"EHLO app\r\nMAIL FROM:<alice@example.com>\r\n"
+                     b"RCPT TO:<bob@example.org>\r\nDATA\r\n")
+        reply = b""
+        while b"354 " not in reply:
+            reply += busy.recv(4096) or b"(closed)"
+            assert b"(closed)" not in reply
+        busy.sendall(big + b".\r\n")
+        burst = [socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+                 for _ in range(20)]
+        said = greetings(burst)
+        while b"250 2.0.0 Ok: queued" not in reply:
+            reply += busy.recv(4096) or b"(closed)"
+            assert b"(closed)" not in reply
+    assert sum(line.startswith("220 ") for line in said) == 4, said  # 5 with the busy one
+    assert sum(line.startswith("421 4.7.0 too many connections") for line in said) == 16
+    assert gw.stop() == 0
+
+
+def client_when_free(gw):
+    """Return a client of *gw* once a connection is free: with --jobs, the first process
+    counts a closed connection until its process has seen it end."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return gw.client()
+        except smtplib.SMTPConnectError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_connections_per_client_address_capped(start, sink, jobs):
+    gw = start(["--sign", "--jobs", jobs],
+               hop_env(sink, SMIME_GATEWAY_CONNECTIONS_PER_CLIENT="2"))
+    first = client_when_free(gw)  # after the start-up probe's connection
+    second = client_when_free(gw)
+    third = raw_session(gw.port, [b"QUIT\r\n"])
+    assert third.startswith("421 4.7.0 too many connections from your address"), third
+    first.quit()
+    with client_when_free(gw) as c:
+        assert c.sendmail("alice@example.com", RCPTS[:1], MSG) == {}
+    second.quit()
+    assert gw.stop() == 0
+
+
+def test_idle_commands_before_mail_end_the_session(start, sink):
+    """NOOP, RSET, HELP, VRFY and failed commands keep no session alive for ever: the
+    MAX_IDLE_COMMANDS-th (20) before a MAIL gets 421; a MAIL starts the count again."""
+    gw = start(["--sign"], hop_env(sink))
+    junk = [b"NOOP\r\n", b"RSET\r\n", b"HELP\r\n", b"VRFY x\r\n", b"BOGUS\r\n"]
+    said = raw_session(gw.port, [b"EHLO app\r\n"] + junk * 5)
+    assert said.rstrip().endswith("421 4.7.0 20 commands without a message, closing"), said
+    assert said.count("\r\n") == 1 + 5 + 20 + 1  # greeting, EHLO, 20 replies, 421
+    good = [b"MAIL FROM:<alice@example.com>\r\n", b"RCPT TO:<bob@example.org>\r\n",
+            b"DATA\r\n", MSG + b".\r\n"]
+    said = raw_session(gw.port, [b"EHLO app\r\n"] + junk[:4] * 4 + good + junk[:4] * 4
+                       + [b"QUIT\r\n"])
+    assert "421" not in said and said.rstrip().endswith("221 Bye"), said
+    assert len(sink.messages) == 1
+    assert gw.stop() == 0
+
+
+def trickle(port, pieces, pause):
+    """Send a message's DATA in *pieces* (bytes) *pause* seconds apart; return what the
+    gateway said (until it closed or answered the end of data)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"EHLO app\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>"
+                  b"\r\nDATA\r\n")
+        said = b""
+        while b"354 " not in said:
+            said += s.recv(4096)
+        try:
+            for piece in pieces:
+                time.sleep(pause)
+                s.sendall(piece)
+            s.sendall(b".\r\nQUIT\r\n")
+        except OSError:
+            pass
+        return (said + read_to_end(s)).decode("ascii", "replace")
+
+
+def test_data_timeout_is_silence_with_a_deadline_by_size(start, sink):
+    """SMIME_GATEWAY_TIMEOUT is the silence allowed between reads, also in DATA; the
+    whole upload has max(timeout, --max_size / 64 KiB/s) seconds (here 2 s and 6 s)."""
+    gw = start(["--sign", "--max_size", str(6 * 65536)],
+               hop_env(sink, SMIME_GATEWAY_TIMEOUT="2"))
+    lines = [MSG] + [b"line %d of a slow upload\r\n" % n for n in range(9)]
+    said = trickle(gw.port, lines, 0.5)  # 4.5 s in all, never 2 s silent
+    assert "250 2.0.0 Ok: queued" in said, said
+    said = trickle(gw.port, [MSG, b"then silence\r\n"], 3)  # 3 s silent
+    assert "421 4.4.2" in said and "nothing heard for 2 seconds" in said
+    said = trickle(gw.port, [MSG] + lines[1:], 0.9)  # 8.1 s in all: past the deadline
+    assert "Ok: queued" not in said
+    assert len(sink.messages) == 1
     assert gw.stop() == 0
 
 
@@ -557,6 +760,40 @@ def test_auth_only_after_starttls(start, sink, pki, tls_ctx, tmp_path):
     assert "client <~ AUTH" in err and "client <~ mail FROM:<alice@example.com>" in err
     assert "next hop -> MAIL FROM:<alice@example.com>" in err
     assert PASSWORD not in err + gw.stdout()
+
+
+def test_failed_auth_slows_that_address_across_connections(start, sink, pki, tmp_path):
+    """Each failed AUTH is logged and makes the next AUTH from that address wait (1 s,
+    then doubled), on any of its connections; a success clears it."""
+    import base64
+    from support.servers import server_context
+    base = tmp_path / "tls"
+    base.mkdir()
+    server_context(pki.inter, str(base))
+    gw = start(["--sign"], hop_env(sink, SMIME_GATEWAY_TLS_CERT=str(base / "server.crt"),
+                                   SMIME_GATEWAY_TLS_KEY=str(base / "server.key"),
+                                   SMIME_GATEWAY_USER=USER, SMIME_GATEWAY_PASSWORD=PASSWORD))
+    wrong = "AUTH PLAIN " + base64.b64encode(b"\0%s\0wrong" % USER.encode()).decode()
+
+    def session():
+        c = gw.client()
+        c.starttls(context=ssl.create_default_context(cafile=pki.cafile))
+        c.ehlo("app.example")
+        return c
+    first, second = session(), session()
+    assert first.docmd(wrong)[0] == 535
+    assert second.docmd(wrong)[0] == 535  # held 1 s first
+    second.login(USER, PASSWORD)  # held 2 s, then clears the count
+    assert first.docmd(wrong)[0] == 535
+    first.close()
+    second.close()
+    assert gw.stop() == 0
+    err = gw.stderr()
+    assert err.count("AUTH PLAIN refused from 127.0.0.1 (wrong user or password; 1 failed "
+                     "in a row: its next AUTH waits 1 seconds)") == 2, err
+    assert "2 failed in a row: its next AUTH waits 2 seconds" in err
+    assert re.search(r"AUTH from 127\.0\.0\.1 held [12]\.\d seconds \(2 failed in a row\)",
+                     err), err
 
 
 def test_listening_beyond_loopback_needs_tls_and_auth_or_trust(tmp_path, pki):
@@ -609,6 +846,63 @@ def test_sighup_reloads_certificates(start, sink, pki, tmp_path):
         assert c.rcpt("bob@example.org")[0] == 250
     assert gw.stop() == 0
     assert "SIGHUP: keys and certificates are read again" in gw.stderr()
+
+
+def write_p12(pki, address, path, password=b"p12-Pa55-TEST"):
+    """Write *address*'s key and certificate as a password-protected PKCS#12 file."""
+    from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
+    key, cert = pki.ids[address]
+    path.write_bytes(pkcs12.serialize_key_and_certificates(
+        address.encode(), key, cert, [pki.inter.cert], BestAvailableEncryption(password)))
+
+
+def test_a_signing_key_that_cannot_be_opened_stops_the_start_78(tmp_path, pki):
+    """Every signing key is opened before listening: a .p12 without SMIME_KEY_PASSWORD
+    is exit 78 at start-up naming the file, not a 550 for every message."""
+    from support.harness import run_tool
+    keys = tmp_path / "keys"
+    shutil.copytree(pki.keys, keys)
+    (keys / "alice@example.com.pem").unlink()
+    write_p12(pki, "alice@example.com", keys / "alice@example.com.p12")
+    port = free_port()
+    proc = run_tool(["--serve", str(port), "--send_smtp", "--sign", "--keys", str(keys)],
+                    env={"SMTP_HOST": "127.0.0.1"})
+    assert proc.returncode == 78, proc.stderr
+    line = proc.stderr.decode().splitlines()[-1]  # before it: the key file's mode, warned
+    assert "alice@example.com.p12: cannot open the PKCS#12 file" in line
+    assert "SMIME_KEY_PASSWORD" in line and "serving on" not in line
+
+
+def test_our_side_faults_while_serving_are_451_the_message_s_own_550(start, sink, pki, tmp_path):
+    """Keys loaded at start-up serve on when their file goes; a key file added later
+    that cannot be opened is our fault (451 4.3.0: the client keeps the message), a
+    From address without any key the message's (550), and SIGHUP keeps the keys that
+    work rather than take a broken one."""
+    keys = tmp_path / "keys"
+    shutil.copytree(pki.keys, keys)
+    (keys / "bob@example.org.pem").unlink()
+    gw = start(["--sign"], hop_env(sink), keys=str(keys))
+    (keys / "alice@example.com.pem").unlink()  # loaded already
+    write_p12(pki, "bob@example.org", keys / "bob@example.org.p12")  # no SMIME_KEY_PASSWORD
+    bob = MSG.replace(b"From: Alice Example <alice@example.com>", b"From: bob@example.org")
+    with gw.client() as c:
+        assert c.sendmail("alice@example.com", RCPTS[1:2], MSG) == {}
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            c.sendmail("bob@example.org", RCPTS[1:2], bob)
+        assert err.value.smtp_code == 451 and err.value.smtp_error.startswith(b"4.3.0 ")
+        assert b"cannot open the PKCS#12 file" in err.value.smtp_error
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            c.sendmail("x@example.com", RCPTS[1:2], MSG.replace(b"alice@", b"nokey@"))
+        assert err.value.smtp_code == 550
+        gw.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "SIGHUP" not in gw.stderr() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.sendmail("alice@example.com", RCPTS[1:2], MSG) == {}
+    assert len(sink.messages) == 2
+    assert gw.stop() == 0
+    assert "the keys read before stay in use" in gw.stderr()
+    assert "Summary: 2 sent, 2 failed" in gw.stdout()
 
 
 def test_journal_and_archive_as_in_batch_mode(start, sink, tmp_path):
@@ -766,8 +1060,12 @@ def test_a_gateway_process_that_dies_is_replaced(start, sink):
     for _ in range(4):  # connections go to each process in turn: all of them serve
         with gw.client() as c:
             assert c.sendmail("alice@example.com", RCPTS[:1], MSG) == {}
+    with gw.client() as c:  # a refusal, counted by its process and added up at the end
+        assert c.mail("alice@example.com")[0] == 250
+        assert c.rcpt("bad\x7f@example.org")[0] == 553
     assert len(sink.messages) == 5
     assert gw.stop() == 0
+    assert ", 1 recipient refused in " in gw.stdout()
     assert "ended (-9): starting another" in gw.stderr()
 
 

@@ -67,6 +67,7 @@ class Recorder:
         self.refuse = {}        # address -> "550 5.7.1 relaying denied"
         self.refuse_once = {}   # address -> reply for its first RCPT only
         self.auth_seen = []     # (mechanism, login)
+        self.addresses = []     # every address of MAIL and RCPT, as received
         self.connections = 0    # connections that sent MAIL so far
         self.drop_every = 0
         self.tempfail_data = 0
@@ -92,11 +93,13 @@ class Recorder:
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         self.connection(session)
+        self.addresses.append(address)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        self.addresses.append(address)
         if address.lower() in self.refuse_once:
             return self.refuse_once.pop(address.lower())
         if address.lower() in self.refuse:
@@ -197,11 +200,35 @@ class SilentServer(StopOnExit):
             except OSError:
                 return
             self.conns.append(conn)
+            self.talk(conn)
+
+    def talk(self, conn):
+        """What it says on a connection: nothing."""
 
     def stop(self):
         self.sock.close()
         for c in self.conns:
             c.close()
+
+
+class EndlessReplies(SilentServer):
+    """An SMTP server whose EHLO reply never ends (ten thousand '250-' lines, then a
+    last one); every other command is answered 250."""
+
+    def talk(self, conn):
+        threading.Thread(target=self.converse, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def converse(conn):
+        try:
+            conn.sendall(b"220 endless ESMTP\r\n")
+            for line in conn.makefile("rb"):
+                if line[:4].upper() in (b"EHLO", b"HELO"):
+                    conn.sendall(b"250-talkative\r\n" * 10_000 + b"250 OK\r\n")
+                else:
+                    conn.sendall(b"250 OK\r\n")
+        except (OSError, ValueError):
+            pass
 
 
 class ApiServer(StopOnExit):
