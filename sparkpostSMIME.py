@@ -74,7 +74,6 @@ import binascii
 import calendar
 import collections
 import functools
-import gc
 import hashlib
 import heapq
 import itertools
@@ -6245,13 +6244,6 @@ class Channel:
         return messages
 
 
-def freeze_start_up():
-    """Keep what is alive now out of later garbage collections: gc.freeze(), where the
-    Python has it (CPython 3.7 and later; not PyPy, whose collector needs no help)."""
-    if hasattr(gc, "freeze"):
-        gc.freeze()
-
-
 def expand_inputs(paths):
     """Return *paths* with each directory replaced by its *.eml files (sorted)."""
     out = []
@@ -7008,7 +7000,6 @@ class Supervisor:
     def run(self):
         """Serve until the last process has ended; return the exit code (74 when one could
         not record a message: then all stop)."""
-        freeze_start_up()  # the processes share these pages: keep them unscanned
         self.sock.setblocking(False)
         self.poller.register(self.sock, select.POLLIN)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
