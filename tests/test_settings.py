@@ -200,3 +200,23 @@ def test_a_password_that_is_a_common_word_leaves_errors_readable(pki, tmp_path):
     assert proc.returncode == 78, proc.stderr
     assert b"wrong SMIME_KEY_PASSWORD for this private key" in proc.stderr, proc.stderr
     assert b"***" not in proc.stderr
+
+
+def test_a_token_key_without_its_binding_is_69(pki, tmp_path):
+    """A .p11 key on a machine without python-pkcs11: 69 with the pip command, at the first
+    use of the key, one line."""
+    env = stub(tmp_path, "pkcs11", "raise ModuleNotFoundError(%r, name='pkcs11')\n"
+               % "No module named pkcs11")
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    shutil.copy(os.path.join(pki.keys, "alice@example.com.crt"), keys)
+    (keys / "alice@example.com.p11").write_text("pkcs11:token=smime-token;object=alice;"
+                                                "type=private\n")
+    env.update(PKCS11_MODULE="/usr/lib/softhsm/libsofthsm2.so", PKCS11_PIN="0000-not-used")
+    msg = tmp_path / "m.eml"
+    msg.write_bytes(CORPUS["plain-ascii"])
+    proc = run_tool([str(msg), "--keys", str(keys), "--sign"], env=env)
+    assert proc.returncode == 69, proc.stderr
+    err = proc.stderr.decode()
+    assert "python-pkcs11 is not installed" in err and "pip install 'python-pkcs11" in err, err
+    assert err.count("\n") == 1, err
