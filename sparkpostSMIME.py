@@ -2879,11 +2879,6 @@ def unique_certs(certs):
     return list(dict.fromkeys(certs))  # certificates compare and hash by their DER
 
 
-def cert_digest(cert):
-    """Return the SHA-256 fingerprint of *cert*."""
-    return cert.fingerprint(hashes.SHA256())
-
-
 def same_key(cert, key):
     """True when *cert* carries the public half of private *key*."""
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -3701,13 +3696,15 @@ class TokenEcKey(TokenKey):
 
 REVOCATION_POLICIES = ("off", "soft", "hard")
 #: Seconds one fetch may take (connect, each read and the whole download), and all the
-#: fetches of one run together: a dead or slow responder never holds a run longer.
-FETCH_TIMEOUT, FETCH_BUDGET = 5.0, 20.0
+#: fetches of one run together (a gateway: of each FETCH_PERIOD seconds): a dead or slow
+#: responder never holds a run longer.
+FETCH_TIMEOUT, FETCH_BUDGET, FETCH_PERIOD = 5.0, 20.0, 600
+#: Seconds a verdict is kept in memory at most (a gateway notices a revocation this soon).
+SEEN_SECONDS = 3600
 #: Largest OCSP response and CRL read, in octets; most redirects followed.
 MAX_OCSP_RESPONSE, MAX_CRL, MAX_REDIRECTS = 64 << 10, 16 << 20, 3
-#: Cached verdicts and CRLs kept at most (the oldest go first), and how long a verdict
-#: without a nextUpdate (an OCSP answer may have none) or a failure is kept.
-MAX_CACHE_ENTRIES, SHORT_CACHE_SECONDS = 2000, 3600
+#: Cached verdicts and CRLs kept at most, in files and in octets (the oldest go first).
+MAX_CACHE_ENTRIES, MAX_CACHE_OCTETS = 2000, 256 << 20
 #: OCSP (id-ad-ocsp) in an Authority Information Access, id-kp-OCSPSigning (RFC 6960).
 ID_AD_OCSP, ID_KP_OCSP_SIGNING = "1.3.6.1.5.5.7.48.1", "1.3.6.1.5.5.7.3.9"
 #: KeyUsage cRLSign (RFC 5280 4.2.1.3).
@@ -3734,6 +3731,7 @@ class Revocation:
         self.policy, self.cache_dir, self.crl_files = policy, cache_dir, list(crl_files)
         self.warn = warn or (lambda text, topic=None: None)
         self.budget, self.crls, self.seen = FETCH_BUDGET, None, {}
+        self.refilled = time.monotonic()  #: the budget is whole again each FETCH_PERIOD
 
     def problem(self, cert, issuer):
         """Return why *cert* (issued by *issuer*, or None when unknown) is refused under
@@ -3741,9 +3739,12 @@ class Revocation:
         if self.policy == "off":
             return ""
         cert = Certificate.of(cert)
-        if cert.der not in self.seen:
-            self.seen[cert.der] = self.status(cert, issuer and Certificate.of(issuer))
-        status = self.seen[cert.der]
+        status, until = self.seen.get(cert.der, (None, 0.0))
+        if status is None or until < time.time():  # a gateway runs for months
+            status = self.status(cert, issuer and Certificate.of(issuer))
+            self.seen[cert.der] = status, min(status.until or 0.0, time.time() + SEEN_SECONDS)
+            if len(self.seen) > MAX_CACHE_ENTRIES:
+                self.seen.pop(next(iter(self.seen)))
         if status.state == "revoked":
             return "is revoked (%s%s, %s): %s" % (
                 status.reason or "no reason given", ", since %s" % status.when
@@ -3835,9 +3836,11 @@ class Revocation:
     def fetch(self, url, data, limit):
         """Return the body at http(s) *url* (POSTing OCSP request *data*), within the
         run's budget.  Raises OSError or ValueError."""
+        if time.monotonic() - self.refilled > FETCH_PERIOD:
+            self.budget, self.refilled = FETCH_BUDGET, time.monotonic()
         if self.budget <= 0:
-            raise OSError("no time left for revocation fetches in this run (%d s)"
-                          % FETCH_BUDGET)
+            raise OSError("no time left for revocation fetches (%d s a run, or each %d "
+                          "minutes of a gateway)" % (FETCH_BUDGET, FETCH_PERIOD // 60))
         started = time.monotonic()
         try:
             return http_get(url, data, limit, min(FETCH_TIMEOUT, self.budget))
@@ -3891,7 +3894,33 @@ def is_fetchable(url):
 def http_get(url, data, limit, timeout):
     """Return the body of a GET (or, with *data*, an OCSP POST, RFC 6960 A.1) of *url*:
     at most *limit* octets, MAX_REDIRECTS redirects to http(s) only, *timeout* seconds
-    in all.  Raises OSError or ValueError."""
+    in all.  The fetch runs in a thread given up past *timeout* (a server dripping its
+    headers, a slow name lookup, redirects: each read has its own socket timeout).
+    Raises OSError or ValueError."""
+    import threading
+    done = {}
+
+    def fetch():
+        try:
+            done["body"] = http_body(url, data, limit, timeout)
+        except (OSError, ValueError) as exc:
+            done["error"] = exc
+        except Exception as exc:  # noqa: BLE001 - a hostile server's answer, in our words
+            done["error"] = OSError("a broken answer: %s: %s" % (type(exc).__name__, exc))
+    worker = threading.Thread(target=fetch, name="revocation-fetch", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise OSError("no answer within %d seconds" % timeout)
+    if "error" in done:
+        raise done["error"]
+    return done["body"]
+
+
+def http_body(url, data, limit, timeout):
+    """http_get()'s fetch, in its thread.  Raises OSError, ValueError, or what urllib
+    and http.client raise for a malformed answer."""
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -3919,6 +3948,8 @@ def http_get(url, data, limit, timeout):
         raise OSError("HTTP %d" % exc.code)
     except urllib.error.URLError as exc:
         raise OSError(str(exc.reason))
+    except http.client.HTTPException as exc:  # a malformed status line, header or body
+        raise OSError("a broken HTTP answer: %s: %s" % (type(exc).__name__, exc))
     except (TimeoutError, ConnectionError) as exc:
         raise OSError("no answer within %d seconds" % timeout if isinstance(
             exc, TimeoutError) else str(exc))
@@ -4084,19 +4115,31 @@ def read_cached(path):
 
 def write_cached(path, fields, rest=b""):
     """Write a cache file atomically (best effort: a cache that cannot be written is
-    no fault), keeping at most MAX_CACHE_ENTRIES files."""
+    no fault), keeping at most MAX_CACHE_ENTRIES files and MAX_CACHE_OCTETS octets."""
     try:
         directory = os.path.dirname(path)
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        names = os.listdir(directory)
-        if len(names) >= MAX_CACHE_ENTRIES:
-            oldest = sorted(names, key=lambda n: os.stat(os.path.join(directory, n)).st_mtime)
-            for name in oldest[:len(names) - MAX_CACHE_ENTRIES + 1]:
-                remove_quietly(os.path.join(directory, name))
+        trim_cache(directory, len(rest) + 4096)
         line = "\t".join(str(f).replace("\t", " ").replace("\n", " ") for f in fields)
         write_atomically(path, line.encode("utf-8") + b"\n" + rest, 0o600)
     except (OSError, SmimeToolError):
         pass
+
+
+def trim_cache(directory, room):
+    """Remove the oldest files of cache *directory* until one more file and *room* more
+    octets fit within MAX_CACHE_ENTRIES and MAX_CACHE_OCTETS.  Raises OSError."""
+    files = []
+    for entry in os.scandir(directory):
+        info = entry.stat(follow_symlinks=False)
+        files.append((info.st_mtime, info.st_size, entry.path))
+    files.sort()
+    count, size = len(files), sum(f[1] for f in files)
+    for _, octets, name in files:
+        if count < MAX_CACHE_ENTRIES and size + room <= MAX_CACHE_OCTETS:
+            break
+        remove_quietly(name)
+        count, size = count - 1, size - octets
 
 
 def read_verdict(cache_dir, cert):
@@ -4131,7 +4174,7 @@ def recipient_problem(keystore, address):
     certificate, or a revoked one.  For the gateway's RCPT (550 5.7.1 on a reason)."""
     try:
         keystore.recipient(address)
-    except (IdentityError, MessageError) as exc:
+    except SmimeToolError as exc:
         return str(exc)
     return ""
 
@@ -6818,7 +6861,9 @@ class Gateway:
             self.reporter.warn("%s: RCPT %s refused: %s" % (server.tag, ascii(address), problem))
             return "553 5.1.3 bad recipient address syntax: %s (RFC 5321 4.1.2)" % problem
         if self.settings.encrypt and not self.settings.opportunistic:
-            problem = self.recipient_problem(address)
+            import asyncio  # its certificate may need a revocation fetch: not in the loop
+            problem = await asyncio.get_running_loop().run_in_executor(
+                self.threads, self.recipient_problem, address)
             if problem:
                 self.reporter.warn("%s: RCPT <%s> refused: %s" % (server.tag, address, problem))
                 return "550 5.7.1 <%s>: no usable S/MIME certificate, the message cannot be " \
@@ -6861,7 +6906,12 @@ class Gateway:
                                                                                 server.tag))
             return "554 5.6.0 bare CR or LF in the message: every line must end with CRLF " \
                    "(RFC 5321 2.3.8)"
-        job, refusal = self.build(source, data, rcpts)
+        signed_only = False
+        if self.settings.encrypt and self.settings.opportunistic:  # may fetch: not in the loop
+            import asyncio
+            signed_only = await asyncio.get_running_loop().run_in_executor(
+                self.threads, lambda: any(self.recipient_problem(r) for r in rcpts))
+        job, refusal = self.build(source, data, rcpts, signed_only)
         job = job._replace(started=started, mail_from=self.settings.mail_from or (
             "" if envelope.mail_from == "<>" else envelope.mail_from))
         if job.failure:
@@ -6878,17 +6928,17 @@ class Gateway:
         self.recorder(tally.result(), outcome.job)
         return reply
 
-    def build(self, source, data, rcpts):
+    def build(self, source, data, rcpts, signed_only=False):
         """Return (Job, '') for a received message: built as a file would be (build_job),
         or as it came when it is S/MIME already (no double wrapping when a filter
         loops); or (a Job carrying its failure, the start of the reply: build_reply())
         for a message that cannot be built.  The hop limit applies to both (RFC 5321
-        6.3).  Runs in the event loop: cryptography would hold the GIL in a thread as
-        well."""
+        6.3).  *signed_only*: --opportunistic found a recipient without a usable
+        certificate.  Runs in the event loop: cryptography would hold the GIL in a thread
+        as well."""
         recipients = [r.lower() for r in rcpts]
         settings = self.settings
-        if settings.encrypt and settings.opportunistic and any(
-                self.recipient_problem(r) for r in recipients):
+        if signed_only:
             self.reporter.warn("%s: signed only (--opportunistic): not every recipient has a "
                                "usable certificate" % source)
             settings = settings._replace(encrypt=False)
@@ -6929,11 +6979,7 @@ class Gateway:
 
     def recipient_problem(self, address):
         """Return why *address* cannot get an encrypted message ('' when it can)."""
-        try:
-            self.keystore.recipient(address.lower())
-        except SmimeToolError as exc:
-            return str(exc)
-        return ""
+        return recipient_problem(self.keystore, address.lower())
 
     def private(self, text):
         """Return *text* without our key directories, for a reply to a client."""

@@ -394,3 +394,52 @@ def test_local_crl_files_offline(server, tmp_path):
           "no OCSP responder or CRL named")
     fails(world.build("--sign", env=world.env(SMIME_REVOCATION="sometimes")), 78,
           "SMIME_REVOCATION")
+
+
+def raw_http(answer=None, drip=0):
+    """A hostile HTTP server on 127.0.0.1 answering every request with the bytes *answer*,
+    or a status line then one header line a second *drip* times; return its URL."""
+    import socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(20)
+
+    def serve():
+        while True:
+            conn, _ = listener.accept()
+            try:
+                conn.recv(65536)
+                if drip:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                    for _ in range(drip):
+                        conn.sendall(b"X-Slow: yes\r\n")
+                        time.sleep(1)
+                else:
+                    conn.sendall(answer)
+            except OSError:
+                pass
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return "http://127.0.0.1:%d/ocsp" % listener.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["bad-status-line", "bad-redirect", "header-line-too-long",
+                                  "bad-chunk", "headers-dripped"])
+def test_a_hostile_responder_is_no_answer(server, tmp_path, case):
+    """A responder that answers garbage, redirects to a malformed URL, sends a 70 KB header
+    line or a broken chunked body, or drips its headers one a second: no internal error,
+    just no answer (soft: a warning and the message goes out, 0).  The dripping server
+    would hold an unbounded fetch for 10 minutes: run_tool's timeout (120 s) fails a run
+    that waits for it."""
+    url = raw_http(drip=600) if case == "headers-dripped" else raw_http({
+        "bad-status-line": b"garbage\r\n\r\n",
+        "bad-redirect": b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:abc/\r\n"
+                        b"Content-Length: 0\r\n\r\n",
+        "header-line-too-long": b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n",
+        "bad-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n",
+    }[case])
+    world = World(server, tmp_path, tmp_path.name[-20:], leaf_ocsp=url, leaf_crl="")
+    proc = world.build("--encrypt")
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr.decode()
+    assert "internal error" not in err and "no revocation answer" in err, err
