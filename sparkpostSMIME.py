@@ -1327,12 +1327,17 @@ def check_mime_limits(msg):
     """Raise MessageError when *msg* nests MIME entities deeper than MAX_MIME_DEPTH or
     holds more than MAX_MIME_PARTS parts, whatever their encoding (a MIME bomb).
 
-    Each level of nesting names a boundary or message/rfc822, and each part starts
-    on a line beginning with "--": where those counts are within the limits, as in
-    nearly all mail, the message cannot exceed them and nothing more is read.
+    Each part starts on a line beginning with "--", and each level of nesting is a
+    multipart (whose first part starts on such a line) or a message/rfc822: with few
+    such lines and no "822" anywhere, as in nearly all mail, the message cannot
+    exceed the limits and nothing more is read; then the counts of "boundary" and
+    "rfc822" in any case bound the depth.
     """
-    if (count_any_case(msg.body, (b"boundary", b"rfc822")) < MAX_MIME_DEPTH
-            and msg.body.count(b"\n--") < MAX_MIME_PARTS):
+    delimiters = msg.body.count(b"\n--")
+    if delimiters < MAX_MIME_DEPTH and b"822" not in msg.body:
+        return
+    if (delimiters < MAX_MIME_PARTS
+            and count_any_case(msg.body, (b"boundary", b"rfc822")) < MAX_MIME_DEPTH):
         return
     count_parts(msg.entity_fields, msg.body, 0, [0])
 
