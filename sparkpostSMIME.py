@@ -9268,12 +9268,23 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError("%s (see --help)" % message)
 
-    def _print_message(self, message, file=None):  # --help, --version: our stdout
-        if message:
-            write_stdout(message.encode("utf-8", "replace"))
+    def print_help(self, file=None):
+        """--help: written with write_stdout() (a full device is 74, not silence)."""
+        write_stdout(self.format_help().encode("utf-8", "replace"))
 
     def exit(self, status=0, message=None):  # after --help or --version
         raise Finished(status)
+
+
+class Version(argparse.Action):
+    """--version: the name and version, written with write_stdout(); then Finished."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        write_stdout(("%s %s\n" % (parser.prog, __version__)).encode("utf-8"))
+        raise Finished(0)
 
 
 def build_parser():
@@ -9297,7 +9308,7 @@ def build_parser():
                    help="transcript of the SMTP/HTTP dialogue on stderr (secrets hidden)")
     p.add_argument("--debug", action="store_true",
                    help="show a Python traceback on internal errors")
-    p.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    p.add_argument("--version", action=Version, help="show the version and exit")
     return p
 
 

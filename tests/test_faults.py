@@ -416,7 +416,7 @@ def test_harvest_into_a_key_directory_that_cannot_take_it(pki, tmp_path, tmpfs, 
 
 # -- standard output on a full device ----------------------------------------------------
 
-@pytest.mark.parametrize("what", ["build", "verify-report", "version"])
+@pytest.mark.parametrize("what", ["build", "verify-report", "version", "help"])
 def test_stdout_on_a_full_device(pki, tmp_path, what):
     signed = tmp_path / "signed.eml"
     if what == "build":
@@ -425,7 +425,7 @@ def test_stdout_on_a_full_device(pki, tmp_path, what):
         signed.write_bytes(signed_message(pki))
         args = ["--verify", str(signed), "--ca", pki.cafile, "--keys", pki.private]
     else:
-        args = ["--version"]
+        args = ["--" + what]
     to_full_stdout(args, tool_env())
 
 
