@@ -7797,11 +7797,11 @@ def read_received(path):
     """Return the message at *path* ("-" = stdin): bytes, or a Spool when it is larger than
     SPOOL_ABOVE (stdin copied to a temporary file first).  Raises InputError."""
     if path == "-":
-        head = sys.stdin.buffer.read(SPOOL_ABOVE + 1)
+        blocks = stdin_blocks()
+        head = next(blocks, b"")
         if len(head) <= SPOOL_ABOVE:
             return head
-        return temporary_spool(itertools.chain(
-            (head,), iter(lambda: sys.stdin.buffer.read(STREAM_BLOCK), b"")))
+        return temporary_spool(itertools.chain((head,), blocks))
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         size = os.fstat(fd).st_size
@@ -7811,6 +7811,21 @@ def read_received(path):
         os.close(fd)
         return read_input(path)
     return Spool(fd, 0, size)
+
+
+def stdin_blocks():
+    """Yield standard input: up to SPOOL_ABOVE + 1 octets first, then STREAM_BLOCKs.
+    Raises InputError when it cannot be read (an I/O error is the input's, not ours)."""
+    size = SPOOL_ABOVE + 1
+    while True:
+        try:
+            block = sys.stdin.buffer.read(size)
+        except OSError as exc:
+            raise InputError("-: cannot read standard input: %s" % (exc.strerror or exc))
+        if not block:
+            return
+        yield block
+        size = STREAM_BLOCK
 
 
 def temporary_spool(chunks):
