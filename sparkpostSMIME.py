@@ -1221,6 +1221,7 @@ class Message:
         self.source, self.outer, self.entity_fields, self.body = source, outer, entity_fields, body
         self.sender, self.to, self.cc, self.bcc = "", [], [], []
         self.binary = True  #: a part may be declared binary (see declares_binary())
+        self.spans = None  #: the body's unproven_spans() (None: all of it)
 
     @property
     def recipients(self):
@@ -1250,19 +1251,116 @@ def read_input(path):
         raise InputError("%s: cannot read: %s" % (path, exc.strerror or exc))
 
 
-def to_crlf(data):
-    """Return *data* with every line ending (LF, CR or CRLF) made CRLF."""
+def to_crlf(data, spans=None):
+    """Return *data* with every line ending (LF, CR or CRLF) made CRLF (*spans*: see
+    is_crlf())."""
     if b"\r" not in data:
         return data.replace(b"\n", b"\r\n")
-    if is_crlf(data):
+    if is_crlf(data, spans):
         return data  # already canonical: the usual case, no copy
     return _LINE_END.sub(b"\r\n", data)
 
 
-def is_crlf(data):
-    """True when every line break of *data* is a CRLF (none is a lone CR or LF)."""
-    crlf = data.count(b"\r\n")
-    return crlf == data.count(b"\n") == data.count(b"\r")
+def is_crlf(data, spans=None):
+    """True when every line break of *data* is a CRLF (none is a lone CR or LF).  *spans*:
+    only these parts of *data* can hold anything else (unproven_spans())."""
+    for start, stop in spans or ((0, len(data)),):
+        crlf = data.count(b"\r\n", start, stop)
+        if not crlf == data.count(b"\n", start, stop) == data.count(b"\r", start, stop):
+            return False
+    return True
+
+
+# -- Big messages: base64 lines proven once, skipped by the checks (issue 29) ------
+#
+# Nearly all of a big message is an attachment in base64: lines of one width, each
+# of the base64 alphabet and a CRLF.  Such lines cannot hold what the checks below
+# look for (a lone CR or LF, 8-bit or NUL octets, a long line, a space, a tab, a
+# dot, a hyphen, a colon: no "From " line, no "." line, no delimiter, no header
+# field).  unproven_spans() proves them a window at a time, at the cost of one pass
+# (a translate and two stride slices), and the checks search only the rest: each
+# would otherwise make its own pass over the whole message.
+
+#: Messages above this many octets are looked at for runs of base64 lines.
+PROVE_ABOVE = 2 << 20
+#: A run of base64 lines is proven this many octets (whole lines) at a time; a window
+#: that is not proven whole is halved, down to PROVE_LEAST octets.
+PROVE_WINDOW, PROVE_LEAST = 1 << 20, 1 << 16
+#: The octets of a base64 line (RFC 4648 4, padding included).
+BASE64_OCTETS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+
+
+def unproven_spans(data):
+    """Return the (start, stop) spans of *data* that may hold anything, in order, or None
+    for a message no larger than PROVE_ABOVE (all of it).  Left out are the windows
+    proven by base64_window(): whole lines, so every span starts and stops at a line
+    boundary (after a LF) or at an end of *data*; neighbours are joined."""
+    if len(data) <= PROVE_ABOVE:
+        return None
+    spans, start = [], 0
+    while start < len(data):
+        stop = line_cut(data, start, PROVE_WINDOW)
+        prove(data, start, stop, spans)
+        start = stop
+    return spans
+
+
+def line_cut(data, start, size):
+    """Return where a window of *data* from *start*, at most *size* octets, ends: after
+    its last LF (the end of *data* when it is nearer; *size* on when there is no LF)."""
+    if len(data) - start <= size:
+        return len(data)
+    return data.rfind(b"\n", start, start + size) + 1 or start + size
+
+
+def prove(data, start, stop, spans):
+    """Add to *spans* what of *data*[start:stop] base64_window() does not prove: the whole
+    window, or its halves' (the header and the attachment's end are a small part of
+    their windows), down to PROVE_LEAST octets."""
+    if base64_window(data, start, stop):
+        return
+    if stop - start > PROVE_LEAST:
+        middle = line_cut(data, start, (stop - start) // 2)
+        if start < middle < stop:
+            prove(data, start, middle, spans)
+            prove(data, middle, stop, spans)
+            return
+    if spans and spans[-1][1] == start:
+        spans[-1] = (spans[-1][0], stop)
+    else:
+        spans.append((start, stop))
+
+
+def base64_window(data, start, stop):
+    """True when *data*[start:stop] is lines of one width, each up to MAX_LINE octets of
+    BASE64_OCTETS and a CRLF: the CRs and LFs at every line's end (two stride slices),
+    and nothing but base64 octets between them (one translate)."""
+    width = data.find(b"\r\n", start, start + MAX_LINE + 2) - start
+    if width <= 0:
+        return False
+    step = width + 2
+    count, extra = divmod(stop - start, step)
+    return (not extra and data[start + width:stop:step] == b"\r" * count
+            and data[start + width + 1:stop:step] == b"\n" * count
+            and data[start:stop].translate(None, BASE64_OCTETS) == b"\r\n" * count)
+
+
+def shifted_spans(spans, offset, size):
+    """Return *spans* of a text as spans of its part that starts at *offset*, *size* long."""
+    if spans is None:
+        return None
+    return [(max(start - offset, 0), min(stop - offset, size))
+            for start, stop in spans if stop > offset and start < offset + size]
+
+
+def holds_any(data, needles, spans=None):
+    """True when *data* holds one of *needles* in its *spans* (None: anywhere).  A needle
+    may start in the proven line before a span (its CRLF): each span is searched from
+    as many octets before as the needle has, less one."""
+    if spans is None:
+        return any(needle in data for needle in needles)
+    return any(data.find(needle, max(start - len(needle) + 1, 0), stop) >= 0
+               for start, stop in spans for needle in needles)
 
 
 #: A Content-Transfer-Encoding field's value "binary", in any case, matched from
@@ -1272,17 +1370,18 @@ _BINARY_CTE = re.compile(rb"(?i)ransfer-encoding[ \t]*:[ \t]*binary\b")
 _RAW_LINE = re.compile(rb"([^\r\n]*)(\r\n|\n|\r|\Z)")
 
 
-def declares_binary(data):
+def declares_binary(data, spans=None):
     """True when *data* holds a Content-Transfer-Encoding: binary field (RFC 2045 6.2),
-    its name and value in any case.
+    its name and value in any case.  *spans*: only there can a field be (see
+    unproven_spans()).
 
     Works on lower-cased copies of a window at a time (lowered()): "binary" must be
     there (one C-speed search), then each "ransfer-encoding" is looked at closely,
     so the usual message costs microseconds; a false alarm only costs a closer look.
     """
-    if not count_any_case(data, (b"binary",)):
+    if not count_any_case(data, (b"binary",), spans):
         return False
-    for at, window in lowered(data, len(b"ransfer-encoding") - 1):
+    for at, window in lowered(data, len(b"ransfer-encoding") - 1, spans):
         found = window.find(b"ransfer-encoding")
         while found >= 0:
             if _BINARY_CTE.match(data, at + found):
@@ -1291,18 +1390,21 @@ def declares_binary(data):
     return False
 
 
-def lowered(data, overlap):
-    """Yield (offset, lower-cased copy) of each window of *data*: STREAM_BLOCK octets and
-    *overlap* more, so that a word of *overlap* + 1 octets is whole in one of them (a big
-    message is never copied whole; a small one is one window)."""
-    for at in range(0, len(data), STREAM_BLOCK):
-        yield at, data[at:at + STREAM_BLOCK + overlap].lower()
+def lowered(data, overlap, spans=None):
+    """Yield (offset, lower-cased copy) of each window of *data* (of its *spans*, see
+    unproven_spans()): STREAM_BLOCK octets and *overlap* more, so that a word of
+    *overlap* + 1 octets is whole in one of them (a big message is never copied whole;
+    a small one is one window).  Words of whole lines only: a span ends a line."""
+    for start, stop in spans or ((0, len(data)),):
+        for at in range(start, stop, STREAM_BLOCK):
+            yield at, data[at:min(at + STREAM_BLOCK + overlap, stop)].lower()
 
 
-def count_any_case(data, words):
-    """Return how many times the lower-case *words* occur in *data*, in any case, together."""
+def count_any_case(data, words, spans=None):
+    """Return how many times the lower-case *words* occur in *data* (in its *spans*), in
+    any case, together."""
     longest, count = max(map(len, words)), 0
-    for _, window in lowered(data, longest - 1):  # each occurrence counted in its first window
+    for _, window in lowered(data, longest - 1, spans):  # counted in its first window
         count += sum(window.count(word, 0, STREAM_BLOCK + len(word) - 1) for word in words)
     return count
 
@@ -1329,17 +1431,43 @@ def check_mime_limits(msg):
 
     Each part starts on a line beginning with "--", and each level of nesting is a
     multipart (whose first part starts on such a line) or a message/rfc822: with few
-    such lines and no "822" anywhere, as in nearly all mail, the message cannot
+    such lines and no "rfc822" anywhere, as in nearly all mail, the message cannot
     exceed the limits and nothing more is read; then the counts of "boundary" and
     "rfc822" in any case bound the depth.
     """
-    delimiters = msg.body.count(b"\n--")
-    if delimiters < MAX_MIME_DEPTH and b"822" not in msg.body:
+    body, spans = msg.body, msg.spans or ((0, len(msg.body)),)
+    delimiters = sum(body.count(b"\n--", max(start - 2, 0), stop) for start, stop in spans)
+    if delimiters < MAX_MIME_DEPTH and not any(mentions_rfc822(body, start, stop)
+                                               for start, stop in spans):
         return
     if (delimiters < MAX_MIME_PARTS
-            and count_any_case(msg.body, (b"boundary", b"rfc822")) < MAX_MIME_DEPTH):
+            and count_any_case(body, (b"boundary", b"rfc822"), msg.spans) < MAX_MIME_DEPTH):
         return
     count_parts(msg.entity_fields, msg.body, 0, [0])
+
+
+#: "822"s looked at one by one before mentions_rfc822() lower-cases the whole message.
+MAX_822_LOOKS = 1000
+
+
+def mentions_rfc822(data, start=0, stop=None):
+    """True when *data* (from *start* to *stop*) holds "rfc822" in any case
+    (message/rfc822 nests a message).
+
+    Its digits have no case: each "822" is found at C speed and the three octets
+    before it looked at, so a big base64 attachment, where "822" comes by chance
+    every 260 KB or so, costs one search instead of a lower-cased copy and a count.
+    """
+    stop = len(data) if stop is None else stop
+    at, looks = data.find(b"822", start + 3, stop), 0
+    while at >= 0:
+        if data[at - 3:at].lower() == b"rfc":
+            return True
+        looks += 1
+        if looks > MAX_822_LOOKS:  # a message full of "822"s: the plain way
+            return bool(count_any_case(data, (b"rfc822",), [(start, stop)]))
+        at = data.find(b"822", at + 3, stop)
+    return False
 
 
 def count_parts(fields, body, depth, parts):
@@ -1461,15 +1589,18 @@ def parse_message(data, source="-", envelope=None):
     mbox = _MBOX_FROM.match(data)
     if mbox:
         data = data[mbox.end():]
-    binary = declares_binary(data)
-    data = entity_to_crlf(data) if binary else to_crlf(data)
+    spans = unproven_spans(data)
+    binary = declares_binary(data, spans)
+    crlf = entity_to_crlf(data) if binary else to_crlf(data, spans)
+    if crlf is not data:  # made again: its lines are not those proven
+        data, spans = crlf, unproven_spans(crlf)
     fields, body = split_header(data)
     if not fields or b"\x00" in data[:len(data) - len(body)]:
         raise MessageError("%s: not an RFC 5322 message (no header fields)" % source)
     outer = [f for f in fields if not f.name.startswith("content-") and f.name != "mime-version"]
     entity = [f for f in fields if f.name.startswith("content-")]
     msg = Message(source, outer, entity, body)
-    msg.binary = binary
+    msg.binary, msg.spans = binary, shifted_spans(spans, len(data) - len(body), len(body))
     try:
         check_mime_limits(msg)
     except MessageError as exc:
@@ -1586,29 +1717,33 @@ def parse_content_type(value):
     return main, params
 
 
-def is_transport_safe(data):
+def is_transport_safe(data, spans=None):
     """True when *data* (CRLF) is 7-bit, short-lined and free of From/space traps.
+    *spans*: only there can a line start with "From ", end with white space or be
+    "." (see unproven_spans()).
 
     Substring tests run in C; this is on the hot path of every message.  A
     one-octet test is a memchr (0.5 us on 19 KB), a longer needle a full scan
     (10-15 us): the tab is looked for alone first, being rare.
     """
     return (data.isascii() and b"\0" not in data and not has_long_line(data)
-            and b"\nFrom " not in data and not data.startswith(b"From ")
-            and b" \r\n" not in data and (b"\t" not in data or b"\t\r\n" not in data)
-            and not data.endswith((b" ", b"\t")) and not has_lone_dot(data))
+            and not data.startswith(b"From ") and not data.endswith((b" ", b"\t"))
+            and not holds_any(data, (b"\nFrom ", b" \r\n"), spans)
+            and (b"\t" not in data or not holds_any(data, (b"\t\r\n",), spans))
+            and not has_lone_dot(data, spans))
 
 
-def has_lone_dot(data):
-    """True when a line of CRLF *data* is a single ".": the SMTP end of data.
+def has_lone_dot(data, spans=None):
+    """True when a line of CRLF *data* (in its *spans*) is a single ".": the SMTP end of
+    data.
 
     SMTP dot-stuffs such a line, but SparkPost's API refuses content holding
     CRLF "." CRLF and must not be given dot-stuffed content (its "RFC 822
     Content" rules), so the canonical form never has one: quoted-printable
     writes it "=2E", which decodes to the same text (RFC 2045 6.7).
     """
-    return (b"\r\n.\r\n" in data or data.startswith(b".\r\n") or data.endswith(b"\r\n.")
-            or data == b".")
+    return (holds_any(data, (b"\r\n.\r\n",), spans) or data.startswith(b".\r\n")
+            or data.endswith(b"\r\n.") or data == b".")
 
 
 def has_long_line(data, limit=MAX_LINE):
@@ -1638,12 +1773,12 @@ def canonical_entity(fields, body, binary=True, depth=0):
     return b"".join(canonical_pieces(fields, body, binary, depth))
 
 
-def canonical_pieces(fields, body, binary=True, depth=0):
+def canonical_pieces(fields, body, binary=True, depth=0, spans=None):
     """Return canonical_entity() as [header and empty line, body]: a body that is
-    canonical already is not copied."""
+    canonical already is not copied.  *spans*: the body's unproven_spans()."""
     check_depth(depth)
-    if (not is_transport_safe(body) or transfer_encoding(fields) == b"binary"
-            or binary and declares_binary(body)):
+    if (not is_transport_safe(body, spans) or transfer_encoding(fields) == b"binary"
+            or binary and declares_binary(body, spans)):
         fields, body = canonical_parts(fields, body, depth)
     return [safe_fields(fields) + b"\r\n", body]
 
@@ -4262,7 +4397,7 @@ def canonical_content(msg):
                 pass
         default = Field("content-type", b"Content-Type: text/plain; charset=%s\r\n" % charset)
         fields = [default] + fields
-    return canonical_pieces(fields, msg.body, msg.binary)
+    return canonical_pieces(fields, msg.body, msg.binary, spans=msg.spans)
 
 
 def signed_der(content, signer, detached, now=None):

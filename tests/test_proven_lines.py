@@ -1,0 +1,132 @@
+"""Base64 lines proven once (issue 29): the checks that skip them decide as a full search.
+
+unproven_spans() leaves out of a big message the windows that are nothing but lines of
+one width, each of the base64 alphabet and a CRLF; is_crlf(), is_transport_safe(),
+declares_binary() and the MIME limits then search only the rest.  Each case below puts
+one line that breaks a rule somewhere in a 5 MB attachment (inside a window, on a
+window's first or last line, at a halving point) and checks that every function gives
+the answer it gives without spans.
+"""
+
+import base64
+import os
+import random
+
+import pytest
+
+import sparkpostSMIME as tool
+
+HEAD = (b"From: alice@example.com\r\nTo: bob@example.org\r\nSubject: big\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+        b"Content-Type: text/plain\r\n\r\nSee the file.\r\n--b\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n")
+TAIL = b"--b--\r\n"
+#: Lines that break a rule, each alone in an otherwise proven run.
+BAD_LINES = [
+    b"QUJD \r\n",                  # white space at a line's end
+    b"QUJD\t\r\n",                 # a tab at a line's end
+    b"From QUJD\r\n",              # a "From " line
+    b".\r\n",                      # a lone dot
+    b"QUJD\nQUJD\r\n",             # a lone LF
+    b"QUJD\rQUJD\r\n",             # a lone CR
+    b"QU\xe9JD\r\n",               # 8-bit
+    b"QU\x00JD\r\n",               # NUL
+    b"Q" * 1200 + b"\r\n",         # a long line
+    b"--b\r\n",                    # a delimiter
+    b"Content-Transfer-Encoding: BiNaRy\r\n",  # a field (binary, in any case)
+    b"Content-Type: Message/RFC822\r\n",
+    b"QUJDRA==\r\n",               # a shorter line: harmless, not of the run's width
+]
+
+
+def attachment(megabytes=5, seed=1):
+    """Return *megabytes* of random bytes in base64 lines of 76 and CRLF."""
+    rng = random.Random(seed)
+    raw = rng.randbytes(int(megabytes * 3 / 4 * (1 << 20)))
+    return base64.encodebytes(raw).replace(b"\n", b"\r\n")
+
+
+BODY = attachment()
+#: Where the bad line goes: near the start, a window's edge, a halving point, the end.
+PLACES = [78 * 3, (1 << 20) - 78 * 2, 1 << 20, (1 << 19) + 78, (1 << 20) + (1 << 16),
+          len(BODY) // 2, len(BODY) - 78 * 2]
+
+
+def message_with(bad, at):
+    """The message, *bad* put after the line that holds octet *at* of the attachment."""
+    cut = BODY.index(b"\r\n", at) + 2
+    return HEAD + BODY[:cut] + bad + BODY[cut:] + TAIL
+
+
+def checks(data, spans):
+    """Every check that takes spans, on *data* (a whole message, CRLF or not)."""
+    results = {"crlf": tool.is_crlf(data, spans),
+               "safe": tool.is_transport_safe(data, spans),
+               "lone_dot": tool.has_lone_dot(data, spans),
+               "binary": tool.declares_binary(data, spans),
+               "rfc822": any(tool.mentions_rfc822(data, a, b)
+                             for a, b in spans or [(0, len(data))]),
+               "any_case": tool.count_any_case(data, (b"boundary", b"rfc822"), spans)}
+    return results
+
+
+@pytest.mark.parametrize("bad", BAD_LINES, ids=[repr(b[:12]) for b in BAD_LINES])
+@pytest.mark.parametrize("at", PLACES)
+def test_a_bad_line_anywhere_is_seen_as_without_spans(bad, at):
+    data = message_with(bad, at)
+    spans = tool.unproven_spans(data)
+    assert spans is not None and sum(b - a for a, b in spans) < len(data) // 4, spans
+    with_spans, without = checks(data, spans), checks(data, None)
+    assert with_spans == without
+    # The bad line is in a span, whole: the proof never covers what it cannot hold.
+    start = data.index(bad, len(HEAD))
+    assert any(a <= start and start + len(bad) <= b for a, b in spans), (start, spans)
+
+
+def test_a_clean_attachment_is_proven_but_its_edges():
+    """Nearly all of a clean message is proven; the header and the end are not."""
+    data = HEAD + BODY + TAIL
+    spans = tool.unproven_spans(data)
+    assert spans[0][0] == 0 and spans[0][1] >= len(HEAD) and spans[-1][1] == len(data)
+    assert sum(b - a for a, b in spans) <= 4 * tool.PROVE_LEAST
+    assert checks(data, spans) == checks(data, None)
+    assert checks(data, spans)["safe"] and checks(data, spans)["crlf"]
+
+
+def test_small_messages_are_not_looked_at():
+    assert tool.unproven_spans(HEAD + BODY[:1 << 20] + TAIL) is None
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r"])
+def test_lf_or_cr_only_messages_are_not_proven(ending):
+    """Lines ending in a bare LF or CR prove nothing: all of the message is a span."""
+    data = (HEAD + BODY + TAIL).replace(b"\r\n", ending)
+    assert tool.unproven_spans(data) == [(0, len(data))]
+    assert not tool.is_crlf(data, tool.unproven_spans(data))
+
+
+@pytest.mark.parametrize("bad", [b"QUJD \r\n", b".\r\n", b"From QUJD\r\n"])
+def test_parse_and_canonical_form_as_without_spans(bad):
+    """parse_message() hands the body's spans on: the canonical form of a message with
+    a bad line deep in its attachment is the one made without any proof."""
+    data = message_with(bad, len(BODY) // 2)
+    msg = tool.parse_message(data)
+    assert msg.spans is not None
+    proven = b"".join(tool.canonical_content(msg))
+    msg.spans = None
+    assert proven == b"".join(tool.canonical_content(msg))
+    assert b"\r\n" + bad not in proven  # the part was re-encoded
+
+
+def test_random_mutations_agree():
+    """200 random one-octet changes of a 3 MB message: the same answers with and without."""
+    rng = random.Random(29)
+    base = bytearray(HEAD + BODY[:3 << 20] + b"\r\n" + TAIL)
+    specials = b" \t\r\n.-:\x00\xe9F"
+    for _ in range(200):
+        data = bytearray(base)
+        at = rng.randrange(len(HEAD), len(data) - len(TAIL))
+        data[at] = rng.choice(specials)
+        data = bytes(data)
+        spans = tool.unproven_spans(data)
+        assert checks(data, spans) == checks(data, None), (at, data[at - 80:at + 80])
