@@ -36,6 +36,7 @@ BAD_LINES = [
     b"Content-Transfer-Encoding: BiNaRy\r\n",  # a field (binary, in any case)
     b"Content-Type: Message/RFC822\r\n",
     b"QUJDRA==\r\n",               # a shorter line: harmless, not of the run's width
+    b"Q" * 76 + b"\rA\n" + b"Q" * 75 + b"\r\n",  # a CR in place, its LF one octet on
 ]
 
 
@@ -81,6 +82,18 @@ def test_a_bad_line_anywhere_is_seen_as_without_spans(bad, at):
     # The bad line is in a span, whole: the proof never covers what it cannot hold.
     start = data.index(bad, len(HEAD))
     assert any(a <= start and start + len(bad) <= b for a, b in spans), (start, spans)
+
+
+def test_a_span_is_searched_from_the_proven_line_before_it():
+    """A span starts after a proven line's CRLF: a "." line there, or a delimiter, is
+    found (its needle starts in that CRLF)."""
+    data = b"QUJD\r\n.\r\n--b\r\n"
+    assert tool.holds_any(data, (b"\r\n.\r\n",), [(6, 9)])
+    assert tool.has_lone_dot(data, [(6, 9)])
+    assert not tool.holds_any(data, (b"\r\n.\r\n",), [(9, 14)])
+    msg = tool.Message("-", [], [], data)
+    msg.spans = [(9, len(data))]
+    assert sum(data.count(b"\n--", max(a - 2, 0), b) for a, b in msg.spans) == 1
 
 
 def test_a_clean_attachment_is_proven_but_its_edges():
@@ -130,3 +143,28 @@ def test_random_mutations_agree():
         data = bytes(data)
         spans = tool.unproven_spans(data)
         assert checks(data, spans) == checks(data, None), (at, data[at - 80:at + 80])
+
+
+# -- Receiving: base64 decoded a block at a time, line breaks skipped by a2b_base64 ----
+
+def spool_of(tmp_path, data):
+    path = tmp_path / "spool"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    return tool.Spool(fd, 0, len(data))
+
+
+@pytest.mark.parametrize("width", [76, 64, 75, 1])
+@pytest.mark.parametrize("extra", [b"", b"=\r\nQUJD\r\n", b"QUJD*\r\n\t!QUJDRA\r\n", b"QQ\r\n",
+                                   b"Q\r\n"])
+def test_spooled_base64_decodes_as_decode_body(tmp_path, width, extra):
+    """Lines of 76 and 64 decode a block at a time without translate(); lines of 75 (not
+    whole groups of four), a "=" in the middle, stray octets and a dangling group take
+    the lenient way: the same octets as decode_body() in every case."""
+    raw = random.Random(width).randbytes(3 * tool.STREAM_BLOCK // 2)
+    text = base64.b64encode(raw)
+    lines = b"".join(text[at:at + width] + b"\r\n" for at in range(0, len(text), width))
+    at = len(lines) // 3
+    data = lines[:at] + extra + lines[at:] + extra
+    assert b"".join(tool.base64_decoded(spool_of(tmp_path, data))) == \
+        tool.decode_body(data, b"base64")
