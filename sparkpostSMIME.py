@@ -2394,8 +2394,8 @@ READ_EXTENSIONS = {EXT_KEY_USAGE, EXT_SUBJECT_ALT_NAME, EXT_NAME_CONSTRAINTS,
 #: (RFC 6960 4.2.2.2.1).  A certificate with any other critical extension is refused.
 KNOWN_CRITICAL = READ_EXTENSIONS | {"2.5.29.35", "2.5.29.18", "2.5.29.32", "2.5.29.33",
                                     "2.5.29.36", "2.5.29.54", "1.3.6.1.5.5.7.48.1.5"}
-#: The attribute type of names read here: emailAddress (RFC 5280 A.1).
-ATTR_EMAIL_ADDRESS = "1.2.840.113549.1.9.1"
+#: The attribute types of names read here: emailAddress, commonName (RFC 5280 A.1).
+ATTR_EMAIL_ADDRESS, ATTR_COMMON_NAME = "1.2.840.113549.1.9.1", "2.5.4.3"
 #: extKeyUsage purposes that allow S/MIME: emailProtection, anyExtendedKeyUsage.
 EMAIL_PURPOSES = {"1.3.6.1.5.5.7.3.4", "2.5.29.37.0"}
 #: KeyUsage bits (RFC 5280 4.2.1.3), numbered from the first.
@@ -8063,12 +8063,14 @@ def base64_decoded(body):
     for block in body.blocks():
         cut = block.rfind(b"\n") + 1
         if cut and b"=" not in block:
+            first = block.find(b"\n") + 1 if left else 0  # the line *left* is the start of
             try:
-                decoded = binascii.a2b_base64(left + block[:cut] if left
-                                              else memoryview(block)[:cut])
+                head = binascii.a2b_base64(left + block[:first]) if left else b""
+                decoded = binascii.a2b_base64(memoryview(block)[first:cut])
             except binascii.Error:  # not whole groups of four
                 pass
             else:
+                yield head
                 yield decoded
                 left, block = b"", block[cut:]
         text = left + block.translate(None, _NOT_BASE64)
@@ -8163,8 +8165,14 @@ class Signature(NamedTuple):
 
     @property
     def issuer(self):
-        """The common name of the certificate's issuer (its whole name if it has none)."""
-        return common_name(self.cert.issuer)
+        """The common name of the certificate's issuer (its whole name if it has none),
+        read with the DER layer: the report of a --verify run needs no cryptography.x509
+        (15-20 ms)."""
+        try:
+            names = name_values(Certificate.of(self.cert).issuer_der, ATTR_COMMON_NAME)
+        except ValueError:  # a string type not read here: cryptography's reading
+            names = []
+        return names[0] if names else common_name(self.cert.issuer)
 
     def describe(self):
         """Return a detail line for -v."""

@@ -630,3 +630,28 @@ def test_chunked_writers_as_their_whole_definitions():
     at = block - 20  # "ransfer-encoding" across the first window's end
     mixed = b"y" * at + field + b"y" * 100
     assert tool.declares_binary(mixed) and not tool.declares_binary(mixed.replace(b"BIN", b"b1n"))
+
+
+# -- Signature.issuer: the issuer's common name read with the DER layer ---------------
+
+@pytest.mark.parametrize("issuer, shown", [
+    ([("CN", "Démo CA ☃")], "Démo CA ☃"),
+    ([("O", "Example"), ("CN", "First"), ("CN", "Second")], "First"),
+    ([("O", "Example Org"), ("C", "FR")], "C=FR,O=Example Org")])
+def test_signature_issuer_as_cryptography_reads_it(issuer, shown):
+    """The common name (the first), any characters; without one the whole RFC 4514 name,
+    as cryptography writes it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    oids = {"CN": NameOID.COMMON_NAME, "O": NameOID.ORGANIZATION_NAME,
+            "C": NameOID.COUNTRY_NAME}
+    name = x509.Name([x509.NameAttribute(oids[k], v) for k, v in issuer])
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(7).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    ours = tool.Certificate.of(cert)
+    assert tool.Signature(ours, [ours], "").issuer == shown == tool.common_name(cert.issuer)
