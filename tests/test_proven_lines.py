@@ -2,7 +2,7 @@
 
 unproven_spans() leaves out of a big message the windows that are nothing but lines of
 one width, each of the base64 alphabet and a CRLF; is_crlf(), is_transport_safe(),
-declares_binary() and the MIME limits then search only the rest.  Each case below puts
+has_long_line(), declares_binary() and the MIME limits then search only the rest.  Each case below puts
 one line that breaks a rule somewhere in a 5 MB attachment (inside a window, on a
 window's first or last line, at a halving point) and checks that every function gives
 the answer it gives without spans.
@@ -64,6 +64,7 @@ def checks(data, spans):
     results = {"crlf": tool.is_crlf(data, spans),
                "safe": tool.is_transport_safe(data, spans),
                "lone_dot": tool.has_lone_dot(data, spans),
+               "long_line": tool.has_long_line(data, tool.MAX_LINE, spans),
                "binary": tool.declares_binary(data, spans),
                "rfc822": any(tool.mentions_rfc822(data, a, b)
                              for a, b in spans or [(0, len(data))]),
@@ -94,6 +95,25 @@ def test_a_span_is_searched_from_the_proven_line_before_it():
     msg = tool.Message("-", [], [], data)
     msg.spans = [(9, len(data))]
     assert sum(data.count(b"\n--", max(a - 2, 0), b) for a, b in msg.spans) == 1
+
+
+def longest_line(data):
+    """The plain way: the longest line, its CR (before a LF or at the end) not counted."""
+    return max(len(line[:-1] if line.endswith(b"\r") else line) for line in data.split(b"\n"))
+
+
+@pytest.mark.parametrize("length", [997, 998, 999, 1000, 1001, 2500])
+@pytest.mark.parametrize("ending", [b"", b"\r", b"\r\n"])
+@pytest.mark.parametrize("before", [b"", b"a\r\n", b"b" * 997 + b"\r\n"])
+def test_long_lines_as_the_plain_way(length, ending, before):
+    """The window jumps agree with cutting every line: lines about the limit, last or
+    not, with or without their CRLF, and in a span of a bigger text."""
+    data = before + b"x" * length + ending
+    assert tool.has_long_line(data) == (longest_line(data) > tool.MAX_LINE)
+    proven = b"QUJD\r\n" * 10  # a span starts after a LF, stops after one or at the end
+    within = proven + data + (proven if ending == b"\r\n" else b"")
+    span = [(len(proven), len(proven) + len(data))]
+    assert tool.has_long_line(within, tool.MAX_LINE, span) == tool.has_long_line(data)
 
 
 def test_a_clean_attachment_is_proven_but_its_edges():
