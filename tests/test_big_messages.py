@@ -1,14 +1,21 @@
 """Big messages (issue 29): built and written a chunk at a time, read back byte-exact by
-OpenSSL, NSS cmsutil and gpgsm; lines that start a chunk, CRLFs and 8-bit characters split
-between chunks, stdin, SMTP DATA dot-stuffed across chunks, and the peak memory of a 100 MB
-message (ru_maxrss of the child); --verify and --decrypt of big messages, read a block at
-a time (byte-exact, bounded memory, hostile ones refused, no temporary file left).  A disk
-filling up in the middle of a big output: in test_faults.py."""
+OpenSSL, NSS cmsutil and gpgsm at 10 MB and (system) 100 MB in every mode; lines that start
+a chunk, CRLFs and 8-bit characters split between chunks, stdin, SMTP DATA dot-stuffed across
+chunks, and the peak memory of a 100 MB message (ru_maxrss of the child); --verify and
+--decrypt of big messages, read a block at a time (byte-exact, bounded memory, hostile ones
+refused, no temporary file left).  A disk filling up in the middle of a big output: in
+test_faults.py.
+
+The big files stay on disk: each message is made once per module, the engines read and
+write files, and this process compares SHA-256 digests read a MiB at a time."""
 
 import base64
 import email
 import email.policy
+import hashlib
+import io
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +24,7 @@ import pytest
 
 import sparkpostSMIME as tool
 from support import engines
-from support.harness import TOOL, run_tool, tool_env
+from support.harness import ROOT, TOOL, run_tool, tool_env
 from support.servers import SmtpServer
 
 SENDER, RCPT = "alice@example.com", "bob@example.org"
@@ -51,19 +58,55 @@ def dotted_text(start, blocks):
     return b"".join(out)
 
 
-def big_message(megabytes, seed=b"x"):
-    """A CRLF multipart/mixed message: a text part of dotted_text() over three chunk
-    boundaries, then *megabytes* MB of random bytes as a base64 attachment."""
+#: The big message's sizes (MB): 10 in the quick tier, 100 with the system tests.
+SIZES = [pytest.param(10, id="10MB"), pytest.param(100, id="100MB", marks=pytest.mark.system)]
+#: The engines that read back every mode at every size (fixtures of conftest.py).
+ENGINES = ["openssl", "nss", "gpgsm"]
+#: What this process reads of a big file at a time.
+CHUNK = 1 << 20
+
+
+def message_start():
+    """Return (the octets of big_message() up to its attachment's base64, its text part)."""
     head = (b"From: %s\r\nTo: %s\r\nSubject: big\r\nMIME-Version: 1.0\r\n"
             b'Content-Type: multipart/mixed; boundary="big-b"\r\n\r\n'
             % (SENDER.encode(), RCPT.encode()))
     first = b'--big-b\r\nContent-Type: text/plain; charset="us-ascii"\r\n\r\n'
     text = dotted_text(len(first), 3)
-    blob = os.urandom(megabytes * 1000 * 750)
     attachment = (b"\r\n--big-b\r\nContent-Type: application/octet-stream; name=big.bin\r\n"
-                  b"Content-Transfer-Encoding: base64\r\n\r\n"
-                  + base64.encodebytes(blob).replace(b"\n", b"\r\n") + b"--big-b--\r\n")
-    return head + first + text + attachment, text, blob
+                  b"Content-Transfer-Encoding: base64\r\n\r\n")
+    return head + first + text + attachment, text
+
+
+#: The close delimiter that ends big_message().
+END = b"--big-b--\r\n"
+
+
+def base64_lines(blob):
+    """Return *blob* in base64 lines of 76 columns, each ending CRLF (RFC 2045 6.8)."""
+    return base64.encodebytes(blob).replace(b"\n", b"\r\n")
+
+
+def big_message(megabytes):
+    """A CRLF multipart/mixed message: a text part of dotted_text() over three chunk
+    boundaries, then *megabytes* MB of random bytes as a base64 attachment."""
+    start, text = message_start()
+    blob = os.urandom(megabytes * 1000 * 750)
+    return start + base64_lines(blob) + END, text, blob
+
+
+def write_big_message(path, megabytes):
+    """Write a big_message() of *megabytes* MB to *path*, its attachment BLOCK random
+    octets at a time (BLOCK is a multiple of 57: the same lines as one base64 of it all)."""
+    assert BLOCK % 57 == 0
+    start, left = message_start()[0], megabytes * 1000 * 750
+    with open(path, "wb") as fh:
+        fh.write(start)
+        while left:
+            size = min(BLOCK, left)
+            fh.write(base64_lines(os.urandom(size)))
+            left -= size
+        fh.write(END)
 
 
 def parts(content):
@@ -82,6 +125,235 @@ def recovered(out, flags, pki, openssl):
     return content
 
 
+# -- Big files: read a MiB at a time, engines from file to file -------------------------
+
+def copy_until(src, dst, mark, limit=None):
+    """Copy the octets of the file *src* up to the first *mark* to *dst* (None: skip
+    them) and leave *src* just after the mark; return how many were copied.  Raise
+    AssertionError when there is no mark (within *limit* octets)."""
+    kept, done = b"", 0
+    while True:
+        chunk = src.read(CHUNK)
+        assert chunk, "no %r in %s" % (mark, src.name)
+        data = kept + chunk
+        at = data.find(mark)
+        if at >= 0:
+            if dst is not None:
+                dst.write(data[:at])
+            src.seek(at + len(mark) - len(data), os.SEEK_CUR)
+            return done + at
+        cut = max(0, len(data) - len(mark) + 1)
+        if dst is not None:
+            dst.write(data[:cut])
+        done, kept = done + cut, data[cut:]
+        assert limit is None or done <= limit, "no %r in %s's first %d octets" % (
+            mark, src.name, limit)
+
+
+def read_header(src):
+    """Return the header of the MIME entity in the file *src* (with its blank line),
+    parsed; leave *src* at the start of the body."""
+    head = io.BytesIO()
+    copy_until(src, head, b"\r\n\r\n", limit=1 << 16)
+    return engines.parse(head.getvalue() + b"\r\n\r\n")
+
+
+def sha256_rest(src):
+    """Return the SHA-256 (hex) of what is left of the file *src*."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: src.read(CHUNK), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def split_tail(path, length, offset=0):
+    """Return (the octets of the file *path* from *offset* up to its last *length* ones,
+    the SHA-256 of those last octets); the first must be under 64 KiB."""
+    with open(path, "rb") as fh:
+        head_length = os.path.getsize(path) - offset - length
+        assert 0 <= head_length < 1 << 16, (path, head_length)
+        fh.seek(offset)
+        return fh.read(head_length), sha256_rest(fh)
+
+
+def assert_content(path, offset, body):
+    """Assert that the file *path* holds from *offset* on a header naming multipart/mixed
+    with boundary "big-b", then byte-exact the big message's *body* (length, SHA-256)."""
+    head, digest = split_tail(path, body[0], offset)
+    assert digest == body[1], (path, os.path.getsize(path), body)
+    msg = engines.parse(head)
+    assert head.endswith(b"\r\n\r\n"), head
+    assert (msg.get_content_type(), msg.get_param("boundary")) == ("multipart/mixed", "big-b")
+
+
+def check_transport_safe_file(path):
+    """engines.check_transport_safe() of the file *path*, a MiB of whole lines at a time.
+    Its regex costs 3 s a 200 MB file, so a chunk is first checked by the same rules
+    counted (no bare CR or LF: as many CRs and LFs as CRLFs), and by the regex if not."""
+    with open(path, "rb") as fh:
+        for lines in iter(lambda: fh.readlines(CHUNK), []):
+            chunk = b"".join(lines)
+            crlfs = chunk.count(b"\r\n")
+            if not (chunk.isascii() and b"\0" not in chunk
+                    and chunk.count(b"\r") == crlfs == chunk.count(b"\n")
+                    and max(map(len, chunk.split(b"\r\n"))) <= 998):
+                engines.check_transport_safe(chunk)  # what is wrong
+                raise AssertionError("not transport-safe")
+
+
+def der_file(entity, work):
+    """Return the path of the DER in the application/pkcs7-mime entity file *entity* (its
+    base64 body, decoded a MiB at a time), written in the directory *work*."""
+    der = os.path.join(work, os.path.basename(entity) + ".der")
+    with open(entity, "rb") as src, open(der, "wb") as dst:
+        header = read_header(src)
+        assert header.get_content_type().endswith("pkcs7-mime"), header
+        assert header["Content-Transfer-Encoding"].lower() == "base64", header
+        kept = b""
+        for chunk in iter(lambda: src.read(CHUNK), b""):
+            data = kept + chunk.translate(None, b"\r\n")
+            cut = len(data) - len(data) % 4
+            dst.write(base64.b64decode(data[:cut], validate=True))
+            kept = data[cut:]
+        assert not kept, kept
+    return der
+
+
+def signed_files(entity, work):
+    """Return (the path of the SignedData DER, the path of the exact signed content or
+    None when the content is inside it) of the signed entity file *entity*, as
+    engines.split_signed() and der_of() do, written in the directory *work*."""
+    with open(entity, "rb") as src:
+        header = read_header(src)
+        if header.get_content_type() != "multipart/signed":
+            return der_file(entity, work), None
+        boundary = header.get_param("boundary").encode()
+        content = os.path.join(work, "signed-content")
+        copy_until(src, None, b"--" + boundary + b"\r\n", limit=1 << 16)
+        with open(content, "wb") as dst:
+            copy_until(src, dst, b"\r\n--" + boundary + b"\r\n")  # RFC 2046 5.1.1
+        rest = src.read(1 << 20)  # the signature part and the close delimiter
+    der = os.path.join(work, "signature.der")
+    with open(der, "wb") as fh:
+        fh.write(engines.der_of(rest.split(b"\r\n--" + boundary + b"--")[0]))
+    return der, content
+
+
+def decrypted(engine, entity, pki, work):
+    """Return the path of what *engine* decrypts (for RCPT, or any identity it holds) from
+    the enveloped message file *entity*."""
+    out = os.path.join(work, "decrypted")
+    if isinstance(engine, engines.OpenSSL):
+        engines.run(["openssl", "cms", "-decrypt", "-binary", "-recip", pki.cert_path(RCPT),
+                     "-inkey", pki.key_path(RCPT), "-in", entity, "-out", out])
+    elif isinstance(engine, engines.NSS):
+        engines.run(["cmsutil", "-D", "-i", der_file(entity, work), "-d", engine.db, "-o", out])
+    else:  # exit 2 when other recipients' keys are unknown, even on success
+        proc = engine.gpgsm(["--output", out, "--decrypt", der_file(entity, work)], ok=(0, 2))
+        assert b"DECRYPTION_OKAY" in proc.stdout, proc.stderr
+    return out
+
+
+#: cmsutil -h 1 writes its verdict before the content; this line ends it (one signer).
+NSS_CONTENT_FOLLOWS = b"\tlevel=1.1; type=data; \n"
+
+
+def verified(engine, entity, pki, work):
+    """Return (path, offset): the file holding, from *offset* on, the content signed in
+    the signed message file *entity*, once *engine* checked its signature up to the test
+    root (as engines.verify_signed() does).  OpenSSL writes the content (-binary unless
+    detached: see engines.OpenSSL.verify), NSS its verdict then the content."""
+    out = os.path.join(work, "verified")
+    if isinstance(engine, engines.OpenSSL):
+        with open(entity, "rb") as src:
+            detached = read_header(src).get_content_type() == "multipart/signed"
+        engines.run(["openssl", "cms", "-verify", "-CAfile", pki.cafile, "-purpose",
+                     "smimesign", "-in", entity, "-out", out] + ([] if detached else ["-binary"]))
+        return out, 0
+    der, content = signed_files(entity, work)
+    if isinstance(engine, engines.NSS):
+        engines.run(["cmsutil", "-D", "-i", der, "-d", engine.db, "-u", "4", "-h", "1",
+                     "-o", out] + (["-c", content] if content else []))
+        with open(out, "rb") as fh:
+            status, ends, _ = fh.read(4096).partition(NSS_CONTENT_FOLLOWS)
+        assert ends and b"signer0.status=GoodSignature" in status, status
+        return out, len(status) + len(ends)
+    status = engine.gpgsm(["--verify", der, content] if content else
+                          ["--output", out, "--verify", der]).stdout
+    for word in (b"GOODSIG", b"VALIDSIG", b"TRUST_FULLY"):
+        assert word in status, status
+    return content or out, 0
+
+
+def engine_content(engine, path, flags, pki, work):
+    """Return (path, offset) of the content *engine* (engines.OpenSSL, NSS or GpgSM) finds
+    in the message file *path* made with *flags*: decrypted, signature checked; its
+    files are written in the directory *work*."""
+    content, offset = path, 0
+    if "--encrypt" in flags:
+        content = decrypted(engine, content, pki, work)
+    if any(f.startswith("--sign") for f in flags):
+        content, offset = verified(engine, content, pki, work)
+    return content, offset
+
+
+#: Runs argv[1:], exits with its exit code, prints its peak RSS in octets (wait4).
+PEAK = """import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(child.pid, 0)
+print(usage.ru_maxrss * 1024)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def peak_of(args):
+    """Run the tool with *args* (as run_tool, exit 0); return (its CompletedProcess, its
+    peak RSS in octets).  The peak of the child alone: a process started by this one
+    counts this one's pages until its exec (Linux folds them into ru_maxrss), so a small
+    process starts it."""
+    proc = subprocess.run([sys.executable, "-c", PEAK, TOOL] + list(args), env=tool_env(),
+                          cwd=ROOT, capture_output=True, timeout=600)
+    engines.OUTPUTS.append(proc.stdout + proc.stderr)
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr
+    return proc, int(proc.stdout.split()[-1])  # after the tool's report line, if any
+
+
+# -- The messages, made once per module -------------------------------------------------
+
+class Made:
+    """The big messages on disk in *base*, each made on first use: the source of each
+    size (the 10 MB one is *ten*), its body's length and SHA-256, and what the tool
+    builds of it in each mode by -o FILE, with the peak RSS of that run."""
+
+    def __init__(self, base, pki, ten):
+        self.base, self.pki = base, pki
+        self.sources, self.bodies, self.outputs = {10: ten}, {}, {}
+
+    def source(self, size):
+        """Return the path of the *size* MB message."""
+        if size not in self.sources:
+            self.sources[size] = os.path.join(self.base, "%d.eml" % size)
+            write_big_message(self.sources[size], size)
+        return self.sources[size]
+
+    def body(self, size):
+        """Return (length, SHA-256) of the *size* MB message's body."""
+        if size not in self.bodies:
+            with open(self.source(size), "rb") as fh:
+                read_header(fh)
+                self.bodies[size] = (os.path.getsize(fh.name) - fh.tell(), sha256_rest(fh))
+        return self.bodies[size]
+
+    def built(self, size, mode):
+        """Return (path, peak RSS of the tool) of the *size* MB message built in *mode*."""
+        if (size, mode) not in self.outputs:
+            path = os.path.join(self.base, "%d-%s.eml" % (size, mode))
+            _, peak = peak_of([self.source(size), "--keys", self.pki.keys, "-o", path]
+                              + MODES[mode])
+            self.outputs[size, mode] = path, peak
+        return self.outputs[size, mode]
+
+
 @pytest.fixture(scope="module")
 def ten(tmp_path_factory):
     """A 10 MB message on disk: (path, its text part, its attachment)."""
@@ -92,45 +364,54 @@ def ten(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def built(pki, ten, tmp_path_factory):
+def made(pki, ten, tmp_path_factory):
+    """The module's Made; its files (about 1 GB with the 100 MB ones) go at its end."""
+    base = tmp_path_factory.mktemp("made")
+    yield Made(str(base), pki, ten[0])
+    shutil.rmtree(base)
+
+
+@pytest.fixture
+def output(made, size, mode):
+    """The path of the *size* MB message built in *mode* (made once per module)."""
+    return made.built(size, mode)[0]
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    """tmp_path, emptied after the test (engines' outputs of 100 MB and more)."""
+    yield tmp_path
+    for entry in tmp_path.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+@pytest.fixture(scope="module")
+def built(made):
     """Return mode -> the 10 MB message built in that mode, written by -o FILE."""
-    out, base = {}, tmp_path_factory.mktemp("built")
-    for mode, flags in MODES.items():
-        target = str(base / (mode + ".eml"))
-        proc = run_tool([ten[0], "--keys", pki.keys, "-o", target] + flags)
-        assert proc.returncode == 0, proc.stderr
-        with open(target, "rb") as fh:
+    out = {}
+    for mode in MODES:
+        with open(made.built(10, mode)[0], "rb") as fh:
             out[mode] = fh.read()
     return out
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_ten_megabytes_byte_exact_through_openssl(pki, openssl, ten, built, mode):
-    out = built[mode]
-    engines.check_transport_safe(out)
-    assert parts(recovered(out, MODES[mode], pki, openssl)) == [ten[1], ten[2]]
-
-
-def nss_or_gpgsm_content(engine, out, flags, pki):
-    """Return what *engine* (NSS or gpgsm) finds in *out*: decrypted, signature checked."""
-    content = out
-    if "--encrypt" in flags:
-        content = engine.decrypt(engines.der_of(out))
-    if any(f.startswith("--sign") for f in flags):
-        content = engines.verify_signed(engine, content)
-    return content
+@pytest.mark.parametrize("size", SIZES)
+def test_big_output_transport_safe(output, size, mode):
+    """What the tool writes by -o FILE is 7-bit, CRLF lines of at most 998 octets (RFC
+    5322 2.1.1), at 10 and 100 MB."""
+    check_transport_safe_file(output)
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_ten_megabytes_through_nss(pki, nss, ten, built, mode):
-    content = nss_or_gpgsm_content(nss, built[mode], MODES[mode], pki)
-    assert parts(content) == [ten[1], ten[2]]
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_ten_megabytes_through_gpgsm(pki, gpgsm, ten, built, mode):
-    content = nss_or_gpgsm_content(gpgsm, built[mode], MODES[mode], pki)
-    assert parts(content) == [ten[1], ten[2]]
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("size", SIZES)
+def test_byte_exact_through_engines(request, pki, made, output, scratch, size, engine, mode):
+    """OpenSSL, NSS cmsutil and gpgsm decrypt and verify the message built in *mode*,
+    from file to file: the content is the source's body, byte-exact."""
+    content, offset = engine_content(request.getfixturevalue(engine), output, MODES[mode],
+                                     pki, str(scratch))
+    assert_content(content, offset, made.body(size))
 
 
 @pytest.mark.parametrize("mode", ["detached", "sign+encrypt"])
@@ -190,32 +471,13 @@ def test_smtp_data_dot_stuffed_across_chunks(pki, openssl, ten, tmp_path):
 
 
 @pytest.mark.system
-@pytest.mark.parametrize("mode", ["sign+encrypt", "detached"])
-def test_hundred_megabytes_in_bounded_memory(pki, openssl, tmp_path, mode):
-    """A 100 MB message: peak RSS of the child (wait4) within twice the message size +
-    64 MiB (issue 29's bound), and OpenSSL reads back the exact parts."""
-    data, text, blob = big_message(100)
-    path = tmp_path / "hundred.eml"
-    path.write_bytes(data)
-    out = tmp_path / "out.eml"
-    del data
-    # The peak of the child alone: a process started by this one counts this one's pages
-    # until its exec (Linux folds them into ru_maxrss), so a small process starts it.
-    proc = subprocess.run([sys.executable, "-c", PEAK, TOOL, str(path), "--keys", pki.keys,
-                           "-o", str(out)] + MODES[mode], env=tool_env(), capture_output=True)
-    assert proc.returncode == 0, proc.stderr
-    peak = int(proc.stdout)
-    assert peak < 2 * os.path.getsize(path) + (64 << 20), peak >> 20
-    assert parts(recovered(out.read_bytes(), MODES[mode], pki, openssl)) == [text, blob]
-
-
-#: Runs argv[1:], exits with its exit code, prints its peak RSS in octets (wait4).
-PEAK = """import os, subprocess, sys
-child = subprocess.Popen(sys.argv[1:])
-_, status, usage = os.wait4(child.pid, 0)
-print(usage.ru_maxrss * 1024)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
+@pytest.mark.parametrize("mode", MODES)
+def test_hundred_megabytes_in_bounded_memory(made, mode):
+    """The 100 MB message built in *mode* by -o FILE (the build the engines read back
+    above): peak RSS of the child (wait4) within twice the message size + 64 MiB (issue
+    29's bound)."""
+    peak = made.built(100, mode)[1]
+    assert peak < 2 * os.path.getsize(made.source(100)) + (64 << 20), peak >> 20
 
 
 # -- Received: --verify and --decrypt of big messages, read a block at a time ---------
@@ -250,25 +512,34 @@ def openssl_made(pki, mode, source, base):
     return path
 
 
-@pytest.mark.parametrize("maker", ["tool", "openssl"])
-@pytest.mark.parametrize("mode", MODES)
-def test_ten_megabytes_received_byte_exact(pki, openssl, ten, built, tmp_path, maker, mode):
-    """--verify (--decrypt when only encrypted) of a 10 MB message made by the tool or by
-    OpenSSL: -o holds the outer header, then exactly the content OpenSSL recovers."""
+#: (size, maker, mode) of the received test: every one at 10 MB, OpenSSL's sign+encrypt
+#: at 100 MB (the tool's own 100 MB ones: the bounded-memory test below).
+RECEIVED = [pytest.param(10, maker, mode, id="10MB-%s-%s" % (maker, mode))
+            for maker in ("tool", "openssl") for mode in MODES] + [
+    pytest.param(100, "openssl", "sign+encrypt", id="100MB-openssl-sign+encrypt",
+                 marks=pytest.mark.system)]
+
+
+@pytest.mark.parametrize("size, maker, mode", RECEIVED)
+def test_received_byte_exact(pki, openssl, made, scratch, size, maker, mode):
+    """--verify (--decrypt when only encrypted) of a big message made by the tool or by
+    OpenSSL: -o holds the outer header, then exactly the content OpenSSL recovers (the
+    source's body at its end)."""
     if maker == "tool":
-        path = tmp_path / "in.eml"
-        path.write_bytes(built[mode])
+        path = made.built(size, mode)[0]
     else:
-        path = openssl_made(pki, mode, ten[0], tmp_path)
-    out = tmp_path / "out.eml"
+        path = openssl_made(pki, mode, made.source(size), scratch)
+    out = str(scratch / "out.eml")
     proc = run_tool(receive_args(pki, mode, path, out))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(b"OK - "), proc.stdout
-    got = out.read_bytes()
-    with open(path, "rb") as fh:
-        expected = recovered(fh.read(), MODES[mode], pki, openssl)
-    assert got.endswith(expected) and parts(got) == [ten[1], ten[2]]
-    assert not (got[:-len(expected)].lower().count(b"content-type"))  # the outer header only
+    expected, offset = engine_content(openssl, path, MODES[mode], pki, str(scratch))
+    assert offset == 0
+    with open(expected, "rb") as fh:
+        head, digest = split_tail(out, os.path.getsize(expected))
+        assert digest == sha256_rest(fh)
+    assert not head.lower().count(b"content-type"), head  # the outer header only
+    assert_content(out, 0, made.body(size))
 
 
 def test_big_received_from_stdin_same_as_from_a_file(pki, built, tmp_path):
@@ -341,21 +612,11 @@ def test_big_hostile_messages_still_refused(pki, built, tmp_path):
 
 @pytest.mark.system
 @pytest.mark.parametrize("mode", ["sign+encrypt", "detached+encrypt"])
-def test_hundred_megabytes_received_in_bounded_memory(pki, openssl, tmp_path, mode):
-    """--verify of a 100 MB signed and encrypted message: the child's peak RSS (wait4)
+def test_hundred_megabytes_received_in_bounded_memory(pki, made, scratch, mode):
+    """--verify of the 100 MB signed and encrypted message: the child's peak RSS (wait4)
     within issue 29's bound, and below the message's own size (never held whole); the
-    parts come back byte-exact."""
-    data, text, blob = big_message(100)
-    source = tmp_path / "hundred.eml"
-    source.write_bytes(data)
-    size = len(data)
-    del data
-    path, out = tmp_path / "built.eml", tmp_path / "out.eml"
-    proc = run_tool([str(source), "--keys", pki.keys, "-o", str(path)] + MODES[mode])
-    assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run([sys.executable, "-c", PEAK, TOOL] + receive_args(pki, mode, path, out),
-                          env=tool_env(), capture_output=True)
-    assert proc.returncode == 0, proc.stderr
-    peak = int(proc.stdout.split()[-1])  # after the tool's report line
+    content comes back byte-exact."""
+    size, out = os.path.getsize(made.source(100)), str(scratch / "out.eml")
+    _, peak = peak_of(receive_args(pki, mode, made.built(100, mode)[0], out))
     assert peak < min(2 * size + (64 << 20), size), peak >> 20
-    assert parts(out.read_bytes()) == [text, blob]
+    assert_content(out, 0, made.body(100))
