@@ -899,6 +899,110 @@ def blocks(data, size):
         yield b"".join(held)
 
 
+# -- Spools: big messages in private temporary files (issue 29) -------------------
+#
+# A message larger than SPOOL_ABOVE is not held in memory where it can be helped:
+# it is read from its file a window at a time (a Spool), and what is made of it is
+# written to a private temporary file, unnamed (or unlinked at once, mode 0600),
+# that nothing outlives.
+
+#: Received messages larger than this (octets) are read from their file a window at a time.
+SPOOL_ABOVE = STREAM_ABOVE
+#: Octets read at once for the small reads of a Spool (ASN.1 headers, MIME headers).
+SPOOL_WINDOW = 1 << 16
+
+
+class Spool:
+    """The octets *start* to *stop* of a file (descriptor *fd*), read where asked: len(),
+    spool[i], spool[a:b] (bytes: meant for small ranges), view(), blocks().
+
+    The descriptor is closed once no Spool of it is left (weakref.finalize).  A file
+    that shrinks while it is read raises ValueError (a truncated message).
+    """
+
+    __slots__ = ("fd", "start", "stop", "owner", "window", "at", "crlf", "__weakref__")
+
+    def __init__(self, fd, start, stop, owner=None):
+        self.fd, self.start, self.stop, self.window, self.at = fd, start, stop, b"", 0
+        self.crlf = None  #: every line break a CRLF (canonical() finds out once)
+        self.owner = owner  #: the Spool whose finalizer closes *fd* (None: this one)
+        if owner is None:
+            import weakref
+            weakref.finalize(self, os.close, fd)
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise ValueError("a Spool is read in order")
+            return self.read(start, max(start, stop))
+        if key < 0:
+            key += len(self)
+        if not 0 <= key < len(self):
+            raise IndexError("beyond the end of the message")
+        return self.read(key, key + 1)[0]
+
+    def __bytes__(self):
+        return self.read(0, len(self))
+
+    def read(self, start, stop):
+        """Return octets *start* to *stop* (from this Spool's start) as bytes."""
+        at = self.at
+        if at <= start and stop <= at + len(self.window):
+            return self.window[start - at:stop - at]
+        if stop - start > SPOOL_WINDOW:
+            return self.pread(start, stop)
+        self.window, self.at = self.pread(start, min(len(self), start + SPOOL_WINDOW)), start
+        return self.window[:stop - start]
+
+    def pread(self, start, stop):
+        """Return octets *start* to *stop* read from the file.  Raises ValueError when it is
+        shorter than that."""
+        data = os.pread(self.fd, stop - start, self.start + start)
+        while len(data) < stop - start:
+            more = os.pread(self.fd, stop - start - len(data), self.start + start + len(data))
+            if not more:
+                raise ValueError("the message file shrank while it was read")
+            data += more
+        return data
+
+    def view(self, start, stop):
+        """Return the Spool of octets *start* to *stop* of this one (no copy)."""
+        return Spool(self.fd, self.start + start, self.start + stop, self.owner or self)
+
+    def blocks(self, start=0, stop=None):
+        """Yield octets *start* to *stop* in blocks of STREAM_BLOCK octets."""
+        stop = len(self) if stop is None else stop
+        for at in range(start, stop, STREAM_BLOCK):
+            yield self.pread(at, min(at + STREAM_BLOCK, stop))
+
+    def chunks(self):
+        """Return the octets as Chunks (to be written to -o)."""
+        return Chunks(len(self), self.blocks)
+
+
+def temporary_spool(chunks):
+    """Return a Spool of the octets of *chunks* (an iterable of bytes-like objects), written
+    to a private temporary file in $TMPDIR: mode 0600, unnamed (O_TMPFILE) or unlinked at
+    once, so nothing is left behind whatever happens.  Raises OutputError (74) when it
+    cannot be written (a full disk); what *chunks* raises is raised."""
+    import tempfile
+    with tempfile.TemporaryFile(buffering=0) as file:
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[file.write(view):]
+            fd = os.dup(file.fileno())
+        except OSError as exc:
+            raise OutputError("a temporary file in %s: cannot write: %s" % (
+                tempfile.gettempdir(), exc.strerror or exc))
+    return Spool(fd, 0, os.fstat(fd).st_size)
+
+
 def write_stdout(data):
     """Write *data* (bytes or Chunks) to standard output and flush.  Raises OutputError (74)
     on a full device."""
@@ -7713,84 +7817,7 @@ DELIVERY_FIELDS = ("to", "cc", "bcc", "delivered-to", "x-original-to", "from")
 # decoded from base64, the decrypted content, a constructed eContent) is written
 # to a private temporary file, unnamed (or unlinked at once, mode 0600), that
 # nothing outlives.  Ber reads a Spool as it reads bytes; the big values (the
-# encrypted content, the signed content) go through in STREAM_BLOCK pieces.
-
-#: Received messages larger than this (octets) are read from their file a window at a time.
-SPOOL_ABOVE = STREAM_ABOVE
-#: Octets read at once for the small reads of a Spool (ASN.1 headers, MIME headers).
-SPOOL_WINDOW = 1 << 16
-
-
-class Spool:
-    """The octets *start* to *stop* of a file (descriptor *fd*), read where asked: len(),
-    spool[i], spool[a:b] (bytes: meant for small ranges), view(), blocks().
-
-    The descriptor is closed once no Spool of it is left (weakref.finalize).  A file
-    that shrinks while it is read raises ValueError (a truncated message).
-    """
-
-    __slots__ = ("fd", "start", "stop", "owner", "window", "at", "crlf", "__weakref__")
-
-    def __init__(self, fd, start, stop, owner=None):
-        self.fd, self.start, self.stop, self.window, self.at = fd, start, stop, b"", 0
-        self.crlf = None  #: every line break a CRLF (canonical() finds out once)
-        self.owner = owner  #: the Spool whose finalizer closes *fd* (None: this one)
-        if owner is None:
-            import weakref
-            weakref.finalize(self, os.close, fd)
-
-    def __len__(self):
-        return self.stop - self.start
-
-    def __getitem__(self, key):
-        if isinstance(key, slice):
-            start, stop, step = key.indices(len(self))
-            if step != 1:
-                raise ValueError("a Spool is read in order")
-            return self.read(start, max(start, stop))
-        if key < 0:
-            key += len(self)
-        if not 0 <= key < len(self):
-            raise IndexError("beyond the end of the message")
-        return self.read(key, key + 1)[0]
-
-    def __bytes__(self):
-        return self.read(0, len(self))
-
-    def read(self, start, stop):
-        """Return octets *start* to *stop* (from this Spool's start) as bytes."""
-        at = self.at
-        if at <= start and stop <= at + len(self.window):
-            return self.window[start - at:stop - at]
-        if stop - start > SPOOL_WINDOW:
-            return self.pread(start, stop)
-        self.window, self.at = self.pread(start, min(len(self), start + SPOOL_WINDOW)), start
-        return self.window[:stop - start]
-
-    def pread(self, start, stop):
-        """Return octets *start* to *stop* read from the file.  Raises ValueError when it is
-        shorter than that."""
-        data = os.pread(self.fd, stop - start, self.start + start)
-        while len(data) < stop - start:
-            more = os.pread(self.fd, stop - start - len(data), self.start + start + len(data))
-            if not more:
-                raise ValueError("the message file shrank while it was read")
-            data += more
-        return data
-
-    def view(self, start, stop):
-        """Return the Spool of octets *start* to *stop* of this one (no copy)."""
-        return Spool(self.fd, self.start + start, self.start + stop, self.owner or self)
-
-    def blocks(self, start=0, stop=None):
-        """Yield octets *start* to *stop* in blocks of STREAM_BLOCK octets."""
-        stop = len(self) if stop is None else stop
-        for at in range(start, stop, STREAM_BLOCK):
-            yield self.pread(at, min(at + STREAM_BLOCK, stop))
-
-    def chunks(self):
-        """Return the octets as Chunks (to be written to -o)."""
-        return Chunks(len(self), self.blocks)
+# encrypted content, the signed content) go through in STREAM_BLOCK pieces (Spool, temporary_spool(): above).
 
 
 def read_received(path):
@@ -7826,25 +7853,6 @@ def stdin_blocks():
             return
         yield block
         size = STREAM_BLOCK
-
-
-def temporary_spool(chunks):
-    """Return a Spool of the octets of *chunks* (an iterable of bytes-like objects), written
-    to a private temporary file in $TMPDIR: mode 0600, unnamed (O_TMPFILE) or unlinked at
-    once, so nothing is left behind whatever happens.  Raises OutputError (74) when it
-    cannot be written (a full disk); what *chunks* raises is raised."""
-    import tempfile
-    with tempfile.TemporaryFile(buffering=0) as file:
-        try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[file.write(view):]
-            fd = os.dup(file.fileno())
-        except OSError as exc:
-            raise OutputError("a temporary file in %s: cannot write: %s" % (
-                tempfile.gettempdir(), exc.strerror or exc))
-    return Spool(fd, 0, os.fstat(fd).st_size)
 
 
 def entity_parts(data):
