@@ -920,15 +920,22 @@ class Spool:
     that shrinks while it is read raises ValueError (a truncated message).
     """
 
-    __slots__ = ("fd", "start", "stop", "owner", "window", "at", "crlf", "__weakref__")
+    __slots__ = ("fd", "start", "stop", "owner", "window", "at", "crlf", "closer",
+                 "__weakref__")
 
     def __init__(self, fd, start, stop, owner=None):
         self.fd, self.start, self.stop, self.window, self.at = fd, start, stop, b"", 0
         self.crlf = None  #: every line break a CRLF (canonical() finds out once)
         self.owner = owner  #: the Spool whose finalizer closes *fd* (None: this one)
+        self.closer = None
         if owner is None:
             import weakref
-            weakref.finalize(self, os.close, fd)
+            self.closer = weakref.finalize(self, os.close, fd)
+
+    def close(self):
+        """Close the file now, not when no Spool of it is left: a temporary one is gone
+        (no Spool of it may be read after)."""
+        (self.owner or self).closer()
 
     def __len__(self):
         return self.stop - self.start
@@ -984,23 +991,66 @@ class Spool:
         return Chunks(len(self), self.blocks)
 
 
+class SpoolWriter:
+    """A private temporary file in $TMPDIR being written: mode 0600, unnamed (O_TMPFILE)
+    or unlinked at once, so nothing is left behind whatever happens.  write() what comes,
+    then spool() gives the Spool of it; close() lets it go (write() and spool() raise
+    OutputError (74) when it cannot be written: a full disk)."""
+
+    def __init__(self):
+        import tempfile
+        self.file = None
+        try:
+            self.file = tempfile.TemporaryFile(buffering=0)
+        except OSError as exc:
+            raise self.error(exc)
+
+    @staticmethod
+    def error(exc):
+        """Return the OutputError for the OSError *exc*."""
+        import tempfile
+        return OutputError("a temporary file in %s: cannot write: %s" % (
+            tempfile.gettempdir(), exc.strerror or exc))
+
+    def write(self, data):
+        """Write the bytes-like *data*.  Raises OutputError (the file is gone then)."""
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self.file.write(view):]
+        except OSError as exc:
+            self.close()
+            raise self.error(exc)
+
+    def spool(self):
+        """Return the Spool of what was written (the file is the Spool's from now on).
+        Raises OutputError."""
+        try:
+            fd = os.dup(self.file.fileno())
+        except OSError as exc:
+            raise self.error(exc)
+        finally:
+            self.close()
+        return Spool(fd, 0, os.fstat(fd).st_size)
+
+    def close(self):
+        """Let the file go (nothing of it is left)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 def temporary_spool(chunks):
     """Return a Spool of the octets of *chunks* (an iterable of bytes-like objects), written
-    to a private temporary file in $TMPDIR: mode 0600, unnamed (O_TMPFILE) or unlinked at
-    once, so nothing is left behind whatever happens.  Raises OutputError (74) when it
-    cannot be written (a full disk); what *chunks* raises is raised."""
-    import tempfile
-    with tempfile.TemporaryFile(buffering=0) as file:
-        try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[file.write(view):]
-            fd = os.dup(file.fileno())
-        except OSError as exc:
-            raise OutputError("a temporary file in %s: cannot write: %s" % (
-                tempfile.gettempdir(), exc.strerror or exc))
-    return Spool(fd, 0, os.fstat(fd).st_size)
+    to a private temporary file (SpoolWriter).  Raises OutputError (74) when it cannot be
+    written (a full disk); what *chunks* raises is raised."""
+    writer = SpoolWriter()
+    try:
+        for chunk in chunks:
+            writer.write(chunk)
+        return writer.spool()
+    finally:
+        writer.close()
 
 
 def write_stdout(data):
@@ -7704,7 +7754,8 @@ class SmtpHop(Hop):
         return second
 
     def data(self, job):
-        """Send DATA and the message (RFC 5321 4.1.1.4); return its Outcome."""
+        """Send DATA and the message (RFC 5321 4.1.1.4; a big one, Chunks, as it is read
+        or made: SmtpBackend.send_data()); return its Outcome."""
         backend, self.open = self.backend, False
         try:
             code, text = self.command("DATA")
@@ -7712,7 +7763,7 @@ class SmtpHop(Hop):
                 self.open = True
                 self.abort()
                 return backend.reply_outcome(job, "DATA refused", code, text)
-            backend.smtp.send(dot_terminated(job.data))
+            backend.send_data(job.data)
             return backend.data_outcome(job, (), *self.reply())
         except Exception as exc:  # noqa: BLE001
             self.last = (451, "")
