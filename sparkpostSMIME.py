@@ -917,6 +917,172 @@ def write_chunks(fd, data):
             sent = done
 
 
+# -- Spools: big messages in private temporary files (issue 29) -------------------
+#
+# A message larger than SPOOL_ABOVE is not held in memory where it can be helped:
+# it is read from its file a window at a time (a Spool), and what is made of it is
+# written to a private temporary file, unnamed (or unlinked at once, mode 0600),
+# that nothing outlives.
+
+#: Received messages larger than this (octets) are read from their file a window at a time.
+SPOOL_ABOVE = STREAM_ABOVE
+#: Octets read at once for the small reads of a Spool (ASN.1 headers, MIME headers).
+SPOOL_WINDOW = 1 << 16
+
+
+class Spool:
+    """The octets *start* to *stop* of a file (descriptor *fd*), read where asked: len(),
+    spool[i], spool[a:b] (bytes: meant for small ranges), view(), blocks().
+
+    The descriptor is closed once no Spool of it is left (weakref.finalize).  A file
+    that shrinks while it is read raises ValueError (a truncated message).
+    """
+
+    __slots__ = ("fd", "start", "stop", "owner", "window", "at", "crlf", "closer",
+                 "__weakref__")
+
+    def __init__(self, fd, start, stop, owner=None):
+        self.fd, self.start, self.stop, self.window, self.at = fd, start, stop, b"", 0
+        self.crlf = None  #: every line break a CRLF (canonical() finds out once)
+        self.owner = owner  #: the Spool whose finalizer closes *fd* (None: this one)
+        self.closer = None
+        if owner is None:
+            import weakref
+            self.closer = weakref.finalize(self, os.close, fd)
+
+    def close(self):
+        """Close the file now, not when no Spool of it is left: a temporary one is gone
+        (no Spool of it may be read after)."""
+        (self.owner or self).closer()
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise ValueError("a Spool is read in order")
+            return self.read(start, max(start, stop))
+        if key < 0:
+            key += len(self)
+        if not 0 <= key < len(self):
+            raise IndexError("beyond the end of the message")
+        return self.read(key, key + 1)[0]
+
+    def __bytes__(self):
+        return self.read(0, len(self))
+
+    def read(self, start, stop):
+        """Return octets *start* to *stop* (from this Spool's start) as bytes."""
+        at = self.at
+        if at <= start and stop <= at + len(self.window):
+            return self.window[start - at:stop - at]
+        if stop - start > SPOOL_WINDOW:
+            return self.pread(start, stop)
+        self.window, self.at = self.pread(start, min(len(self), start + SPOOL_WINDOW)), start
+        return self.window[:stop - start]
+
+    def pread(self, start, stop):
+        """Return octets *start* to *stop* read from the file.  Raises ValueError when it is
+        shorter than that."""
+        data = os.pread(self.fd, stop - start, self.start + start)
+        while len(data) < stop - start:
+            more = os.pread(self.fd, stop - start - len(data), self.start + start + len(data))
+            if not more:
+                raise ValueError("the message file shrank while it was read")
+            data += more
+        return data
+
+    def view(self, start, stop):
+        """Return the Spool of octets *start* to *stop* of this one (no copy)."""
+        return Spool(self.fd, self.start + start, self.start + stop, self.owner or self)
+
+    def is_crlf(self):
+        """True when every line break is a CRLF (is_crlf(), found out once, a block at a
+        time, unless whoever wrote the file said so in *crlf*)."""
+        if self.crlf is None:
+            crlf = cr = lf = 0
+            last = b""
+            for block in self.blocks():
+                crlf += block.count(b"\r\n") + (last == b"\r" and block[:1] == b"\n")
+                cr, lf, last = cr + block.count(b"\r"), lf + block.count(b"\n"), block[-1:]
+            self.crlf = crlf == cr == lf
+        return self.crlf
+
+    def blocks(self, start=0, stop=None):
+        """Yield octets *start* to *stop* in blocks of STREAM_BLOCK octets."""
+        stop = len(self) if stop is None else stop
+        for at in range(start, stop, STREAM_BLOCK):
+            yield self.pread(at, min(at + STREAM_BLOCK, stop))
+
+    def chunks(self):
+        """Return the octets as Chunks (to be written to -o)."""
+        return Chunks(len(self), self.blocks)
+
+
+class SpoolWriter:
+    """A private temporary file in $TMPDIR being written: mode 0600, unnamed (O_TMPFILE)
+    or unlinked at once, so nothing is left behind whatever happens.  write() what comes,
+    then spool() gives the Spool of it; close() lets it go (write() and spool() raise
+    OutputError (74) when it cannot be written: a full disk)."""
+
+    def __init__(self):
+        import tempfile
+        self.file = None
+        try:
+            self.file = tempfile.TemporaryFile(buffering=0)
+        except OSError as exc:
+            raise self.error(exc)
+
+    @staticmethod
+    def error(exc):
+        """Return the OutputError for the OSError *exc*."""
+        import tempfile
+        return OutputError("a temporary file in %s: cannot write: %s" % (
+            tempfile.gettempdir(), exc.strerror or exc))
+
+    def write(self, data):
+        """Write the bytes-like *data*.  Raises OutputError (the file is gone then)."""
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self.file.write(view):]
+        except OSError as exc:
+            self.close()
+            raise self.error(exc)
+
+    def spool(self):
+        """Return the Spool of what was written (the file is the Spool's from now on).
+        Raises OutputError."""
+        try:
+            fd = os.dup(self.file.fileno())
+        except OSError as exc:
+            raise self.error(exc)
+        finally:
+            self.close()
+        return Spool(fd, 0, os.fstat(fd).st_size)
+
+    def close(self):
+        """Let the file go (nothing of it is left)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def temporary_spool(chunks):
+    """Return a Spool of the octets of *chunks* (an iterable of bytes-like objects), written
+    to a private temporary file (SpoolWriter).  Raises OutputError (74) when it cannot be
+    written (a full disk); what *chunks* raises is raised."""
+    writer = SpoolWriter()
+    try:
+        for chunk in chunks:
+            writer.write(chunk)
+        return writer.spool()
+    finally:
+        writer.close()
+
+
 def write_stdout(data):
     """Write *data* (bytes or Chunks) to standard output and flush.  Raises OutputError (74)
     on a full device."""
@@ -7054,7 +7220,20 @@ class Gateway:
     # -- one message -----------------------------------------------------------------
 
     async def relay(self, server, session, envelope):
-        """Build one message, hand it to the next hop, record it; return the reply."""
+        """Build one message, hand it to the next hop, record it; return the reply.  The
+        temporary files of a big one (the message received, the message built: Spools)
+        are gone when it returns, however it ends."""
+        spools = [envelope.original_content]
+        try:
+            return await self.relay_message(server, session, envelope, spools)
+        finally:
+            for spool in spools:
+                if isinstance(spool, Spool):
+                    spool.close()
+
+    async def relay_message(self, server, session, envelope, spools):
+        """relay() of the message in *envelope* (bytes, or a Spool); the temporary files
+        made for it are added to *spools*."""
         started, data, rcpts = time.perf_counter(), envelope.original_content, envelope.rcpt_tos
         self.messages += 1
         source = "%s.%d" % (self.prefix, self.messages)
@@ -7069,7 +7248,7 @@ class Gateway:
             import asyncio
             signed_only = await asyncio.get_running_loop().run_in_executor(
                 self.threads, lambda: any(self.recipient_problem(r) for r in rcpts))
-        job, refusal = self.build(source, data, rcpts, signed_only)
+        job, refusal = self.build(source, data, rcpts, signed_only, spools)
         job = job._replace(started=started, mail_from=self.settings.mail_from or (
             "" if envelope.mail_from == "<>" else envelope.mail_from))
         if job.failure:
@@ -7086,14 +7265,16 @@ class Gateway:
         self.recorder(tally.result(), outcome.job)
         return reply
 
-    def build(self, source, data, rcpts, signed_only=False):
-        """Return (Job, '') for a received message: built as a file would be (build_job),
-        or as it came when it is S/MIME already (no double wrapping when a filter
-        loops); or (a Job carrying its failure, the start of the reply: build_reply())
-        for a message that cannot be built.  The hop limit applies to both (RFC 5321
-        6.3).  *signed_only*: --opportunistic found a recipient without a usable
-        certificate.  Runs in the event loop: cryptography would hold the GIL in a thread
-        as well."""
+    def build(self, source, data, rcpts, signed_only=False, spools=None):
+        """Return (Job, '') for a received message *data* (bytes, or a Spool: read whole
+        here): built as a file would be (build_job), or as it came when it is S/MIME
+        already (no double wrapping when a filter loops); or (a Job carrying its
+        failure, the start of the reply: build_reply()) for a message that cannot be
+        built.  The hop limit applies to both (RFC 5321 6.3).  *signed_only*:
+        --opportunistic found a recipient without a usable certificate; *spools*: a
+        list the temporary file of a big built message is added to (spooled()).  Runs
+        in the event loop, one message at a time: cryptography would hold the GIL in a
+        thread as well."""
         recipients = [r.lower() for r in rcpts]
         settings = self.settings
         if signed_only:
@@ -7102,15 +7283,19 @@ class Gateway:
             settings = settings._replace(encrypt=False)
 
         try:
-            msg = parse_message(data, source, recipients)
+            msg = parse_message(bytes(data) if isinstance(data, Spool) else data, source,
+                                recipients)
             check_hops(msg, settings.hop_limit)
             if smime_kind(msg.entity_fields):
+                if isinstance(data, Spool):  # sent from its file, as it came
+                    data, msg.body = data.chunks(), b""
                 return Job(source, 0, data, msg.sender, tuple(recipients), msg, notes=(
                     (None, "%s: already S/MIME, passed on unchanged" % source),)), ""
             if settings.sign_mode:
                 self.signer_of(msg.sender)
-            return build_job((source, 0), settings, self.keystore, self.extra, msg=msg,
-                             check=self.rules.check), ""
+            job = build_job((source, 0), settings, self.keystore, self.extra, msg=msg,
+                            check=self.rules.check)
+            return spooled(job, spools if spools is not None else []), ""
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
             return failed_job((source, 0), exc), build_reply(exc)
 
@@ -7333,7 +7518,7 @@ def gateway_protocols():
         def __init__(self, gateway, tag, **options):
             super().__init__(gateway, **options)
             self.gateway, self.tag, self.hop = gateway, tag, None
-            self.content = self.taken = self.over = None  #: DATA being taken, its end, too big
+            self.upload = self.taken = None  #: DATA being taken (an Upload), its end
             self.address, self.admitted, self.pausing = "unknown", False, False
             self.idle_commands, self.silence = 0, None
 
@@ -7376,7 +7561,7 @@ def gateway_protocols():
             hop, transport = self.hop, self.transport
             if transport is None or transport.is_closing():
                 return
-            if self.pausing or (self.content is not None and self.taken.done()) or (
+            if self.pausing or (self.upload is not None and self.taken.done()) or (
                     hop is not None and hop.running is not None and not hop.running.done()):
                 return self.listen()
             transport.write(b"421 4.4.2 %s: nothing heard for %g seconds, closing\r\n"
@@ -7446,15 +7631,21 @@ def gateway_protocols():
 
         async def smtp_DATA(self, arg):
             """DATA (RFC 5321 4.1.1.4): aiosmtpd's own replies without recipients (HELO
-            and AUTH came before those); else the content, then our handler's reply."""
+            and AUTH came before those); else the content (an Upload), then our
+            handler's reply.  A spooled message is the handler's from then on (relay()
+            closes it); anything else of the Upload goes when it ends, however it ends."""
             if not self.envelope.rcpt_tos or arg:
                 return await super().smtp_DATA(arg)
             self.gateway.uploads += 1  # a message being received is in flight too
+            upload = self.upload = Upload(self.data_size_limit)
             try:
-                self.content, self.over = bytearray(b"\r\n"), False  # "\r\n": a first "." line
                 self.taken = self.loop.create_future()
                 await self.push("354 End data with <CR><LF>.<CR><LF>")
-                content, status = data_content(await self.taken, self.data_size_limit)
+                await self.taken
+                content, status = upload.result()
+                if upload.failure is not None:
+                    self.gateway.reporter.warn("%s: a message not taken (451): %s"
+                                               % (self.tag, upload.failure))
                 if content is not None:
                     self.envelope.content = self.envelope.original_content = content
                     status = await self.event_handler.handle_DATA(self, self.session,
@@ -7463,26 +7654,21 @@ def gateway_protocols():
                 await self.push(status)
             finally:
                 self.gateway.uploads -= 1
-                self.content = None
+                self.upload = None
+                upload.close()
 
         def data_received(self, data):
             """Bytes from the client: DATA content up to its final "." line while it is
-            taken (kept up to data_size_limit: RFC 1870), else commands for aiosmtpd."""
+            taken (Upload.feed()), else commands for aiosmtpd."""
             self.listen()
-            content = self.content
-            if content is None or self.taken.done():
+            upload = self.upload
+            if upload is None or self.taken.done():
                 return super().data_received(data)
-            seen = max(0, len(content) - 4)  # a final CRLF.CRLF may start in the last read
-            content += data
-            end = content.find(END_OF_DATA, seen)
-            if end < 0 and len(content) > self.data_size_limit + 4:  # too big: keep the tail
-                self.over = True
-                del content[:-4]
-            elif end >= 0:
-                self.taken.set_result(None if self.over or end > self.data_size_limit
-                                      else content[:end + 2])
-                if len(content) > end + 5:  # commands pipelined behind the final dot
-                    super().data_received(bytes(content[end + 5:]))
+            rest = upload.feed(data)
+            if rest is not None:
+                self.taken.set_result(None)
+                if rest:  # commands pipelined behind the final dot
+                    super().data_received(rest)
 
     class Busy(asyncio.Protocol):
         def connection_made(self, transport):
@@ -7498,23 +7684,154 @@ END_OF_DATA = b"\r\n.\r\n"
 MAX_DATA_LINE = 999
 
 
+#: The replies to a DATA whose content is too big (RFC 1870), has a line too long, or
+#: could not be spooled (a full disk: the client keeps the message and tries again).
+TOO_BIG = "552 5.3.4 message too big: at most %d octets (SIZE)"
+LINE_TOO_LONG = "500 5.5.2 line too long: at most 999 octets and CRLF (RFC 5321 4.5.3.1.6)"
+NOT_SPOOLED = "451 4.3.0 the message cannot be stored for now, try again later"
+
+
 def data_content(taken, limit):
     """Return (the message, None) from the *taken* DATA content (the DATA line's CRLF
     first, up to the CRLF before the final "."), dot-unstuffed (RFC 5321 4.5.2), or
     (None, the reply) for content over *limit* octets (*taken* None: RFC 1870) or with
     a line over 999 octets."""
     if taken is None:
-        return None, "552 5.3.4 message too big: at most %d octets (SIZE)" % limit
+        return None, TOO_BIG % limit
     content = bytes(taken).replace(b"\r\n.", b"\r\n")[2:]
     if has_long_line(content, MAX_DATA_LINE):
-        return None, "500 5.5.2 line too long: at most 999 octets and CRLF (RFC 5321 4.5.3.1.6)"
+        return None, LINE_TOO_LONG
     return content, None
 
 
+class Upload:
+    """The content of one DATA as it arrives (RFC 5321 4.1.1.4), up to its final "."
+    line: held in memory up to SPOOL_ABOVE octets (data_content() takes it then), and
+    beyond that written to a private temporary file (SpoolWriter) a piece at a time,
+    each piece dot-unstuffed (RFC 5321 4.5.2) and checked (lines of at most 999
+    octets, no bare CR or LF) as data_content() and relay() check a whole message.
+    Pieces are cut just before a CRLF, so no line, CRLF, "." line or final CRLF.CRLF
+    is ever split between two.  Past *limit* octets (RFC 1870), or once a line is too
+    long, nothing more is kept but what may begin the final "." line.
+
+    feed() takes each read; result() gives the message or the reply refusing it;
+    close() lets go of a file not handed over.
+    """
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.held = bytearray(b"\r\n")  #: not written yet ("\r\n": a first "." line)
+        self.passed = 0  #: octets of DATA before *held*: written, or dropped
+        self.writer = None  #: the SpoolWriter, from the first piece written
+        self.over = self.long = self.bare = False  #: too big, a line too long, a bare CR/LF
+        self.failure = None  #: the OutputError of a file that could not be written
+
+    def feed(self, data):
+        """Take *data*, the client's next read; return None until the final "." line
+        has come, then the octets that follow it (commands pipelined, RFC 2920)."""
+        held = self.held
+        seen = max(0, len(held) - 4)  # a final CRLF.CRLF may start in the last read
+        held += data
+        end = held.find(END_OF_DATA, seen)
+        if end >= 0:
+            rest = bytes(held[end + 5:])
+            self.finish(end)
+            return rest
+        if self.passed + len(held) > self.limit + 4:
+            self.over = True
+        if self.over or self.long:
+            self.drop()
+        elif len(held) > SPOOL_ABOVE:
+            self.spill()
+        return None
+
+    def spill(self):
+        """Write what is held up to its last CRLF, which is kept: a "." may follow it."""
+        cut = self.held.rfind(b"\r\n")
+        if cut <= 0:  # one line longer than SPOOL_ABOVE
+            self.long = True
+            return self.drop()
+        self.put(self.held[:cut])
+        del self.held[:cut]
+        self.passed += cut
+
+    def put(self, piece):
+        """Unstuff, check and write *piece* (CRLF and whole lines, the first CRLF the
+        DATA line's when nothing was written yet)."""
+        text = piece.replace(b"\r\n.", b"\r\n")
+        self.long = self.long or has_long_line(text, MAX_DATA_LINE)
+        self.bare = self.bare or not is_crlf(text)
+        if self.long or self.failure is not None:
+            return
+        try:
+            if self.writer is None:
+                self.writer = SpoolWriter()
+            self.writer.write(memoryview(text)[0 if self.passed else 2:])
+        except OutputError as exc:
+            self.failure = exc
+
+    def drop(self):
+        """Keep only what may begin the final CRLF.CRLF; the file goes (refused)."""
+        self.passed += max(0, len(self.held) - 4)
+        del self.held[:-4]
+        self.close()
+
+    def finish(self, end):
+        """The final CRLF.CRLF begins at *end* of what is held: the last piece."""
+        self.over = self.over or self.passed + end > self.limit
+        del self.held[end + 2:]
+        if self.over or self.long:
+            self.close()
+        elif self.passed:
+            self.put(self.held)
+
+    def result(self):
+        """Return (the message, None): bytes, or a Spool when it was written to a file
+        (its *crlf* says whether every line ends with CRLF: relay() refuses it else); or
+        (None, the reply) for a message over *limit* (552), with a line over 999 octets
+        (500), or whose file could not be written (451 4.3.0, *failure* says why)."""
+        if self.over:
+            return None, TOO_BIG % self.limit
+        if not self.passed:
+            return data_content(self.held, self.limit)
+        if self.long:
+            return None, LINE_TOO_LONG
+        if self.failure is None:
+            try:
+                spool = self.writer.spool()
+                spool.crlf = not self.bare
+                return spool, None
+            except OutputError as exc:
+                self.failure = exc
+        return None, NOT_SPOOLED
+
+    def close(self):
+        """Let go of the file being written, if any (a Spool given by result() is not
+        this Upload's any more)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def spooled(job, spools):
+    """Return *job*, a big built message (Chunks, made again each time they are read)
+    made once into a temporary file (temporary_spool(), added to *spools*) and read
+    from it as it is sent, its Message's body let go (the back ends read its header
+    only): messages waiting for their next hop hold a file each, not their content.
+    A small one (bytes) as it is.  Raises OutputError (a full disk)."""
+    if not isinstance(job.data, Chunks):
+        return job
+    spool = temporary_spool(job.data)
+    spools.append(spool)
+    job.msg.body = b""
+    return job._replace(data=spool.chunks())
+
+
 def bare_line_end(data):
-    """True when *data* holds a CR or LF that is not part of a CRLF: the trick of SMTP
-    smuggling, which hides a second message behind one (RFC 5321 2.3.8)."""
-    return not is_crlf(data)
+    """True when *data* (bytes or a Spool) holds a CR or LF that is not part of a CRLF:
+    the trick of SMTP smuggling, which hides a second message behind one (RFC 5321
+    2.3.8)."""
+    return not (data.is_crlf() if isinstance(data, Spool) else is_crlf(data))
 
 
 def received_header(session, name, source, recipients):
@@ -7753,7 +8070,8 @@ class SmtpHop(Hop):
         return second
 
     def data(self, job):
-        """Send DATA and the message (RFC 5321 4.1.1.4); return its Outcome."""
+        """Send DATA and the message (RFC 5321 4.1.1.4; a big one, Chunks, as it is read
+        or made: SmtpBackend.send_data()); return its Outcome."""
         backend, self.open = self.backend, False
         try:
             code, text = self.command("DATA")
@@ -7761,7 +8079,7 @@ class SmtpHop(Hop):
                 self.open = True
                 self.abort()
                 return backend.reply_outcome(job, "DATA refused", code, text)
-            backend.smtp.send(dot_terminated(job.data))
+            backend.send_data(job.data)
             return backend.data_outcome(job, (), *self.reply())
         except Exception as exc:  # noqa: BLE001
             self.last = (451, "")
@@ -7866,84 +8184,7 @@ DELIVERY_FIELDS = ("to", "cc", "bcc", "delivered-to", "x-original-to", "from")
 # decoded from base64, the decrypted content, a constructed eContent) is written
 # to a private temporary file, unnamed (or unlinked at once, mode 0600), that
 # nothing outlives.  Ber reads a Spool as it reads bytes; the big values (the
-# encrypted content, the signed content) go through in STREAM_BLOCK pieces.
-
-#: Received messages larger than this (octets) are read from their file a window at a time.
-SPOOL_ABOVE = STREAM_ABOVE
-#: Octets read at once for the small reads of a Spool (ASN.1 headers, MIME headers).
-SPOOL_WINDOW = 1 << 16
-
-
-class Spool:
-    """The octets *start* to *stop* of a file (descriptor *fd*), read where asked: len(),
-    spool[i], spool[a:b] (bytes: meant for small ranges), view(), blocks().
-
-    The descriptor is closed once no Spool of it is left (weakref.finalize).  A file
-    that shrinks while it is read raises ValueError (a truncated message).
-    """
-
-    __slots__ = ("fd", "start", "stop", "owner", "window", "at", "crlf", "__weakref__")
-
-    def __init__(self, fd, start, stop, owner=None):
-        self.fd, self.start, self.stop, self.window, self.at = fd, start, stop, b"", 0
-        self.crlf = None  #: every line break a CRLF (canonical() finds out once)
-        self.owner = owner  #: the Spool whose finalizer closes *fd* (None: this one)
-        if owner is None:
-            import weakref
-            weakref.finalize(self, os.close, fd)
-
-    def __len__(self):
-        return self.stop - self.start
-
-    def __getitem__(self, key):
-        if isinstance(key, slice):
-            start, stop, step = key.indices(len(self))
-            if step != 1:
-                raise ValueError("a Spool is read in order")
-            return self.read(start, max(start, stop))
-        if key < 0:
-            key += len(self)
-        if not 0 <= key < len(self):
-            raise IndexError("beyond the end of the message")
-        return self.read(key, key + 1)[0]
-
-    def __bytes__(self):
-        return self.read(0, len(self))
-
-    def read(self, start, stop):
-        """Return octets *start* to *stop* (from this Spool's start) as bytes."""
-        at = self.at
-        if at <= start and stop <= at + len(self.window):
-            return self.window[start - at:stop - at]
-        if stop - start > SPOOL_WINDOW:
-            return self.pread(start, stop)
-        self.window, self.at = self.pread(start, min(len(self), start + SPOOL_WINDOW)), start
-        return self.window[:stop - start]
-
-    def pread(self, start, stop):
-        """Return octets *start* to *stop* read from the file.  Raises ValueError when it is
-        shorter than that."""
-        data = os.pread(self.fd, stop - start, self.start + start)
-        while len(data) < stop - start:
-            more = os.pread(self.fd, stop - start - len(data), self.start + start + len(data))
-            if not more:
-                raise ValueError("the message file shrank while it was read")
-            data += more
-        return data
-
-    def view(self, start, stop):
-        """Return the Spool of octets *start* to *stop* of this one (no copy)."""
-        return Spool(self.fd, self.start + start, self.start + stop, self.owner or self)
-
-    def blocks(self, start=0, stop=None):
-        """Yield octets *start* to *stop* in blocks of STREAM_BLOCK octets."""
-        stop = len(self) if stop is None else stop
-        for at in range(start, stop, STREAM_BLOCK):
-            yield self.pread(at, min(at + STREAM_BLOCK, stop))
-
-    def chunks(self):
-        """Return the octets as Chunks (to be written to -o)."""
-        return Chunks(len(self), self.blocks)
+# encrypted content, the signed content) go through in STREAM_BLOCK pieces (Spool, temporary_spool(): above).
 
 
 def read_received(path):
@@ -7981,25 +8222,6 @@ def stdin_blocks():
         size = STREAM_BLOCK
 
 
-def temporary_spool(chunks):
-    """Return a Spool of the octets of *chunks* (an iterable of bytes-like objects), written
-    to a private temporary file in $TMPDIR: mode 0600, unnamed (O_TMPFILE) or unlinked at
-    once, so nothing is left behind whatever happens.  Raises OutputError (74) when it
-    cannot be written (a full disk); what *chunks* raises is raised."""
-    import tempfile
-    with tempfile.TemporaryFile(buffering=0) as file:
-        try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[file.write(view):]
-            fd = os.dup(file.fileno())
-        except OSError as exc:
-            raise OutputError("a temporary file in %s: cannot write: %s" % (
-                tempfile.gettempdir(), exc.strerror or exc))
-    return Spool(fd, 0, os.fstat(fd).st_size)
-
-
 def entity_parts(data):
     """Return (header fields, body) of CRLF *data* (bytes or a Spool) as split_header() does;
     a Spool's body is a Spool of it.  Raises MessageError for a header larger than
@@ -8032,14 +8254,7 @@ def canonical(data):
 def whole_crlf(data):
     """Return Spool *data* when its line breaks are all CRLF (found out once, a block at a
     time), else message_to_crlf() of it, read whole."""
-    if data.crlf is None:
-        crlf = cr = lf = 0
-        last = b""
-        for block in data.blocks():
-            crlf += block.count(b"\r\n") + (last == b"\r" and block[:1] == b"\n")
-            cr, lf, last = cr + block.count(b"\r"), lf + block.count(b"\n"), block[-1:]
-        data.crlf = crlf == cr == lf
-    return data if data.crlf else message_to_crlf(bytes(data))
+    return data if data.is_crlf() else message_to_crlf(bytes(data))
 
 
 def crlf_body(fields, body):

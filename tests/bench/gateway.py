@@ -16,6 +16,12 @@ Each round, alternately:
     connection to the last 250 reply, the gateway already listening (its keys are
     loaded by its first message, inside the timing).
 The ratio is gateway msg/s / CLI msg/s of the same round; the median is printed.
+
+    .venv/bin/python tests/bench/gateway.py --baseline /tmp/old/sparkpostSMIME.py
+
+compares two gateways instead (SCRIPT executable), side by side: each round runs this
+script's and the other copy's (in turn first), each fed as above; the ratio is
+ours / the other's.
 Traffic goes only to 127.0.0.1.  Nothing here is a pass/fail test.
 """
 
@@ -39,12 +45,12 @@ MODE = ["--sign_detached", "--encrypt"]
 RCPT = "steve.tuck@sparkpost.com"
 
 
-def start_gateway(sink):
-    """Start the gateway into *sink*; return (process, port) once it listens."""
+def start_gateway(sink, tool=TOOL):
+    """Start the gateway (*tool*) into *sink*; return (process, port) once it listens."""
     port = free_port()
     env = clean_env(SMTP_HOST="127.0.0.1", SMTP_PORT=str(sink.port))
     out = tempfile.TemporaryFile()  # a pipe nobody reads would fill and stop the gateway
-    proc = subprocess.Popen([TOOL, "--serve", str(port), "--jobs", "2", "--keys", KEYS,
+    proc = subprocess.Popen([tool, "--serve", str(port), "--jobs", "2", "--keys", KEYS,
                              "--send_smtp"] + MODE, env=env, stdout=out,
                             stderr=subprocess.DEVNULL)
     proc.out = out
@@ -69,11 +75,11 @@ def client(port, count, data, ready, go):
                 raise SystemExit("refused: %r" % refused)
 
 
-def gateway_rate(sink, n):
+def gateway_rate(sink, n, tool=TOOL):
     """Return (msg/s, the gateway's summary line) for n messages from CLIENTS clients."""
     with open(SMALL, "rb") as fh:
         data = fh.read()
-    proc, port = start_gateway(sink)
+    proc, port = start_gateway(sink, tool)
     ctx = multiprocessing.get_context("fork")
     ready, go = ctx.Semaphore(0), ctx.Event()
     clients = [ctx.Process(target=client, args=(port, n // CLIENTS, data, ready, go))
@@ -100,8 +106,12 @@ def gateway_rate(sink, n):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 round of 500 messages")
+    ap.add_argument("--baseline", metavar="SCRIPT",
+                    help="another copy of sparkpostSMIME.py: its gateway against this one's")
     args = ap.parse_args()
     n, rounds = (500, 1) if args.quick else (2000, 3)
+    if args.baseline:
+        return against(args.baseline, n, rounds)
     print("sparkpostSMIME gateway benchmark on %d cores, Python %s, %s: %d x 19 KB, %s, "
           "into smtp-sink on 127.0.0.1" % (os.cpu_count(), sys.version.split()[0],
                                            time.strftime("%Y-%m-%d"), n, " ".join(MODE)))
@@ -122,6 +132,29 @@ def main():
     print("== gateway / CLI batch, each round: %s; median %.2f x ==" % (
         " ".join("%.0f/%.0f=%.2f" % (g, c, g / c) for c, g in results),
         statistics.median(g / c for c, g in results)))
+
+
+def against(baseline, n, rounds):
+    """Run this gateway and *baseline*'s side by side, in turn first; print the rates
+    and the median of ours / theirs."""
+    print("sparkpostSMIME gateway against %s on %d cores, Python %s, %s: %d x 19 KB, %s, "
+          "into smtp-sink on 127.0.0.1" % (baseline, os.cpu_count(), sys.version.split()[0],
+                                           time.strftime("%Y-%m-%d"), n, " ".join(MODE)))
+    sink = Sink()
+    results = []
+    try:
+        batch_rate(sink, 50)  # warm caches (page cache, __pycache__, validated keys)
+        for round_ in range(rounds):
+            rate = {}
+            for tool in (TOOL, baseline) if round_ % 2 == 0 else (baseline, TOOL):
+                rate[tool] = gateway_rate(sink, n, tool)[0]
+            results.append((rate[TOOL], rate[baseline]))
+            print("  round %d: this %.0f msg/s, baseline %.0f msg/s: %.3f x" % (
+                round_ + 1, rate[TOOL], rate[baseline], rate[TOOL] / rate[baseline]))
+    finally:
+        sink.stop()
+    print("== this gateway / baseline, median of %d rounds: %.3f x ==" % (
+        rounds, statistics.median(ours / theirs for ours, theirs in results)))
 
 
 if __name__ == "__main__":
