@@ -908,13 +908,15 @@ def write_chunks(fd, data):
     its fsync waits for the last ones only.  Raises OSError."""
     done = sent = 0
     for chunk in pieces_of(data):
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view):]
-        done += len(chunk)
-        if done - sent >= WRITEBACK_EVERY and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, sent, done - sent, os.POSIX_FADV_DONTNEED)
-            sent = done
+        whole = memoryview(chunk)
+        for at in range(0, len(whole), WRITEBACK_EVERY):  # a detached body: one chunk
+            view = whole[at:at + WRITEBACK_EVERY]
+            done += len(view)
+            while view:
+                view = view[os.write(fd, view):]
+            if done - sent >= WRITEBACK_EVERY and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, sent, done - sent, os.POSIX_FADV_DONTNEED)
+                sent = done
 
 
 # -- Spools: big messages in private temporary files (issue 29) -------------------
@@ -4680,12 +4682,12 @@ def sign_opaque(content, signer, now=None):
                          base64_lines(signed_der(content, signer, False, now)))
 
 
-def sign_detached(content, signer, now=None):
+def sign_detached(content, signer, now=None, spans=None):
     """Return a multipart/signed entity (RFC 8551 3.5.3, RFC 1847) over *content* (bytes-like
-    or a list of them), as Chunks."""
+    or a list of them), as Chunks.  *spans*: the unproven_spans() of its last piece."""
     content = pieces_of(content)
     boundary = b"----=_smime_" + os.urandom(12).hex().encode()  # as secrets.token_hex(12)
-    while holds(content, boundary):
+    while holds(content, boundary, spans):
         boundary = b"----=_smime_" + os.urandom(12).hex().encode()
     signature = encode_base64(bytes(signed_der(content, signer, True, now)))
     return Chunks.joined(
@@ -4697,11 +4699,14 @@ def sign_detached(content, signer, now=None):
         + b"\r\n--" + boundary + b"--\r\n")
 
 
-def holds(pieces, needle):
-    """True when the bytes of *pieces* (bytes-like objects) hold *needle*, also across two."""
-    tail = b""
-    for piece in pieces:
-        if needle in piece or needle in tail + bytes(piece[:len(needle)]):
+def holds(pieces, needle, spans=None):
+    """True when the bytes of *pieces* (bytes-like objects) hold *needle*, also across two.
+    *spans*: the unproven_spans() of the last piece, where alone a needle without base64
+    characters (a boundary, with its "-" and "_") can be."""
+    tail, last = b"", len(pieces) - 1
+    for n, piece in enumerate(pieces):
+        if (holds_any(piece, (needle,), spans if n == last else None)
+                or needle in tail + bytes(piece[:len(needle)])):
             return True
         tail = (tail + bytes(piece[-len(needle):]))[-len(needle):]
     return False
@@ -4849,8 +4854,9 @@ def build_smime(msg, opts, signer=None, recipients=(), extra=b"", now=None):
     entity = Chunks.joined(*content)
     if opts.sign_mode == "opaque":
         entity = sign_opaque(content, signer, now)
-    elif opts.sign_mode == "detached":
-        entity = sign_detached(content, signer, now)
+    elif opts.sign_mode == "detached":  # the body as it came: its lines proven already
+        entity = sign_detached(content, signer, now,
+                               msg.spans if content[-1] is msg.body else None)
     if opts.encrypt:
         entity = encrypt(entity, recipients, opts.cipher)
     outer = safe_fields([f for f in msg.outer if f.name != "bcc"])

@@ -188,3 +188,16 @@ def test_spooled_base64_decodes_as_decode_body(tmp_path, width, extra):
     data = lines[:at] + extra + lines[at:] + extra
     assert b"".join(tool.base64_decoded(spool_of(tmp_path, data))) == \
         tool.decode_body(data, b"base64")
+
+
+@pytest.mark.parametrize("at", PLACES)
+def test_a_boundary_in_the_body_is_found_as_without_spans(at):
+    """--sign_detached makes sure its boundary is nowhere in the content: with the body's
+    spans it still finds one anywhere, on a line of its own."""
+    boundary = b"----=_smime_" + b"0123456789ab" * 2
+    data = message_with(b"--" + boundary + b"\r\n", at)
+    msg = tool.parse_message(data)
+    pieces = tool.canonical_content(msg)
+    assert pieces[-1] is msg.body and msg.spans is not None
+    assert tool.holds(pieces, boundary, msg.spans) and tool.holds(pieces, boundary)
+    assert not tool.holds(pieces, boundary + b"x", msg.spans)
