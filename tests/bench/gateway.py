@@ -103,6 +103,21 @@ def gateway_rate(sink, n, tool=TOOL):
     return n / wall, out.strip().splitlines()[-1]
 
 
+def started(what, n):
+    """Print the run's banner; return the smtp-sink, started, with caches warmed (page
+    cache, __pycache__, validated keys)."""
+    print("sparkpostSMIME gateway %s on %d cores, Python %s, %s: %d x 19 KB, %s, into "
+          "smtp-sink on 127.0.0.1" % (what, os.cpu_count(), sys.version.split()[0],
+                                      time.strftime("%Y-%m-%d"), n, " ".join(MODE)))
+    sink = Sink()
+    try:
+        batch_rate(sink, 50)
+    except BaseException:
+        sink.stop()
+        raise
+    return sink
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 round of 500 messages")
@@ -112,13 +127,8 @@ def main():
     n, rounds = (500, 1) if args.quick else (2000, 3)
     if args.baseline:
         return against(args.baseline, n, rounds)
-    print("sparkpostSMIME gateway benchmark on %d cores, Python %s, %s: %d x 19 KB, %s, "
-          "into smtp-sink on 127.0.0.1" % (os.cpu_count(), sys.version.split()[0],
-                                           time.strftime("%Y-%m-%d"), n, " ".join(MODE)))
-    sink = Sink()
-    results = []
+    sink, results = started("benchmark", n), []
     try:
-        batch_rate(sink, 50)  # warm caches (page cache, __pycache__, validated keys)
         for _ in range(rounds):
             cli, cli_summary = batch_rate(sink, n)
             gw, gw_summary = gateway_rate(sink, n)
@@ -137,13 +147,8 @@ def main():
 def against(baseline, n, rounds):
     """Run this gateway and *baseline*'s side by side, in turn first; print the rates
     and the median of ours / theirs."""
-    print("sparkpostSMIME gateway against %s on %d cores, Python %s, %s: %d x 19 KB, %s, "
-          "into smtp-sink on 127.0.0.1" % (baseline, os.cpu_count(), sys.version.split()[0],
-                                           time.strftime("%Y-%m-%d"), n, " ".join(MODE)))
-    sink = Sink()
-    results = []
+    sink, results = started("against " + baseline, n), []
     try:
-        batch_rate(sink, 50)  # warm caches (page cache, __pycache__, validated keys)
         for round_ in range(rounds):
             rate = {}
             for tool in (TOOL, baseline) if round_ % 2 == 0 else (baseline, TOOL):
