@@ -915,7 +915,10 @@ def write_chunks(fd, data):
             while view:
                 view = view[os.write(fd, view):]
             if done - sent >= WRITEBACK_EVERY and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, sent, done - sent, os.POSIX_FADV_DONTNEED)
+                try:
+                    os.posix_fadvise(fd, sent, done - sent, os.POSIX_FADV_DONTNEED)
+                except OSError:  # advice only: the fsync at commit says what failed
+                    pass
                 sent = done
 
 
@@ -1520,7 +1523,7 @@ def base64_window(data, start, stop):
     BASE64_OCTETS and a CRLF: the CRs and LFs at every line's end (two stride slices),
     and nothing but base64 octets between them (no space, then one translate)."""
     width = data.find(b"\r\n", start, start + MAX_LINE + 2) - start
-    if width <= 0:
+    if width <= 0 or start and data[start - 1] != 0x0A:  # whole lines only
         return False
     step = width + 2
     count, extra = divmod(stop - start, step)
@@ -2751,6 +2754,18 @@ def der_time(ber):
                                                    (12, 14))), tzinfo=timezone.utc)
 
 
+def name_text(value):
+    """Return the text of a name's string *value* (a Ber of a NAME_STRINGS type).  A
+    T61String is read as UTF-8 where it is that (CAs put UTF-8 in them: so does
+    cryptography), else as Latin-1.  Raises ValueError (UnicodeDecodeError)."""
+    if value.tag == 0x14:
+        try:
+            return value.body.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return value.body.decode(NAME_STRINGS[value.tag])
+
+
 def name_values(name, oid):
     """Return the text values of attribute *oid* in DER Name *name* (RFC 5280 4.1.2.4).
     Raises ValueError for a string type it cannot read."""
@@ -2762,7 +2777,7 @@ def name_values(name, oid):
             if kind.oid() == oid:
                 if value.tag not in NAME_STRINGS:
                     raise ValueError("a name attribute of string type %d" % value.tag)
-                values.append(value.body.decode(NAME_STRINGS[value.tag]))
+                values.append(name_text(value))
     return values
 
 
@@ -7249,8 +7264,7 @@ class Gateway:
             await self.next_hop_of(server).call("reset")
             self.reporter.warn("%s: refused from %s: a bare CR or LF in DATA" % (source,
                                                                                 server.tag))
-            return "554 5.6.0 bare CR or LF in the message: every line must end with CRLF " \
-                   "(RFC 5321 2.3.8)"
+            return BARE_LINE_END
         signed_only = False
         if self.settings.encrypt and self.settings.opportunistic:  # may fetch: not in the loop
             import asyncio
@@ -7654,6 +7668,9 @@ def gateway_protocols():
                 if upload.failure is not None:
                     self.gateway.reporter.warn("%s: a message not taken (451): %s"
                                                % (self.tag, upload.failure))
+                if upload.smuggled:
+                    self.gateway.reporter.warn("%s: refused: a bare CR or LF in DATA"
+                                               % self.tag)
                 if content is not None:
                     self.envelope.content = self.envelope.original_content = content
                     status = await self.event_handler.handle_DATA(self, self.session,
@@ -7697,6 +7714,9 @@ MAX_DATA_LINE = 999
 TOO_BIG = "552 5.3.4 message too big: at most %d octets (SIZE)"
 LINE_TOO_LONG = "500 5.5.2 line too long: at most 999 octets and CRLF (RFC 5321 4.5.3.1.6)"
 NOT_SPOOLED = "451 4.3.0 the message cannot be stored for now, try again later"
+#: The reply to a message with a CR or LF that is not part of a CRLF (SMTP smuggling).
+BARE_LINE_END = ("554 5.6.0 bare CR or LF in the message: every line must end with CRLF "
+                 "(RFC 5321 2.3.8)")
 
 
 def data_content(taken, limit):
@@ -7732,6 +7752,7 @@ class Upload:
         self.passed = 0  #: octets of DATA before *held*: written, or dropped
         self.writer = None  #: the SpoolWriter, from the first piece written
         self.over = self.long = self.bare = False  #: too big, a line too long, a bare CR/LF
+        self.smuggled = False  #: no CRLF to cut at, but a bare CR or LF: refused while read
         self.failure = None  #: the OutputError of a file that could not be written
 
     def feed(self, data):
@@ -7747,17 +7768,21 @@ class Upload:
             return rest
         if self.passed + len(held) > self.limit + 4:
             self.over = True
-        if self.over or self.long:
+        if self.over or self.long or self.smuggled:
             self.drop()
         elif len(held) > SPOOL_ABOVE:
             self.spill()
         return None
 
     def spill(self):
-        """Write what is held up to its last CRLF, which is kept: a "." may follow it."""
+        """Write what is held up to its last CRLF, which is kept: a "." may follow it.
+        Without a CRLF in all of it, one line is longer than SPOOL_ABOVE, or its lines
+        end with a bare CR or LF (refused as relay() refuses one in memory)."""
         cut = self.held.rfind(b"\r\n")
-        if cut <= 0:  # one line longer than SPOOL_ABOVE
-            self.long = True
+        if cut <= 0:
+            held = bytes(self.held)
+            self.long = self.long or has_long_line(held, MAX_DATA_LINE)
+            self.smuggled = not self.long and not is_crlf(held)
             return self.drop()
         self.put(self.held[:cut])
         del self.held[:cut]
@@ -7788,7 +7813,7 @@ class Upload:
         """The final CRLF.CRLF begins at *end* of what is held: the last piece."""
         self.over = self.over or self.passed + end > self.limit
         del self.held[end + 2:]
-        if self.over or self.long:
+        if self.over or self.long or self.smuggled:
             self.close()
         elif self.passed:
             self.put(self.held)
@@ -7804,6 +7829,8 @@ class Upload:
             return data_content(self.held, self.limit)
         if self.long:
             return None, LINE_TOO_LONG
+        if self.smuggled:
+            return None, BARE_LINE_END
         if self.failure is None:
             try:
                 spool = self.writer.spool()

@@ -258,6 +258,26 @@ def test_bare_cr_or_lf_split_at_a_cut_refused_554(start, sink, tmp_path):
     assert gw.stderr().count("a bare CR or LF in DATA") == 2
 
 
+@pytest.mark.parametrize("ending", [b"\n"])
+def test_lf_only_lines_over_the_buffer_refused_554(start, sink, tmp_path, ending):
+    """A message of short lines ending in a bare LF only, bigger than SPOOL_ABOVE: no CRLF
+    to cut at, refused as a small one is (554 5.6.0, a warning), not as a long line
+    (review: it was 500); nothing reaches the next hop, no file is left.  (Lines ending
+    in a bare CR are one line without a LF, in memory as spooled: 500.)"""
+    tmpdir = private_tmp(tmp_path)
+    gw = start(["--sign"], hop_env(sink, TMPDIR=str(tmpdir)))
+    raw = Raw(gw.port)
+    raw.begin()
+    lines = text_message(b"").replace(b"\r\n", ending) + b"short line" + ending
+    raw.pieces(lines + (b"short line" + ending) * (SPOOL // 8), b"\r\n.\r\n")
+    assert raw.reply().startswith("554 5.6.0 bare CR or LF")
+    assert none_left(gw, tmpdir, within=0)
+    assert raw.command(b"QUIT").startswith("221")
+    raw.close()
+    assert gw.stop() == 0
+    assert sink.messages == [] and "a bare CR or LF in DATA" in gw.stderr()
+
+
 def test_long_lines_across_a_cut_and_longer_than_the_buffer_refused_500(start, sink, tmp_path):
     """A line of 1,200 octets split by a cut, and one longer than SPOOL_ABOVE: 500 5.5.2
     as for a small message, the session goes on, nothing relayed or left."""

@@ -116,6 +116,31 @@ def test_long_lines_as_the_plain_way(length, ending, before):
     assert tool.has_long_line(within, tool.MAX_LINE, span) == tool.has_long_line(data)
 
 
+def test_a_window_cut_inside_a_line_proves_nothing():
+    """A line of 2 MB has no LF for a window to end after: the window after the cut starts
+    inside it, and its rest ("rfc822", a base64 word) must not be proven (review)."""
+    data = HEAD + b"x" * (2 * tool.PROVE_WINDOW - 3) + b"rfc822\r\n"
+    spans = tool.unproven_spans(data)
+    assert any(tool.mentions_rfc822(data, a, b) for a, b in spans) and \
+        tool.mentions_rfc822(data)
+    assert tool.count_any_case(data, (b"rfc822",), spans) == 1
+    assert all(a == 0 or data[a - 1:a] == b"\n" for a, b in spans)
+
+
+def test_a_window_halved_inside_a_long_field_keeps_binary():
+    """A Content-Transfer-Encoding line of 200 KB: a half window starts inside it; its
+    "binary" stays seen, and the binary body's bare LFs are kept (review)."""
+    rng = random.Random(5)
+    noise = bytes(c for c in rng.randbytes(2_600_000) if c not in b"\r\n")
+    head = (b"From: a@example.com\r\nTo: b@example.org\r\nSubject: an attachment\r\n"
+            b"MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n")
+    line = b"Content-Transfer-Encoding:" + b" " * (200_000 - 26) + b"binary\r\n"
+    data = (head + line + noise[:199_990] + b"\r\n" + noise[199_990:2_399_990]
+            + b"\nbare LF\nkept\r\n")
+    assert tool.declares_binary(data, tool.unproven_spans(data)) and tool.declares_binary(data)
+    assert b"bare LF\nkept" in tool.parse_message(data).body
+
+
 def test_a_clean_attachment_is_proven_but_its_edges():
     """Nearly all of a clean message is proven; the header and the end are not."""
     data = HEAD + BODY + TAIL

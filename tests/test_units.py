@@ -655,3 +655,13 @@ def test_signature_issuer_as_cryptography_reads_it(issuer, shown):
             .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
     ours = tool.Certificate.of(cert)
     assert tool.Signature(ours, [ours], "").issuer == shown == tool.common_name(cert.issuer)
+
+
+@pytest.mark.parametrize("body, text", [("Müller Root CA".encode(), "Müller Root CA"),
+                                        ("Müller".encode("latin-1"), "Müller")])
+def test_a_t61string_name_is_utf8_where_it_is_that(body, text):
+    """T61String (0x14) common names: UTF-8 as CAs write them (and cryptography reads
+    them), else Latin-1 (review: read as Latin-1 only, "MÃ¼ller")."""
+    cn = tool.der(tool.SEQUENCE, tool.der_oid(tool.ATTR_COMMON_NAME), tool.der(0x14, body))
+    name = tool.der(tool.SEQUENCE, tool.der(tool.SET, cn))
+    assert tool.name_values(name, tool.ATTR_COMMON_NAME) == [text]
