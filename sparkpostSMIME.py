@@ -990,7 +990,10 @@ class Spool:
 
     def pread(self, start, stop):
         """Return octets *start* to *stop* read from the file.  Raises ValueError when it is
-        shorter than that."""
+        shorter than that, or closed (close(): its descriptor's number may be another
+        file's by now)."""
+        if not (self.owner or self).closer.alive:
+            raise ValueError("the message's temporary file is closed")
         data = os.pread(self.fd, stop - start, self.start + start)
         while len(data) < stop - start:
             more = os.pread(self.fd, stop - start - len(data), self.start + start + len(data))

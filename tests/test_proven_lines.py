@@ -230,3 +230,20 @@ def test_a_boundary_in_the_body_is_found_as_without_spans(at):
     assert pieces[-1] is msg.body and msg.spans is not None
     assert tool.holds(pieces, boundary, msg.spans) and tool.holds(pieces, boundary)
     assert not tool.holds(pieces, boundary + b"x", msg.spans)
+
+
+def test_a_closed_spool_is_not_read(tmp_path):
+    """Spool.close() frees its descriptor at once: a view of it read after that raises
+    instead of reading whatever file has the number now (review)."""
+    spool = spool_of(tmp_path, b"x" * 100)
+    view = spool.view(10, 20)
+    assert view.pread(0, 5) == b"xxxxx"
+    spool.close()
+    other = os.open(tmp_path / "spool", os.O_RDONLY)  # likely the number just freed
+    try:
+        with pytest.raises(ValueError, match="closed"):
+            view.pread(0, 5)
+        with pytest.raises(ValueError, match="closed"):
+            spool.pread(0, 5)
+    finally:
+        os.close(other)
