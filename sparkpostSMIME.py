@@ -1002,6 +1002,15 @@ class Spool:
             data += more
         return data
 
+    def apart(self):
+        """Return [the header up to and with its empty line (CRLF CRLF), the rest] read
+        apart, as read_apart() reads a file; [all of it, None] without such a line in the
+        first MAX_HEADER_SIZE octets."""
+        end = self[:MAX_HEADER_SIZE + 4].find(b"\r\n\r\n") + 4
+        if end < 4:
+            return [bytes(self), None]
+        return [self.pread(0, end), self.pread(end, len(self))]
+
     def view(self, start, stop):
         """Return the Spool of octets *start* to *stop* of this one (no copy)."""
         return Spool(self.fd, self.start + start, self.start + stop, self.owner or self)
@@ -1419,25 +1428,47 @@ class Message:
 
 
 def read_input(path):
-    """Return the bytes of *path* ("-" = stdin).  Raises InputError.
+    """Return the bytes of *path* ("-" = stdin).  Raises InputError."""
+    return read_apart(path, apart=False)[0]
+
+
+def read_apart(path, apart=True):
+    """Return the message at *path* ("-" = stdin) as (its bytes, None); or, *apart* and a
+    file larger than STREAM_ABOVE whose first MAX_HEADER_SIZE octets hold an empty line
+    (CRLF CRLF), as (its header up to and with that line, the rest), read apart: the
+    body is then never a copy cut out of the whole (see parse_apart()).  Raises
+    InputError.
 
     Plain os.read calls: no file object per message (a batch reads thousands).
     """
     try:
         if path == "-":
-            return sys.stdin.buffer.read()
+            return sys.stdin.buffer.read(), None
         fd = os.open(path, os.O_RDONLY)
         try:
-            chunks = [os.read(fd, os.fstat(fd).st_size + 1)]
-            while chunks[-1]:
-                chunks.append(os.read(fd, 1 << 20))
+            size = os.fstat(fd).st_size
+            if apart and size > STREAM_ABOVE:
+                first = os.pread(fd, MAX_HEADER_SIZE + 4, 0)
+                end = first.find(b"\r\n\r\n") + 4
+                if end >= 4:
+                    os.lseek(fd, end, os.SEEK_SET)
+                    return first[:end], read_rest(fd, size - end)
+            return read_rest(fd, size), None
         finally:
             os.close(fd)
-        return chunks[0] if len(chunks) == 2 else b"".join(chunks)
     except IsADirectoryError:
         raise InputError("%s: is a directory, expected a message file" % path)
     except OSError as exc:
         raise InputError("%s: cannot read: %s" % (path, exc.strerror or exc))
+
+
+def read_rest(fd, size):
+    """Return what is left of the file *fd*, *size* octets as it was found: one read into
+    one object (more is read on, should it have grown).  Raises OSError."""
+    chunks = [os.read(fd, size + 1)]
+    while chunks[-1]:
+        chunks.append(os.read(fd, 1 << 20))
+    return chunks[0] if len(chunks) == 2 else b"".join(chunks)
 
 
 def to_crlf(data, spans=None):
@@ -1801,10 +1832,64 @@ def parse_message(data, source="-", envelope=None):
     fields, body = split_header(data)
     if not fields or b"\x00" in data[:len(data) - len(body)]:
         raise MessageError("%s: not an RFC 5322 message (no header fields)" % source)
+    return message_of(fields, body, binary,
+                      shifted_spans(spans, len(data) - len(body), len(body)), source, envelope)
+
+
+def parse_apart(head, rest, source="-", envelope=None):
+    """Return parse_message() of *head* + *rest* (read_apart(): a header up to and with the
+    empty line that ends it, and all after), taken as they are, not joined; or None
+    when they must be joined first: an mbox From line, a line break that is not a CRLF,
+    a part declared binary, or a header that parse_message() ends before that empty
+    line.  Raises MessageError."""
+    if _MBOX_FROM.match(head) or not is_crlf(head) or declares_binary(head):
+        return None
+    spans = unproven_spans(rest)
+    if not is_crlf(rest, spans) or declares_binary(rest, spans):
+        return None
+    fields, after = split_header(head)
+    if after or not fields or b"\x00" in head:
+        return None
+    return message_of(fields, rest, False, spans, source, envelope)
+
+
+def read_message(path, digest=False):
+    """Return (the Message of the file at *path* (message_apart() of read_apart()), the
+    SHA-256 (hex) of its octets when *digest*, else '').  Raises InputError,
+    MessageError."""
+    parts = list(read_apart(path))
+    sha = ""
+    if digest:
+        sha = hashlib.sha256(parts[0])
+        if parts[1] is not None:
+            sha.update(parts[1])
+        sha = sha.hexdigest()
+    return message_apart(parts, path), sha
+
+
+def message_apart(parts, source="-", envelope=None):
+    """Return the Message of *parts*, [head, rest] from read_apart() (rest None: the whole
+    message in head): parse_apart() of them where it can, else parse_message() of them
+    joined.  *parts* is emptied, so that the rest is let go before the body is cut out
+    of the whole (twice the message at most, for a moment).  Raises MessageError."""
+    head, rest = parts
+    parts.clear()
+    msg = parse_apart(head, rest, source, envelope) if rest is not None else None
+    if msg is not None:
+        return msg
+    if rest is not None:
+        head, rest = head + rest, None
+    return parse_message(head, source, envelope)
+
+
+def message_of(fields, body, binary, spans, source, envelope):
+    """Return the Message of header *fields* and CRLF *body* (its unproven_spans()), its
+    MIME limits checked and its addresses found (parse_message()).  Raises
+    MessageError."""
     outer = [f for f in fields if not f.name.startswith("content-") and f.name != "mime-version"]
     entity = [f for f in fields if f.name.startswith("content-")]
     msg = Message(source, outer, entity, body)
-    msg.binary, msg.spans = binary, shifted_spans(spans, len(data) - len(body), len(body))
+    msg.binary, msg.spans = binary, spans
     try:
         check_mime_limits(msg)
     except MessageError as exc:
@@ -5007,10 +5092,7 @@ def build_job(item, settings, keystore, extra=b"", served=(), msg=None, check=No
     path, copy = item
     started, digest = time.perf_counter(), ""
     if msg is None:
-        raw = read_input(path)
-        msg = parse_message(raw, path)
-        digest = hashlib.sha256(raw).hexdigest() if settings.results else ""
-        del raw  # a big message is held once from here on: as its body
+        msg, digest = read_message(path, settings.results)
     if settings.send:
         check_hops(msg, settings.hop_limit)
     signer, recipients = find_identities(msg, settings, keystore)
@@ -7321,8 +7403,8 @@ class Gateway:
             settings = settings._replace(encrypt=False)
 
         try:
-            msg = parse_message(bytes(data) if isinstance(data, Spool) else data, source,
-                                recipients)
+            msg = message_apart(data.apart() if isinstance(data, Spool) else [data, None],
+                                source, recipients)
             check_hops(msg, settings.hop_limit)
             if smime_kind(msg.entity_fields):
                 if isinstance(data, Spool):  # sent from its file, as it came

@@ -9,8 +9,10 @@ the answer it gives without spans.
 """
 
 import base64
+import hashlib
 import os
 import random
+import re
 
 import pytest
 
@@ -247,3 +249,51 @@ def test_a_closed_spool_is_not_read(tmp_path):
             spool.pread(0, 5)
     finally:
         os.close(other)
+
+
+# -- Sending: a big message read apart, header and body, its body never a copy -----------
+
+def same_message(a, b):
+    return ([f.raw for f in a.outer + a.entity_fields], a.body, a.binary, a.sender, a.to) == \
+        ([f.raw for f in b.outer + b.entity_fields], b.body, b.binary, b.sender, b.to)
+
+
+@pytest.mark.parametrize("name, data, taken", [
+    ("crlf", HEAD + BODY + TAIL, True),
+    ("lf only", (HEAD + BODY + TAIL).replace(b"\r\n", b"\n"), None),
+    ("a bare LF in the body", HEAD + BODY[:4000] + b"x\ny\r\n" + BODY + TAIL, False),
+    ("an mbox From line", b"From alice Mon Dec  7 10:00:00 2026\r\n" + HEAD + BODY + TAIL, False),
+    ("a part declared binary", HEAD + BODY + b"--b\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+     b"\x00\xff\n\r\n" + TAIL, False),
+    ("a body without an empty line before it", HEAD.replace(b"\r\n\r\n--b", b"\r\n--b", 1)
+     .replace(b"See the file.\r\n", b"See the file.\r\n\r\n") + BODY + TAIL, False),
+    ("an empty line first", b"\r\n" + HEAD + BODY + TAIL, False),
+])
+def test_read_apart_as_read_whole(tmp_path, name, data, taken):
+    """read_message() of a big file: the same Message (and digest) as parse_message() of
+    the whole; taken apart as it is only where nothing would change it, else joined."""
+    path = tmp_path / "big.eml"
+    path.write_bytes(data)
+    parts = tool.read_apart(str(path))
+    assert (parts[1] is not None) == (taken is not None)
+    if taken is not None:
+        assert parts[0] + parts[1] == data
+        assert (tool.parse_apart(*parts) is not None) == taken
+    try:
+        whole = tool.parse_message(data, str(path))
+    except tool.MessageError as exc:
+        with pytest.raises(tool.MessageError, match=re.escape(str(exc))):
+            tool.read_message(str(path))
+        return
+    msg, digest = tool.read_message(str(path), digest=True)
+    assert same_message(msg, whole) and digest == hashlib.sha256(data).hexdigest()
+    assert tool.canonical_content(msg) == tool.canonical_content(whole)
+
+
+def test_a_spooled_message_read_apart_as_read_whole(tmp_path):
+    """The gateway's Spool.apart(): the header and the rest, as read_apart() reads a file."""
+    data = HEAD + BODY + TAIL
+    head, rest = spool_of(tmp_path, data).apart()
+    assert head == HEAD[:HEAD.index(b"\r\n\r\n") + 4] and head + rest == data
+    assert same_message(tool.message_apart([head, rest]), tool.parse_message(data))
+    assert spool_of(tmp_path, b"x" * 100).apart() == [b"x" * 100, None]
