@@ -1484,10 +1484,7 @@ def to_crlf(data, spans=None):
 def is_crlf(data, spans=None):
     """True when every line break of *data* is a CRLF (none is a lone CR or LF).  *spans*:
     only these parts of *data* can hold anything else (unproven_spans())."""
-    if spans is None:  # (every message: no loop)
-        crlf = data.count(b"\r\n")
-        return crlf == data.count(b"\n") == data.count(b"\r")
-    for start, stop in spans:
+    for start, stop in spans or ((0, len(data)),):
         crlf = data.count(b"\r\n", start, stop)
         if not crlf == data.count(b"\n", start, stop) == data.count(b"\r", start, stop):
             return False
@@ -1582,11 +1579,8 @@ def holds_any(data, needles, spans=None):
     """True when *data* holds one of *needles* in its *spans* (None: anywhere).  A needle
     may start in the proven line before a span (its CRLF): each span is searched from
     as many octets before as the needle has, less one."""
-    if spans is None:  # (every message: no generator)
-        for needle in needles:
-            if needle in data:
-                return True
-        return False
+    if spans is None:
+        return any(needle in data for needle in needles)
     return any(data.find(needle, max(start - len(needle) + 1, 0), stop) >= 0
                for start, stop in spans for needle in needles)
 
@@ -1623,11 +1617,7 @@ def lowered(data, overlap, spans=None):
     unproven_spans()): STREAM_BLOCK octets and *overlap* more, so that a word of
     *overlap* + 1 octets is whole in one of them (a big message is never copied whole;
     a small one is one window).  Words of whole lines only: a span ends a line."""
-    if spans is None:  # (every message)
-        for at in range(0, len(data), STREAM_BLOCK):
-            yield at, data[at:at + STREAM_BLOCK + overlap].lower()
-        return
-    for start, stop in spans:
+    for start, stop in spans or ((0, len(data)),):
         for at in range(start, stop, STREAM_BLOCK):
             yield at, data[at:min(at + STREAM_BLOCK + overlap, stop)].lower()
 
@@ -1667,13 +1657,10 @@ def check_mime_limits(msg):
     exceed the limits and nothing more is read; then the counts of "boundary" and
     "rfc822" in any case bound the depth.
     """
-    body, spans = msg.body, msg.spans
-    if spans is None:  # (every message)
-        delimiters, rfc822 = body.count(b"\n--"), mentions_rfc822(body)
-    else:
-        delimiters = sum(body.count(b"\n--", max(start - 2, 0), stop) for start, stop in spans)
-        rfc822 = any(mentions_rfc822(body, start, stop) for start, stop in spans)
-    if delimiters < MAX_MIME_DEPTH and not rfc822:
+    body, spans = msg.body, msg.spans or ((0, len(msg.body)),)
+    delimiters = sum(body.count(b"\n--", max(start - 2, 0), stop) for start, stop in spans)
+    if delimiters < MAX_MIME_DEPTH and not any(mentions_rfc822(body, start, stop)
+                                               for start, stop in spans):
         return
     if (delimiters < MAX_MIME_PARTS
             and count_any_case(body, (b"boundary", b"rfc822"), msg.spans) < MAX_MIME_DEPTH):
